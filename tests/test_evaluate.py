@@ -1,0 +1,48 @@
+"Tests of the label-agreement scorer (`deepseq_nb.evaluate`) and its validation against GPTCelltype's hand scores."
+import numpy as np, pandas as pd, pytest
+from deepseq_nb.evaluate import agreement, agreement_detail, score_benchmark, validation_table
+
+@pytest.mark.parametrize('pred,truth,tissue,want', [
+    ('B cells', 'B cell', None, 1),                        # plural
+    ('B lymphocytes', 'B cell', None, 1),                  # CL synonym
+    ('NK', 'Natural killer cells', None, 1),               # abbreviation
+    ('CD14+ Monocytes', 'CD14-positive monocyte', None, 1),  # marker notation
+    ('Naive B cells', 'B cells', None, 0.5),               # subtype of truth
+    ('T cells', 'CD8+ T cells', None, 0.5),                # ancestor of truth
+    ('Monocytes/Macrophages', 'Macrophage', None, 0.5),    # one of several types
+    ('Beta cells', 'pancreatic beta cell', 'Pancreas', 1), # tissue-qualified CL name
+    ('Ductal cells', 'pancreatic ductal cell', 'Pancreas', 1),
+    ('Proximal tubular cells', 'Proximal Tubule', 'Kidney', 1),  # adjective vs noun, structure name
+    ('Basal-like cells', 'Basal cells', None, 0.5),        # `-like`: a kind of, not the type
+    ('T cells', 'Macrophages', None, 0),                   # unrelated
+    ('Hepatocytes', 'Endothelial cells', None, 0),
+])
+def test_agreement_cases(pred, truth, tissue, want):
+    assert agreement(pred, truth, tissue) == want, agreement_detail(pred, truth, tissue)
+
+def test_missing_labels_have_a_reason():
+    d = agreement_detail(None, 'B cell')
+    assert np.isnan(d['score']) and d['reason'] == 'missing prediction'
+    d = agreement_detail('B cell', float('nan'))
+    assert np.isnan(d['score']) and d['reason'] == 'missing truth'
+
+def test_score_benchmark_synthetic(tmp_path):
+    p = tmp_path / 'bench.csv'
+    pd.DataFrame({'dataset': ['a', 'a', 'a', 'b', 'b'], 'tissue': ['Blood', 'Blood', 'Blood', 'Pancreas', 'Pancreas'],
+                  'manual_annotation': ['B cells', 'NK cells', None, 'alpha cells', 'beta cells'],
+                  'pred': ['B lymphocytes', 'T cells', 'B cells', 'Alpha cells', None]}).to_csv(p, index=False)
+    res = score_benchmark(pd.read_csv(p), 'pred')
+    rows = res.rows
+    assert rows.score.iloc[0] == 1 and rows.score.iloc[1] == 0.5  # NK vs T: same broad class
+    assert np.isnan(rows.score.iloc[2]) and rows.reason.iloc[2] == 'missing truth'
+    assert rows.score.iloc[3] == 1 and rows.score.iloc[4] == 0 and rows.reason.iloc[4] == 'missing prediction'
+    s = res.summary.set_index('dataset')
+    assert s.loc['a', 'n_unscored'] == 1 and s.loc['a', 'n'] == 2 and s.loc['b', 'n_no_prediction'] == 1
+    assert res.n == 4 and res.mean == pytest.approx((1 + 0.5 + 1 + 0) / 4)
+
+def test_validation_against_published_scores():
+    "Regression guard: the share of rows scored as the authors did, and the mean gap, must not fall back."
+    vt = validation_table(methods=['gpt4aug3', 'ScType'])
+    got = vt.set_index('method')
+    assert got.loc['gpt4aug3', 'identical_share'] >= 0.89 and got.loc['ScType', 'identical_share'] >= 0.91
+    assert (got.our_mean - got.published_mean).abs().max() <= 0.03
