@@ -54,3 +54,29 @@ def test_figures_unknown_name_and_bad_override():
     assert r.returncode == 2 and 'fig_qc_knee' in r.stderr
     r = run('figures', '--set', 'cluster.resolutoin=2')
     assert r.returncode == 2 and 'Unknown setting' in r.stderr
+
+def test_benchmark_kb_reports_unscorable_rows(tmp_path):
+    bench = pd.DataFrame({'dataset': ['a', 'a', 'b', 'b'], 'tissue': ['PBMC', 'PBMC', None, 'PBMC'],
+                          'marker': ['MS4A1, CD79A, CD79B, CD19', 'LYZ, CD14, S100A8, S100A9, FCN1', 'PPBP, PF4, GP9', None],
+                          'manual_annotation': ['B cell', 'CD14+ monocyte', 'platelet', 'NK cell']})
+    bench.to_csv(tmp_path/'b.csv', index=False)
+    r = run('benchmark', tmp_path/'b.csv', '--backend', 'kb', '--out', tmp_path/'p.csv', '-q')
+    assert r.returncode == 0, r.stderr
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith('mean agreement: ') and last.endswith('(n=4)')
+    assert 'empty marker list: 1' in r.stdout
+    p = pd.read_csv(tmp_path/'p.csv')
+    assert p.loc[0, 'agreement'] == 1.0 and p.loc[3, 'agreement'] == 0 and float(last.split()[2]) == round(p['agreement'].mean(), 3)
+
+def test_benchmark_missing_column(tmp_path):
+    pd.DataFrame({'marker': ['CD3E']}).to_csv(tmp_path/'x.csv', index=False)
+    r = run('benchmark', tmp_path/'x.csv')
+    assert r.returncode == 2 and 'manual_annotation' in r.stderr
+
+def test_evaluate_h5ad(tmp_path):
+    import anndata as ad, numpy as np, scipy.sparse as sp
+    obs = pd.DataFrame({'truth': ['B cell']*5 + ['NK cell']*5, 'pred': ['B cells']*5 + ['T cell']*5, 'leiden': ['0']*5 + ['1']*5})
+    ad.AnnData(sp.csr_matrix(np.ones((10, 2), np.float32)), obs=obs).write_h5ad(tmp_path/'e.h5ad')
+    r = run('evaluate', tmp_path/'e.h5ad', '--truth', 'truth', '--pred', 'pred')
+    assert r.returncode == 0, r.stderr
+    assert 'accuracy: 0.500' in r.stdout and 'stage 1: skipped' in r.stdout
