@@ -1,0 +1,53 @@
+"annotate() end to end through a real client against the loopback stand-in server: labels on the AnnData, a cached rerun."
+import sys
+from pathlib import Path
+import numpy as np, pandas as pd, pytest, scipy.sparse as sp, anndata as ad
+
+sys.path.insert(0, str(Path(__file__).parent))
+from standin_server import StandinServer, Reply, ollama_chat, openai_chat, label_by_first_marker, last_user_text
+from deepseq_nb.annotate import annotate
+
+TABLE = {'CD3D': 'CD4+ T cell', 'MS4A1': 'B cells', 'LYZ': 'CD14+ monocyte'}
+MARKERS = {'0': ['CD3D', 'IL7R'], '1': ['MS4A1', 'CD79A'], '2': ['LYZ', 'CD14']}
+
+def _adata():
+    obs = pd.DataFrame({'leiden': pd.Categorical(['0']*4 + ['1']*3 + ['2']*2)})
+    a = ad.AnnData(sp.csr_matrix(np.ones((9, 2), np.float32)), obs=obs)
+    tab = pd.DataFrame([dict(cluster=c, rank=i+1, gene=g) for c, gs in MARKERS.items() for i, g in enumerate(gs)])
+    a.uns['markers'] = {'table': tab, 'params': {'groupby': 'leiden', 'n_genes': 2}}
+    return a
+
+@pytest.fixture
+def server():
+    s = StandinServer(models=['llama3.2:1b']).start()
+    ans = label_by_first_marker(TABLE)
+    s.script = lambda path, body: (Reply(200, ollama_chat(ans(last_user_text(body)))) if path == '/api/chat'
+                                   else Reply(200, openai_chat(ans(last_user_text(body)))))
+    yield s
+    s.stop()
+
+def test_annotate_ollama_then_cached(server, tmp_path):
+    a = _adata()
+    kw = dict(backend='ollama:llama3.2:1b', tissue='PBMC', n_genes=2, host=server.url, cache=tmp_path/'c', progress=False)
+    annotate(a, **kw)
+    assert list(a.obs['deepseq_label']) == ['CD4+ T cell']*4 + ['B cells']*3 + ['CD14+ monocyte']*2
+    assert a.obs.loc[a.obs.leiden == '1', 'deepseq_cl_id'].iloc[0] == 'CL:0000236'  # "B cells" mapped to the CL B cell
+    t = a.uns['deepseq']['table'].set_index('cluster')
+    assert t.loc['2', 'markers'] == 'LYZ, CD14' and t['n_cells'].tolist() == [4, 3, 2]
+    assert a.uns['deepseq']['stats']['calls'] == 1 and 'CD3D, IL7R' in t.loc['0', 'prompt']
+    n = len(server.calls('/api/chat'))
+    b = _adata(); annotate(b, **kw)
+    assert len(server.calls('/api/chat')) == n and b.uns['deepseq']['stats']['cache_hits'] >= 1
+    assert (b.obs['deepseq_label'] == a.obs['deepseq_label']).all()
+
+def test_annotate_openai_key_not_in_uns(server, tmp_path, monkeypatch):
+    monkeypatch.setenv('OPENAI_API_KEY', 'sk-secret-123456')
+    a = _adata()
+    annotate(a, backend='openai:gpt-4o', n_genes=2, base_url=server.url + '/v1', cache=tmp_path/'c', progress=False)
+    assert a.obs['deepseq_label'].iloc[-1] == 'CD14+ monocyte'
+    a.write_h5ad(tmp_path/'a.h5ad')
+    assert b'sk-secret-123456' not in (tmp_path/'a.h5ad').read_bytes()
+    assert all(b'sk-secret-123456' not in p.read_bytes() for p in (tmp_path/'c').rglob('*') if p.is_file())
+
+def test_annotate_needs_clusters():
+    with pytest.raises(KeyError, match='run deepseq_nb.cluster.cluster'): annotate(_adata(), groupby='louvain')
