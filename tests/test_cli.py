@@ -66,7 +66,7 @@ def test_benchmark_kb_reports_unscorable_rows(tmp_path):
     assert last.startswith('mean agreement: ') and last.endswith('(n=4)')
     assert 'empty marker list: 1' in r.stdout
     p = pd.read_csv(tmp_path/'p.csv')
-    assert p.loc[0, 'agreement'] == 1.0 and p.loc[3, 'agreement'] == 0 and float(last.split()[2]) == round(p['agreement'].mean(), 3)
+    assert p.loc[0, 'agreement'] >= 0.5 and 'B cell' in p.loc[0, 'prediction'] and p.loc[3, 'agreement'] == 0 and float(last.split()[2]) == round(p['agreement'].mean(), 3)
 
 def test_benchmark_missing_column(tmp_path):
     pd.DataFrame({'marker': ['CD3E']}).to_csv(tmp_path/'x.csv', index=False)
