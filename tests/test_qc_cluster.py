@@ -79,3 +79,14 @@ def test_mean_markers_differ(clustered):
     de = markers_by_cluster(top_markers(clustered, groupby='cell_type', key_added=None))
     mean = markers_by_cluster(top_markers(clustered, groupby='cell_type', method='mean', exclude_pattern=None, key_added=None))
     assert de['B'] != mean['B'] and len(mean['B']) == 10
+
+def test_cluster_above_4096_cells():
+    # above 4,096 cells scanpy switches to approximate neighbours (pynndescent): the path real datasets take
+    import anndata as ad
+    base = load_dataset('pbmc3k')
+    rng = np.random.default_rng(1)
+    X = base.X[rng.integers(0, base.n_obs, 5000)].tocsr()
+    X.data = rng.poisson(X.data).astype(np.float32); X.eliminate_zeros()
+    a = ad.AnnData(X, var=base.var[[]].copy()); a.uns['x_is'] = 'counts'
+    cluster(a, umap=False, n_top_genes=1000, n_pcs=20)
+    assert a.obsp['connectivities'].shape == (5000, 5000) and a.obs['leiden'].nunique() >= 5
