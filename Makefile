@@ -22,8 +22,17 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 # Reinstall when the dependency list changes; the package itself is installed editable.
-$(STAMP): pyproject.toml | $(BIN)/python
+# torch is pinned and installed first: a bare `torch` requirement resolved from PyPI is a several-GB CUDA build, while
+# the pinned version is a CPU build here (set TORCH_PIP_ARGS, e.g. to an --index-url of CPU wheels, elsewhere).
+# scgpt goes last, without its declared dependencies (scvi-tools<1, jax, an old lightning, scib, datasets, torchtext):
+# we use only its model and tokenizer, whose imports are in pyproject.toml (nbs/10_encoder.ipynb says why).
+TORCH_VERSION ?= 2.13.0
+TORCH_PIP_ARGS ?=
+SCGPT_VERSION ?= 0.2.4
+$(STAMP): pyproject.toml Makefile | $(BIN)/python
+	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "torch==$(TORCH_VERSION)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps "scgpt==$(SCGPT_VERSION)"
 	@touch $(STAMP)
 
 figures: install
