@@ -1,6 +1,6 @@
 """Encoder figures: pretraining time of the small scGPT encoder, embedding throughput, gene-vocabulary coverage.
 
-Usage: python benchmarks/encoder.py [--datasets pbmc3k pancreas_xin ...] [--repeats 1] [--cached]
+Usage: python benchmarks/encoder.py [--datasets pbmc3k pancreas_xin ...] [--repeats 1] [--cached] [--memory-sizes 10000 ...]
 
 - pretraining: `pretrain_encoder` with the settings.ini [encoder] parameters, into a temporary directory (so it is
   measured, never loaded from the cache); wall and CPU seconds, validation loss before/after (GEP + GEPC, and the GEP
@@ -9,6 +9,9 @@ Usage: python benchmarks/encoder.py [--datasets pbmc3k pancreas_xin ...] [--repe
   tokenising (gene matching + binning + padding) and the model timed apart; cells per second over the whole call.
 - coverage: share of each dataset's genes in the encoder's vocabulary and in scgpt's census vocabulary (the genes of
   an official whole-human checkpoint), and how many matched through upper-casing (mouse → human).
+- memory: queries per second of the reference memory at `--memory-sizes` entries (default 10^4, 10^5, 10^6), exact Flat
+  vs IVF-Flat at nprobe 16 with recall@10 against Flat, in the encoder's embedding size and scGPT's 512
+  (`benchmarks/memory.py` measures it, with more nprobe values; `--memory-sizes` with no value skips it).
 
 Each section is a function returning rows; `main()` prints one table per section. Add new sections the same way.
 """
@@ -83,6 +86,7 @@ def main():
     p.add_argument('--datasets', nargs='+', default=BUNDLED)
     p.add_argument('--repeats', type=int, default=1)
     p.add_argument('--cached', action='store_true', help='use default_encoder() instead of measuring pretraining')
+    p.add_argument('--memory-sizes', nargs='*', type=int, default=[10**4, 10**5, 10**6], help='memory entries (none: skip)')
     a = p.parse_args()
     import torch
     from deepseq_nb.encoder import default_encoder
@@ -93,6 +97,11 @@ def main():
         print_table('Pretraining the small encoder (settings.ini [encoder])', rows)
     print_table(f'Embedding throughput ({enc!r})', bench_embedding(enc, a.datasets, repeats=a.repeats))
     print_table('Gene coverage (share of genes in the vocabulary; by_case = matched upper-cased)', coverage_rows(enc, a.datasets))
+    if a.memory_sizes:
+        import sys; sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from memory import memory_benchmark
+        print(f"\nMemory: queries/s of 1,000 queries as one batch, Flat vs IVF-Flat (nprobe 16), recall@10 vs Flat, 2 faiss threads")
+        memory_benchmark(a.memory_sizes, dims=sorted({enc.d_model, 512}), nprobes=(16,), threads=2)
 
 
 if __name__ == '__main__': main()

@@ -1,0 +1,87 @@
+"The cross-tissue experiment end to end on a few cells: every method, the cache, the saved plugins (deepseq_nb.crosstissue)."
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import deepseq_nb.crosstissue as ct
+from deepseq_nb.config import load_settings
+from deepseq_nb.data import InputError
+from deepseq_nb.encoder import make_vocab, new_encoder
+from deepseq_nb.plugins import load_plugins, predict
+
+torch.set_num_threads(1)
+SMALL = ['crosstissue.max_cells=60', 'crosstissue.n_hvg=200', 'plugins.epochs=3', 'plugins.router_epochs=3']
+
+
+@pytest.fixture(scope='module')
+def enc():
+    "A tiny untrained encoder over the reference's genes: these tests check the plumbing, not accuracy."
+    genes = ct.cross_tissue_reference(max_cells=60).var_names
+    return new_encoder(make_vocab(list(genes)), d_model=16, nlayers=1, nhead=2, d_hid=32, max_len=32, seed=0)
+
+
+@pytest.fixture(scope='module')
+def run(enc, tmp_path_factory):
+    cache = tmp_path_factory.mktemp('ct')/'cross_tissue.h5ad'
+    return ct.run_cross_tissue(load_settings(overrides=SMALL), cache=cache, encoder=enc), cache
+
+
+def test_every_method_scored_per_tissue(run):
+    res, _ = run
+    t = res['table']
+    assert set(t.method) == set(ct.METHOD_NAMES.values())
+    assert set(t.tissue) == {'blood', 'pancreas', 'all'}
+    n = t[t.method == ct.METHOD_NAMES['router']].set_index('tissue').n
+    assert n['all'] == n['blood'] + n['pancreas'] == res['n_test'] == (res['ref'].obs.split == 'test').sum()
+    assert t[['accuracy', 'macro_f1']].apply(lambda c: c.between(0, 1)).all().all()
+    # a prediction column per method, filled for test cells only
+    ref = res['ref']
+    test = (ref.obs.split == 'test').to_numpy()
+    for name in ct.METHOD_NAMES.values():
+        col = ref.obs['pred_' + name.split(' ', 1)[1]]
+        assert (col[test] != 'nan').all() and (col[~test] == 'nan').all()
+    # the plugin-tuned space covers every cell; the router chose one of the two tissues for each
+    assert ref.obsm['X_scgpt_tuned'].shape == (ref.n_obs, 16) and set(ref.obs.router_tissue) <= {'blood', 'pancreas'}
+    # scores recomputed from the stored predictions give the table
+    y = ref.obs.label[test].astype(str)
+    acc = (ref.obs['pred_' + ct.METHOD_NAMES['knn'].split(' ', 1)[1]][test] == y).mean()
+    assert acc == pytest.approx(t.query("method == '(a) memory kNN, frozen' and tissue == 'all'").accuracy.item())
+
+
+def test_cache_reused_only_for_the_same_settings(run, enc, monkeypatch):
+    res, cache = run
+    def boom(*a, **k): raise AssertionError('recomputed')
+    monkeypatch.setattr(ct, 'cross_tissue_reference', boom)
+    again = ct.run_cross_tissue(load_settings(overrides=SMALL), cache=cache, encoder=enc)
+    pd.testing.assert_frame_equal(again['table'], res['table'])
+    with pytest.raises(AssertionError, match='recomputed'):   # another k is another experiment
+        ct.run_cross_tissue(load_settings(overrides=SMALL + ['crosstissue.k=5']), cache=cache, encoder=enc)
+    with pytest.raises(AssertionError, match='recomputed'):   # so are other plugin settings
+        ct.run_cross_tissue(load_settings(overrides=SMALL + ['plugins.lora_r=4']), cache=cache, encoder=enc)
+
+
+def test_saved_plugins_reproduce_the_router(run, enc):
+    res, cache = run
+    ps = load_plugins(cache.with_name('cross_tissue_plugins'), enc)
+    assert ps.tissues == ['blood', 'pancreas'] and ps.router is not None
+    ref = res['ref']
+    te = ref[ref.obs.split == 'test'][:40].copy()
+    predict(te, ps, key_added='again')
+    col = 'pred_' + ct.METHOD_NAMES['router'].split(' ', 1)[1]
+    assert (te.obs.again_label.astype(str) == te.obs[col]).all()
+    np.testing.assert_allclose(te.obsm['X_scgpt_tuned'], ref[te.obs_names].obsm['X_scgpt_tuned'], atol=1e-5)
+
+
+def test_unknown_method_is_refused_before_any_work(enc, monkeypatch):
+    def boom(*a, **k): raise AssertionError('started')
+    monkeypatch.setattr(ct, 'cross_tissue_reference', boom)
+    with pytest.raises(InputError, match="Unknown cross-tissue methods \\['knn_frozen'\\].*known: knn, knn_tuned"):
+        ct.run_cross_tissue(load_settings(overrides=['crosstissue.methods=knn_frozen,router']), encoder=enc)
+
+
+def test_baselines_only_train_no_plugins(enc, tmp_path):
+    res = ct.run_cross_tissue(load_settings(overrides=['crosstissue.max_cells=40', 'crosstissue.n_hvg=100',
+                                                       'crosstissue.methods=knn,logreg']), cache=tmp_path/'c.h5ad', encoder=enc)
+    assert set(res['table'].method) == {ct.METHOD_NAMES['knn'], ct.METHOD_NAMES['logreg']}
+    assert 'X_scgpt_tuned' not in res['ref'].obsm and not (tmp_path/'c_plugins').exists()
