@@ -15,9 +15,10 @@ import zstandard
 from rapidfuzz import fuzz, process
 
 # %% auto #0
-__all__ = ['CL_FILE', 'BROAD_TYPES', 'ABBREVIATIONS', 'GENERAL_SYNONYMS', 'TISSUE_ADJECTIVES', 'cl_terms', 'resolve_id',
-           'cl_name', 'ancestors', 'descendants', 'broad_type', 'normalize_label', 'cl_index', 'shared_synonyms',
-           'CLMatch', 'tissue_words', 'context_match', 'to_cl', 'split_label', 'to_cl_all']
+__all__ = ['CL_FILE', 'BROAD_TYPES', 'MARKER_GENES', 'ABBREVIATIONS', 'GENERAL_SYNONYMS', 'TISSUE_ADJECTIVES', 'cl_terms',
+           'resolve_id', 'cl_name', 'ancestors', 'descendants', 'broad_type', 'normalize_label', 'cl_index',
+           'taxon_synonyms', 'shared_synonyms', 'CLMatch', 'tissue_words', 'context_match', 'organ_words',
+           'relaxed_context', 'marker_match', 'to_cl', 'split_label', 'to_cl_all']
 
 # %% ../nbs/03_ontology.ipynb #0bb276bf
 CL_FILE = 'CL-ontology-v2026-03-26.json.zst'
@@ -111,11 +112,23 @@ def _fold(s:str)->str:
     s = ''.join(_GREEK.get(ch, ch) + (' ' if ch in _GREEK else '') for ch in s)
     return unicodedata.normalize('NFKD', s).encode('ascii', 'ignore').decode()
 
+def _respell(s:str)->str:
+    "Case-sensitive spelling fixes: plural abbreviations lose their `s` (`cDC1s` → `cDC1`), `T reg` → `Treg`."
+    s = re.sub(r'\b([a-z]{0,2}(?=[A-Z0-9]*[A-Z])[A-Z0-9]{2,})s\b', r'\1', s)
+    return re.sub(r'\bT[\s_-]?reg(s?)\b', r'Treg\1', s, flags=re.I)
+
+# Gene symbols of surface markers that CL names by their CD number (HGNC symbols; general immunology, no benchmark).
+MARKER_GENES = {'FCGR3A': 'CD16', 'FCGR3B': 'CD16', 'NCAM1': 'CD56', 'MS4A1': 'CD20', 'PTPRC': 'CD45', 'IL2RA': 'CD25',
+                'IL7R': 'CD127', 'ITGAM': 'CD11b', 'ITGAX': 'CD11c', 'SELL': 'CD62L', 'THBD': 'CD141', 'PECAM1': 'CD31',
+                'CR2': 'CD21', 'FCER2': 'CD23', 'ITGAE': 'CD103', 'B3GAT1': 'CD57'}
+_GENE_MARK = re.compile(r'\b(' + '|'.join(MARKER_GENES) + r')(?=\s*(?:[+-]|(?:pos|neg|hi|high|lo|low|bright|dim)\b))', re.I)
+
 _MARKER = r'\b([A-Za-z]{1,6}\d[A-Za-z0-9]*?)'
 def _markers(s:str)->str:
-    "Rewrite surface-marker notation (`CD14+`, `CD16-`, `CD56bright`, `CD4hi`) in CL's words."
+    "Rewrite surface-marker notation (`CD14+`, `CD16-`, `CD56bright`, `CD4hi`, `FCGR3A+`) in CL's words."
+    s = _GENE_MARK.sub(lambda m: MARKER_GENES[m.group(1).upper()], s)
     s = re.sub(_MARKER + r'\s*(?:\+|pos\b|-positive\b|positive\b)', r'\1 positive ', s, flags=re.I)
-    s = re.sub(_MARKER + r'(?:-(?=[\s,/)]|$)|neg\b|-negative\b|negative\b)', r'\1 negative ', s, flags=re.I)
+    s = re.sub(_MARKER + r'(?:-(?=[\s,/)_]|$|[A-Za-z]{1,6}\d)|neg\b|-negative\b|negative\b)', r'\1 negative ', s, flags=re.I)
     s = re.sub(_MARKER + r'\s*-?(?:bright|hi|high)\b', r'\1 bright ', s, flags=re.I)
     s = re.sub(_MARKER + r'\s*-?(?:dim|lo|low)\b', r'\1 dim ', s, flags=re.I)
     s = re.sub(r'\b(CD\d+[A-Za-z]?)\b(?!\s*(?:positive|negative|bright|dim))', r'\1 positive', s, flags=re.I)
@@ -132,6 +145,7 @@ ABBREVIATIONS = {
     'nk': 'natural killer', 'nkt': 'natural killer t', 'ilc': 'innate lymphoid cell', 'ilcs': 'innate lymphoid cell',
     'dc': 'dendritic cell', 'dcs': 'dendritic cell', 'pdc': 'plasmacytoid dendritic cell',
     'cdc': 'conventional dendritic cell', 'mdc': 'myeloid dendritic cell',
+    'cdc1': 'cd141 positive myeloid dendritic cell', 'cdc2': 'cd1c positive myeloid dendritic cell',  # XCR1+/BDCA3+, BDCA1+
     'treg': 'regulatory t cell', 'tregs': 'regulatory t cell', 'tfh': 't follicular helper cell',
     'th1': 't helper 1 cell', 'th2': 't helper 2 cell', 'th17': 't helper 17 cell',
     'mait': 'mucosal associated invariant t cell', 'gdt': 'gamma delta t cell', 'ctl': 'cytotoxic t cell',
@@ -163,11 +177,14 @@ ABBREVIATIONS = {
 }
 
 # Free-text names of CL terms that CL itself does not list as synonyms (general usage, not benchmark strings):
-# "immune cell" is the everyday name of a leukocyte, "antigen-presenting cell" of the professional APC.
+# "immune cell" is the everyday name of a leukocyte, "antigen-presenting cell" of the professional APC, and the islet's
+# "gamma cell" (also "F cell") is its PP cell, as alpha, beta and delta cells are its A, B and D cells.
 GENERAL_SYNONYMS = {'immune cell': 'CL:0000738', 'white blood cell': 'CL:0000738',
-                    'antigen presenting cell': 'CL:0000145', 'red blood cell': 'CL:0000232'}
+                    'antigen presenting cell': 'CL:0000145', 'red blood cell': 'CL:0000232',
+                    'pancreatic gamma cell': 'CL:0002275', 'pancreatic islet gamma cell': 'CL:0002275'}
 
-_STOP = {'of', 'the', 'in', 'lineage', 'fetal'}
+_DEV = {'fetal'}  # developmental qualifiers that free text adds or leaves out at will
+_STOP = {'of', 'the', 'in', 'lineage'} | _DEV
 # Adjectives that free text and CL use interchangeably with the noun (`proximal tubular cell` / `proximal tubule`).
 _ADJ = {'tubular': 'tubule', 'ductal': 'duct', 'glandular': 'gland'}
 _NUMBERED = {'type', 'group', 'layer', 'class', 'stage', 'segment', 'l'}
@@ -181,7 +198,7 @@ def normalize_label(label:str, # free-text cell-type label
                     expand:bool=True, # expand abbreviations and add a missing `cell`
                    )->str:
     "Lower-case, singular, CL-style normalised form of a cell-type label."
-    s = _markers(_fold(str(label)))
+    s = _markers(_respell(_fold(str(label))))
     s = re.sub(r'[^a-z0-9]+', ' ', s.lower()).strip()
     for a, b in _BRIT: s = s.replace(a, b)
     words = [_ADJ.get(w, w) for w in (_ROMAN.get(w, _singular(w)) for w in s.split() if w not in _STOP)]
@@ -190,7 +207,7 @@ def normalize_label(label:str, # free-text cell-type label
     if expand:
         out = []
         for w in words: out.extend(ABBREVIATIONS.get(w, w).split())
-        words = [_singular(w) for w in out]
+        words = [_singular(w) for i, w in enumerate(out) if not i or w != out[i-1]]  # `epithelial cell cell` once
         if words and not any(words[-1].endswith(h) for h in _HEADS):
             words += ['t', 'cell'] if {'cd4', 'cd8'} & set(words) and 't' not in words else ['cell']
     return ' '.join(words)
@@ -214,12 +231,15 @@ def cl_index()->dict:
     "Normalised name → (CL id, how) for every live CL label, synonym and label variant."
     idx = {}
     live = {k: t for k, t in cl_terms().items() if not t.get('deprecated')}
-    for k, t in live.items(): idx.setdefault(normalize_label(t['label'], expand=False), (k, 'exact'))
+    shortened = {k for k, t in live.items() if _DEV & set(re.findall(r'[a-z]+', t['label'].lower()))}
+    for k, t in live.items():
+        if k not in shortened: idx.setdefault(normalize_label(t['label'], expand=False), (k, 'exact'))
     syn = {}
     for k, t in live.items():
         for s in t.get('synonyms', []) or []: syn.setdefault(normalize_label(s, expand=False), set()).add(k)
     for key, ks in syn.items():  # a synonym shared by several terms is kept apart (`shared_synonyms`)
-        if len(ks) == 1: idx.setdefault(key, (next(iter(ks)), 'synonym'))
+        if len(ks) == 1 and not _taxon(next(iter(ks))): idx.setdefault(key, (next(iter(ks)), 'synonym'))
+    for k in shortened: idx.setdefault(normalize_label(live[k]['label'], expand=False), (k, 'exact'))
     for k, t in live.items():
         for v in _variants(normalize_label(t['label'], expand=False)): idx.setdefault(v, (k, 'synonym'))
     for k, t in live.items():  # `epithelial cell of proximal tubule` is also said `proximal tubule epithelial cell`
@@ -228,6 +248,22 @@ def cl_index()->dict:
             if m and ',' not in m.group(2): idx.setdefault(normalize_label(f'{m.group(2)} {m.group(1)}', expand=False), (k, 'synonym'))
     for name, k in GENERAL_SYNONYMS.items(): idx.setdefault(normalize_label(name, expand=False), (k, 'synonym'))
     return idx
+
+@lru_cache(maxsize=None)
+def _taxon(cl_id:str)->bool:
+    "Whether `cl_id` is a species-specific term (CL labels them with a taxon tag: `... (Mmus)`)."
+    return bool(re.search(r'\([A-Z][a-z]{3}\)\s*$', cl_name(cl_id) or ''))
+
+@lru_cache(maxsize=1)
+def taxon_synonyms()->dict:
+    "Normalised synonym → CL id for the synonyms of species-specific terms, kept out of `cl_index`."
+    idx, out = cl_index(), {}
+    for k, t in cl_terms().items():
+        if t.get('deprecated') or not _taxon(k): continue
+        for s in t.get('synonyms') or []:
+            key = normalize_label(s, expand=False)
+            if key not in idx: out.setdefault(key, k)
+    return out
 
 @lru_cache(maxsize=1)
 def shared_synonyms()->dict:
@@ -280,13 +316,13 @@ def _lookup(key:str, threshold:float, fuzzy:bool=True):
         if _digits_kept(key, k): return idx[k][0], 'fuzzy', float(sc)
     return None
 
-# %% ../nbs/03_ontology.ipynb #15665736
+# %% ../nbs/03_ontology.ipynb #48dc95ce
 TISSUE_ADJECTIVES = {  # standard adjectives of organ names (anatomy, not any benchmark)
     'pancreas': ['pancreatic', 'islet'], 'kidney': ['renal', 'nephron'], 'liver': ['hepatic'], 'lung': ['pulmonary', 'alveolar'],
     'trachea': ['tracheal', 'airway', 'bronchial'], 'heart': ['cardiac'], 'stomach': ['gastric'], 'intestine': ['intestinal', 'enteric'],
     'colon': ['colonic', 'intestinal'], 'eye': ['retinal', 'ocular', 'corneal'], 'brain': ['cerebral', 'neural'],
     'cortex': ['cortical', 'brain'], 'skin': ['epidermal', 'cutaneous', 'dermal'], 'muscle': ['skeletal'], 'testis': ['testicular'],
-    'ovary': ['ovarian'], 'uterus': ['uterine', 'endometrial'], 'prostate': ['prostatic'], 'mammary': ['breast'],
+    'ovary': ['ovarian'], 'uterus': ['uterine', 'endometrial'], 'prostate': ['prostatic'], 'mammary': ['breast'], 'breast': ['mammary'],
     'thymus': ['thymic'], 'bladder': ['urinary', 'urothelial'], 'salivary': ['salivary'], 'adipose': ['fat', 'adipocyte'],
     'fat': ['adipose'], 'vasculature': ['vascular', 'blood vessel'], 'spleen': ['splenic'], 'tongue': ['lingual'],
 }
@@ -302,6 +338,14 @@ def tissue_words(tissue:str|None)->frozenset:
 
 def _is_tissue(w:str, tw:frozenset)->bool:
     return w in tw or (len(w) >= 5 and any(len(t) >= 5 and t[:5] == w[:5] for t in tw))
+
+@lru_cache(maxsize=50000)
+def _names_tissue(cl_id:str, tw:frozenset)->bool:
+    "Whether the label of `cl_id` or of one of its ancestors contains a word naming the tissue."
+    if not tw: return False
+    for a in [cl_id, *ancestors(cl_id)]:
+        if any(_is_tissue(w, tw) for w in normalize_label(cl_name(a) or '', expand=False).split()): return True
+    return False
 
 @lru_cache(maxsize=1)
 def _token_index()->dict:
@@ -345,6 +389,87 @@ def context_match(key:str, # normalised label (`normalize_label`)
         if all(o == c or c in ancestors(o) for o in top): return c, not best[0][0]
     return None
 
+def _general_reading(key:str)->bool:
+    "Whether some (not species-specific) CL name is `key` or ends in its words."
+    inv = _token_index()
+    ks = set.intersection(*(inv.get(w, set()) for w in set(key.split()))) if key else set()
+    return any(k == key or k.endswith(' ' + key) for k in ks)
+
+# %% ../nbs/03_ontology.ipynb #99220504
+_SHARED = {'cortex', 'cortical', 'neural', 'vascular', 'blood', 'vessel', 'muscle', 'skeletal', 'fat', 'adipose'}
+
+@lru_cache(maxsize=1)
+def organ_words()->dict:
+    "Normalised organ name or adjective → the organ (`TISSUE_ADJECTIVES`), without cell nouns or shared structures."
+    out = {}
+    for organ in TISSUE_ADJECTIVES:
+        for w in tissue_words(organ):
+            if not w.endswith(_HEADS) and w not in _SHARED: out.setdefault(w, organ)
+    return out
+
+def relaxed_context(key:str, # normalised label
+                    tw:frozenset=frozenset(), # `tissue_words` of the sample's tissue
+                   )->tuple|None:
+    "(CL id, True) for a label read with its own organ words as tissue, or without a generic `epithelial`; else None."
+    words = key.split()
+    own = [w for w in words[:-1] if w in organ_words()]
+    organ = organ_words()[own[0]] if own else None
+    if organ and len(own) < len(words) - 1 and all(w in tissue_words(organ) for w in own):
+        rest = ' '.join(w for w in words if w not in own)
+        hit = cl_index().get(f'{rest} {normalize_label(organ, expand=False)}')  # `epithelial cell of uterus`
+        if hit: return resolve_id(hit[0]), True
+        m = to_cl(rest, organ)
+        if m.id and m.how not in ('head', 'fuzzy') and _names_tissue(m.id, tissue_words(organ)): return m.id, True
+        ctx = context_match(rest, tissue_words(organ), max_extra=1)
+        if ctx and ctx[1]: return ctx
+    if 'epithelial' in words[:-1]:
+        ctx = context_match(' '.join(w for w in words if w != 'epithelial'), tw, max_extra=1)
+        if ctx and _names_tissue(ctx[0], frozenset({'epithelial'})): return ctx
+    return None
+
+# %% ../nbs/03_ontology.ipynb #a81ffbb5
+_MARK = re.compile(r'\b[a-z]{1,6}\d[a-z0-9]* (?:positive|negative|bright|dim)\b')
+
+@lru_cache(maxsize=None)
+def _phenotype(cl_id:str)->str:
+    "Normalised definitions of `cl_id` and its ancestors, padded with spaces (where markers are stated)."
+    return ' ' + ' '.join(normalize_label(cl_terms()[a].get('description') or '', expand=False)
+                          for a in [cl_id, *ancestors(cl_id)] if a in cl_terms()) + ' '
+
+def _common_ancestor(ids:set)->str|None:
+    "The most specific term that is (or is an ancestor of) every id in `ids`."
+    common = set.intersection(*({i, *ancestors(i)} for i in ids)) if ids else set()
+    return min(common, key=lambda c: len(descendants(c)), default=None)
+
+@lru_cache(maxsize=20000)
+def marker_match(key:str, # normalised label (`normalize_label`)
+                )->tuple|None:
+    "(CL id, all explained) for a label with surface markers: the CL name that explains most of its words (see above)."
+    marks, words, idx = set(_MARK.findall(key)), key.split(), cl_index()
+    if not marks or 'like' in words: return None  # `-like` labels: see `to_cl`
+    plain = _MARK.sub(' ', key).split()
+    inv, qs, best = _token_index(), set(words), []
+    if plain == ['cell']:  # markers alone
+        keys = set.intersection(*(inv.get(m.split()[0], set()) for m in marks))
+        ids = {resolve_id(idx[k][0]) for k in keys if all(f' {m} ' in f' {k} ' for m in marks)} - {None}
+        c = _common_ancestor(ids)
+        return (c, False) if c and len(descendants(c)) < 2000 else None
+    for k in set().union(*(inv.get(w, set()) for w in set(plain[:-1]) | {w.split()[0] for w in marks})):
+        kw = k.split()
+        if kw[-1] != words[-1] or not set(kw) <= qs or not set(_MARK.findall(k)) <= marks: continue
+        i = resolve_id(idx[k][0])
+        if i is None or len(descendants(i)) >= 2000: continue
+        left = [w for w in plain if w not in kw]
+        unmarked = [m for m in marks if f' {m} ' not in f' {k} ' and f' {m} ' not in _phenotype(i)]
+        if len(left) <= 1 and not any(len(w) <= 3 or w in ('immature', 'precursor', 'progenitor', words[-2]) for w in left):
+            best.append((len(unmarked), len(left), -len(kw), i))
+    if not best: return None
+    best.sort()
+    top = {b[3] for b in best if b[:3] == best[0][:3]}
+    for c in top:
+        if all(o == c or c in ancestors(o) for o in top): return c, best[0][0] == best[0][1] == 0
+    return None
+
 # %% ../nbs/03_ontology.ipynb #5719803a
 def _paren(label:str, tissue, threshold):
     "Best exact match of a label with a parenthesis, or None."
@@ -359,10 +484,10 @@ def _paren(label:str, tissue, threshold):
     best = max(ok, key=lambda m: len(ancestors(m.id)))
     return CLMatch(label, best.id, best.name, best.score, best.how)
 
-# %% ../nbs/03_ontology.ipynb #19e90b26
+# %% ../nbs/03_ontology.ipynb #546d3903
 @lru_cache(maxsize=20000)
 def to_cl(label:str, # free-text cell-type label
-          tissue:str|None=None, # tissue of origin, tried as a qualifier (`... of kidney`)
+          tissue:str|None=None, # tissue of origin, context for names that carry an organ
           threshold:float=90, # minimum rapidfuzz score for a fuzzy match
          )->CLMatch:
     "Map a free-text label to a CL term, or to `id=None` when no term matches well enough."
@@ -371,12 +496,7 @@ def to_cl(label:str, # free-text cell-type label
     raw, full = normalize_label(label, expand=False), normalize_label(label)
     tw = tissue_words(tissue)
     mk = lambda i, sc, how: CLMatch(str(label), resolve_id(i), cl_name(resolve_id(i)), sc, how)
-    cands = []
-    if tissue and isinstance(tissue, str):
-        t = normalize_label(tissue, expand=False)
-        cands += [(f'{full} of {t}', 'abbreviation')]
-    cands += [(raw, None), (raw + ' cell', None), (full, 'abbreviation')]
-    for key, how in cands:
+    for key, how in [(raw, None), (raw + ' cell', None), (full, 'abbreviation')]:
         hit = _lookup(key, threshold, fuzzy=False)
         if hit:
             how = 'exact' if hit[1] == 'exact' and key in (raw, raw + ' cell') else (how or hit[1])
@@ -392,16 +512,21 @@ def to_cl(label:str, # free-text cell-type label
     if '(' in str(label):
         m = _paren(str(label), tissue, threshold)
         if m is not None: return m
-    ctx = context_match(full, tw)
+    ctx = context_match(full, tw) or relaxed_context(full, tw)
     if ctx: return mk(ctx[0], 95.0, 'context')
     hit = _lookup(full, threshold)
     if hit: return mk(hit[0], hit[2], 'fuzzy')
+    mm = marker_match(full)
+    if mm: return mk(mm[0], 100.0, 'abbreviation') if mm[1] else mk(mm[0], 75.0, 'head')
+    sp = taxon_synonyms().get(raw) or taxon_synonyms().get(full)
+    if sp and not _general_reading(full): return mk(sp, 100.0, 'synonym')  # a species-specific name, if the only one
     words = full.split()
     if 'like' in words:  # `Basal-like cell`, `NKT-like cells`: a kind of the type named, never the type itself
         words = [w for w in words if w != 'like']
         hit = _lookup(' '.join(words), threshold, fuzzy=False) or (context_match(' '.join(words), tw) or [None])[0]
         if hit: return mk(hit if isinstance(hit, str) else hit[0], 75.0, 'head')
     for i in range(1, len(words) - 1 + (words[-1] != 'cell')):
+        if words[i] in ('positive', 'negative', 'bright', 'dim'): continue  # never cut a marker in half
         hit = _lookup(' '.join(words[i:]), threshold, fuzzy=False)
         if hit and len(descendants(hit[0])) < 2000:  # never fall back to `cell` itself
             return mk(hit[0], 80.0 - 5*i, 'head')
@@ -409,20 +534,12 @@ def to_cl(label:str, # free-text cell-type label
         if ctx and len(descendants(ctx[0])) < 2000: return mk(ctx[0], 80.0 - 5*i, 'head')
     return CLMatch(str(label), None, None, 0.0, 'none')
 
-@lru_cache(maxsize=50000)
-def _names_tissue(cl_id:str, tw:frozenset)->bool:
-    "Whether the label of `cl_id` or of one of its ancestors contains a word naming the tissue."
-    if not tw: return False
-    for a in [cl_id, *ancestors(cl_id)]:
-        if any(_is_tissue(w, tw) for w in normalize_label(cl_name(a) or '', expand=False).split()): return True
-    return False
-
-# %% ../nbs/03_ontology.ipynb #7c7b12c9
+# %% ../nbs/03_ontology.ipynb #1c6b2ef5
 _SPLIT = re.compile(r'\s*(?:/|;|&|,|\bor\b|\band\b|\bvs\.?\b)\s*', re.I)
 
 def split_label(label:str)->list:
     "The cell types named in a label that may list several (`A/B`, `A and B`, `Mixed (A, B)`)."
-    s = _fold(str(label))
+    s = re.sub(r'([+-])\s*/\s*', r'\1 ', _fold(str(label)))
     inner = re.findall(r'\(([^)]*)\)', s)
     outer = re.sub(r'\([^)]*\)', ' ', s).strip()
     parts = []
