@@ -22,10 +22,10 @@ from .prompts import (ClusterQuery, TEMPLATE_VERSION, MAX_ROWS, ANSWER_SCHEMA, m
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'KINDS', 'CACHE_MODES', 'RETRIEVE_TOOL', 'Answer', 'RunStats', 'Answers', 'BackendError', 'BackendUnavailable',
-           'ModelNotFound', 'MissingKey', 'ContextTooLong', 'ReplayMiss', 'parse_spec', 'cache_key', 'AnswerCache',
-           'transient', 'retry_call', 'RateLimiter', 'call_cost', 'Reply', 'LLMBackend', 'OllamaBackend',
-           'OpenAIBackend', 'KBBackend', 'vote', 'ConsensusBackend', 'get_backend', 'backend_options']
+__all__ = ['log', 'KINDS', 'CACHE_MODES', 'RETRIEVE_TOOL', 'Answer', 'RunStats', 'Answers', 'record_run', 'BackendError',
+           'BackendUnavailable', 'ModelNotFound', 'MissingKey', 'ContextTooLong', 'ReplayMiss', 'parse_spec',
+           'cache_key', 'AnswerCache', 'transient', 'retry_call', 'RateLimiter', 'call_cost', 'Reply', 'LLMBackend',
+           'OllamaBackend', 'OpenAIBackend', 'KBBackend', 'vote', 'ConsensusBackend', 'get_backend', 'backend_options']
 
 # %% ../nbs/06_backends.ipynb #97f8d0d3
 @dataclass
@@ -79,6 +79,19 @@ class Answers(list):
     def to_frame(self)->pd.DataFrame:
         "One row per cluster."
         return pd.DataFrame([asdict(a) for a in self]).set_index('cluster') if self else pd.DataFrame()
+
+# %% ../nbs/06_backends.ipynb #acabf6fb
+def record_run(spec:str, # the backend spec that ran
+               model:str|None, # model name (None for kb)
+               stats:RunStats, # the run's counters
+               n_queries:int=0, # clusters asked about
+               ok:bool=True, # False when the run ended in an error
+              ):
+    "Append one line to the ledger named by `$DEEPSEQ_LEDGER`, when set."
+    path = os.environ.get('DEEPSEQ_LEDGER')
+    if not path: return
+    rec = dict(backend=spec, model=model, clusters=n_queries, ok=ok, **asdict(stats))
+    with open(path, 'a') as f: f.write(json.dumps(rec) + '\n')
 
 # %% ../nbs/06_backends.ipynb #cdbf5aab
 class BackendError(RuntimeError): "An annotation backend could not answer."
@@ -402,6 +415,7 @@ def _annotate(self:LLMBackend, queries:list[ClusterQuery])->Answers:
                              cost='?' if s.cost is None else f'${s.cost:.4f}')
     pbar.close()
     self.stats.wall = time.perf_counter() - t0
+    record_run(self.spec, getattr(self, 'model', None), self.stats, len(queries), ok=not errors)
     if errors:
         e, done = errors[0], sum(len(r) for r in results.values())
         where = f" in {self.cache.path}; rerun to resume" if self.cache is not None else ''
@@ -599,6 +613,7 @@ class KBBackend:
             out.append(Answer(q.cluster, label, conf, why, df.to_json(orient='records'), latency=time.perf_counter()-t,
                               sources=srcs, backend='kb'))
         self.stats = RunStats(wall=time.perf_counter() - t0)
+        record_run('kb', None, self.stats, len(queries))
         return Answers(out, self.stats)
 
 # %% ../nbs/06_backends.ipynb #5c3b6e5b

@@ -98,9 +98,12 @@ def cmd_markers(args)->int:
 def cmd_figures(args)->int:
     "Regenerate the paper figures with papermill."
     from deepseq_nb.figures import run_figures
-    recs = run_figures(only=args.only, overrides=args.set, dataset=args.dataset, out_dir=args.out,
-                       log=(lambda *a: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
-    for r in recs: print(f"{r['name']}\t{r['seconds']} s\t{', '.join(r['outputs'])}")
+    m = run_figures(only=args.only, overrides=args.set, dataset=args.dataset, out_dir=args.out, html=not args.no_html,
+                    log=(lambda *a: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
+    for n, r in m['figures'].items():
+        if n not in (args.only or m['figures']): continue
+        what = r.get('reason') if r['status'] == 'skipped' else ', '.join(o['file'] for o in r.get('outputs', []))
+        print(f"{n}\t{r['status']}\t{r.get('seconds', '-')} s\t{what}")
     return 0
 
 # %% ../nbs/91_cli.ipynb #a1c37b64
@@ -271,6 +274,7 @@ def build_parser()->argparse.ArgumentParser:
     f.add_argument('--only', action='append', metavar='NAME', help='run only this figure (repeatable)')
     f.add_argument('--dataset', metavar='PATH', help="rerun on your data; outputs go to paper_figures/runs/<name>/")
     f.add_argument('--out', metavar='DIR', help='output directory (overrides the default)')
+    f.add_argument('--no-html', action='store_true', help='do not export the executed notebooks to HTML')
     f.set_defaults(func=cmd_figures)
     n = sub.add_parser('annotate', help='QC, clusters, markers and a cell-type label per cluster')
     _common(n, input_help='bundled dataset name or a path (counts); with --markers, a marker CSV')

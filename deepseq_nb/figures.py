@@ -6,13 +6,17 @@ Docs: https://deepseq-nb.github.io/deepseq_nb/figures.html.md"""
 
 # %% ../nbs/90_figures.ipynb #800134aa
 from __future__ import annotations
-import json, re, sys, time
+import hashlib, json, os, platform, re, shutil, sys, time
+from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 
-from .config import load_settings, project_root
+from .config import load_settings, project_root, settings_path
 
 # %% auto #0
-__all__ = ['figures_dir', 'list_figures', 'run_dir', 'run_figures']
+__all__ = ['FIGURES', 'PACKAGES', 'figures_dir', 'list_figures', 'dataset_info', 'applies', 'dataset_overrides', 'run_dir',
+           'sha256', 'versions', 'bundled_inputs', 'read_ledger', 'write_manifest', 'to_html', 'run_figures',
+           'publish_results', 'results_readme']
 
 # %% ../nbs/90_figures.ipynb #5f40a5f2
 def figures_dir(root:str|Path|None=None)->Path:
@@ -26,6 +30,66 @@ def list_figures(root=None)->list[str]:
     "Names of the figure notebooks, in the order they run."
     return sorted(p.stem for p in figures_dir(root).glob('*.ipynb') if not p.name.startswith('_'))
 
+# %% ../nbs/90_figures.ipynb #7f825843
+FIGURES = {
+    'fig_qc_knee': ("DeepSeq's three QC filters on barcode-rank (knee) plots", ('counts',)),
+    'fig_clusters': ('Leiden clusters on a UMAP and the top markers of each cluster', ()),
+    'tab_deepseq_models': ("DeepSeq's model table: every backend on the clusters of each QC strategy", ('labels?',)),
+    'tab_gptcelltype': ('GPTCelltype benchmark: agreement per method and dataset, and vs the number of top genes', ('bundled',)),
+    'tab_cross_tissue': ('scAgent cross-tissue annotation: memory kNN, tissue plugins, router, baselines', ('bundled',)),
+    'fig_embeddings': ('UMAPs of the frozen and tuned scGPT embeddings beside PCA', ('bundled',)),
+    'fig_novelty_curves': ('Novel-type detection: ROC per space, detection and false-novel rate vs threshold', ('bundled',)),
+    'fig_incremental': ('Adding a cell type from k labelled cells; the forgetting curve', ('labels',)),
+}
+_BUNDLED_WHY = {
+    'tab_gptcelltype': "it scores the GPTCelltype benchmark's marker tables, not a dataset; score your own marker table "
+                       "with `deepseq benchmark YOUR.csv --backend kb`",
+    'tab_cross_tissue': "it compares the bundled blood and pancreas studies named in [crosstissue]",
+    'fig_embeddings': "it embeds the bundled blood and pancreas studies named in [crosstissue]",
+    'fig_novelty_curves': "it holds types out of the bundled studies named in [novelty]",
+}
+
+# %% ../nbs/90_figures.ipynb #8b62abef
+def dataset_info(dataset:str|Path, # bundled name or a path (10x mtx dir, 10x .h5, .h5ad, .csv/.tsv)
+                 settings=None, # `Settings` (default: `load_settings()`)
+                 label_named:bool=False, # True when the user set `data.label_key`: then it must exist
+                )->dict:
+    "What a dataset offers the figures: cells, genes, raw counts or not, and its ground-truth column."
+    from deepseq_nb.data import load
+    S = settings or load_settings()
+    a = load(str(dataset), x_is=S.get('data.x_is') or 'auto')
+    label = S.get('data.label_key')
+    has = bool(label) and label in a.obs
+    if label_named and not has:
+        cols = ', '.join(map(str, a.obs.columns)) or 'none'
+        raise KeyError(f"data.label_key={label!r} is not a column of {dataset}'s obs (columns: {cols}). "
+                       "Name an existing column, or leave data.label_key out to run without ground truth.")
+    return dict(dataset=str(dataset), n_obs=int(a.n_obs), n_vars=int(a.n_vars), x_is=a.uns.get('x_is'),
+                label_key=label if has else None, n_labels=int(a.obs[label].nunique()) if has else 0)
+
+# %% ../nbs/90_figures.ipynb #81128623
+def applies(name:str, # figure notebook name
+            info:dict|None, # `dataset_info` of a user's dataset; None for the bundled run
+           )->tuple[bool, str]:
+    "Whether figure `name` runs on this dataset, and a note: why not, or what it leaves out."
+    needs = FIGURES.get(name, ('', ()))[1]
+    if info is None: return True, ''
+    if 'bundled' in needs: return False, f"does not apply to a user's dataset: {_BUNDLED_WHY.get(name, 'it uses the bundled studies')}"
+    if 'counts' in needs and info['x_is'] != 'counts':
+        return False, "needs raw counts, and the dataset holds log-normalised values (the knee filters rank barcodes by total counts)"
+    if 'labels' in needs and not info['label_key']:
+        return False, "needs a ground-truth column: none found (set data.label_key=COLUMN)"
+    if 'labels?' in needs and not info['label_key']:
+        return True, "runs without agreement columns: the dataset has no ground-truth column (set data.label_key=COLUMN)"
+    return True, ''
+
+# %% ../nbs/90_figures.ipynb #d562e332
+def dataset_overrides(dataset:str, info:dict)->list[str]:
+    "Settings overrides that point every applicable figure at a user's `dataset`."
+    o = [f'data.dataset={dataset}']
+    if info.get('label_key'): o += [f'incremental.dataset={dataset}', f"incremental.label_key={info['label_key']}"]
+    return o
+
 # %% ../nbs/90_figures.ipynb #3bc0efdf
 def run_dir(dataset:str|None=None, root=None)->Path:
     "Where a run writes: `paper_figures/out` for bundled defaults, `paper_figures/runs/<name>` for a user's dataset."
@@ -34,33 +98,192 @@ def run_dir(dataset:str|None=None, root=None)->Path:
     return figures_dir(root)/'runs'/name
 
 # %% ../nbs/90_figures.ipynb #faa5e6f8
+def sha256(path:str|Path, chunk:int=1<<20)->str:
+    "SHA-256 of a file, or of every file under a directory (sorted by relative path)."
+    p, h = Path(path), hashlib.sha256()
+    files = sorted(q for q in p.rglob('*') if q.is_file()) if p.is_dir() else [p]
+    for f in files:
+        if p.is_dir(): h.update(str(f.relative_to(p)).encode())
+        with open(f, 'rb') as fh:
+            while b := fh.read(chunk): h.update(b)
+    return h.hexdigest()
+
+# %% ../nbs/90_figures.ipynb #82b2600c
+PACKAGES = ('deepseq_nb', 'scanpy', 'anndata', 'numpy', 'scipy', 'pandas', 'scikit-learn', 'leidenalg', 'igraph', 'kneed',
+            'rapidfuzz', 'cellxgene-ontology-guide', 'torch', 'scgpt', 'peft', 'faiss-cpu', 'celltypist', 'matplotlib',
+            'papermill', 'ollama', 'openai')
+
+def versions()->dict:
+    "Python, platform and the versions of the packages that compute the figures (None when not installed)."
+    def v(n):
+        try: return metadata.version(n)
+        except metadata.PackageNotFoundError: return None
+    return dict(python=platform.python_version(), platform=platform.platform(), **{n: v(n) for n in PACKAGES})
+
+# %% ../nbs/90_figures.ipynb #1806e157
+def bundled_inputs()->list[dict]:
+    "The bundled data files with the SHA-256 recorded in `deepseq_nb/data/SHA256SUMS`."
+    from deepseq_nb.data import data_dir
+    f = data_dir()/'SHA256SUMS'
+    if not f.exists(): return []
+    rows = [l.split(None, 1) for l in f.read_text().splitlines() if l.strip()]
+    return [dict(path=f"deepseq_nb/data/{p.strip().removeprefix('./')}", sha256=h) for h, p in rows]
+
+# %% ../nbs/90_figures.ipynb #91665223
+def read_ledger(path:str|Path)->list[dict]:
+    "The backend runs recorded in a ledger, summed per backend."
+    p = Path(path)
+    if not p.exists(): return []
+    tot = {}
+    for line in p.read_text().splitlines():
+        r = json.loads(line); t = tot.setdefault(r['backend'], dict(backend=r['backend'], model=r.get('model'), runs=0, calls=0,
+                                                                    hits=0, tokens_in=0, tokens_out=0, cost=0.0))
+        t['runs'] += 1
+        for k in ('calls', 'hits', 'tokens_in', 'tokens_out'): t[k] += r.get(k) or 0
+        t['cost'] = None if (t['cost'] is None or r.get('cost') is None) else t['cost'] + r['cost']
+    return list(tot.values())
+
+# %% ../nbs/90_figures.ipynb #55851c38
+def _outputs(out:Path, name:str)->list[dict]:
+    "The files a notebook wrote, with checksums."
+    return [dict(file=p.name, bytes=p.stat().st_size, sha256=sha256(p)) for p in sorted(out.glob(f'{name}*')) if p.is_file()]
+
+def _load_manifest(out:Path)->dict:
+    p = out/'manifest.json'
+    return json.loads(p.read_text()) if p.exists() else {}
+
+def write_manifest(out:Path, # run directory
+                   figures:dict, # name -> record of this run
+                   S, # the run's `Settings`
+                   overrides:list, info:dict|None=None)->dict:
+    "Write `out/manifest.json`: this run's figures merged over those of earlier runs into the same directory."
+    old = _load_manifest(out)
+    sp = settings_path()
+    m = dict(created=datetime.now(timezone.utc).isoformat(timespec='seconds'), versions=versions(),
+             settings_file=dict(path=str(sp), sha256=sha256(sp)), overrides=list(overrides),
+             settings={k: dict(v) for k, v in S.items()}, dataset=info,
+             backends=dict(annotate=S.get('annotate.backend'), compare=S.get('annotate.compare_backends')),
+             inputs=bundled_inputs() + ([dict(path=info['dataset'], sha256=sha256(info['dataset']))]
+                                        if info and Path(info['dataset']).exists() else []),
+             figures={**old.get('figures', {}), **figures})
+    (out/'manifest.json').write_text(json.dumps(m, indent=1, default=str))
+    return m
+
+# %% ../nbs/90_figures.ipynb #474a9784
+def to_html(nb_path:str|Path)->Path:
+    "Export an executed notebook to HTML beside it (nbconvert, images embedded)."
+    import nbformat
+    from nbconvert import HTMLExporter
+    nb_path = Path(nb_path)
+    body, _ = HTMLExporter(embed_images=True).from_notebook_node(nbformat.read(nb_path, as_version=4))
+    out = nb_path.with_suffix('.html'); out.write_text(body, encoding='utf-8')
+    return out
+
+# %% ../nbs/90_figures.ipynb #92666608
+def _select(only, names:list)->list:
+    "The figure names to run, in order; unknown names are an error that lists the valid ones."
+    if not only: return names
+    only = [only] if isinstance(only, str) else list(only)
+    unknown = [o for o in only if o not in names]
+    if unknown: raise KeyError(f"Unknown figure {unknown}; figures are: {', '.join(names)}.")
+    return [n for n in names if n in only]
+
+def _run_one(n:str, fdir:Path, out:Path, overrides:list, user:bool, html:bool)->dict:
+    "Execute one figure notebook with papermill, with its own LLM ledger; its record for the manifest."
+    import papermill as pm
+    ledger = out/f'.{n}.ledger.jsonl'; ledger.unlink(missing_ok=True)
+    old, os.environ['DEEPSEQ_LEDGER'] = os.environ.get('DEEPSEQ_LEDGER'), str(ledger)
+    t0 = time.perf_counter()
+    try:
+        pm.execute_notebook(str(fdir/f'{n}.ipynb'), str(out/f'{n}.ipynb'), cwd=str(fdir.parent), kernel_name='python3',
+                            language='python', progress_bar=False, log_output=False,
+                            parameters=dict(out_dir=str(out.resolve()), overrides=overrides, user_dataset=user))
+    finally:
+        if old is None: os.environ.pop('DEEPSEQ_LEDGER', None)
+        else: os.environ['DEEPSEQ_LEDGER'] = old
+    secs = round(time.perf_counter()-t0, 1)
+    if html: to_html(out/f'{n}.ipynb')
+    rec = dict(status='ran', seconds=secs, llm=read_ledger(ledger), outputs=_outputs(out, n))
+    ledger.unlink(missing_ok=True)
+    return rec
+
+# %% ../nbs/90_figures.ipynb #87fefad3
 def run_figures(only:list|str|None=None, # figure names to run (default: all)
                 overrides:list|None=None, # `section.key=value` settings overrides
                 dataset:str|None=None, # a user's dataset path (sets data.dataset)
                 out_dir:str|Path|None=None, # default: see `run_dir`
-                root=None, log=print)->list[dict]:
-    "Execute the figure notebooks with papermill; return one record per notebook (name, seconds, outputs)."
-    import papermill as pm
+                html:bool=True, # export each executed notebook to HTML
+                publish:bool|None=None, # copy PNG/CSV/HTML to paper_figures/results (default: bundled run into paper_figures/out)
+                root=None, log=print)->dict:
+    "Execute the figure notebooks with papermill; return the run's manifest (one record per figure)."
     overrides = list(overrides or [])
-    if dataset: overrides.append(f'data.dataset={dataset}')
-    load_settings(overrides=overrides)  # fail early on a bad key
-    names = list_figures(root)
-    if only:
-        only = [only] if isinstance(only, str) else list(only)
-        unknown = [o for o in only if o not in names]
-        if unknown: raise KeyError(f"Unknown figure {unknown}; figures are: {', '.join(names)}.")
-        names = [n for n in names if n in only]
+    S = load_settings(overrides=overrides)  # fail early on a bad key
+    names = _select(only, list_figures(root))
+    info = None
+    if dataset:
+        info = dataset_info(dataset, S, label_named=any(o.split('=', 1)[0].strip() == 'data.label_key' for o in overrides))
+        overrides = dataset_overrides(dataset, info) + overrides
+        S = load_settings(overrides=overrides)
     out = Path(out_dir) if out_dir else run_dir(dataset, root)
     out.mkdir(parents=True, exist_ok=True)
-    fdir, records = figures_dir(root), []
+    fdir, records, failed = figures_dir(root), {}, []
     for n in names:
-        log(f"[figures] {n} ...")
-        t0 = time.perf_counter()
-        pm.execute_notebook(str(fdir/f'{n}.ipynb'), str(out/f'{n}.ipynb'), cwd=str(fdir.parent), kernel_name='python3', language='python',
-                            parameters=dict(out_dir=str(out.resolve()), overrides=overrides, user_dataset=bool(dataset)),
-                            progress_bar=False, log_output=False)
-        rec = dict(name=n, seconds=round(time.perf_counter()-t0, 1), outputs=sorted(p.name for p in out.glob(f'{n}*')))
-        log(f"[figures] {n} done in {rec['seconds']} s: {', '.join(rec['outputs'])}")
-        records.append(rec)
-    (out/'figures_run.json').write_text(json.dumps(dict(overrides=overrides, figures=records), indent=1))
-    return records
+        ok, note = applies(n, info)
+        if not ok:
+            log(f"[figures] {n} skipped: {note}"); records[n] = dict(status='skipped', reason=note); continue
+        log(f"[figures] {n} ..." + (f" ({note})" if note else ''))
+        try: records[n] = rec = _run_one(n, fdir, out, overrides, bool(dataset), html)
+        except Exception as e:
+            msg = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
+            log(f"[figures] {n} FAILED: {msg}"); records[n] = dict(status='failed', error=msg); failed.append(n); continue
+        if note: rec['note'] = note
+        hits = sum(r['hits'] for r in rec['llm']); calls = sum(r['calls'] for r in rec['llm'])
+        log(f"[figures] {n} done in {rec['seconds']} s ({calls} LLM requests, {hits} cache hits): "
+            f"{', '.join(o['file'] for o in rec['outputs'])}")
+    m = write_manifest(out, records, S, overrides, info)
+    if publish is None: publish = not dataset and not out_dir and not overrides and root is None
+    if publish: publish_results(out, figures_dir(root))
+    if failed: raise RuntimeError(f"{len(failed)} figure notebook(s) failed: {', '.join(failed)}; the others ran. "
+                                  f"See {out}/<name>.ipynb for the failing cell and {out}/manifest.json.")
+    return m
+
+# %% ../nbs/90_figures.ipynb #d3ffa4eb
+_PUBLISH = ('*.png', '*.csv', '*.html', 'manifest.json')
+
+def publish_results(out:Path, # a bundled run directory
+                    fdir:Path, # paper_figures/
+                   )->Path:
+    "Copy a run's figures, tables, HTML and manifest to `fdir/results` and write `fdir/README.md`; return the README."
+    res = fdir/'results'; res.mkdir(exist_ok=True)
+    for pat in _PUBLISH:
+        for p in out.glob(pat): shutil.copy2(p, res/p.name)
+    m = json.loads((out/'manifest.json').read_text())
+    (fdir/'README.md').write_text(results_readme(m, res))
+    return fdir/'README.md'
+
+# %% ../nbs/90_figures.ipynb #e0bde978
+def results_readme(m:dict, # a manifest
+                   res:Path, # the results directory (for the file lists)
+                  )->str:
+    "The Markdown gallery of `paper_figures/README.md` from a manifest."
+    v = m['versions']
+    L = ['# Paper figures', '',
+         'Every figure and table of the two papers, regenerated by `make figures` (= `deepseq figures`) from `settings.ini`',
+         'on the bundled data, offline, on CPU. The files shown here are in `results/`; each notebook executed is in',
+         '`results/<name>.html`, and `results/manifest.json` records the inputs with checksums, the package versions, the',
+         'settings, the LLM requests and cache hits, and the time per notebook.', '',
+         f"Last run: {m['created']} · deepseq_nb {v.get('deepseq_nb')} · Python {v.get('python')} · scanpy {v.get('scanpy')} · "
+         f"torch {v.get('torch')} · {v.get('platform')}", '',
+         '| notebook | what it shows | status | seconds |', '|---|---|---|---|']
+    for n, r in m['figures'].items():
+        L.append(f"| [{n}]({n}.ipynb) | {FIGURES.get(n, ('',))[0]} | {r['status']} | {r.get('seconds', '')} |")
+    total = sum(r.get('seconds', 0) for r in m['figures'].values())
+    L += ['', f'Total: {total/60:.1f} min on this machine.', '']
+    for n in m['figures']:
+        pngs = sorted(p.name for p in res.glob(f'{n}*.png')); csvs = sorted(p.name for p in res.glob(f'{n}*.csv'))
+        if not pngs and not csvs: continue
+        L += [f'## {n}', '', FIGURES.get(n, ('',))[0] + '.', '']
+        L += [f'![{p}](results/{p})' for p in pngs] + ([''] if pngs else [])
+        if csvs: L += ['Tables: ' + ', '.join(f'[{c}](results/{c})' for c in csvs), '']
+        if (res/f'{n}.html').exists(): L += [f'Executed notebook: [results/{n}.html](results/{n}.html)', '']
+    return '\n'.join(L)

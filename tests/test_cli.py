@@ -1,5 +1,5 @@
 "The `deepseq` command as a user runs it, and a papermill run of a paper figure."
-import subprocess, sys, json
+import subprocess, sys, json, hashlib
 from pathlib import Path
 import pandas as pd, pytest
 
@@ -47,7 +47,13 @@ def test_figures_qc_knee_papermill(tmp_path):
     assert toy.loc['knee', 'recall'] >= 0.95 and toy.loc['smoothed_knee', 'precision'] >= 0.9
     assert (t[t.dataset == 'pbmc3k']['n_kept'] == 2638).all()
     assert (tmp_path/'fig_qc_knee.png').stat().st_size > 20_000 and (tmp_path/'fig_qc_knee.ipynb').exists()
-    assert json.loads((tmp_path/'figures_run.json').read_text())['figures'][0]['name'] == 'fig_qc_knee'
+    m = json.loads((tmp_path/'manifest.json').read_text())
+    r = m['figures']['fig_qc_knee']
+    assert r['status'] == 'ran' and r['seconds'] > 0 and (tmp_path/'fig_qc_knee.html').stat().st_size > 50_000
+    csv = next(o for o in r['outputs'] if o['file'] == 'fig_qc_knee.csv')
+    assert csv['sha256'] == hashlib.sha256((tmp_path/'fig_qc_knee.csv').read_bytes()).hexdigest()
+    assert m['versions']['scanpy'] and m['settings']['qc']['min_genes'] == 200 and len(m['settings_file']['sha256']) == 64
+    assert any(i['path'] == 'deepseq_nb/data/pbmc3k/pbmc3k_counts.h5ad' and len(i['sha256']) == 64 for i in m['inputs'])
 
 def test_figures_unknown_name_and_bad_override():
     r = run('figures', '--only', 'fig_nope')
@@ -80,3 +86,44 @@ def test_evaluate_h5ad(tmp_path):
     r = run('evaluate', tmp_path/'e.h5ad', '--truth', 'truth', '--pred', 'pred')
     assert r.returncode == 0, r.stderr
     assert 'accuracy: 0.500' in r.stdout and 'stage 1: skipped' in r.stdout
+
+def test_figures_same_settings_same_tables(tmp_path):
+    "Two runs with the same settings give byte-identical tables; the ledger counts the kb runs of the benchmark table."
+    for d in ('a', 'b'):
+        r = run('figures', '--only', 'tab_gptcelltype', '--out', tmp_path/d, '--no-html', '-q')
+        assert r.returncode == 0, r.stderr
+    csvs = sorted(p.name for p in (tmp_path/'a').glob('*.csv'))
+    assert 'tab_gptcelltype.csv' in csvs and len(csvs) >= 3
+    for c in csvs: assert (tmp_path/'a'/c).read_bytes() == (tmp_path/'b'/c).read_bytes(), c
+    ma, mb = (json.loads((tmp_path/d/'manifest.json').read_text()) for d in ('a', 'b'))
+    oa, ob = ({o['file']: o['sha256'] for o in m['figures']['tab_gptcelltype']['outputs'] if o['file'].endswith('.csv')} for m in (ma, mb))
+    assert oa == ob and len(oa) == len(csvs)
+    kb = [l for l in ma['figures']['tab_gptcelltype']['llm'] if l['backend'] == 'kb']
+    assert kb and kb[0]['runs'] >= 1 and kb[0]['calls'] == 0 and kb[0]['cost'] == 0
+
+def test_figures_on_a_users_dataset(tmp_path):
+    "A user's unlabelled h5ad: the figures that apply run, the others are skipped with the reason; bad input fails early."
+    import anndata as ad
+    sys.path.insert(0, str(ROOT))
+    from deepseq_nb.data import load_dataset
+    a = load_dataset('pbmc3k')[:600].copy()
+    del a.obs['cell_type']
+    a.write_h5ad(tmp_path/'my data.h5ad')
+    out = tmp_path/'run'
+    r = run('figures', '--dataset', tmp_path/'my data.h5ad', '--only', 'fig_qc_knee', '--only', 'tab_cross_tissue',
+            '--only', 'fig_incremental', '--out', out, '--no-html')
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out/'manifest.json').read_text())
+    f = m['figures']
+    assert f['fig_qc_knee']['status'] == 'ran' and f['tab_cross_tissue']['status'] == 'skipped'
+    assert 'blood and pancreas' in f['tab_cross_tissue']['reason'] and 'ground-truth' in f['fig_incremental']['reason']
+    assert m['dataset']['n_obs'] == 600 and m['dataset']['label_key'] is None
+    assert m['inputs'][-1]['sha256'] == hashlib.sha256((tmp_path/'my data.h5ad').read_bytes()).hexdigest()
+    t = pd.read_csv(out/'fig_qc_knee.csv')
+    assert set(t['dataset']) == {'my data.h5ad'} and not (out/'tab_cross_tissue.csv').exists()
+    assert 'skipped' in r.stdout and 'fig_incremental' in r.stdout
+    r = run('figures', '--dataset', tmp_path/'my data.h5ad', '--set', 'data.label_key=celltype', '--out', out)
+    assert r.returncode == 2 and "data.label_key='celltype' is not a column" in r.stderr
+    (tmp_path/'x.loom').write_text('nope')
+    r = run('figures', '--dataset', tmp_path/'x.loom', '--out', out)
+    assert r.returncode == 2 and 'Cannot tell the format' in r.stderr
