@@ -339,7 +339,7 @@ def run_cross_tissue(settings=None, # `Settings` (default: settings.ini)
                      encoder=None, # an `encoder.Encoder` (default: the settings' encoder)
                     )->dict:
     "Reference, embeddings, every method's test predictions (obs `pred_*`) and the score table; cached when asked."
-    import json
+    import hashlib, json
     from pathlib import Path
     from deepseq_nb.config import load_settings
     from deepseq_nb.encoder import encoder_settings, default_encoder
@@ -348,13 +348,15 @@ def run_cross_tissue(settings=None, # `Settings` (default: settings.ini)
     P, PP, MK = ct_settings(S), plugin_settings(S), _memory_kwargs(S)
     unknown = [m for m in P['methods'] if m not in METHOD_NAMES]
     if unknown: raise InputError(f"Unknown cross-tissue methods {unknown} in [crosstissue] methods; known: {', '.join(METHOD_NAMES)}")
-    key = json.dumps(dict(P, encoder=encoder if encoder is None else str(encoder), encoder_settings=encoder_settings(S),
-                          plugins=PP, memory=MK), sort_keys=True, default=str)
-    if (hit := _cached_run(cache, key)) is not None: return hit
     timings, preds = {}, {}
     t0 = time.perf_counter(); ref = cross_tissue_reference(min_cells=P['min_cells'], test_frac=P['test_frac'], seed=P['seed'],
                                                         max_cells=P['max_cells'] or None)
     timings['reference'] = time.perf_counter() - t0
+    # the key holds the harmonised labels too: a change of the ontology mapping must not reuse a stale result
+    labels = hashlib.sha256('\n'.join(ref.obs_names + '\t' + ref.obs['label'].astype(str) + '\t' + ref.obs['split'].astype(str)).encode()).hexdigest()
+    key = json.dumps(dict(P, encoder=encoder if encoder is None else str(encoder), encoder_settings=encoder_settings(S),
+                          plugins=PP, memory=MK, labels=labels), sort_keys=True, default=str)
+    if (hit := _cached_run(cache, key)) is not None: return hit
     enc = encoder if encoder is not None else default_encoder()
     t0 = time.perf_counter(); embed_reference(ref, enc); timings['embed (frozen)'] = time.perf_counter() - t0
     plug = {}

@@ -52,9 +52,17 @@ def test_every_method_scored_per_tissue(run):
 def test_cache_reused_only_for_the_same_settings(run, enc, monkeypatch):
     res, cache = run
     def boom(*a, **k): raise AssertionError('recomputed')
-    monkeypatch.setattr(ct, 'cross_tissue_reference', boom)
+    monkeypatch.setattr(ct, 'embed_reference', boom)   # the first step after the (cheap) reference is built
     again = ct.run_cross_tissue(load_settings(overrides=SMALL), cache=cache, encoder=enc)
     pd.testing.assert_frame_equal(again['table'], res['table'])
+    real_ref = ct.cross_tissue_reference
+    def relabelled(*a, **k):   # a change of the label harmonisation (e.g. the ontology mapping) is another experiment
+        r = real_ref(*a, **k); r.obs['label'] = r.obs['label'].astype(str); r.obs.iloc[0, r.obs.columns.get_loc('label')] = 'other'
+        return r
+    monkeypatch.setattr(ct, 'cross_tissue_reference', relabelled)
+    with pytest.raises(AssertionError, match='recomputed'):
+        ct.run_cross_tissue(load_settings(overrides=SMALL), cache=cache, encoder=enc)
+    monkeypatch.setattr(ct, 'cross_tissue_reference', real_ref)
     with pytest.raises(AssertionError, match='recomputed'):   # another k is another experiment
         ct.run_cross_tissue(load_settings(overrides=SMALL + ['crosstissue.k=5']), cache=cache, encoder=enc)
     with pytest.raises(AssertionError, match='recomputed'):   # so are other plugin settings
