@@ -231,6 +231,7 @@ _EPILOG = """examples:
   deepseq annotate pbmc3k --backend ollama:llama3.2:1b --tissue PBMC
   deepseq benchmark markers.csv --backend kb --out pred.csv
   deepseq figures --dataset my.h5ad --set data.tissue=Lung
+  deepseq agent "annotate pbmc3k and tell me which clusters look novel" --dry-run
 
 Defaults come from settings.ini; --set section.key=value overrides any of them."""
 
@@ -300,6 +301,8 @@ def build_parser()->argparse.ArgumentParser:
     e.add_argument('--pred', required=True, help='obs column of predicted labels')
     e.add_argument('--cluster', default='leiden', help='obs column of clusters (default leiden)')
     e.set_defaults(func=cmd_evaluate)
+    from deepseq_nb.agent import add_agent_parser
+    add_agent_parser(sub)   # `deepseq agent "REQUEST"`: nbs/15_agent.ipynb
     return P
 
 # %% ../nbs/91_cli.ipynb #e9298299

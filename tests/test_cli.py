@@ -127,3 +127,11 @@ def test_figures_on_a_users_dataset(tmp_path):
     (tmp_path/'x.loom').write_text('nope')
     r = run('figures', '--dataset', tmp_path/'x.loom', '--out', out)
     assert r.returncode == 2 and 'Cannot tell the format' in r.stderr
+
+def test_agent_is_a_deepseq_command():
+    r = run('agent', 'annotate pbmc3k and tell me which clusters look novel', '--dry-run')
+    assert r.returncode == 0, r.stderr
+    steps = [l.split('(')[0].split('. ', 1)[1] for l in r.stdout.splitlines() if l[:1].isdigit() and '. ' in l]
+    assert steps[0] == 'load_data' and steps[-1] == 'assess_novelty' and 'annotate' in steps
+    r = run('agent', 'download the human cell atlas for me')
+    assert r.returncode == 1 and 'load_data' not in r.stdout
