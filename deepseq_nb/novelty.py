@@ -190,10 +190,11 @@ def parse_judgement(text:str)->dict:
 JUDGE_TEMPLATE = 'deepseq-novelty-judge-1'
 
 def judge_prompt(cluster:str, markers:list, # cluster id; its marker genes, best first
-                 reference_types:list, evidence:dict, # the reference's types; share_novel, median_score, nearest
+                 reference_types:list, evidence:dict, # the reference's types; share_novel, median_score, nearest, false_novel_rate
                  tissue:str|None=None, species:str='human')->str:
     "The judge's prompt for one cluster."
-    ev = (f"{evidence.get('share_novel', float('nan')):.0%} of its cells lie further from the reference than 95% of known cells "
+    known = 1 - evidence.get('false_novel_rate', 0.05)   # the calibration's rate: 5 % -> "than 95% of known cells"
+    ev = (f"{evidence.get('share_novel', float('nan')):.0%} of its cells lie further from the reference than {known:.0%} of known cells "
           f"would (median percentile {evidence.get('median_score', float('nan')):.2f}); the nearest known type by the memory's "
           f"vote is {evidence.get('nearest') or 'unknown'}.")
     return (f"You are judging whether a cluster of {species} cells{f' from {tissue}' if tissue else ''} is a cell type missing from a "
@@ -250,7 +251,8 @@ def judge_novelty(adata:ad.AnnData, markers:dict, # assessed cells (`assess_nove
         row = dict(cluster=str(c), n_cells=int(r.n_cells), share_novel=float(r.share_novel), rule_is_novel=bool(r.is_novel),
                    kb_type=kb_type, kb_known_type=kb_known or '')
         if llm:
-            ev = dict(share_novel=r.share_novel, median_score=r.median_score, nearest=(nearest or {}).get(c))
+            ev = dict(share_novel=r.share_novel, median_score=r.median_score, nearest=(nearest or {}).get(c),
+                      false_novel_rate=U.get('params', {}).get('false_novel_rate', 0.05))
             j, cached = _judge_llm(backend, judge_prompt(str(c), genes, reference_types, ev, tissue, species),
                                    ClusterQuery(str(c), genes or ['NA'], tissue, species))
             row |= j | dict(judge=backend.spec, cached=cached)
