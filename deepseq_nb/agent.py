@@ -389,15 +389,6 @@ def _lognorm(a:ad.AnnData)->ad.AnnData:
     from deepseq_nb.cluster import normalize
     b = a.copy(); normalize(b, target_sum=1e4); return b
 
-def _split(labels:np.ndarray, frac:float, seed:int)->np.ndarray:
-    "True for a seeded, stratified `frac` of the cells (at least one per type with two or more cells)."
-    rng, out = np.random.default_rng(seed), np.zeros(len(labels), bool)
-    for l in np.unique(labels):
-        idx = np.flatnonzero(labels == l)
-        n = int(round(frac * len(idx))) if len(idx) > 1 else 0
-        out[rng.choice(idx, max(n, 1 if len(idx) > 1 else 0), replace=False)] = True
-    return out
-
 @action(consent=lambda st, args: _encoder_missing(st) if args.get('use_encoder') else '', after=('cluster',))
 def build_reference(st:AgentState, dataset:str|None=None, # bundled name or path of labelled reference cells (default: settings agent.reference, else the session's own cells)
                     label_key:str|None=None, # obs column of the reference's labels (default: the dataset's)
@@ -417,7 +408,8 @@ def build_reference(st:AgentState, dataset:str|None=None, # bundled name or path
     held = sorted(set(match_types(hold_out or [], types).values()))
     ref = ref[ref.obs[lk].notna().to_numpy() & ~ref.obs[lk].astype(str).isin(held).to_numpy()].copy()
     ref.obs[lk] = ref.obs[lk].astype(str)
-    cal = _split(ref.obs[lk].to_numpy(), cfg['calib_frac'], cfg['seed'])
+    from deepseq_nb.plugins import stratified_split
+    cal = stratified_split(ref.obs[lk].to_numpy(), cfg['calib_frac'], seed=cfg['seed'])
     P = PCASpace.fit(ref[~cal], seed=cfg['seed'])
     ref.obsm['X_pca_ref'] = P.transform(ref)
     spaces = {'pca': 'X_pca_ref'}
