@@ -28,9 +28,8 @@ def normalize(adata:ad.AnnData, target_sum:float=1e4, # counts per cell after sc
     "Log-normalise counts in place, keeping them in `layers['counts']`; a no-op on log-normalised data."
     x_is = _resolve_x_is(adata, x_is)
     if x_is == 'lognorm' or adata.uns.get('log1p') is not None: adata.uns['x_is'] = 'lognorm'; return
-    if not sp.issparse(adata.X): adata.X = sp.csr_matrix(adata.X)
-    adata.X = adata.X.astype(np.float32)
-    adata.layers['counts'] = adata.X.copy()
+    counts = (adata.X if sp.issparse(adata.X) else sp.csr_matrix(adata.X)).astype(np.float32, copy=False)
+    adata.layers['counts'], adata.X = counts, counts.copy()  # the one copy: counts stay as they came, X is normalised
     sc.pp.normalize_total(adata, target_sum=target_sum)
     sc.pp.log1p(adata)
     adata.uns['x_is'] = 'lognorm'
@@ -81,10 +80,9 @@ MARKER_COLUMNS = ['cluster', 'rank', 'gene', 'logfoldchange', 'pval_adj', 'score
 
 def _pct_and_mean(adata:ad.AnnData, groupby:str, genes:np.ndarray)->tuple:
     "Fraction of cells expressing and mean expression of each gene, in each group and outside it."
-    X = adata.X.tocsc() if sp.issparse(adata.X) else adata.X
-    groups = adata.obs[groupby].astype(str).to_numpy()
     idx = pd.Index(adata.var_names).get_indexer(genes)
-    sub = X[:, idx]
+    sub = adata.X[:, idx].tocsc() if sp.issparse(adata.X) else adata.X[:, idx]  # only the marker columns are converted
+    groups = adata.obs[groupby].astype(str).to_numpy()
     nz = (sub > 0)
     out = {}
     for g in pd.unique(groups):

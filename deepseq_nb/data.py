@@ -103,8 +103,17 @@ def read_10x_mtx(path:str|Path, # a Cell Ranger matrix directory (v2 or v3)
     return a
 
 # %% ../nbs/00_data.ipynb #07b00b5d
+def _head_blocks(X, n:int):
+    "The first row blocks of a Dask array that hold at least `n` values, computed; the other blocks are never read."
+    parts, got = [], 0
+    for i in range(X.numblocks[0]):
+        b = X.blocks[i].compute(); parts.append(b); got += b.nnz if sp.issparse(b) else b.size
+        if got >= n: break
+    return sp.vstack(parts, format='csr') if sp.issparse(parts[0]) else np.vstack(parts)
+
 def _sample_values(X, n:int=200_000, seed:int=0)->np.ndarray:
-    "Up to `n` stored values of `X` (dense or sparse), sampled without replacement."
+    "Up to `n` stored values of `X` (dense, sparse, or Dask: from its first blocks), sampled without replacement."
+    if hasattr(X, 'dask') and hasattr(X, 'numblocks'): X = _head_blocks(X, n)
     v = X.data if sp.issparse(X) else np.asarray(X).ravel()
     if len(v) > n: v = v[np.random.default_rng(seed).choice(len(v), n, replace=False)]
     return np.asarray(v)

@@ -41,9 +41,9 @@ def _totals(adata:ad.AnnData)->np.ndarray:
     return np.asarray(adata.X.sum(1)).ravel().astype(float)
 
 def barcode_ranks(adata:ad.AnnData)->pd.DataFrame:
-    "Barcodes sorted by total counts: rank (1 = largest), barcode, total counts and genes."
+    "Barcodes sorted by total counts: rank (1 = largest), barcode, total counts and genes (from obs when `qc_metrics` ran)."
     t = _totals(adata)
-    ng = np.asarray((adata.X > 0).sum(1)).ravel()
+    ng = adata.obs['n_genes_by_counts'].to_numpy() if 'n_genes_by_counts' in adata.obs else np.asarray((adata.X > 0).sum(1)).ravel()
     o = np.argsort(-t, kind='stable')
     return pd.DataFrame({'rank': np.arange(1, len(t)+1), 'barcode': adata.obs_names[o], 'total_counts': t[o], 'n_genes': ng[o]})
 
