@@ -7,7 +7,9 @@ uneven type sizes), cosine metric; the queries are fresh cells from the same mix
 Flat is exact: its neighbours are the ground truth of recall@10 (the share of the true 10 nearest neighbours found),
 and Flat itself is checked against a float64 brute force on 100 queries. IVF uses the memory's defaults
 (nlist = 4*sqrt(n) clipped to [16, 1024], trained on <= 64 points per list, seed 0) at each nprobe.
-Build time is `CellMemory.add` of all entries (normalisation included; k-means training included for IVF).
+Build time is `CellMemory.add` of all entries (normalisation included; k-means training included for IVF); index GiB
+is the size of the faiss index as `faiss.serialize_index` writes it (vectors, ids, and IVF centroids and lists), which is
+what the index holds in memory, and obs MiB the memory of the entries' metadata frame.
 faiss and BLAS run on 2 threads. Prints one row per (entries, dim, index, nprobe).
 """
 import argparse, gc, os, resource, time
@@ -29,6 +31,11 @@ def recall_at(found:np.ndarray, truth:np.ndarray)->float:
     "Mean share of the true neighbours (rows of `truth`) found in the rows of `found`."
     return float(np.mean([len(np.intersect1d(a, b)) / truth.shape[1] for a, b in zip(found, truth)]))
 
+def _held(m)->dict:
+    "GiB of the serialised faiss index of the 'frozen' space and MiB of the obs frame."
+    import faiss
+    return dict(index_gib=faiss.serialize_index(m._index['frozen']).nbytes / 2**30, obs_mib=m.obs.memory_usage(deep=True).sum() / 2**20)
+
 def _timed_search(m, Q, k):
     t0 = time.perf_counter(); nb = m.search(Q, k); return nb, len(Q) / (time.perf_counter() - t0)
 
@@ -48,8 +55,8 @@ def memory_benchmark(sizes=(10**4, 10**5, 10**6), # numbers of reference entries
     def emit(r):
         rows.append(r)
         if verbose: print(f"{r['entries']:>9,} {r['dim']:>4} {r['index']:<8} {r['nlist'] or '':>6} {r['nprobe'] or '':>6} "
-                          f"{r['build_s']:>8.2f} {r['queries_per_s']:>12,.0f} {r['recall_at_10']:>10.4f}", flush=True)
-    if verbose: print(f"{'entries':>9} {'dim':>4} {'index':<8} {'nlist':>6} {'nprobe':>6} {'build_s':>8} {'queries/s':>12} {'recall@10':>10}")
+                          f"{r['build_s']:>8.2f} {r['index_gib']:>9.3f} {r['obs_mib']:>7.1f} {r['queries_per_s']:>12,.0f} {r['recall_at_10']:>10.4f}", flush=True)
+    if verbose: print(f"{'entries':>9} {'dim':>4} {'index':<8} {'nlist':>6} {'nprobe':>6} {'build_s':>8} {'index_GiB':>9} {'obs_MiB':>7} {'queries/s':>12} {'recall@10':>10}")
     for dim in dims:
         for n in sizes:
             X, y = synthetic_embeddings(n + n_queries, dim, n_types=100, seed=seed)
@@ -59,14 +66,14 @@ def memory_benchmark(sizes=(10**4, 10**5, 10**6), # numbers of reference entries
             nb, qps = _timed_search(m, Q, k)
             truth = nb.ids
             exact = recall_at(truth[:100], _brute(X, Q[:100], k))
-            emit(dict(entries=n, dim=dim, index='Flat', nlist=None, nprobe=None, build_s=tb, queries_per_s=qps, recall_at_10=exact))
+            emit(dict(entries=n, dim=dim, index='Flat', nlist=None, nprobe=None, build_s=tb, **_held(m), queries_per_s=qps, recall_at_10=exact))
             del m, nb; gc.collect()
             t0 = time.perf_counter(); m = CellMemory(index='ivf'); m.add(X, obs, space='frozen'); tb = time.perf_counter() - t0
-            idx = m._index['frozen']
+            idx, held = m._index['frozen'], _held(m)
             for p in nprobes:
                 idx.nprobe = p
                 nb, qps = _timed_search(m, Q, k)
-                emit(dict(entries=n, dim=dim, index='IVF-Flat', nlist=int(idx.nlist), nprobe=p, build_s=tb, queries_per_s=qps,
+                emit(dict(entries=n, dim=dim, index='IVF-Flat', nlist=int(idx.nlist), nprobe=p, build_s=tb, **held, queries_per_s=qps,
                           recall_at_10=recall_at(nb.ids, truth)))
             del m, nb, X, Q, y, obs; gc.collect()
     return pd.DataFrame(rows)

@@ -14,8 +14,13 @@ Modes:
           arpack PCA, neighbours, Leiden, Wilcoxon markers on every cell (no annotation).
   memory  run_scaled(path) in memory: copy-free normalisation, chunked HVG, sparse blockwise PCA, neighbours, Leiden,
           Wilcoxon markers from <= max_cells_per_cluster cells per cluster, kb annotation.
-  dask    run_scaled(path, dask=True, until='pca'): lazy read, QC -> PCA on a LocalCluster (2 worker processes,
-          1 thread each); the later stages are the in-memory ones and are not repeated.
+  dask    run_scaled(path, dask=True): lazy read, QC -> PCA on a LocalCluster (2 worker processes, 1 thread each);
+          then neighbours and Leiden in memory on X_pca, markers from the capped cells' rows fetched from the lazy
+          matrix, kb annotation. X is never held in memory, which is how 10^6 cells (7 GB of CSR) fit.
+  embed   read_lazy(path), then embed_batched with the [scale] embed_batch_cells (10,000) and the default encoder:
+          cells tokenised and embedded a batch at a time from the lazy file, so the peak should not grow with the
+          number of cells (only the (cells x d_model) float32 result does). Not in the default modes (10^5 cells take
+          minutes on 2 cores); run it with --modes embed.
 Marker agreement (sizes <= --agreement-max): full Wilcoxon markers on every cell of the memory run vs the capped ones
 (share of each cluster's top-10 found, top gene the same), and the kb labels each gives per cell.
 Prints one table per quantity (seconds, peak GiB) with stages as columns, the growth exponent b of t ~ n^b fitted
@@ -25,7 +30,7 @@ import argparse, json, os, subprocess, sys, threading, time
 for v in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS', 'NUMBA_NUM_THREADS'): os.environ.setdefault(v, '2')
 import warnings; warnings.filterwarnings('ignore')
 
-STAGES = ('read', 'qc', 'normalise', 'hvg', 'pca', 'neighbours', 'leiden', 'markers', 'annotate')
+STAGES = ('read', 'qc', 'normalise', 'hvg', 'pca', 'neighbours', 'leiden', 'markers', 'annotate', 'encoder', 'embed')
 
 class Sampler:
     "Peak RSS (GiB) of this process and its children, per stage."
@@ -91,11 +96,19 @@ def child(n, mode, path, agree):
         cur[:] = [name, now]; S(name)
     t0 = time.perf_counter()
     if mode == 'plain': a = plain(path, tick)
+    elif mode == 'embed':
+        from deepseq_nb.scale import read_lazy, embed_batched, scale_settings
+        from deepseq_nb.encoder import default_encoder
+        tick('read'); a = read_lazy(path)
+        tick('encoder'); enc = default_encoder(progress=False)
+        tick('embed'); embed_batched(a, enc, batch_cells=scale_settings()['embed_batch_cells'])
+        tick('done')
     else:
         from deepseq_nb.scale import run_scaled
-        a = run_scaled(path, dask=mode == 'dask', until='pca' if mode == 'dask' else None, on_stage=tick)
+        a = run_scaled(path, dask=mode == 'dask', on_stage=tick)
     total = time.perf_counter() - t0
-    out = dict(n=n, mode=mode, n_cells=int(a.n_obs), seconds=t, peak_gib=S.peak, total_s=total,
+    out = dict(n=n, mode=mode, n_cells=int(a.n_obs), seconds=t,
+               cells_per_s=a.n_obs / t['embed'] if 'embed' in t else None, peak_gib=S.peak, total_s=total,
                n_clusters=int(a.obs['leiden'].nunique()) if 'leiden' in a.obs else None, peak_all_gib=max(S.peak.values()))
     if agree and mode == 'memory': out['agreement'] = agreement(a)
     print('RESULT ' + json.dumps(out), flush=True)
@@ -144,6 +157,8 @@ def table(rows):
             print(f"{n:>9,} cells: read->PCA dask/memory = {sum(d['seconds'].get(s, 0) for s in pre)/sum(m['seconds'].get(s, 0) for s in pre):.3f}, "
                   f"peak RSS dask/memory = {max(d['peak_gib'].values())/max(m['peak_gib'][s] for s in pre if s in m['peak_gib']):.3f} (read->PCA)")
     for r in rows:
+        if r.get('cells_per_s'):
+            print(f"{r['n']:>9,} cells embedded at {r['cells_per_s']:.0f} cells/s, peak RSS while embedding {r['peak_gib']['embed']:.2f} GiB")
         if 'agreement' in r:
             g = r['agreement']
             print(f"{r['n']:>9,} cells, {r['n_clusters']} clusters: capped vs full markers: top-10 overlap {g['overlap']:.3f} (min {g['overlap_min']:.2f}), "
@@ -153,15 +168,19 @@ def table(rows):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--sizes', nargs='+', type=int, default=[10**4, 10**5, 10**6])
-    p.add_argument('--modes', nargs='+', default=['plain', 'memory'], choices=['plain', 'memory', 'dask'])
+    p.add_argument('--modes', nargs='+', default=['plain', 'memory'], choices=['plain', 'memory', 'dask', 'embed'])
     p.add_argument('--dask', action='store_true', help='add the dask mode')
     p.add_argument('--plain-max', type=int, default=10**5, help='largest size run in plain mode (its dense scale needs cells x 2000 x 4 B more)')
     p.add_argument('--agreement-max', type=int, default=10**5, help='largest size with full-vs-capped marker agreement')
     p.add_argument('--workdir', default='/tmp/deepseq_scale')
     p.add_argument('--json', help='append each result as a JSON line to this file')
+    p.add_argument('--table', nargs='+', metavar='JSONL', help='print the tables of results saved with --json (several runs together) and exit')
     p.add_argument('--child', nargs=4, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child: return child(int(a.child[0]), a.child[1], a.child[2], a.child[3] == '1')
+    if a.table:
+        rows = [json.loads(l) for f in a.table for l in open(f) if l.strip()]
+        return table(sorted(rows, key=lambda r: (r['n'], ['plain', 'memory', 'dask', 'embed'].index(r['mode']))))
     os.makedirs(a.workdir, exist_ok=True)
     modes = list(dict.fromkeys(a.modes + (['dask'] if a.dask else [])))
     rows = []

@@ -26,11 +26,12 @@ from .cluster import leiden, top_markers, markers_by_cluster
 # %% auto #0
 __all__ = ['SCALE_DEFAULTS', 'STAGES', 'scale_settings', 'synthetic_counts', 'read_lazy', 'dask_client', 'qc_flags',
            'drop_failed', 'normalise', 'as_dask', 'highly_variable', 'gene_moments', 'scaled_for_pca', 'blockwise_pca',
-           'sparse_pca', 'capped_indices', 'rank_genes_capped', 'marker_agreement', 'embed_batched', 'run_scaled']
+           'sparse_pca', 'KNNGraph', 'capped_indices', 'rank_genes_capped', 'marker_agreement', 'embed_batched',
+           'run_scaled']
 
 # %% ../nbs/17_scale.ipynb #76ef8ba9
 SCALE_DEFAULTS = dict(chunk_cells=50_000, address='', n_workers=2, threads_per_worker=1, memory_limit='6GiB',
-                      max_cells_per_cluster=1000, embed_batch_cells=10_000)
+                      max_cells_per_cluster=1000, embed_batch_cells=10_000, knn_method='auto', knn_exact_max=200_000)
 
 def scale_settings(settings=None, # a `Settings` (default: `load_settings()`)
                   )->dict:
@@ -460,6 +461,80 @@ def sparse_pca(adata:ad.AnnData, *, n_comps:int=40, # principal components
     adata.uns['pca'] = dict(variance=var, variance_ratio=ratio, params=dict(zero_center=True, use_highly_variable=bool(use_highly_variable),
                             scale=scale, max_value=max_value, n_genes=int(mask.sum()), zero_clipped_genes=int(len(zc)), solver='blockwise_covariance'))
 
+# %% ../nbs/17_scale.ipynb #b192235b
+from fastcore.basics import patch
+from sklearn.base import BaseEstimator, TransformerMixin
+
+class KNNGraph(TransformerMixin, BaseEstimator):
+    "k nearest neighbours as the sparse distance matrix `sc.pp.neighbors(transformer=...)` takes: exact (faiss) or NN-descent."
+    def __init__(self, n_neighbors:int=15, # neighbours per cell, the cell itself included (as scanpy counts them)
+                 method:str='auto', # 'auto' (exact below exact_max cells, NN-descent from it), 'exact' or 'nndescent'
+                 exact_max:int=200_000, # cells from which 'auto' uses NN-descent
+                 recall_sample:int=1000, # cells whose neighbours are also found exactly to measure an approximate graph
+                 seed:int=0, n_threads:int=2, batch_cells:int=100_000, # NN-descent / sample seed; threads; cells searched at a time
+                ):
+        self.n_neighbors, self.method, self.exact_max, self.recall_sample = n_neighbors, method, exact_max, recall_sample
+        self.seed, self.n_threads, self.batch_cells = seed, n_threads, batch_cells
+
+# %% ../nbs/17_scale.ipynb #b33cad23
+def _self_first(I:np.ndarray, D:np.ndarray, rows:np.ndarray, k:int)->tuple:
+    "Each row's own id first at distance 0, then its k−1 nearest other ids (itself and missing hits (−1) dropped)."
+    other = (I != rows[:, None]) & (I >= 0)
+    order = np.argsort(~other, axis=1, kind='stable')[:, :k - 1]
+    I, D = np.take_along_axis(I, order, 1), np.take_along_axis(D, order, 1)
+    return np.hstack([rows[:, None], I]), np.hstack([np.zeros((len(rows), 1), D.dtype), D])
+
+def _exact_knn(X:np.ndarray, Q:np.ndarray, rows:np.ndarray, k:int, batch_cells:int)->tuple:
+    "Exact neighbours in X (faiss, squared L2 → Euclidean) of the query cells Q = X[rows], itself first."
+    import faiss
+    flat = faiss.IndexFlatL2(X.shape[1]); flat.add(X)
+    I, D = np.empty((len(Q), k), np.int64), np.empty((len(Q), k), np.float32)
+    for s in range(0, len(Q), batch_cells):
+        d2, ix = flat.search(Q[s:s + batch_cells], min(k + 1, len(X)))
+        I[s:s + len(ix)], D[s:s + len(ix)] = _self_first(ix, np.sqrt(np.maximum(d2, 0)), rows[s:s + len(ix)], k)
+    return I, D
+
+def _nndescent_knn(X:np.ndarray, k:int, seed:int, n_threads:int)->tuple:
+    "NN-descent neighbour graph (pynndescent, scanpy's parameters), without building a search index."
+    from pynndescent import NNDescent
+    n = len(X)
+    nd = NNDescent(X, n_neighbors=k + 1, metric='euclidean', n_trees=min(64, 5 + round(n ** 0.5 / 20)), n_iters=max(5, round(np.log2(n))),
+                   max_candidates=60, low_memory=True, n_jobs=n_threads, random_state=seed, compressed=False, verbose=False)
+    I, D = nd.neighbor_graph
+    return _self_first(I.astype(np.int64), D.astype(np.float32), np.arange(n), k)
+
+# %% ../nbs/17_scale.ipynb #60e1a42a
+@patch
+def fit_transform(self:KNNGraph, X, y=None)->sp.csr_matrix:
+    "The kNN distance graph of the cells `X` (cells × components) as CSR: each row itself, then its neighbours by distance."
+    from deepseq_nb.memory import set_threads
+    if self.method not in ('auto', 'exact', 'nndescent'): raise ValueError(f"method must be 'auto', 'exact' or 'nndescent'; got {self.method!r}.")
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    n, k = len(X), min(self.n_neighbors, len(X))
+    set_threads(self.n_threads)
+    self.method_ = self.method if self.method != 'auto' else ('nndescent' if n >= self.exact_max else 'exact')
+    if self.method_ == 'exact': I, D = _exact_knn(X, X, np.arange(n), k, self.batch_cells)
+    else: I, D = _nndescent_knn(X, k, self.seed, self.n_threads)
+    self.recall_ = 1.0 if self.method_ == 'exact' else _knn_recall(X, I, self.recall_sample, self.seed, self.batch_cells)
+    return sp.csr_matrix((D.ravel(), I.ravel(), np.arange(0, n * k + 1, k)), shape=(n, n))
+
+def _knn_recall(X:np.ndarray, I:np.ndarray, n_sample:int, seed:int, batch_cells:int)->float:
+    "Share of the exact k−1 nearest other cells that `I` found, on a seeded sample of cells."
+    if not n_sample: return float('nan')
+    rows = np.sort(np.random.default_rng(seed).choice(len(X), min(n_sample, len(X)), replace=False))
+    exact, _ = _exact_knn(X, X[rows], rows, I.shape[1], batch_cells)
+    return float(np.mean([len(np.intersect1d(a[1:], b[1:])) / max(I.shape[1] - 1, 1) for a, b in zip(I[rows], exact)]))
+
+@patch
+def fit(self:KNNGraph, X, y=None)->KNNGraph:
+    "Compute the graph of `X` (scanpy only calls `fit_transform`)."
+    self.graph_ = self.fit_transform(X); return self
+
+@patch
+def transform(self:KNNGraph, X)->sp.csr_matrix:
+    "The kNN graph of the cells `X` themselves (the graph is always of the cells given, so this is `fit_transform`)."
+    return self.fit_transform(X)
+
 # %% ../nbs/17_scale.ipynb #4e9fce32
 def capped_indices(labels, # cluster of each cell
                    max_cells:int=1000, # most cells drawn per cluster (0: all)
@@ -561,15 +636,18 @@ def _load_input(data, dask_:bool, chunk_cells:int, copy:bool)->tuple:
         return a, not copy
     return (read_lazy(data, chunk_cells=chunk_cells) if dask_ else read(data)), False
 
-def _preprocess(a:ad.AnnData, P:dict, tick)->ad.AnnData:
-    "QC → normalisation → HVG → PCA (in memory or on Dask)."
-    tick('qc')
+def _preprocess(a:ad.AnnData, P:dict, tick)->tuple:
+    "QC → normalisation → HVG → PCA (in memory or on Dask); the AnnData, and whether `tick` said to stop."
+    if tick('qc'): return a, True
     qc_flags(a, strategy=P['strategy'], min_genes=P['min_genes'], smooth_frac=P['smooth_frac'], sensitivity=P['sensitivity'])
     a = drop_failed(a, min_cells=P['min_cells'])
-    tick('normalise'); normalise(a, target_sum=P['target_sum'])
-    tick('hvg'); highly_variable(a, n_top_genes=P['n_top_genes'], chunk_cells=P['chunk_cells'])
-    tick('pca'); sparse_pca(a, n_comps=P['n_pcs'], chunk_cells=P['chunk_cells'])
-    return a
+    if tick('normalise'): return a, True
+    normalise(a, target_sum=P['target_sum'])
+    if tick('hvg'): return a, True
+    highly_variable(a, n_top_genes=P['n_top_genes'], chunk_cells=P['chunk_cells'])
+    if tick('pca'): return a, True
+    sparse_pca(a, n_comps=P['n_pcs'], chunk_cells=P['chunk_cells'])
+    return a, False
 
 # %% ../nbs/17_scale.ipynb #d9f824ff
 def run_scaled(data:ad.AnnData|str|Path, # counts: an AnnData, or a path (.h5ad / 10x .h5 lazily with dask; any `read` format without)
@@ -600,9 +678,11 @@ def run_scaled(data:ad.AnnData|str|Path, # counts: an AnnData, or a path (.h5ad 
                       memory_limit=P['memory_limit']) if dask else contextlib.nullcontext()):
         tick('read')
         a, inplace = _load_input(data, dask, P['chunk_cells'], copy)
-        a = _preprocess(a, P, tick)
-        if not tick('neighbours'):
-            sc.pp.neighbors(a, n_neighbors=P['n_neighbors'], use_rep='X_pca', random_state=P['seed'])
+        a, stop = _preprocess(a, P, tick)
+        if not stop and not tick('neighbours'):
+            knn = KNNGraph(P['n_neighbors'], method=P['knn_method'], exact_max=P['knn_exact_max'], seed=P['seed'], n_threads=P['n_threads'])
+            sc.pp.neighbors(a, use_rep='X_pca', transformer=knn)
+            a.uns['neighbors']['params'].update(knn_method=knn.method_, knn_recall=knn.recall_)
             if not tick('leiden'):
                 leiden(a, resolution=P['resolution'], flavor=P['leiden_flavor'], n_iterations=P['n_iterations'], seed=P['seed'])
                 if not tick('markers'):

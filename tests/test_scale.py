@@ -4,7 +4,7 @@ import numpy as np, pandas as pd, pytest, scipy.sparse as sp, h5py
 import anndata as ad, scanpy as sc, dask, dask.array as da
 import deepseq_nb.scale as S
 from deepseq_nb.scale import (synthetic_counts, read_lazy, dask_client, qc_flags, drop_failed, normalise, highly_variable,
-                              sparse_pca, rank_genes_capped, marker_agreement, capped_indices, embed_batched, run_scaled)
+                              sparse_pca, rank_genes_capped, marker_agreement, capped_indices, embed_batched, run_scaled, KNNGraph)
 from deepseq_nb.data import load_dataset
 
 warnings.filterwarnings('ignore')
@@ -166,9 +166,53 @@ def test_run_scaled_end_to_end(h5):
     seen = []
     from distributed import LocalCluster
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cl:  # a cluster given by address
-        d = run_scaled(p, dask=True, address=cl.scheduler_address, until='pca', n_top_genes=800, n_pcs=15, on_stage=seen.append)
+        d = run_scaled(p, dask=True, address=cl.scheduler_address, max_cells_per_cluster=100, n_top_genes=800, n_pcs=15,
+                       on_stage=seen.append)
         assert cl.status.name == 'running'  # a cluster given by address is left running
-    assert seen == ['read', 'qc', 'normalise', 'hvg', 'pca', 'neighbours', 'done'] and 'leiden' not in d.obs
+    assert seen == list(S.STAGES) + ['done'] and isinstance(d.X, da.Array)  # end to end without loading X
     assert d.uns['scale']['dask'] and d.uns['scale']['address'].startswith('inproc://') and d.n_obs == a.n_obs
     assert pc_corr(a.obsm['X_pca'], d.obsm['X_pca']).min() > 0.9999
+    from sklearn.metrics import adjusted_rand_score
+    assert adjusted_rand_score(a.obs.leiden, d.obs.leiden) > 0.9
+    assert (a.obs.deepseq_label.astype(str).to_numpy() == d.obs.deepseq_label.astype(str).to_numpy()).mean() > 0.9
+    seen.clear(); e = run_scaled(p, until='hvg', n_top_genes=800, on_stage=seen.append)
+    assert seen == ['read', 'qc', 'normalise', 'hvg', 'pca', 'done'] and 'X_pca' not in e.obsm and e.var.highly_variable.sum() == 800
     with pytest.raises(ValueError, match='until must be one of'): run_scaled(p, until='umap')
+
+def _blobs(n=3000, d=20, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, d)) + 6 * rng.normal(size=(12, d))[rng.integers(0, 12, n)]).astype(np.float32)
+
+def test_knn_graph_exact_matches_sklearn_and_scanpy_reads_it_fast():
+    from sklearn.neighbors import NearestNeighbors
+    X = _blobs()
+    t = KNNGraph(10, method='exact')
+    G = t.fit_transform(X)
+    assert t.method_ == 'exact' and t.recall_ == 1.0 and G.shape == (3000, 3000) and (G.getnnz(1) == 10).all()
+    I, D = G.indices.reshape(3000, 10), G.data.reshape(3000, 10)
+    assert (I[:, 0] == np.arange(3000)).all() and (D[:, 0] == 0).all()
+    assert (np.diff(D, axis=1) >= -1e-5).all()  # distance order inside each row
+    d, ref = NearestNeighbors(n_neighbors=10).fit(X).kneighbors(X)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I, ref)]) > 0.999
+    assert np.allclose(D, d, atol=1e-3)
+    a = ad.AnnData(np.zeros((3000, 1), np.float32), obsm={'X_pca': X})
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', RuntimeWarning)  # scanpy warns when it must fall back to its slow row loop
+        sc.pp.neighbors(a, use_rep='X_pca', transformer=KNNGraph(10, method='exact'))
+    assert (np.asarray((a.obsp['distances'] > 0).sum(1)).ravel() == 9).all() and a.uns['neighbors']['params']['n_neighbors'] == 10
+
+def test_knn_graph_puts_each_cell_first_even_with_duplicates():
+    X = _blobs(500); X[1] = X[0]; X[2] = X[0]
+    I = KNNGraph(5, method='exact').fit_transform(X).indices.reshape(500, 5)
+    assert (I[:, 0] == np.arange(500)).all()
+    assert set(I[0, 1:3]) == {1, 2} and set(I[1, 1:3]) == {0, 2} and len(set(I[0])) == 5
+
+def test_knn_graph_nndescent_reports_its_recall():
+    X = _blobs(20_000, d=30)
+    nd = KNNGraph(15, method='nndescent', seed=0); G = nd.fit_transform(X)
+    assert nd.method_ == 'nndescent' and 0.9 < nd.recall_ <= 1 and (G.indices.reshape(-1, 15)[:, 0] == np.arange(20_000)).all()
+    ex = KNNGraph(15, method='exact').fit_transform(X)
+    found = np.mean([len(np.intersect1d(a, b)) - 1 for a, b in zip(G.indices.reshape(-1, 15), ex.indices.reshape(-1, 15))]) / 14
+    assert abs(found - nd.recall_) < 0.03  # the sampled recall estimates the recall over every cell
+    assert KNNGraph(15, exact_max=1000).fit(X).method_ == 'nndescent' and KNNGraph(15).fit(X).method_ == 'exact'
+    with pytest.raises(ValueError, match="method must be"): KNNGraph(15, method='ivf').fit(X)
