@@ -13,15 +13,15 @@ Modes:
           >= 200 genes, normalize_total + log1p (counts kept in a layer), seurat HVG, densifying sc.pp.scale +
           arpack PCA, neighbours, Leiden, Wilcoxon markers on every cell (no annotation).
   memory  run_scaled(path) in memory: copy-free normalisation, chunked HVG, sparse blockwise PCA, neighbours, Leiden,
-          Wilcoxon markers from <= max_cells_per_cluster cells per cluster, kb annotation.
+          Wilcoxon markers from a uniform sample of [scale] marker_cells cells (>= marker_min_cells per cluster), kb annotation.
   dask    run_scaled(path, dask=True): lazy read, QC -> PCA on a LocalCluster (2 worker processes, 1 thread each);
-          then neighbours and Leiden in memory on X_pca, markers from the capped cells' rows fetched from the lazy
+          then neighbours and Leiden in memory on X_pca, markers from the sampled cells' rows fetched from the lazy
           matrix, kb annotation. X is never held in memory, which is how 10^6 cells (7 GB of CSR) fit.
   embed   read_lazy(path), then embed_batched with the [scale] embed_batch_cells (10,000) and the default encoder:
           cells tokenised and embedded a batch at a time from the lazy file, so the peak should not grow with the
           number of cells (only the (cells x d_model) float32 result does). Not in the default modes (10^5 cells take
           minutes on 2 cores); run it with --modes embed.
-Marker agreement (sizes <= --agreement-max): full Wilcoxon markers on every cell of the memory run vs the capped ones
+Marker agreement (sizes <= --agreement-max): full Wilcoxon markers on every cell of the memory run vs the sampled ones
 (share of each cluster's top-10 found, top gene the same), and the kb labels each gives per cell.
 Prints one table per quantity (seconds, peak GiB) with stages as columns, the growth exponent b of t ~ n^b fitted
 per stage over the sizes run (log-log least squares), the ratio memory/plain of the totals, and the agreement.
@@ -73,18 +73,27 @@ def plain(path, tick):
     tick('done'); return a
 
 def agreement(a):
-    "Capped vs full markers, and the kb labels from each."
-    from deepseq_nb.scale import rank_genes_capped, marker_agreement
+    "Sampled vs full markers, and the kb labels from each; a second seed of the sample as the noise floor."
+    from deepseq_nb.scale import rank_genes_sampled, marker_agreement
     from deepseq_nb.annotate import annotate
-    capped = a.uns['markers']['table']
-    t0 = time.perf_counter(); full = rank_genes_capped(a, 'leiden', max_cells=0, key_added='markers_full'); t_full = time.perf_counter() - t0
-    ag = marker_agreement(full, capped, n_genes=10)
-    a.uns['markers'] = a.uns['markers_full']
-    annotate(a, groupby='leiden', backend='kb', key_added='full')
-    same = float((a.obs['full_label'].astype(str) == a.obs['deepseq_label'].astype(str)).mean())
+    sampled, P = a.uns['markers'], a.uns['markers']['params']
+    t0 = time.perf_counter(); full = rank_genes_sampled(a, 'leiden', n_cells=0, key_added='markers_full'); t_full = time.perf_counter() - t0
+    rank_genes_sampled(a, 'leiden', n_cells=P['n_cells'], min_cells=P['min_cells'], seed=P['seed'] + 1, key_added='markers_seed2')
+    ag = marker_agreement(full, sampled['table'], n_genes=10)
+    labels = {}
+    for k in ('markers_full', 'markers_seed2'):
+        a.uns['markers'] = a.uns[k]; annotate(a, groupby='leiden', backend='kb', key_added=k)
+        labels[k] = a.uns[k]['table'].set_index('cluster')['label']
+    a.uns['markers'] = sampled
+    mine, size = a.uns['deepseq']['table'].set_index('cluster')['label'], a.obs['leiden'].astype(str).value_counts()
+    def same(other):
+        eq = (mine == other.reindex(mine.index))
+        return float(eq.mean()), float(size.reindex(eq.index[eq].astype(str)).sum() / size.sum())
+    (lc, lz), (sc_, sz) = same(labels['markers_full']), same(labels['markers_seed2'])
     return dict(full_markers_s=t_full, overlap=float(ag['overlap'].mean()), overlap_min=float(ag['overlap'].min()),
-                top1_same=float(ag['top1_same'].mean()), label_same_cells=same,
-                label_same_clusters=float((a.uns['full']['table'].set_index('cluster')['label'] == a.uns['deepseq']['table'].set_index('cluster')['label']).mean()))
+                top1_same=float(ag['top1_same'].mean()), label_same_clusters=lc, label_same_cells=lz,
+                seed_overlap=float(marker_agreement(a.uns['markers_seed2']['table'], sampled['table'], n_genes=10)['overlap'].mean()),
+                seed_label_same_clusters=sc_, seed_label_same_cells=sz, n_cells_used=int(P['n_cells_used']))
 
 def child(n, mode, path, agree):
     import scanpy as sc; sc.settings.n_jobs = 2
@@ -161,9 +170,13 @@ def table(rows):
             print(f"{r['n']:>9,} cells embedded at {r['cells_per_s']:.0f} cells/s, peak RSS while embedding {r['peak_gib']['embed']:.2f} GiB")
         if 'agreement' in r:
             g = r['agreement']
-            print(f"{r['n']:>9,} cells, {r['n_clusters']} clusters: capped vs full markers: top-10 overlap {g['overlap']:.3f} (min {g['overlap_min']:.2f}), "
-                  f"top gene same {g['top1_same']:.3f}; kb label same in {g['label_same_clusters']:.3f} of clusters, {g['label_same_cells']:.3f} of cells; "
-                  f"full markers took {g['full_markers_s']:.1f} s vs capped {r['seconds'].get('markers', float('nan')):.1f} s")
+            used = f"sampled ({g['n_cells_used']:,} cells drawn)" if 'n_cells_used' in g else 'capped per cluster (before 2026-11-23)'
+            print(f"{r['n']:>9,} cells, {r['n_clusters']} clusters: {used} vs full markers: top-10 overlap {g['overlap']:.3f} "
+                  f"(min {g['overlap_min']:.2f}), top gene same {g['top1_same']:.3f}; kb label same in {g['label_same_clusters']:.3f} of clusters, "
+                  f"{g['label_same_cells']:.3f} of cells; full markers took {g['full_markers_s']:.1f} s vs {r['seconds'].get('markers', float('nan')):.1f} s sampled")
+            if 'seed_overlap' in g:
+                print(f"{'':>9}  noise floor, a second seed of the sample vs the first: top-10 overlap {g['seed_overlap']:.3f}; kb label same in "
+                      f"{g['seed_label_same_clusters']:.3f} of clusters, {g['seed_label_same_cells']:.3f} of cells")
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -171,7 +184,7 @@ def main():
     p.add_argument('--modes', nargs='+', default=['plain', 'memory'], choices=['plain', 'memory', 'dask', 'embed'])
     p.add_argument('--dask', action='store_true', help='add the dask mode')
     p.add_argument('--plain-max', type=int, default=10**5, help='largest size run in plain mode (its dense scale needs cells x 2000 x 4 B more)')
-    p.add_argument('--agreement-max', type=int, default=10**5, help='largest size with full-vs-capped marker agreement')
+    p.add_argument('--agreement-max', type=int, default=10**5, help='largest size with full-vs-sampled marker agreement')
     p.add_argument('--workdir', default='/tmp/deepseq_scale')
     p.add_argument('--json', help='append each result as a JSON line to this file')
     p.add_argument('--table', nargs='+', metavar='JSONL', help='print the tables of results saved with --json (several runs together) and exit')

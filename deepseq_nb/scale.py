@@ -1,4 +1,4 @@
-"""A million cells on one machine and Dask beyond it: synthetic data at any size, lazy reading, QC → normalisation → HVG → PCA on Dask or in memory without densifying, capped markers, batched embedding, and a memory-bounded end-to-end run.
+"""A million cells on one machine and Dask beyond it: synthetic data at any size, lazy reading, QC → normalisation → HVG → PCA on Dask or in memory without densifying, markers from a sample of cells, batched embedding, and a memory-bounded end-to-end run.
 
 Docs: https://deepseq-nb.github.io/deepseq_nb/scale.html.md"""
 
@@ -26,12 +26,12 @@ from .cluster import leiden, top_markers, markers_by_cluster
 # %% auto #0
 __all__ = ['SCALE_DEFAULTS', 'STAGES', 'scale_settings', 'synthetic_counts', 'read_lazy', 'dask_client', 'qc_flags',
            'drop_failed', 'normalise', 'as_dask', 'highly_variable', 'gene_moments', 'scaled_for_pca', 'blockwise_pca',
-           'sparse_pca', 'KNNGraph', 'capped_indices', 'rank_genes_capped', 'marker_agreement', 'embed_batched',
+           'sparse_pca', 'KNNGraph', 'sample_indices', 'rank_genes_sampled', 'marker_agreement', 'embed_batched',
            'run_scaled']
 
 # %% ../nbs/17_scale.ipynb #76ef8ba9
 SCALE_DEFAULTS = dict(chunk_cells=50_000, address='', n_workers=2, threads_per_worker=1, memory_limit='6GiB',
-                      max_cells_per_cluster=1000, embed_batch_cells=10_000, knn_method='auto', knn_exact_max=200_000)
+                      marker_cells=50_000, marker_min_cells=200, embed_batch_cells=10_000, knn_method='auto', knn_exact_max=200_000)
 
 def scale_settings(settings=None, # a `Settings` (default: `load_settings()`)
                   )->dict:
@@ -536,28 +536,32 @@ def transform(self:KNNGraph, X)->sp.csr_matrix:
     return self.fit_transform(X)
 
 # %% ../nbs/17_scale.ipynb #4e9fce32
-def capped_indices(labels, # cluster of each cell
-                   max_cells:int=1000, # most cells drawn per cluster (0: all)
+def sample_indices(labels, # cluster of each cell
+                   n_cells:int=50_000, # cells to draw in all, at the same rate from every cluster (0: all)
+                   min_cells:int=200, # at least this many of each cluster (all of a smaller one)
                    seed:int=0)->np.ndarray:
-    "Sorted row indices of at most `max_cells` cells per cluster, drawn without replacement."
+    "Sorted row indices of a uniform sample of about `n_cells` cells, with at least `min_cells` of each cluster."
     lab = pd.Series(np.asarray(labels)).astype(str)
-    if not max_cells: return np.arange(len(lab))
-    rng = np.random.default_rng(seed)
-    out = [rng.choice(ix, max_cells, replace=False) if len(ix) > max_cells else ix
-           for _, ix in sorted(lab.groupby(lab, sort=True).indices.items())]
+    if not n_cells or n_cells >= len(lab): return np.arange(len(lab))
+    rng, rate = np.random.default_rng(seed), n_cells / len(lab)
+    out = []
+    for _, ix in sorted(lab.groupby(lab, sort=True).indices.items()):
+        k = min(len(ix), max(min_cells, int(round(rate * len(ix)))))
+        out.append(rng.choice(ix, k, replace=False) if k < len(ix) else ix)
     return np.sort(np.concatenate(out)) if out else np.array([], int)
 
-# %% ../nbs/17_scale.ipynb #010149a0
-def rank_genes_capped(adata:ad.AnnData, groupby:str='leiden', # obs column of clusters
-                      *, max_cells:int=1000, # most cells per cluster (0: every cell, the full computation)
-                      seed:int=0, # seed of the draw (and of logreg)
-                      n_genes:int=10, method:str='wilcoxon', # see `top_markers`
-                      key_added:str|None='markers', # uns key of the table (as `top_markers`)
-                      **kwargs, # further `top_markers` arguments (only_positive, exclude_pattern)
-                     )->pd.DataFrame:
-    "`top_markers` on at most `max_cells` cells per cluster: the marker table, also stored in `uns[key_added]`."
+# %% ../nbs/17_scale.ipynb #b74ab8bb
+def rank_genes_sampled(adata:ad.AnnData, groupby:str='leiden', # obs column of clusters
+                       *, n_cells:int=50_000, # cells drawn (see `sample_indices`; 0: every cell, the full computation)
+                       min_cells:int=200, # at least this many per cluster
+                       seed:int=0, # seed of the draw (and of logreg)
+                       n_genes:int=10, method:str='wilcoxon', # see `top_markers`
+                       key_added:str|None='markers', # uns key of the table (as `top_markers`)
+                       **kwargs, # further `top_markers` arguments (only_positive, exclude_pattern)
+                      )->pd.DataFrame:
+    "`top_markers` on a uniform sample of `n_cells` cells: the marker table, also stored in `uns[key_added]`."
     if groupby not in adata.obs: raise KeyError(f"obs has no column {groupby!r}; cluster first or pass groupby=.")
-    idx = capped_indices(adata.obs[groupby], max_cells, seed)
+    idx = sample_indices(adata.obs[groupby], n_cells, min_cells, seed)
     X = adata.X[idx]
     X = X.compute() if _is_dask(X) else X
     obs = adata.obs[[groupby]].iloc[idx].copy()
@@ -566,16 +570,16 @@ def rank_genes_capped(adata:ad.AnnData, groupby:str='leiden', # obs column of cl
     sub = ad.AnnData(sp.csr_matrix(X), obs=obs, var=pd.DataFrame(index=adata.var_names), uns={'x_is': adata.uns.get('x_is', 'lognorm')})
     df = top_markers(sub, groupby=groupby, n_genes=n_genes, method=method, seed=seed, key_added='markers', **kwargs)
     if key_added:
-        adata.uns[key_added] = {'table': df, 'params': {**sub.uns['markers']['params'], 'max_cells': int(max_cells), 'seed': int(seed),
-                                                        'n_cells_used': int(len(idx))}}
+        adata.uns[key_added] = {'table': df, 'params': {**sub.uns['markers']['params'], 'n_cells': int(n_cells), 'min_cells': int(min_cells),
+                                                        'seed': int(seed), 'n_cells_used': int(len(idx))}}
     return df
 
 # %% ../nbs/17_scale.ipynb #7e15bcac
-def marker_agreement(full:pd.DataFrame, capped:pd.DataFrame, # `top_markers` tables: all cells and capped
+def marker_agreement(full:pd.DataFrame, sampled:pd.DataFrame, # `top_markers` tables: all cells and a sample
                      n_genes:int|None=None, # compare the top n of each (None: all rows)
                     )->pd.DataFrame:
     "Per cluster: overlap of the top-n marker sets (share of the full set found) and whether the top gene agrees."
-    F, C = markers_by_cluster(full), markers_by_cluster(capped)
+    F, C = markers_by_cluster(full), markers_by_cluster(sampled)
     rows = []
     for c, g in F.items():
         f, k = g[:n_genes], C.get(c, [])[:n_genes]
@@ -658,7 +662,7 @@ def run_scaled(data:ad.AnnData|str|Path, # counts: an AnnData, or a path (.h5ad 
                until:str|None=None, # stop after this stage (one of `STAGES`)
                on_stage=None, # called with each stage's name as it starts, and 'done'
                copy:bool=False, # with an AnnData: work on a copy and return it
-               **overrides, # settings values that win (min_genes, n_top_genes, n_pcs, resolution, max_cells_per_cluster, ...)
+               **overrides, # settings values that win (min_genes, n_top_genes, n_pcs, resolution, marker_cells, ...)
               )->ad.AnnData|None:
     "QC → markers (and kb annotation) on up to 10^6+ cells with bounded memory; seconds per stage in `uns['scale']`."
     from deepseq_nb.config import load_settings, set_seed
@@ -686,8 +690,9 @@ def run_scaled(data:ad.AnnData|str|Path, # counts: an AnnData, or a path (.h5ad 
             if not tick('leiden'):
                 leiden(a, resolution=P['resolution'], flavor=P['leiden_flavor'], n_iterations=P['n_iterations'], seed=P['seed'])
                 if not tick('markers'):
-                    rank_genes_capped(a, 'leiden', max_cells=P['max_cells_per_cluster'], seed=P['seed'], n_genes=P['n_genes'],
-                                      method=P['method'], only_positive=P['only_positive'], exclude_pattern=P['exclude_pattern'])
+                    rank_genes_sampled(a, 'leiden', n_cells=P['marker_cells'], min_cells=P['marker_min_cells'], seed=P['seed'],
+                                       n_genes=P['n_genes'], method=P['method'], only_positive=P['only_positive'],
+                                       exclude_pattern=P['exclude_pattern'])
                     if annotate and not tick('annotate'):
                         from deepseq_nb.annotate import annotate as _annotate
                         _annotate(a, groupby='leiden', backend=backend, settings=S)

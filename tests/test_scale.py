@@ -1,10 +1,10 @@
-"Scaling: the Dask path equals the in-memory one, lazy reading, the Dask client, capped markers, sparse PCA, batched embedding."
+"Scaling: the Dask path equals the in-memory one, lazy reading, the Dask client, sampled markers, sparse PCA, batched embedding."
 import warnings
 import numpy as np, pandas as pd, pytest, scipy.sparse as sp, h5py
 import anndata as ad, scanpy as sc, dask, dask.array as da
 import deepseq_nb.scale as S
 from deepseq_nb.scale import (synthetic_counts, read_lazy, dask_client, qc_flags, drop_failed, normalise, highly_variable,
-                              sparse_pca, rank_genes_capped, marker_agreement, capped_indices, embed_batched, run_scaled, KNNGraph)
+                              sparse_pca, rank_genes_sampled, marker_agreement, sample_indices, embed_batched, run_scaled, KNNGraph)
 from deepseq_nb.data import load_dataset
 
 warnings.filterwarnings('ignore')
@@ -125,25 +125,28 @@ def test_bad_address_errors_clearly():
     with pytest.raises(ConnectionError, match=r'No Dask scheduler answered at tcp://127.0.0.1:9 within 1 s'):
         with dask_client('tcp://127.0.0.1:9', timeout=1): pass
 
-def test_capped_markers_agree_with_full():
+def test_sampled_markers_agree_with_full():
     pb = load_dataset('pbmc3k'); normalise(pb)
-    idx = capped_indices(pb.obs.cell_type, 150, seed=0)
-    counts = pb.obs.cell_type.iloc[idx].value_counts()
-    assert counts.max() == 150 and counts.min() == pb.obs.cell_type.value_counts().min()  # small types keep every cell
-    full = rank_genes_capped(pb, 'cell_type', max_cells=0, key_added=None)
-    capped = rank_genes_capped(pb, 'cell_type', max_cells=150)
-    ag = marker_agreement(full, capped, n_genes=10)
-    assert len(ag) == 9 and ag.overlap.mean() >= 0.85 and ag.overlap.min() >= 0.8 and ag.top1_same.mean() >= 0.4, ag
-    assert pb.uns['markers']['params']['n_cells_used'] == len(idx) and pb.uns['markers']['params']['max_cells'] == 150
-    assert np.array_equal(capped_indices(pb.obs.cell_type, 150, seed=0), idx)  # seeded
+    idx = sample_indices(pb.obs.cell_type, 1000, min_cells=30, seed=0)
+    n, got = pb.obs.cell_type.value_counts(), pb.obs.cell_type.iloc[idx].value_counts()
+    big = n[n * 1000 / pb.n_obs >= 30].index  # drawn at the common rate
+    assert np.allclose(got[big] / n[big], 1000 / pb.n_obs, atol=0.005)  # the same rate for every cluster
+    assert (got[n.index.difference(big)] == n.clip(upper=30)[n.index.difference(big)]).all()  # the floor (all of a tiny one)
+    full = rank_genes_sampled(pb, 'cell_type', n_cells=0, key_added=None)
+    sampled = rank_genes_sampled(pb, 'cell_type', n_cells=1000, min_cells=30)
+    ag = marker_agreement(full, sampled, n_genes=10)
+    assert len(ag) == 9 and ag.overlap.mean() >= 0.85 and ag.overlap.min() >= 0.7 and ag.top1_same.mean() >= 0.4, ag
+    assert pb.uns['markers']['params']['n_cells_used'] == len(idx) and pb.uns['markers']['params']['n_cells'] == 1000
+    assert np.array_equal(sample_indices(pb.obs.cell_type, 1000, min_cells=30, seed=0), idx)  # seeded
+    assert len(sample_indices(pb.obs.cell_type, 0)) == len(sample_indices(pb.obs.cell_type, 10**6)) == pb.n_obs  # all
 
-def test_capped_markers_read_only_drawn_rows_of_dask(both):
+def test_sampled_markers_read_only_drawn_rows_of_dask(both):
     mem, lz = both
     g = pd.Categorical(np.where(mem.obsm['X_pca'][:, 0] > 0, 'a', 'b'))
     mem.obs['g'] = g; lz.obs['g'] = g
     with dask.config.set(scheduler='threads'):
-        t_lz = rank_genes_capped(lz, 'g', max_cells=200, key_added=None)
-    t_mem = rank_genes_capped(mem, 'g', max_cells=200, key_added=None)
+        t_lz = rank_genes_sampled(lz, 'g', n_cells=400, key_added=None)
+    t_mem = rank_genes_sampled(mem, 'g', n_cells=400, key_added=None)
     pd.testing.assert_frame_equal(t_mem, t_lz)
 
 def test_embed_batched_equals_embed(h5):
@@ -157,16 +160,16 @@ def test_embed_batched_equals_embed(h5):
 def test_run_scaled_end_to_end(h5):
     mem, p = h5
     a = mem.copy()
-    assert run_scaled(a, max_cells_per_cluster=100, n_top_genes=800, n_pcs=15) is None  # in place
+    assert run_scaled(a, marker_cells=500, marker_min_cells=50, n_top_genes=800, n_pcs=15) is None  # in place
     st = a.uns['scale']['stages']
     assert list(st) == list(S.STAGES) and all(v >= 0 for v in st.values())
-    assert a.obs.leiden.nunique() >= 3 and a.uns['markers']['params']['max_cells'] == 100
-    assert a.uns['markers']['params']['n_cells_used'] <= 100 * a.obs.leiden.nunique()
+    assert a.obs.leiden.nunique() >= 3 and a.uns['markers']['params']['n_cells'] == 500
+    assert a.uns['markers']['params']['n_cells_used'] <= 500 + 50 * a.obs.leiden.nunique()
     assert 'deepseq_label' in a.obs and a.obs.deepseq_label.notna().all()
     seen = []
     from distributed import LocalCluster
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cl:  # a cluster given by address
-        d = run_scaled(p, dask=True, address=cl.scheduler_address, max_cells_per_cluster=100, n_top_genes=800, n_pcs=15,
+        d = run_scaled(p, dask=True, address=cl.scheduler_address, marker_cells=500, marker_min_cells=50, n_top_genes=800, n_pcs=15,
                        on_stage=seen.append)
         assert cl.status.name == 'running'  # a cluster given by address is left running
     assert seen == list(S.STAGES) + ['done'] and isinstance(d.X, da.Array)  # end to end without loading X
