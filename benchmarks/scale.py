@@ -78,12 +78,12 @@ def agreement(a):
     from deepseq_nb.annotate import annotate
     sampled, P = a.uns['markers'], a.uns['markers']['params']
     t0 = time.perf_counter(); full = rank_genes_sampled(a, 'leiden', n_cells=0, key_added='markers_full'); t_full = time.perf_counter() - t0
-    rank_genes_sampled(a, 'leiden', n_cells=P['n_cells'], min_cells=P['min_cells'], seed=P['seed'] + 1, key_added='markers_seed2')
+    seed2 = rank_genes_sampled(a, 'leiden', n_cells=P['n_cells'], min_cells=P['min_cells'], seed=P['seed'] + 1, key_added='markers_seed2')
     ag = marker_agreement(full, sampled['table'], n_genes=10)
     labels = {}
-    for k in ('markers_full', 'markers_seed2'):
-        a.uns['markers'] = a.uns[k]; annotate(a, groupby='leiden', backend='kb', key_added=k)
-        labels[k] = a.uns[k]['table'].set_index('cluster')['label']
+    for k in ('markers_full', 'markers_seed2'):  # kb labels from each marker table, stored under labels_full / labels_seed2
+        a.uns['markers'] = a.uns[k]; annotate(a, groupby='leiden', backend='kb', key_added=k.replace('markers', 'labels'))
+        labels[k] = a.uns[k.replace('markers', 'labels')]['table'].set_index('cluster')['label']
     a.uns['markers'] = sampled
     mine, size = a.uns['deepseq']['table'].set_index('cluster')['label'], a.obs['leiden'].astype(str).value_counts()
     def same(other):
@@ -92,7 +92,7 @@ def agreement(a):
     (lc, lz), (sc_, sz) = same(labels['markers_full']), same(labels['markers_seed2'])
     return dict(full_markers_s=t_full, overlap=float(ag['overlap'].mean()), overlap_min=float(ag['overlap'].min()),
                 top1_same=float(ag['top1_same'].mean()), label_same_clusters=lc, label_same_cells=lz,
-                seed_overlap=float(marker_agreement(a.uns['markers_seed2']['table'], sampled['table'], n_genes=10)['overlap'].mean()),
+                seed_overlap=float(marker_agreement(seed2, sampled['table'], n_genes=10)['overlap'].mean()),
                 seed_label_same_clusters=sc_, seed_label_same_cells=sz, n_cells_used=int(P['n_cells_used']))
 
 def child(n, mode, path, agree):
