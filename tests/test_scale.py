@@ -135,7 +135,7 @@ def test_sampled_markers_agree_with_full():
     full = rank_genes_sampled(pb, 'cell_type', n_cells=0, key_added=None)
     sampled = rank_genes_sampled(pb, 'cell_type', n_cells=1000, min_cells=30)
     ag = marker_agreement(full, sampled, n_genes=10)
-    assert len(ag) == 9 and ag.overlap.mean() >= 0.85 and ag.overlap.min() >= 0.7 and ag.top1_same.mean() >= 0.4, ag
+    assert len(ag) == 9 and ag.overlap.mean() >= 0.85 and ag.overlap.min() >= 0.8 and ag.top1_same.mean() >= 0.4, ag
     assert pb.uns['markers']['params']['n_cells_used'] == len(idx) and pb.uns['markers']['params']['n_cells'] == 1000
     assert np.array_equal(sample_indices(pb.obs.cell_type, 1000, min_cells=30, seed=0), idx)  # seeded
     assert len(sample_indices(pb.obs.cell_type, 0)) == len(sample_indices(pb.obs.cell_type, 10**6)) == pb.n_obs  # all
