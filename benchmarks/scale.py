@@ -76,20 +76,19 @@ def agreement(a):
     "Sampled vs full markers, and the kb labels from each; a second seed of the sample as the noise floor."
     from deepseq_nb.scale import rank_genes_sampled, marker_agreement
     from deepseq_nb.annotate import annotate
+    import anndata as ad
     sampled, P = a.uns['markers'], a.uns['markers']['params']
     t0 = time.perf_counter(); full = rank_genes_sampled(a, 'leiden', n_cells=0, key_added='markers_full'); t_full = time.perf_counter() - t0
     seed2 = rank_genes_sampled(a, 'leiden', n_cells=P['n_cells'], min_cells=P['min_cells'], seed=P['seed'] + 1, key_added='markers_seed2')
     ag = marker_agreement(full, sampled['table'], n_genes=10)
-    labels = {}
-    for k in ('markers_full', 'markers_seed2'):  # kb labels from each marker table, stored under labels_full / labels_seed2
-        a.uns['markers'] = a.uns[k]; annotate(a, groupby='leiden', backend='kb', key_added=k.replace('markers', 'labels'))
-        labels[k] = a.uns[k.replace('markers', 'labels')]['table'].set_index('cluster')['label']
-    a.uns['markers'] = sampled
     mine, size = a.uns['deepseq']['table'].set_index('cluster')['label'], a.obs['leiden'].astype(str).value_counts()
-    def same(other):
-        eq = (mine == other.reindex(mine.index))
+    def same(key):
+        "kb labels from the marker table uns[key] (annotating an X-less AnnData that holds it) vs the run's: share of clusters, of cells."
+        b = ad.AnnData(obs=a.obs[['leiden']], uns={'markers': a.uns[key], 'dataset': a.uns.get('dataset', {})})
+        annotate(b, groupby='leiden', backend='kb')
+        eq = mine == b.uns['deepseq']['table'].set_index('cluster')['label'].reindex(mine.index)
         return float(eq.mean()), float(size.reindex(eq.index[eq].astype(str)).sum() / size.sum())
-    (lc, lz), (sc_, sz) = same(labels['markers_full']), same(labels['markers_seed2'])
+    (lc, lz), (sc_, sz) = same('markers_full'), same('markers_seed2')
     return dict(full_markers_s=t_full, overlap=float(ag['overlap'].mean()), overlap_min=float(ag['overlap'].min()),
                 top1_same=float(ag['top1_same'].mean()), label_same_clusters=lc, label_same_cells=lz,
                 seed_overlap=float(marker_agreement(seed2, sampled['table'], n_genes=10)['overlap'].mean()),
