@@ -50,3 +50,32 @@ def test_validation_against_published_scores():
     assert got.loc['gpt4aug3', 'identical_share'] >= 0.89 and got.loc['ScType', 'identical_share'] >= 0.91
     assert got.loc['gpt4mar23', 'identical_share'] >= 0.87
     assert (got.our_mean - got.published_mean).abs().max() <= 0.03
+
+
+def test_true_labels_round_trip_through_ollama(tmp_path):
+    "Every bundled benchmark row's true label, answered by a stand-in Ollama server, parsed by the real client and scored."
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from standin_server import StandinServer, Reply, ollama_chat, last_user_text, numbered_rows
+    from deepseq_nb.data import data_dir
+    from deepseq_nb.cli import annotate_marker_table
+    df = pd.read_csv(data_dir()/'benchmarks/gptcelltype_dev.csv')
+    df = df[df['manual_annotation'].notna()]
+    truth = {}
+    for m, t in zip(df['marker'], df['manual_annotation']): truth.setdefault(', '.join(g.strip() for g in m.split(',')), t)
+    def script(path, body):
+        rows = numbered_rows(last_user_text(body))
+        return Reply(200, ollama_chat('\n'.join(f'{i}. {truth[r.strip()]}' for i, r in enumerate(rows, 1))))
+    with StandinServer(models=['m']) as srv:
+        srv.script = script
+        from deepseq_nb.backends import get_backend
+        be = get_backend('ollama:m', host=srv.url, cache=tmp_path/'cache', progress=False, timeout=10)
+        from deepseq_nb.prompts import ClusterQuery
+        qs = [ClusterQuery(str(i), m, t if isinstance(t, str) else None) for i, m, t in zip(df.index, df['marker'], df['tissue'])]
+        ans = be.annotate(qs)
+    pred = pd.Series({int(a.cluster): a.label for a in ans})
+    assert (pred != 'Unknown').all()
+    res = score_benchmark(df.assign(prediction=pred), 'prediction')
+    print(f"true-label round trip: mean agreement {res.mean:.3f} (n={res.n})")
+    assert res.n == len(df) and res.mean >= 0.98, res.rows[res.rows.score < 1][['pred', 'truth', 'reason']].head(30)
