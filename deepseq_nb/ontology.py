@@ -192,6 +192,8 @@ GENERAL_SYNONYMS = {'immune cell': 'CL:0000738', 'white blood cell': 'CL:0000738
                     'antigen presenting cell': 'CL:0000145', 'red blood cell': 'CL:0000232',
                     'pancreatic gamma cell': 'CL:0002275', 'pancreatic islet gamma cell': 'CL:0002275'}
 
+_STATES = {'cycling', 'proliferating', 'proliferative', 'dividing', 'mitotic', 'activated', 'resting', 'quiescent',
+           'stressed', 'dying', 'senescent', 'differentiating'}  # cell states (general cell biology), not cell types
 _DEV = {'fetal'}  # developmental qualifiers that free text adds or leaves out at will
 _STOP = {'of', 'the', 'in', 'lineage'} | _DEV
 # Adjectives that free text and CL use interchangeably with the noun (`proximal tubular cell` / `proximal tubule`).
@@ -526,6 +528,10 @@ def to_cl(label:str, # free-text cell-type label
     if moved != full:  # markers written after the type (`NK_CD56bright`, `T cells CD4`): CL writes them first
         m = to_cl(moved, tissue, threshold)
         if m.exact: return CLMatch(str(label), m.id, m.name, m.score, m.how)
+    kept = [w for w in re.split(r'[\s()]+', _fold(str(label))) if w and normalize_label(w, expand=False) not in _STATES]
+    if 0 < len(kept) < len(re.split(r'[\s()]+', _fold(str(label)).strip())):  # a cell in a state: a kind of the type (`Lymphatic EC proliferating`)
+        m = to_cl(' '.join(kept), tissue, threshold)
+        if m.exact and len(descendants(m.id)) < 2000: return CLMatch(str(label), m.id, m.name, 80.0, 'head')
     ctx = context_match(full, tw) or relaxed_context(full, tw)
     if ctx: return mk(ctx[0], 95.0, 'context')
     hit = _lookup(full, threshold)
@@ -580,8 +586,6 @@ def to_cl_all(label:str, # free-text label, possibly naming several types
     return [to_cl(_with_head(p), tissue, threshold) for p in parts]
 
 # %% ../nbs/03_ontology.ipynb #9475be4c
-_STATES = {'cycling', 'proliferating', 'proliferative', 'dividing', 'mitotic', 'activated', 'resting', 'quiescent',
-           'stressed', 'dying', 'senescent'}  # cell states (general cell biology), not cell types
 _MARK_RAW = re.compile(r'\b[A-Za-z]{1,6}\d[A-Za-z0-9]*?(?:\+|-(?=[\s,/)]|$)|bright\b|dim\b|hi\b|high\b|lo\b|low\b)')
 
 @dataclass(frozen=True)
