@@ -276,48 +276,70 @@ def marker_support(markers:pd.DataFrame, # tidy marker table: cluster, rank, gen
     return pd.DataFrame(rows)
 
 # %% ../nbs/08_evaluate.ipynb #7b4a8951
-def _class(label)->str:
+def _class(label, tissue=None)->str:
     "CL-normalised class name of a label (its CL name when it maps exactly, else the normalised text)."
     if _isna(label): return '(none)'
-    m = to_cl(str(label))
+    m = to_cl(str(label), None if _isna(tissue) else str(tissue))
     return m.name if m.exact else normalize_label(str(label))
+
+def _per_cell(x, n:int, what:str)->list:
+    "A per-cell list from one value or a sequence of `n`."
+    if x is None or isinstance(x, str): return [x]*n
+    x = list(x)
+    if len(x) != n: raise ValueError(f'{what} has {len(x)} values for {n} cells; give one value, or one per cell.')
+    return x
 
 def evaluate_labels(truth, # true labels, one per cell
                     pred, # predicted labels, one per cell
                     clusters=None, # optional cluster of each cell, for cluster-level agreement
+                    tissue=None, # tissue of the sample (one string) or of each cell, context for the CL mapping
+                    rule:Rule|None=None, # the agreement rule's choices (default `RULE`)
                    )->dict:
     "Accuracy, mean agreement, macro-F1, CL-normalised confusion matrix (and cluster agreement) of two label vectors."
     from sklearn.metrics import f1_score
     truth, pred = pd.Series(list(truth), dtype=object), pd.Series(list(pred), dtype=object)
     if len(truth) != len(pred): raise ValueError(f'truth has {len(truth)} labels but pred has {len(pred)}; give one of each per cell.')
-    pairs = pd.DataFrame({'t': truth, 'p': pred}).drop_duplicates()
-    sc = {(t, p): agreement(p, t) for t, p in zip(pairs.t, pairs.p)}
-    s = pd.Series([sc[(t, p)] for t, p in zip(truth, pred)])
-    tc, pc = truth.map(_class), pred.map(_class)
+    tis = pd.Series(_per_cell(tissue, len(truth), 'tissue'), dtype=object)
+    trip = pd.DataFrame({'t': truth, 'p': pred, 'ti': tis})
+    sc = {k: agreement(k[1], k[0], k[2], rule) for k in set(zip(trip.t, trip.p, trip.ti))}
+    s = pd.Series([sc[k] for k in zip(trip.t, trip.p, trip.ti)])
+    tc = pd.Series([_class(t, ti) for t, ti in zip(truth, tis)]); pc = pd.Series([_class(p, ti) for p, ti in zip(pred, tis)])
     out = dict(n_cells=len(truth), n_unscored=int(s.isna().sum()), accuracy=float((s == 1).sum() / max(s.notna().sum(), 1)),
                mean_agreement=float(s.mean()), macro_f1=float(f1_score(tc, pc, labels=sorted(set(tc)), average='macro', zero_division=0)),
                confusion=pd.crosstab(tc.rename('truth'), pc.rename('pred'), normalize='index'))
     if clusters is not None:
         c = pd.Series(list(clusters))
-        maj = pd.DataFrame({'c': c, 't': truth, 'p': pred}).groupby('c').agg(lambda x: x.mode().iloc[0] if x.notna().any() else np.nan)
-        maj['score'] = [agreement(p, t) for t, p in zip(maj.t, maj.p)]
+        mode = lambda x: x.mode().iloc[0] if x.notna().any() else np.nan
+        maj = pd.DataFrame({'c': c, 't': truth, 'p': pred, 'ti': tis}).groupby('c').agg(mode)
+        maj['score'] = [agreement(p, t, ti, rule) for t, p, ti in zip(maj.t, maj.p, maj.ti)]
         out.update(cluster_agreement=float(maj.score.mean()), clusters=maj)
     return out
 
 # %% ../nbs/08_evaluate.ipynb #d2d3f93d
+def _tissue_of(adata, tissue)->tuple:
+    "(tissue per cell or one string or None, where it came from): the parameter, obs['tissue'], uns['dataset']['tissue']."
+    if tissue is not None: return tissue, 'parameter'
+    if 'tissue' in adata.obs: return adata.obs['tissue'].astype(object).tolist(), "obs['tissue']"
+    ds = adata.uns.get('dataset')
+    if isinstance(ds, dict) and isinstance(ds.get('tissue'), str): return ds['tissue'], "uns['dataset']['tissue']"
+    return None, 'none'
+
 def evaluate_adata(adata, # AnnData with truth and prediction columns in `obs`
                    *, truth:str, # obs column of true labels
                    pred:str, # obs column of predicted labels
                    cluster:str|None=None, # obs column of clusters, for cluster-level agreement
+                   tissue:str|None=None, # tissue context (default: obs['tissue'], else uns['dataset']['tissue'])
+                   rule:Rule|None=None, # the agreement rule's choices (default `RULE`)
                    key_added:str='deepseq_eval', # results go to `adata.uns[key_added]`
                    copy:bool=False, # return the results dict instead of None
                   ):
     "Cell-level accuracy, macro-F1, mean agreement and CL-normalised confusion matrix into `adata.uns[key_added]`."
     for c in [truth, pred] + ([cluster] if cluster else []):
         if c not in adata.obs: raise KeyError(f'obs has no column {c!r}; columns are: {", ".join(adata.obs.columns)}.')
+    tis, where = _tissue_of(adata, tissue)
     res = evaluate_labels(adata.obs[truth].astype(object), adata.obs[pred].astype(object),
-                          adata.obs[cluster] if cluster else None)
-    res['params'] = dict(truth=truth, pred=pred, cluster=cluster)
+                          adata.obs[cluster] if cluster else None, tissue=tis, rule=rule)
+    res['params'] = dict(truth=truth, pred=pred, cluster=cluster, tissue_from=where, rule=vars(rule or RULE))
     adata.uns[key_added] = res
     return res if copy else None
 

@@ -79,3 +79,18 @@ def test_true_labels_round_trip_through_ollama(tmp_path):
     res = score_benchmark(df.assign(prediction=pred), 'prediction')
     print(f"true-label round trip: mean agreement {res.mean:.3f} (n={res.n})")
     assert res.n == len(df) and res.mean >= 0.98, res.rows[res.rows.score < 1][['pred', 'truth', 'reason']].head(30)
+
+
+def test_evaluate_adata_reads_the_tissue():
+    "Xin's islet letters scored against the CL names of the same types: right answers are right only with the tissue."
+    import anndata as ad
+    from deepseq_nb.data import data_dir
+    from deepseq_nb.evaluate import evaluate_adata
+    a = ad.read_h5ad(data_dir()/'pancreas_human_xin.h5ad')
+    names = {'alpha': 'pancreatic A cell', 'beta': 'type B pancreatic cell', 'gamma': 'pancreatic PP cell', 'delta': 'pancreatic D cell'}
+    a.obs['pred'] = a.obs['cell_type'].astype(str).map(names)
+    assert set(a.obs['tissue'].astype(str)) == {'Pancreas'}
+    assert evaluate_adata(a, truth='cell_type', pred='pred', copy=True)['mean_agreement'] == 1
+    b = ad.AnnData(obs=a.obs.drop(columns='tissue'))  # no tissue anywhere: alpha/beta have no reading (0.50 measured)
+    assert evaluate_adata(b, truth='cell_type', pred='pred', copy=True)['mean_agreement'] < 1
+    assert b.uns['deepseq_eval']['params']['tissue_from'] == 'none'
