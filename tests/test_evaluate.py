@@ -64,9 +64,13 @@ def test_true_labels_round_trip_through_ollama(tmp_path):
     df = df[df['manual_annotation'].notna()]
     truth = {}
     for m, t in zip(df['marker'], df['manual_annotation']): truth.setdefault(', '.join(g.strip() for g in m.split(',')), t)
+    # the true label as written, and in forms models write it: bold, underscores, a trailing explanation, its markers
+    forms = [lambda t, r: t, lambda t, r: f'**{t}**', lambda t, r: t.replace(' ', '_'),
+             lambda t, r: f'{t} - based on {r.split(",")[0]}', lambda t, r: f'{t} ({", ".join(r.split(", ")[:3])})']
     def script(path, body):
         rows = numbered_rows(last_user_text(body))
-        return Reply(200, ollama_chat('\n'.join(f'{i}. {truth[r.strip()]}' for i, r in enumerate(rows, 1))))
+        text = '\n'.join(f'{i}. {forms[sum(map(ord, r)) % len(forms)](truth[r.strip()], r.strip())}' for i, r in enumerate(rows, 1))
+        return Reply(200, ollama_chat(text))
     with StandinServer(models=['m']) as srv:
         srv.script = script
         from deepseq_nb.backends import get_backend
@@ -78,6 +82,7 @@ def test_true_labels_round_trip_through_ollama(tmp_path):
     assert (pred != 'Unknown').all()
     res = score_benchmark(df.assign(prediction=pred), 'prediction')
     print(f"true-label round trip: mean agreement {res.mean:.3f} (n={res.n})")
+    assert {a.label_raw != a.label for a in ans} == {True, False}  # label_raw keeps what the server wrote
     assert res.n == len(df) and res.mean >= 0.98, res.rows[res.rows.score < 1][['pred', 'truth', 'reason']].head(30)
 
 
@@ -94,3 +99,12 @@ def test_evaluate_adata_reads_the_tissue():
     b = ad.AnnData(obs=a.obs.drop(columns='tissue'))  # no tissue anywhere: alpha/beta have no reading (0.50 measured)
     assert evaluate_adata(b, truth='cell_type', pred='pred', copy=True)['mean_agreement'] < 1
     assert b.uns['deepseq_eval']['params']['tissue_from'] == 'none'
+
+
+def test_out_of_sample_targets():
+    "Leave one source out on the dev split: every method within 0.03 of the published mean and >= 0.85 identical."
+    from deepseq_nb.evaluate import loso_validation
+    tab, by_source, picks = loso_validation()
+    assert len(tab) == 6 and set(by_source.held_out) == {'tabulasapiens', 'Azimuth', 'MCA', 'HCL', 'lungcancer', 'BCL', 'coloncancer'}
+    assert tab.out_of_sample_gap.abs().max() <= 0.03, tab
+    assert tab.out_of_sample_identical.min() >= 0.85, tab
