@@ -140,12 +140,13 @@ def score_benchmark(df:pd.DataFrame, # one row per cluster
                     tissue_col:str|None='tissue', # tissue column used as context (None: no context)
                     dataset_col:str|None='dataset', # column to summarise by (None: one group)
                     missing_pred:float|None=0.0, # score of a row with no prediction (None: leave it unscored)
+                    rule:Rule|None=None, # the agreement rule's choices (default `RULE`)
                    )->BenchmarkResult:
     "Agreement of `pred_col` with `truth_col` per row, with a per-dataset summary."
     for c in [pred_col, truth_col]:
         if c not in df.columns: raise KeyError(f"Column {c!r} not in the table; columns are: {', '.join(map(str, df.columns))}.")
     tis = df[tissue_col] if tissue_col and tissue_col in df.columns else pd.Series([None]*len(df), index=df.index)
-    det = [agreement_detail(p, t, ti) for p, t, ti in zip(df[pred_col], df[truth_col], tis)]
+    det = [agreement_detail(p, t, ti, rule) for p, t, ti in zip(df[pred_col], df[truth_col], tis)]
     rows = pd.DataFrame(det, index=df.index)
     rows.insert(0, 'truth', df[truth_col]); rows.insert(0, 'pred', df[pred_col])
     rows.insert(0, 'dataset', df[dataset_col] if dataset_col and dataset_col in df.columns else 'all')
@@ -166,6 +167,7 @@ GPTCELLTYPE_METHODS = ['gpt4aug3', 'gpt4mar23', 'gpt3.5aug3', 'CellMarker2.0', '
 
 def validation_table(df:pd.DataFrame|None=None, # GPTCelltype table (default: bundled `gptcelltype_dev.csv`)
                      methods:list|None=None, # method prefixes (default: `GPTCELLTYPE_METHODS`)
+                     rule:Rule|None=None, # the agreement rule's choices (default `RULE`)
                     )->pd.DataFrame:
     "Our agreement vs the published (hand-given) agreement per method: n, both means, share of identical rows."
     if df is None:
@@ -174,7 +176,7 @@ def validation_table(df:pd.DataFrame|None=None, # GPTCelltype table (default: bu
     out = []
     for m in methods or GPTCELLTYPE_METHODS:
         d = df[df[f'{m}_agreement'].notna()]
-        r = score_benchmark(d, f'{m}_annotation')
+        r = score_benchmark(d, f'{m}_annotation', rule=rule)
         pub = d[f'{m}_agreement'].astype(float)
         out.append(dict(method=m, n=len(d), published_mean=round(pub.mean(), 3), our_mean=round(r.mean, 3),
                         identical_share=round(float((r.rows['score'].values == pub.values).mean()), 3)))
