@@ -52,7 +52,7 @@ def _relation(p, t)->tuple:
     if p.id in ancestors(t.id) and bp: return 'prediction is an ancestor of truth', p.id
     if bp is not None and bp == bt: return f'same broad type ({bp})', None
     for name, root in RELATED_LINEAGES.items():
-        if root in ancestors(p.id) and root in ancestors(t.id): return f'related lineages ({name})', None
+        if root in {p.id, *ancestors(p.id)} and root in {t.id, *ancestors(t.id)}: return f'related lineages ({name})', None
     if t.id in ancestors(p.id): return 'prediction is a subtype of a generic truth', t.id
     if p.id in ancestors(t.id): return 'prediction is a generic ancestor of truth', p.id
     common = set(ancestors(p.id)) & set(ancestors(t.id))
