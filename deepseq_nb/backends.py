@@ -44,6 +44,7 @@ class Answer:
     backend: str = '' # the backend spec that answered
     prompt: str = '' # the prompt that was sent
     cached: bool = False # answered from the cache
+    label_raw: str = '' # the row's answer as the model wrote it, qualifiers included (`prompts.parse_answer`)
 
 # %% ../nbs/06_backends.ipynb #f8ddb075
 @dataclass
@@ -355,7 +356,7 @@ LLMBackend.ask = _ask
 # %% ../nbs/06_backends.ipynb #a2984622
 def _to_answers(self:LLMBackend, chunk:list[ClusterQuery], rows:list[int], rec:dict)->dict[int,Answer]:
     "Answers for `rows` (1-based positions in `chunk`) that `rec` parsed, sharing its tokens and cost."
-    parsed = {int(k): v for k, v in rec['parsed'].items()}
+    parsed = parse_answer(rec['raw'], len(rows), self.structured) if rec.get('raw') else {int(k): v for k, v in rec['parsed'].items()}
     got = [i for i in range(1, len(rows)+1) if i in parsed]
     share = 1/max(len(got), 1)
     out = {}
@@ -364,7 +365,7 @@ def _to_answers(self:LLMBackend, chunk:list[ClusterQuery], rows:list[int], rec:d
         out[rows[i-1]] = Answer(chunk[rows[i-1]-1].cluster, p['label'], p.get('confidence'), p.get('reason', ''),
                                 rec['raw'], rec['tokens_in']*share, rec['tokens_out']*share, rec['latency'],
                                 None if rec['cost'] is None else rec['cost']*share, rec['sources'], self.spec,
-                                rec['request']['prompt'], rec['cached'])
+                                rec['request']['prompt'], rec['cached'], p.get('label_raw', p['label']))
     return out
 
 def _answer_chunk(self:LLMBackend, chunk:list[ClusterQuery])->list[Answer]:

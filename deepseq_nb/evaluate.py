@@ -15,56 +15,101 @@ import numpy as np
 import pandas as pd
 from rapidfuzz import fuzz
 
-from .ontology import to_cl, to_cl_all, normalize_label, ancestors, broad_type, cl_name
+from .ontology import to_cl, to_cl_all, normalize_label, ancestors, descendants, broad_type, cl_name
 
 # %% auto #0
-__all__ = ['RELATED_LINEAGES', 'GPTCELLTYPE_METHODS', 'PBMC_MARKERS', 'agreement_detail', 'agreement', 'soft_score',
-           'BenchmarkResult', 'score_benchmark', 'validation_table', 'marker_support', 'evaluate_labels',
-           'evaluate_adata', 'plot_confusion']
+__all__ = ['RELATED_LINEAGES', 'RULE', 'RULE_GRID', 'GPTCELLTYPE_METHODS', 'PBMC_MARKERS', 'Rule', 'agreement_detail',
+           'agreement', 'soft_score', 'BenchmarkResult', 'score_benchmark', 'validation_table', 'loso_validation',
+           'marker_support', 'evaluate_labels', 'evaluate_adata', 'plot_confusion']
 
 # %% ../nbs/08_evaluate.ipynb #47363a48
 RELATED_LINEAGES = {'mononuclear phagocyte': 'CL:0000113'}
+
+@dataclass(frozen=True)
+class Rule:
+    "The choosable parts of the agreement rule (see the table above)."
+    head:float = 0.5 # score of the same term when one label only matched through its head noun
+    related_lineages:bool = True # mononuclear phagocytes of different broad classes score 0.5
+    generic_ancestor:int = 0 # an ancestor outside every broad class counts 0.5 if it has at most this many descendants
+    alternatives:str = 'partial' # 'partial': a label naming several types matches at most 0.5; 'best': no cap
+    sibling_lca:int = 0 # other pairs score 0.5 if their most specific common ancestor has at most this many descendants
+
+RULE = Rule()  # the rule in use: see 'Choosing the rule out of sample' below
+
+RULE_GRID = [Rule(h, r, g, a, l) for h in (0.5, 1.0) for r in (True, False) for g in (0, 300, 1000)
+             for a in ('partial', 'best') for l in (0, 300, 600)]
 
 def _isna(x)->bool:
     "True for None, NaN and blank strings."
     return x is None or (isinstance(x, float) and math.isnan(x)) or (isinstance(x, str) and not x.strip()) or x is pd.NA
 
-def _pair(p, t)->tuple:
-    "(score, reason) for two single CL matches."
-    if p.id is None or t.id is None: return 0.0, 'unmapped'
-    if p.id == t.id: return (1.0, 'same CL term') if p.exact and t.exact else (0.5, 'same CL term via head noun')
-    if t.id in ancestors(p.id) and broad_type(t.id): return 0.5, 'prediction is a subtype of truth'
-    if p.id in ancestors(t.id) and broad_type(p.id): return 0.5, 'prediction is an ancestor of truth'
-    if broad_type(p.id) is not None and broad_type(p.id) == broad_type(t.id): return 0.5, f'same broad type ({broad_type(p.id)})'
+def _relation(p, t)->tuple:
+    "(relation, the more general term or None) of two single CL matches; rule-free."
+    if p.id is None or t.id is None: return 'unmapped', None
+    if p.id == t.id: return ('same CL term', None) if p.exact and t.exact else ('same CL term via head noun', None)
+    bp, bt = broad_type(p.id), broad_type(t.id)
+    if t.id in ancestors(p.id) and bt: return 'prediction is a subtype of truth', t.id
+    if p.id in ancestors(t.id) and bp: return 'prediction is an ancestor of truth', p.id
+    if bp is not None and bp == bt: return f'same broad type ({bp})', None
     for name, root in RELATED_LINEAGES.items():
-        if root in ancestors(p.id) and root in ancestors(t.id): return 0.5, f'related lineages ({name})'
-    return 0.0, 'different types'
+        if root in {p.id, *ancestors(p.id)} and root in {t.id, *ancestors(t.id)}: return f'related lineages ({name})', None
+    if t.id in ancestors(p.id): return 'prediction is a subtype of a generic truth', t.id
+    if p.id in ancestors(t.id): return 'prediction is a generic ancestor of truth', p.id
+    common = set(ancestors(p.id)) & set(ancestors(t.id))
+    return 'different types', min(common, key=_ndesc, default=None)
+
+@lru_cache(maxsize=None)
+def _ndesc(cl_id:str)->int:
+    "Number of CL descendants of a term."
+    return len(descendants(cl_id))
+
+def _score(rel:str, general:str|None, rule:Rule)->float:
+    "The score of one relation under `rule` (the table above)."
+    if rel == 'same CL term': return 1.0
+    if rel == 'same CL term via head noun': return rule.head
+    if rel.startswith('related lineages'): return 0.5 if rule.related_lineages else 0.0
+    if 'generic' in rel: return 0.5 if _ndesc(general) <= rule.generic_ancestor else 0.0
+    if rel == 'different types': return 0.5 if general and _ndesc(general) <= rule.sibling_lca else 0.0
+    if rel == 'unmapped': return 0.0
+    return 0.5
 
 # %% ../nbs/08_evaluate.ipynb #0f221992
 @lru_cache(maxsize=50000)
-def agreement_detail(pred:str, # predicted label (free text)
-                     truth:str, # true label (free text)
-                     tissue:str|None=None, # tissue, passed to `to_cl` as context
-                    )->dict:
-    "Agreement score with the CL terms and the reason it was given; score is NaN when a label is missing."
-    if _isna(pred) or _isna(truth):
-        return dict(score=np.nan, reason=f"missing {'prediction' if _isna(pred) else 'truth'}", pred_cl=None, truth_cl=None)
-    tissue = None if _isna(tissue) else tissue
+def _pairs(pred:str, truth:str, tissue:str|None)->tuple:
+    "Rule-free facts of two labels: (CL summary, same normalised name, [(relation, general term)], several types named)."
     pm, tm = to_cl_all(pred, tissue), to_cl_all(truth, tissue)
     ids = lambda ms: ','.join(str(m.id) for m in ms)
     base = dict(pred_cl=ids(pm), truth_cl=ids(tm), pred_name=','.join(str(m.name) for m in pm),
                 truth_name=','.join(str(m.name) for m in tm), pred_how=','.join(m.how for m in pm), truth_how=','.join(m.how for m in tm))
-    if normalize_label(pred) == normalize_label(truth): return dict(score=1.0, reason='same normalised name', **base)
-    score, reason = max((_pair(p, t) for p in pm for t in tm), key=lambda x: x[0])
-    if score == 1.0 and (len(pm) > 1 or len(tm) > 1): score, reason = 0.5, reason + ' (one of several types)'
-    return dict(score=score, reason=reason, **base)
+    return base, normalize_label(pred) == normalize_label(truth), [_relation(p, t) for p in pm for t in tm], len(pm) > 1 or len(tm) > 1
+
+def _apply(facts:tuple, rule:Rule)->tuple:
+    "(score, reason) of `_pairs` facts under `rule`."
+    _, same_name, rels, several = facts
+    if same_name: return 1.0, 'same normalised name'
+    score, reason = max(((_score(r, g, rule), r) for r, g in rels), key=lambda x: x[0])
+    if several and rule.alternatives == 'partial' and score > 0.5: score, reason = 0.5, reason + ' (one of several types)'
+    return score, reason
+
+def agreement_detail(pred:str, # predicted label (free text)
+                     truth:str, # true label (free text)
+                     tissue:str|None=None, # tissue, passed to `to_cl` as context
+                     rule:Rule|None=None, # the rule's choices (default `RULE`)
+                    )->dict:
+    "Agreement score with the CL terms and the reason it was given; score is NaN when a label is missing."
+    if _isna(pred) or _isna(truth):
+        return dict(score=np.nan, reason=f"missing {'prediction' if _isna(pred) else 'truth'}", pred_cl=None, truth_cl=None)
+    facts = _pairs(str(pred), str(truth), None if _isna(tissue) else str(tissue))
+    score, reason = _apply(facts, rule or RULE)
+    return dict(score=score, reason=reason, **facts[0])
 
 def agreement(pred:str, # predicted label
               truth:str, # true label
               tissue:str|None=None, # tissue context
+              rule:Rule|None=None, # the rule's choices (default `RULE`)
              )->float:
-    "GPTCelltype agreement: 1 (same type), 0.5 (ancestor or same broad type), 0 (different), NaN (missing label)."
-    return agreement_detail(pred, truth, tissue)['score']
+    "GPTCelltype agreement: 1 (same type), 0.5 (related, see the table), 0 (different), NaN (missing label)."
+    return agreement_detail(pred, truth, tissue, rule)['score']
 
 # %% ../nbs/08_evaluate.ipynb #b0a548ce
 def soft_score(pred:str, # predicted label
@@ -95,12 +140,13 @@ def score_benchmark(df:pd.DataFrame, # one row per cluster
                     tissue_col:str|None='tissue', # tissue column used as context (None: no context)
                     dataset_col:str|None='dataset', # column to summarise by (None: one group)
                     missing_pred:float|None=0.0, # score of a row with no prediction (None: leave it unscored)
+                    rule:Rule|None=None, # the agreement rule's choices (default `RULE`)
                    )->BenchmarkResult:
     "Agreement of `pred_col` with `truth_col` per row, with a per-dataset summary."
     for c in [pred_col, truth_col]:
         if c not in df.columns: raise KeyError(f"Column {c!r} not in the table; columns are: {', '.join(map(str, df.columns))}.")
     tis = df[tissue_col] if tissue_col and tissue_col in df.columns else pd.Series([None]*len(df), index=df.index)
-    det = [agreement_detail(p, t, ti) for p, t, ti in zip(df[pred_col], df[truth_col], tis)]
+    det = [agreement_detail(p, t, ti, rule) for p, t, ti in zip(df[pred_col], df[truth_col], tis)]
     rows = pd.DataFrame(det, index=df.index)
     rows.insert(0, 'truth', df[truth_col]); rows.insert(0, 'pred', df[pred_col])
     rows.insert(0, 'dataset', df[dataset_col] if dataset_col and dataset_col in df.columns else 'all')
@@ -121,6 +167,7 @@ GPTCELLTYPE_METHODS = ['gpt4aug3', 'gpt4mar23', 'gpt3.5aug3', 'CellMarker2.0', '
 
 def validation_table(df:pd.DataFrame|None=None, # GPTCelltype table (default: bundled `gptcelltype_dev.csv`)
                      methods:list|None=None, # method prefixes (default: `GPTCELLTYPE_METHODS`)
+                     rule:Rule|None=None, # the agreement rule's choices (default `RULE`)
                     )->pd.DataFrame:
     "Our agreement vs the published (hand-given) agreement per method: n, both means, share of identical rows."
     if df is None:
@@ -129,11 +176,64 @@ def validation_table(df:pd.DataFrame|None=None, # GPTCelltype table (default: bu
     out = []
     for m in methods or GPTCELLTYPE_METHODS:
         d = df[df[f'{m}_agreement'].notna()]
-        r = score_benchmark(d, f'{m}_annotation')
+        r = score_benchmark(d, f'{m}_annotation', rule=rule)
         pub = d[f'{m}_agreement'].astype(float)
         out.append(dict(method=m, n=len(d), published_mean=round(pub.mean(), 3), our_mean=round(r.mean, 3),
                         identical_share=round(float((r.rows['score'].values == pub.values).mean()), 3)))
     return pd.DataFrame(out)
+
+# %% ../nbs/08_evaluate.ipynb #eeb2a9df
+def _rule_scores(df:pd.DataFrame, methods:list, grid:list, tissue_col:str='tissue')->dict:
+    "{method: (row mask of scored rows, published scores, {rule: our scores})}, computed once per row and rule."
+    out = {}
+    tis = df[tissue_col] if tissue_col in df else pd.Series([None]*len(df), index=df.index)
+    for m in methods:
+        keep = df[f'{m}_agreement'].notna().values
+        facts = [None if _isna(p) or _isna(t) else _pairs(str(p), str(t), None if _isna(ti) else str(ti))
+                 for p, t, ti in zip(df[f'{m}_annotation'][keep], df['manual_annotation'][keep], tis[keep])]
+        miss = [0.0 if not _isna(t) else np.nan for t in df['manual_annotation'][keep]]
+        sc = {r: np.array([_apply(f, r)[0] if f is not None else z for f, z in zip(facts, miss)]) for r in grid}
+        out[m] = (keep, df[f'{m}_agreement'][keep].astype(float).values, sc)
+    return out
+
+def _fit(rs:dict, rows:np.ndarray, grid:list)->Rule:
+    "The rule of `grid` with the best mean (identical share − |gap|) over methods on the rows where `rows` is True."
+    def obj(r):
+        v = []
+        for keep, pub, sc in rs.values():
+            w = rows[keep]
+            if w.any(): v.append((sc[r][w] == pub[w]).mean() - abs(np.nanmean(sc[r][w]) - pub[w].mean()))
+        return np.mean(v)
+    return max(grid, key=obj)  # first best wins: the grid starts with the plain rule
+
+def loso_validation(df:pd.DataFrame|None=None, # GPTCelltype table (default: bundled `gptcelltype_dev.csv`)
+                    methods:list|None=None, # method prefixes (default: `GPTCELLTYPE_METHODS`)
+                    grid:list|None=None, # candidate rules (default: `RULE_GRID`)
+                    source_col:str='dataset', # the sources left out in turn
+                   )->tuple:
+    "(per-method table of in-sample and out-of-sample mean, gap and identical share; per-source table; rule per fold)."
+    if df is None:
+        from deepseq_nb.data import data_dir
+        df = pd.read_csv(data_dir()/'benchmarks/gptcelltype_dev.csv')
+    methods, grid = methods or GPTCELLTYPE_METHODS, grid or RULE_GRID
+    rs, src = _rule_scores(df, methods, grid), df[source_col].astype(str).values
+    whole = _fit(rs, np.ones(len(df), bool), grid)
+    folds = {s: _fit(rs, src != s, grid) for s in pd.unique(src)}
+    rows, per = [], []
+    for m, (keep, pub, sc) in rs.items():
+        ins = sc[whole]
+        oos = np.full(len(pub), np.nan)
+        for s, r in folds.items():
+            w = src[keep] == s
+            oos[w] = sc[r][w]
+            if w.any(): per.append(dict(method=m, held_out=s, n=int(w.sum()), published_mean=pub[w].mean(), our_mean=np.nanmean(oos[w]),
+                                        gap=np.nanmean(oos[w]) - pub[w].mean(), identical_share=(oos[w] == pub[w]).mean()))
+        rows.append(dict(method=m, n=len(pub), published_mean=pub.mean(),
+                         in_sample_mean=np.nanmean(ins), in_sample_gap=np.nanmean(ins) - pub.mean(), in_sample_identical=(ins == pub).mean(),
+                         out_of_sample_mean=np.nanmean(oos), out_of_sample_gap=np.nanmean(oos) - pub.mean(),
+                         out_of_sample_identical=(oos == pub).mean()))
+    picks = pd.DataFrame([dict(held_out=s, **vars(r)) for s, r in folds.items()] + [dict(held_out='(none: in-sample)', **vars(whole))])
+    return pd.DataFrame(rows).round(3), pd.DataFrame(per).round(3), picks
 
 # %% ../nbs/08_evaluate.ipynb #6b3d0e8c
 PBMC_MARKERS = {
@@ -178,48 +278,70 @@ def marker_support(markers:pd.DataFrame, # tidy marker table: cluster, rank, gen
     return pd.DataFrame(rows)
 
 # %% ../nbs/08_evaluate.ipynb #7b4a8951
-def _class(label)->str:
+def _class(label, tissue=None)->str:
     "CL-normalised class name of a label (its CL name when it maps exactly, else the normalised text)."
     if _isna(label): return '(none)'
-    m = to_cl(str(label))
+    m = to_cl(str(label), None if _isna(tissue) else str(tissue))
     return m.name if m.exact else normalize_label(str(label))
+
+def _per_cell(x, n:int, what:str)->list:
+    "A per-cell list from one value or a sequence of `n`."
+    if x is None or isinstance(x, str): return [x]*n
+    x = list(x)
+    if len(x) != n: raise ValueError(f'{what} has {len(x)} values for {n} cells; give one value, or one per cell.')
+    return x
 
 def evaluate_labels(truth, # true labels, one per cell
                     pred, # predicted labels, one per cell
                     clusters=None, # optional cluster of each cell, for cluster-level agreement
+                    tissue=None, # tissue of the sample (one string) or of each cell, context for the CL mapping
+                    rule:Rule|None=None, # the agreement rule's choices (default `RULE`)
                    )->dict:
     "Accuracy, mean agreement, macro-F1, CL-normalised confusion matrix (and cluster agreement) of two label vectors."
     from sklearn.metrics import f1_score
     truth, pred = pd.Series(list(truth), dtype=object), pd.Series(list(pred), dtype=object)
     if len(truth) != len(pred): raise ValueError(f'truth has {len(truth)} labels but pred has {len(pred)}; give one of each per cell.')
-    pairs = pd.DataFrame({'t': truth, 'p': pred}).drop_duplicates()
-    sc = {(t, p): agreement(p, t) for t, p in zip(pairs.t, pairs.p)}
-    s = pd.Series([sc[(t, p)] for t, p in zip(truth, pred)])
-    tc, pc = truth.map(_class), pred.map(_class)
+    tis = pd.Series(_per_cell(tissue, len(truth), 'tissue'), dtype=object)
+    trip = pd.DataFrame({'t': truth, 'p': pred, 'ti': tis})
+    sc = {k: agreement(k[1], k[0], k[2], rule) for k in set(zip(trip.t, trip.p, trip.ti))}
+    s = pd.Series([sc[k] for k in zip(trip.t, trip.p, trip.ti)])
+    tc = pd.Series([_class(t, ti) for t, ti in zip(truth, tis)]); pc = pd.Series([_class(p, ti) for p, ti in zip(pred, tis)])
     out = dict(n_cells=len(truth), n_unscored=int(s.isna().sum()), accuracy=float((s == 1).sum() / max(s.notna().sum(), 1)),
                mean_agreement=float(s.mean()), macro_f1=float(f1_score(tc, pc, labels=sorted(set(tc)), average='macro', zero_division=0)),
                confusion=pd.crosstab(tc.rename('truth'), pc.rename('pred'), normalize='index'))
     if clusters is not None:
         c = pd.Series(list(clusters))
-        maj = pd.DataFrame({'c': c, 't': truth, 'p': pred}).groupby('c').agg(lambda x: x.mode().iloc[0] if x.notna().any() else np.nan)
-        maj['score'] = [agreement(p, t) for t, p in zip(maj.t, maj.p)]
+        mode = lambda x: x.mode().iloc[0] if x.notna().any() else np.nan
+        maj = pd.DataFrame({'c': c, 't': truth, 'p': pred, 'ti': tis}).groupby('c').agg(mode)
+        maj['score'] = [agreement(p, t, ti, rule) for t, p, ti in zip(maj.t, maj.p, maj.ti)]
         out.update(cluster_agreement=float(maj.score.mean()), clusters=maj)
     return out
 
 # %% ../nbs/08_evaluate.ipynb #d2d3f93d
+def _tissue_of(adata, tissue)->tuple:
+    "(tissue per cell or one string or None, where it came from): the parameter, obs['tissue'], uns['dataset']['tissue']."
+    if tissue is not None: return tissue, 'parameter'
+    if 'tissue' in adata.obs: return adata.obs['tissue'].astype(object).tolist(), "obs['tissue']"
+    ds = adata.uns.get('dataset')
+    if isinstance(ds, dict) and isinstance(ds.get('tissue'), str): return ds['tissue'], "uns['dataset']['tissue']"
+    return None, 'none'
+
 def evaluate_adata(adata, # AnnData with truth and prediction columns in `obs`
                    *, truth:str, # obs column of true labels
                    pred:str, # obs column of predicted labels
                    cluster:str|None=None, # obs column of clusters, for cluster-level agreement
+                   tissue:str|None=None, # tissue context (default: obs['tissue'], else uns['dataset']['tissue'])
+                   rule:Rule|None=None, # the agreement rule's choices (default `RULE`)
                    key_added:str='deepseq_eval', # results go to `adata.uns[key_added]`
                    copy:bool=False, # return the results dict instead of None
                   ):
     "Cell-level accuracy, macro-F1, mean agreement and CL-normalised confusion matrix into `adata.uns[key_added]`."
     for c in [truth, pred] + ([cluster] if cluster else []):
         if c not in adata.obs: raise KeyError(f'obs has no column {c!r}; columns are: {", ".join(adata.obs.columns)}.')
+    tis, where = _tissue_of(adata, tissue)
     res = evaluate_labels(adata.obs[truth].astype(object), adata.obs[pred].astype(object),
-                          adata.obs[cluster] if cluster else None)
-    res['params'] = dict(truth=truth, pred=pred, cluster=cluster)
+                          adata.obs[cluster] if cluster else None, tissue=tis, rule=rule)
+    res['params'] = dict(truth=truth, pred=pred, cluster=cluster, tissue_from=where, rule=vars(rule or RULE))
     adata.uns[key_added] = res
     return res if copy else None
 

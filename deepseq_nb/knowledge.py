@@ -141,32 +141,7 @@ def _norm_name(s:str)->str:
     if w and len(w[-1]) > 3 and w[-1].endswith('s') and not w[-1].endswith(('ss', 'us', 'is')): w[-1] = w[-1][:-1]
     return ' '.join(w)
 
-@functools.cache
-def _cl_terms()->dict:
-    "The Cell Ontology shipped with cellxgene-ontology-guide, as a dict keyed by CL id."
-    import zstandard, cellxgene_ontology_guide
-    d = Path(cellxgene_ontology_guide.__file__).parent/'data'
-    p = sorted(d.glob('CL-ontology-*.json.zst'))[-1]
-    with open(p, 'rb') as f: return json.load(io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f)))
-
-@functools.cache
-def _cl_index()->dict:
-    "Normalised label/synonym (and its sorted-token form) -> CL id, for non-deprecated terms."
-    idx = {}
-    for pass_ in ('label', 'synonyms'):
-        for cid, t in _cl_terms().items():
-            if t.get('deprecated'): continue
-            names = [t['label']] if pass_ == 'label' else t.get('synonyms', [])
-            for n in names:
-                k = _norm_name(n)
-                idx.setdefault(k, cid); idx.setdefault(' '.join(sorted(k.split())), cid)
-    return idx
-
-def _simple_to_cl(label:str)->tuple|None:
-    "Fallback CL mapping by exact normalised label or synonym; `(cl_id, cl_name)` or None."
-    k = _norm_name(label); idx = _cl_index()
-    cid = idx.get(k) or idx.get(' '.join(sorted(k.split())))
-    return (cid, _cl_terms()[cid]['label']) if cid else None
+from .ontology import cl_terms as _cl_terms  # one CL loader and one pinned CL version (`ontology.CL_FILE`)
 
 def _ontology_to_cl():
     "`deepseq_nb.ontology.to_cl` when that module exists, else None."
@@ -188,9 +163,7 @@ def _obsolete(cid:str)->bool:
 def _match(label:str, tissue:str|None)->tuple|None:
     "Our own ontology match of a name: `(cl_id, cl_name, how, score)` or None."
     f = _ontology_to_cl()
-    if f is None:
-        r = _simple_to_cl(label)
-        return (*r, 'exact', 100.0) if r else None
+    if f is None: return None
     try: m = f(label, tissue=tissue)
     except Exception: return None
     cid = _field(m, 'cl_id', 'id', 'term_id') if m is not None else None

@@ -18,7 +18,7 @@ from rapidfuzz import fuzz, process
 __all__ = ['CL_FILE', 'BROAD_TYPES', 'MARKER_GENES', 'ABBREVIATIONS', 'GENERAL_SYNONYMS', 'TISSUE_ADJECTIVES', 'cl_terms',
            'resolve_id', 'cl_name', 'ancestors', 'descendants', 'broad_type', 'normalize_label', 'cl_index',
            'taxon_synonyms', 'shared_synonyms', 'CLMatch', 'tissue_words', 'context_match', 'organ_words',
-           'relaxed_context', 'marker_match', 'to_cl', 'split_label', 'to_cl_all']
+           'relaxed_context', 'marker_match', 'to_cl', 'split_label', 'to_cl_all', 'LabelParts', 'parse_label']
 
 # %% ../nbs/03_ontology.ipynb #0bb276bf
 CL_FILE = 'CL-ontology-v2026-03-26.json.zst'
@@ -107,8 +107,8 @@ _GREEK = {'α':'alpha','β':'beta','γ':'gamma','δ':'delta','ε':'epsilon','κ'
 _DASHES = dict.fromkeys(map(ord, '‐‑‒–—−'), '-')
 
 def _fold(s:str)->str:
-    "Unicode-fold `s`: Greek letters spelled out, dashes unified, accents dropped."
-    s = s.translate(_DASHES)
+    "Unicode-fold `s`: Greek letters spelled out, dashes unified, accents dropped, underscores read as spaces."
+    s = s.translate(_DASHES).replace('_', ' ')
     s = ''.join(_GREEK.get(ch, ch) + (' ' if ch in _GREEK else '') for ch in s)
     return unicodedata.normalize('NFKD', s).encode('ascii', 'ignore').decode()
 
@@ -141,8 +141,17 @@ def _singular(w:str)->str:
     return w
 
 # %% ../nbs/03_ontology.ipynb #7421ad87
+# Sources. CL synonym (checked against the shipped CL): nk, pdc, cdc, mdc, treg, tfh, th1/2/17, mep, rbc, lec, smc, vsmc,
+# rpe, nsc, esc, epithelial, endothelial, stromal, myeloid. Textbook immunology/haematology abbreviations (Janeway's
+# Immunobiology; the CD nomenclature of HCDM): nkt, ilc, dc, cdc1/cdc2 (BDCA3+/BDCA1+ DCs), mait, gdt, ctl, tem, tcm,
+# hsc, hspc, msc, cmp, gmp, clp, mono, mac, mphi, neut, eos, baso, mk, plt, ery, pmn, mdsc, apc, pc (plasma cell).
+# Neurobiology: opc, ipc, rgc, oligo, astro, astroglia, microglia, glia, excitatory/inhibitory neurons (glutamatergic/
+# GABAergic). Histology: ec, stroma, epithelium, endothelium, fibro, tenocyte (= tendon cell), at1/at2 (alveolar type
+# I/II pneumocytes), caf (cancer-associated fibroblast). Stem-cell biology: hesc, mesc, ipsc, ips. Lung capillary
+# nomenclature of Gillich et al. 2020 (Nature 586:785): aerocyte/aCap, gCap. Nephron segments (standard renal
+# physiology abbreviations): tal, dct, cnt.
 ABBREVIATIONS = {
-    'nk': 'natural killer', 'nkt': 'natural killer t', 'ilc': 'innate lymphoid cell', 'ilcs': 'innate lymphoid cell',
+    'nk': 'natural killer', 'ilc': 'innate lymphoid cell', 'ilcs': 'innate lymphoid cell',
     'dc': 'dendritic cell', 'dcs': 'dendritic cell', 'pdc': 'plasmacytoid dendritic cell',
     'cdc': 'conventional dendritic cell', 'mdc': 'myeloid dendritic cell',
     'cdc1': 'cd141 positive myeloid dendritic cell', 'cdc2': 'cd1c positive myeloid dendritic cell',  # XCR1+/BDCA3+, BDCA1+
@@ -183,6 +192,8 @@ GENERAL_SYNONYMS = {'immune cell': 'CL:0000738', 'white blood cell': 'CL:0000738
                     'antigen presenting cell': 'CL:0000145', 'red blood cell': 'CL:0000232',
                     'pancreatic gamma cell': 'CL:0002275', 'pancreatic islet gamma cell': 'CL:0002275'}
 
+_STATES = {'cycling', 'proliferating', 'proliferative', 'dividing', 'mitotic', 'activated', 'resting', 'quiescent',
+           'stressed', 'dying', 'senescent', 'differentiating'}  # cell states (general cell biology), not cell types
 _DEV = {'fetal'}  # developmental qualifiers that free text adds or leaves out at will
 _STOP = {'of', 'the', 'in', 'lineage'} | _DEV
 # Adjectives that free text and CL use interchangeably with the noun (`proximal tubular cell` / `proximal tubule`).
@@ -512,6 +523,15 @@ def to_cl(label:str, # free-text cell-type label
     if '(' in str(label):
         m = _paren(str(label), tissue, threshold)
         if m is not None: return m
+    marks = _MARK.findall(full)
+    moved = ' '.join(marks + _MARK.sub(' ', full).split()) if marks else full
+    if moved != full:  # markers written after the type (`NK_CD56bright`, `T cells CD4`): CL writes them first
+        m = to_cl(moved, tissue, threshold)
+        if m.exact: return CLMatch(str(label), m.id, m.name, m.score, m.how)
+    kept = [w for w in re.split(r'[\s()]+', _fold(str(label))) if w and normalize_label(w, expand=False) not in _STATES]
+    if 0 < len(kept) < len(re.split(r'[\s()]+', _fold(str(label)).strip())):  # a cell in a state: a kind of the type (`Lymphatic EC proliferating`)
+        m = to_cl(' '.join(kept), tissue, threshold)
+        if m.exact and len(descendants(m.id)) < 2000: return CLMatch(str(label), m.id, m.name, 80.0, 'head')
     ctx = context_match(full, tw) or relaxed_context(full, tw)
     if ctx: return mk(ctx[0], 95.0, 'context')
     hit = _lookup(full, threshold)
@@ -564,3 +584,30 @@ def to_cl_all(label:str, # free-text label, possibly naming several types
         w = normalize_label(p, expand=False).split()
         return p if head is None or not w or any(w[-1].endswith(h) for h in _HEADS) else f'{p} {head}'
     return [to_cl(_with_head(p), tissue, threshold) for p in parts]
+
+# %% ../nbs/03_ontology.ipynb #9475be4c
+_MARK_RAW = re.compile(r'\b[A-Za-z]{1,6}\d[A-Za-z0-9]*?(?:\+|-(?=[\s,/)]|$)|bright\b|dim\b|hi\b|high\b|lo\b|low\b)')
+
+@dataclass(frozen=True)
+class LabelParts:
+    "A free-text label read by its structure."
+    text: str  # the label as given
+    head: str  # the type named outside parentheses, without markers and states
+    qualifiers: tuple  # parenthesised names of a subtype or another reading
+    states: tuple  # cell states named anywhere (`cycling`)
+    markers: tuple  # marker mentions in CL's words (`cd8 positive`)
+    alternatives: tuple  # the types listed when the label names several, else ()
+
+def parse_label(label:str, # free-text cell-type label
+               )->LabelParts:
+    "Head type, qualifiers, states, marker mentions and alternatives of a label."
+    s = _fold(str(label)).strip()
+    inner = [w.strip() for p in re.findall(r'\(([^)]*)\)', s) for w in re.split(r'[,;]', p) if w.strip()]
+    outer = re.sub(r'\([^)]*\)', ' ', s)
+    state = lambda w: normalize_label(w, expand=False) in _STATES
+    quals = [w for w in inner if not state(w) and _MARK_RAW.sub(' ', w).strip()]
+    states = [normalize_label(w, expand=False) for w in inner + outer.split() if state(w)]
+    head = ' '.join(w for w in _MARK_RAW.sub(' ', outer).split() if not state(w))
+    alts = split_label(label)
+    return LabelParts(str(label), head, tuple(quals), tuple(dict.fromkeys(states)),
+                      tuple(_MARK.findall(normalize_label(s, expand=False))), tuple(alts) if len(alts) > 1 else ())

@@ -108,27 +108,37 @@ _BULLET = re.compile(r'^\s*[-*•]\s+(.*)$')
 _CHATTER = re.compile(r'(^(here|sure|certainly|based on|these|the following|note|i hope|let me|in summary)\b)|:\s*$', re.I)
 
 # %% ../nbs/05_prompts.ipynb #1ac0987d
+_GENES = r'[A-Z0-9][A-Za-z0-9.\-]*'   # one gene symbol as models write it (`CD3D`, `HLA-DRA`, `Cd3e`)
+_GENE_LIST = re.compile(rf'\s*\(\s*(?:markers?\s*:?\s*)?{_GENES}(?:\s*,\s*{_GENES})+\s*\)', re.I)
+
 def clean_label(s:str)->str:
-    "A label without markdown emphasis, quotes, trailing marker lists or punctuation."
-    s = re.sub(r'[*_`"]', '', s).strip()
-    s = re.split(r'\s+(?:—|–|-|\(|:)\s*|\s*\((?=[^)]*,)', s, maxsplit=1)[0]   # drop "— because ..." / "(CD3D, ...)"
-    return s.strip(' .;,').strip()
+    "The answer's label: markdown, quotes, a trailing explanation and a parenthesised gene list removed; qualifiers kept."
+    s = re.sub(r'\*\*|__|[*`"]', '', s).replace('_', ' ').strip()
+    s = _GENE_LIST.sub(' ', s)                                     # "(CD3D, IL7R)": evidence, not the type
+    s = re.split(r'\s+[—–-]\s+|\s*:\s+|\s+—', s, maxsplit=1)[0]     # "— because ...", "- MS4A1", ": high LYZ"
+    return re.sub(r'\s+', ' ', s).strip(' .;,').strip()
 
 # %% ../nbs/05_prompts.ipynb #ab4d8994
-def parse_rows(text:str, # the model's answer
-               n:int, # how many rows were asked
-              )->dict[int,str]:
-    "Row number (1-based) → label for each row that `text` answers."
+def _raw_rows(text:str, # the model's answer
+              n:int, # how many rows were asked
+             )->dict[int,str]:
+    "Row number (1-based) → the row's text as the model wrote it (numbering and bullets removed)."
     lines = [l for l in _FENCE.sub('\n', text or '').splitlines() if l.strip()]
     numbered = {}
     for l in lines:
         m = _NUM.match(l)
-        if m and 1 <= int(m.group(1)) <= n and clean_label(m.group(2)): numbered.setdefault(int(m.group(1)), clean_label(m.group(2)))
+        if m and 1 <= int(m.group(1)) <= n and clean_label(m.group(2)): numbered.setdefault(int(m.group(1)), m.group(2).strip())
     if numbered: return numbered
-    plain = [clean_label(_BULLET.match(l).group(1) if _BULLET.match(l) else l) for l in lines if not _CHATTER.search(l.strip())]
-    plain = [p for p in plain if p]
+    plain = [(_BULLET.match(l).group(1) if _BULLET.match(l) else l).strip() for l in lines if not _CHATTER.search(l.strip())]
+    plain = [p for p in plain if clean_label(p)]
     if n == 1 and plain: return {1: plain[0]}
     return {i: p for i, p in enumerate(plain, 1)} if len(plain) == n else {}   # unnumbered: only a full, exact list
+
+def parse_rows(text:str, # the model's answer
+               n:int, # how many rows were asked
+              )->dict[int,str]:
+    "Row number (1-based) → label for each row that `text` answers."
+    return {i: clean_label(r) for i, r in _raw_rows(text, n).items()}
 
 # %% ../nbs/05_prompts.ipynb #4ec00f77
 def missing_rows(parsed:dict[int,str], # output of a parser
@@ -141,7 +151,7 @@ def missing_rows(parsed:dict[int,str], # output of a parser
 def parse_json(text:str, # the model's answer, expected to hold a JSON object following ANSWER_SCHEMA
                n:int, # how many rows were asked
               )->dict[int,dict]:
-    "Row number → {'label', 'confidence', 'reason'} from a JSON answer; {} when no JSON can be read."
+    "Row number → {'label', 'label_raw', 'confidence', 'reason'} from a JSON answer; {} when no JSON can be read."
     t = _FENCE.sub('', text or '')
     m = re.search(r'[\[{].*[\]}]', t, flags=re.S)
     try: obj = json.loads(m.group(0)) if m else None
@@ -155,7 +165,7 @@ def parse_json(text:str, # the model's answer, expected to hold a JSON object fo
         if not 1 <= row <= n: continue
         c = it.get('confidence')
         c = min(max(float(c), 0.0), 1.0) if isinstance(c, (int, float)) else None
-        out[row] = {'label': clean_label(str(it['label'])), 'confidence': c, 'reason': str(it.get('reason', ''))}
+        out[row] = {'label': clean_label(str(it['label'])), 'label_raw': str(it['label']), 'confidence': c, 'reason': str(it.get('reason', ''))}
     return out
 
 # %% ../nbs/05_prompts.ipynb #63eb1add
@@ -163,6 +173,6 @@ def parse_answer(text:str, # the model's answer
                  n:int, # rows asked
                  structured:bool=False, # the prompt asked for JSON
                 )->dict[int,dict]:
-    "Row → {'label', 'confidence', 'reason'}, from JSON when `structured` (falling back to numbered lines)."
+    "Row → {'label', 'label_raw', 'confidence', 'reason'}, from JSON when `structured` (falling back to numbered lines)."
     if structured and (js := parse_json(text, n)): return js
-    return {i: {'label': l, 'confidence': None, 'reason': ''} for i, l in parse_rows(text, n).items()}
+    return {i: {'label': clean_label(r), 'label_raw': r, 'confidence': None, 'reason': ''} for i, r in _raw_rows(text, n).items()}

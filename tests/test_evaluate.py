@@ -50,3 +50,61 @@ def test_validation_against_published_scores():
     assert got.loc['gpt4aug3', 'identical_share'] >= 0.89 and got.loc['ScType', 'identical_share'] >= 0.91
     assert got.loc['gpt4mar23', 'identical_share'] >= 0.87
     assert (got.our_mean - got.published_mean).abs().max() <= 0.03
+
+
+def test_true_labels_round_trip_through_ollama(tmp_path):
+    "Every bundled benchmark row's true label, answered by a stand-in Ollama server, parsed by the real client and scored."
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from standin_server import StandinServer, Reply, ollama_chat, last_user_text, numbered_rows
+    from deepseq_nb.data import data_dir
+    from deepseq_nb.cli import annotate_marker_table
+    df = pd.read_csv(data_dir()/'benchmarks/gptcelltype_dev.csv')
+    df = df[df['manual_annotation'].notna()]
+    truth = {}
+    for m, t in zip(df['marker'], df['manual_annotation']): truth.setdefault(', '.join(g.strip() for g in m.split(',')), t)
+    # the true label as written, and in forms models write it: bold, underscores, a trailing explanation, its markers
+    forms = [lambda t, r: t, lambda t, r: f'**{t}**', lambda t, r: t.replace(' ', '_'),
+             lambda t, r: f'{t} - based on {r.split(",")[0]}', lambda t, r: f'{t} ({", ".join(r.split(", ")[:3])})']
+    def script(path, body):
+        rows = numbered_rows(last_user_text(body))
+        text = '\n'.join(f'{i}. {forms[sum(map(ord, r)) % len(forms)](truth[r.strip()], r.strip())}' for i, r in enumerate(rows, 1))
+        return Reply(200, ollama_chat(text))
+    with StandinServer(models=['m']) as srv:
+        srv.script = script
+        from deepseq_nb.backends import get_backend
+        be = get_backend('ollama:m', host=srv.url, cache=tmp_path/'cache', progress=False, timeout=10)
+        from deepseq_nb.prompts import ClusterQuery
+        qs = [ClusterQuery(str(i), m, t if isinstance(t, str) else None) for i, m, t in zip(df.index, df['marker'], df['tissue'])]
+        ans = be.annotate(qs)
+    pred = pd.Series({int(a.cluster): a.label for a in ans})
+    assert (pred != 'Unknown').all()
+    res = score_benchmark(df.assign(prediction=pred), 'prediction')
+    print(f"true-label round trip: mean agreement {res.mean:.3f} (n={res.n})")
+    assert {a.label_raw != a.label for a in ans} == {True, False}  # label_raw keeps what the server wrote
+    assert res.n == len(df) and res.mean >= 0.98, res.rows[res.rows.score < 1][['pred', 'truth', 'reason']].head(30)
+
+
+def test_evaluate_adata_reads_the_tissue():
+    "Xin's islet letters scored against the CL names of the same types: right answers are right only with the tissue."
+    import anndata as ad
+    from deepseq_nb.data import data_dir
+    from deepseq_nb.evaluate import evaluate_adata
+    a = ad.read_h5ad(data_dir()/'pancreas_human_xin.h5ad')
+    names = {'alpha': 'pancreatic A cell', 'beta': 'type B pancreatic cell', 'gamma': 'pancreatic PP cell', 'delta': 'pancreatic D cell'}
+    a.obs['pred'] = a.obs['cell_type'].astype(str).map(names)
+    assert set(a.obs['tissue'].astype(str)) == {'Pancreas'}
+    assert evaluate_adata(a, truth='cell_type', pred='pred', copy=True)['mean_agreement'] == 1
+    b = ad.AnnData(obs=a.obs.drop(columns='tissue'))  # no tissue anywhere: alpha/beta have no reading (0.50 measured)
+    assert evaluate_adata(b, truth='cell_type', pred='pred', copy=True)['mean_agreement'] < 1
+    assert b.uns['deepseq_eval']['params']['tissue_from'] == 'none'
+
+
+def test_out_of_sample_targets():
+    "Leave one source out on the dev split: every method within 0.03 of the published mean and >= 0.85 identical."
+    from deepseq_nb.evaluate import loso_validation
+    tab, by_source, picks = loso_validation()
+    assert len(tab) == 6 and set(by_source.held_out) == {'tabulasapiens', 'Azimuth', 'MCA', 'HCL', 'lungcancer', 'BCL', 'coloncancer'}
+    assert tab.out_of_sample_gap.abs().max() <= 0.03, tab
+    assert tab.out_of_sample_identical.min() >= 0.85, tab
