@@ -167,7 +167,8 @@ def cmd_annotate(args)->int:
             raise KeyError(f"{args.input} needs columns cluster and marker (comma-separated genes), or cluster, rank, gene.")
         mk['tissue'] = args.tissue or S.get('data.tissue'); mk['species'] = args.species or S.get('data.species')
         with step(f'annotating {len(mk)} clusters with {backend}', args.quiet):
-            pred = annotate_marker_table(mk.set_index(mk['cluster'].astype(str)), backend=backend, settings=S)
+            pred = annotate_marker_table(mk.set_index(mk['cluster'].astype(str)), backend=backend, settings=S,
+                                         progress=not args.quiet)
         _print_annotation(mk.assign(label=pred['prediction'].fillna('Unknown').values, confidence=pred['confidence'].values))
         st = pred.attrs.get('stats')
         if st is not None: print(f"backend {backend}: {st.summary()}")
@@ -177,7 +178,8 @@ def cmd_annotate(args)->int:
     tmp_args = argparse.Namespace(**{**vars(args), 'resolution': None, 'out': None})
     a = _cluster_for(tmp_args, S)
     with step(f'annotating with {backend}', args.quiet):
-        annotate(a, backend=backend, tissue=args.tissue, species=args.species, settings=S)
+        annotate(a, backend=backend, tissue=args.tissue, species=args.species, settings=S,
+                 **({'progress': False} if args.quiet and backend != 'kb' else {}))
     tab = a.uns['deepseq']['table']
     _print_annotation(tab)
     st = a.uns['deepseq']['stats']
@@ -193,13 +195,13 @@ def _split_markers(s)->list:
     import pandas as pd
     return [] if not isinstance(s, str) else [g.strip() for g in s.split(',') if g.strip()]
 
-def annotate_marker_table(df, backend:str='kb', species:str='human', settings=None):
+def annotate_marker_table(df, backend:str='kb', species:str='human', settings=None, progress:bool=True):
     "Annotate a benchmark-style table (one marker list per row) with any backend; returns prediction and reason per row."
     import pandas as pd
     from deepseq_nb.backends import get_backend, backend_options
     from deepseq_nb.prompts import ClusterQuery
     S = settings or load_settings()
-    be = get_backend(backend, **({} if backend == 'kb' else backend_options(S, backend)))
+    be = get_backend(backend, **({} if backend == 'kb' else {**backend_options(S, backend), 'progress': progress}))
     out = pd.DataFrame(index=df.index, data={'prediction': None, 'confidence': float('nan'), 'reason': ''})
     queries = []
     for i, r in df.iterrows():
@@ -232,7 +234,7 @@ def cmd_benchmark(args)->int:
                             "(optional: dataset, manual_CLID, species).")
     if 'tissue' not in df: df['tissue'] = None
     with step(f'annotating {len(df):,} rows with {args.backend}', args.quiet):
-        pred = annotate_marker_table(df, backend=args.backend, species=args.species, settings=S)
+        pred = annotate_marker_table(df, backend=args.backend, species=args.species, settings=S, progress=not args.quiet)
     df = df.assign(prediction=pred['prediction'], confidence=pred['confidence'], annotate_reason=pred['reason'])
     res = score_benchmark(df, 'prediction', truth_col='manual_annotation', dataset_col='dataset' if 'dataset' in df else None)
     print(res.summary.to_string(index=False))

@@ -168,7 +168,8 @@ def atomic_write(path:str|Path, # the file to (over)write
     "Yield a temporary path beside `path`; rename it over `path` when the block succeeds, remove it otherwise."
     p = Path(path).expanduser()
     check_out_path(p)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{p.name}.', suffix=f'.part{p.suffix}', dir=p.parent)
+    try: fd, tmp = tempfile.mkstemp(prefix=f'.{p.name}.', suffix=f'.part{p.suffix}', dir=p.parent)
+    except OSError as e: raise OSError(f"Cannot write {p}: {e.strerror or e} (in {p.parent}).") from None
     os.close(fd); tmp = Path(tmp)
     try:
         yield tmp
