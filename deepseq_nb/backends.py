@@ -357,17 +357,17 @@ class LLMBackend:
 # %% ../nbs/06_backends.ipynb #f58d9cac
 def _failed_call(self:LLMBackend, e:Exception, attempts:int)->Exception:
     "A `BackendError` naming the server for a call that failed for good on a connection, timeout or malformed body."
-    name = type(e).__name__.lower()
+    name, attempts = type(e).__name__.lower(), f"{attempts} attempt{'s' if attempts != 1 else ''}"
     if isinstance(e, BackendError): return e
     if isinstance(e, ConnectionError) or 'connect' in name and 'timeout' not in name:
         return BackendUnavailable(f"Cannot reach the {self.kind} server at {self.server()} ({type(e).__name__}: {e}; "
-                                  f"{attempts} attempts). Check that it is running and the URL is right.")
+                                  f"{attempts}). Check that it is running and the URL is right.")
     if isinstance(e, TimeoutError) or 'timeout' in name:
         return BackendError(f"The {self.kind} server at {self.server()} did not answer within {self.timeout:g} s "
-                            f"({attempts} attempts). Raise [annotate] timeout (--set annotate.timeout=300) or check the server.")
+                            f"({attempts}). Raise [annotate] timeout (--set annotate.timeout=300) or check the server.")
     if isinstance(e, ValueError) and any(n in name for n in ('jsondecode', 'validation')):
         return BackendError(f"The {self.kind} server at {self.server()} answered with a malformed body "
-                            f"({type(e).__name__}; {attempts} attempts): is it an {self.kind} API server?")
+                            f"({type(e).__name__}; {attempts}): is it an {self.kind} API server?")
     return e
 
 def _ask(self:LLMBackend, prompt:str, n:int, ctx:ClusterQuery,
