@@ -458,10 +458,10 @@ def _progress(self, total:int):
 
 def _run_pool(self:LLMBackend, chunks:list, pbar)->tuple[dict, list]:
     "Answer `chunks` on `concurrency` daemon threads; ({chunk index: answers}, errors). Ctrl-C raises at once."
-    todo, done = queue.SimpleQueue(), queue.SimpleQueue()
+    todo, done, stop = queue.SimpleQueue(), queue.SimpleQueue(), self._stop   # this run's stop event
     for i, c in enumerate(chunks): todo.put((i, c))
     def work():
-        while not self._stop.is_set():
+        while not stop.is_set():
             try: i, c = todo.get_nowait()
             except queue.Empty: return
             try: done.put((i, self.answer_chunk(c), None))
@@ -475,7 +475,7 @@ def _run_pool(self:LLMBackend, chunks:list, pbar)->tuple[dict, list]:
         except queue.Empty: continue
         if e is None: results[i] = r
         elif not isinstance(e, Cancelled) or not errors: errors.append(e)
-        if e is not None: self._stop.set()   # no new calls; those in flight finish and are cached
+        if e is not None: stop.set()   # no new calls; those in flight finish and are cached
         pbar.update(1)
         s = self.stats
         pbar.set_postfix(calls=s.calls, hits=s.hits, tokens=s.tokens_in+s.tokens_out, cost='?' if s.cost is None else f'${s.cost:.4f}')
@@ -484,7 +484,7 @@ def _run_pool(self:LLMBackend, chunks:list, pbar)->tuple[dict, list]:
 def _annotate(self:LLMBackend, queries:list[ClusterQuery])->Answers:
     "One `Answer` per query, in order; `.stats` counts requests, cache hits, tokens and cost of this run."
     chunks, self.stats, t0 = _chunks(queries, self.batch_size), RunStats(), time.perf_counter()
-    self._stop.clear()
+    self._stop = threading.Event()   # a new event per run: threads left from an interrupted run keep theirs (set)
     pbar = _progress(self, len(chunks))
     try: results, errors = self._run_pool(chunks, pbar)
     except KeyboardInterrupt:
