@@ -7,15 +7,15 @@ Docs: https://deepseq-nb.github.io/deepseq_nb/backends.html.md"""
 
 # %% ../nbs/06_backends.ipynb #1e45f599
 from __future__ import annotations
-import email.utils, hashlib, json, logging, math, os, random, re, sqlite3, threading, time
+import email.utils, hashlib, json, logging, math, os, queue, random, re, sqlite3, threading, time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
 import pandas as pd
 
-from .config import parse_value
+from .config import parse_value, cache_dir
 from .prompts import (ClusterQuery, TEMPLATE_VERSION, MAX_ROWS, ANSWER_SCHEMA, make_prompt, parse_answer,
                                 missing_rows, batches)
 
@@ -23,9 +23,10 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'KINDS', 'CACHE_MODES', 'RETRIEVE_TOOL', 'Answer', 'RunStats', 'Answers', 'record_run', 'BackendError',
-           'BackendUnavailable', 'ModelNotFound', 'MissingKey', 'ContextTooLong', 'ReplayMiss', 'parse_spec',
-           'cache_key', 'AnswerCache', 'transient', 'retry_call', 'RateLimiter', 'call_cost', 'Reply', 'LLMBackend',
-           'OllamaBackend', 'OpenAIBackend', 'KBBackend', 'vote', 'ConsensusBackend', 'get_backend', 'backend_options']
+           'BackendUnavailable', 'ModelNotFound', 'MissingKey', 'ContextTooLong', 'ReplayMiss', 'CacheError',
+           'Cancelled', 'Interrupted', 'parse_spec', 'cache_key', 'default_cache_path', 'AnswerCache', 'transient',
+           'retry_call', 'RateLimiter', 'call_cost', 'Reply', 'LLMBackend', 'OllamaBackend', 'OpenAIBackend',
+           'KBBackend', 'vote', 'ConsensusBackend', 'get_backend', 'backend_options']
 
 # %% ../nbs/06_backends.ipynb #97f8d0d3
 @dataclass
@@ -45,6 +46,7 @@ class Answer:
     prompt: str = '' # the prompt that was sent
     cached: bool = False # answered from the cache
     label_raw: str = '' # the row's answer as the model wrote it, qualifiers included (`prompts.parse_answer`)
+    missing: bool = False # no answer could be parsed for this cluster (label 'Unknown'); asked again on a rerun
 
 # %% ../nbs/06_backends.ipynb #f8ddb075
 @dataclass
@@ -57,19 +59,22 @@ class RunStats:
     tokens_out: int = 0
     cost: float|None = 0.0 # USD; None when some call had no price
     wall: float = 0.0 # seconds
+    missing: int = 0 # clusters left without an answer (label 'Unknown')
 
     def add_cost(self, c):
         self.cost = None if (c is None or self.cost is None) else self.cost + c
 
     def __add__(self, o:RunStats)->RunStats:
         s = RunStats(self.calls+o.calls, self.hits+o.hits, self.reasks+o.reasks, self.tokens_in+o.tokens_in,
-                     self.tokens_out+o.tokens_out, self.cost, max(self.wall, o.wall))
+                     self.tokens_out+o.tokens_out, self.cost, max(self.wall, o.wall),
+                     self.missing+o.missing)
         s.add_cost(o.cost); return s
 
     def summary(self)->str:
         cost = 'unknown (no price for this model)' if self.cost is None else f'${self.cost:.4f}'
         return (f"{self.calls} requests, {self.hits} cache hits, {self.reasks} re-asks, "
-                f"{self.tokens_in}+{self.tokens_out} tokens, cost {cost}, {self.wall:.1f} s")
+                f"{self.tokens_in}+{self.tokens_out} tokens, cost {cost}, {self.wall:.1f} s"
+                + (f", {self.missing} clusters without an answer" if self.missing else ''))
 
 # %% ../nbs/06_backends.ipynb #40afc290
 class Answers(list):
@@ -101,6 +106,9 @@ class ModelNotFound(BackendError): "The model is not on the server."
 class MissingKey(BackendError): "An API key is needed and not set."
 class ContextTooLong(BackendError): "The prompt does not fit the model's context window."
 class ReplayMiss(BackendError): "Replay-only cache mode and the answer is not cached."
+class CacheError(BackendError): "The answer cache cannot be opened, read or written."
+class Cancelled(BackendError): "The run was stopped (Ctrl-C or an earlier error) before this prompt was sent."
+class Interrupted(KeyboardInterrupt): "Ctrl-C during a run: pending prompts cancelled, answers that arrived cached."
 
 # %% ../nbs/06_backends.ipynb #46f8db9f
 KINDS = ('kb', 'ollama', 'openai', 'consensus')
@@ -151,41 +159,57 @@ def cache_key(parts:dict)->str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 # %% ../nbs/06_backends.ipynb #5e93d1fc
+def default_cache_path()->Path:
+    "The answer cache shared by CLI, notebooks and figures: `answers.sqlite` in the per-user cache (`config.cache_dir`)."
+    return cache_dir('llm')/'answers.sqlite'
+
 class AnswerCache:
     "A persistent, thread-safe sqlite store of LLM answers."
-    def __init__(self, path:str|Path='.deepseq_cache/answers.sqlite', # sqlite file (a directory gets answers.sqlite inside)
+    def __init__(self, path:str|Path|None=None, # sqlite file (a directory gets answers.sqlite inside); None: `default_cache_path()`
                  mode:str='use', # use, refresh or replay
                 ):
         if mode not in CACHE_MODES: raise ValueError(f"Cache mode {mode!r} is not one of {', '.join(CACHE_MODES)}.")
-        p = Path(path)
+        p = default_cache_path() if path is None else Path(path).expanduser()
         if p.suffix not in ('.sqlite', '.db'): p = p/'answers.sqlite'
-        p.parent.mkdir(parents=True, exist_ok=True)
         self.path, self.mode, self._lock = p, mode, threading.Lock()
-        self._db = sqlite3.connect(p, check_same_thread=False, isolation_level=None)
-        self._db.execute("""CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, backend TEXT, model TEXT,
-            request TEXT, raw TEXT, parsed TEXT, tokens_in INTEGER, tokens_out INTEGER, latency REAL, cost REAL,
-            sources TEXT, requests INTEGER, created REAL)""")
+        with self._guard('opened'):
+            p.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(p, check_same_thread=False, isolation_level=None)
+            self._db.execute("""CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, backend TEXT, model TEXT,
+                request TEXT, raw TEXT, parsed TEXT, tokens_in INTEGER, tokens_out INTEGER, latency REAL, cost REAL,
+                sources TEXT, requests INTEGER, created REAL)""")
+
+    @contextmanager
+    def _guard(self, what:str):
+        "Turn sqlite, file-system and JSON errors into a `CacheError` that names the file and what to do."
+        try: yield
+        except (sqlite3.Error, OSError, json.JSONDecodeError) as e:
+            bad = isinstance(e, (sqlite3.DatabaseError, json.JSONDecodeError)) and not isinstance(e, sqlite3.OperationalError)
+            fix = (f"it looks corrupt: move it aside (mv '{self.path}' '{self.path}.bad') and rerun; its answers will be "
+                   "asked again" if bad else "check that its directory exists and is writable, or set DEEPSEQ_CACHE "
+                   "(or [annotate] cache_dir) to another directory")
+            raise CacheError(f"The answer cache {self.path} could not be {what} ({type(e).__name__}: {e}): {fix}.") from None
 
     def get(self, key:str)->dict|None:
         "The stored record for `key`, or None."
-        with self._lock:
+        with self._guard('read'), self._lock:
             cur = self._db.execute('SELECT * FROM answers WHERE key=?', (key,))
             row = cur.fetchone()
             if row is None: return None
             rec = dict(zip([d[0] for d in cur.description], row))
-        for k in ('request', 'parsed', 'sources'): rec[k] = json.loads(rec[k])
+            for k in ('request', 'parsed', 'sources'): rec[k] = json.loads(rec[k])
         return rec
 
     def put(self, key:str, rec:dict):
         "Store (or replace) a record and commit at once."
         cols = ['backend','model','request','raw','parsed','tokens_in','tokens_out','latency','cost','sources','requests']
         vals = [json.dumps(rec[c]) if c in ('request','parsed','sources') else rec.get(c) for c in cols]
-        with self._lock:
+        with self._guard('written'), self._lock:
             self._db.execute(f"INSERT OR REPLACE INTO answers (key,{','.join(cols)},created) VALUES (?{',?'*len(cols)},?)",
                              [key, *vals, time.time()])
 
     def __len__(self):
-        with self._lock: return self._db.execute('SELECT COUNT(*) FROM answers').fetchone()[0]
+        with self._guard('read'), self._lock: return self._db.execute('SELECT COUNT(*) FROM answers').fetchone()[0]
 
     def close(self):
         with self._lock: self._db.close()
@@ -211,6 +235,8 @@ def _status(e:Exception)->int|None:
 def transient(e:Exception)->tuple[bool, float|None]:
     "(retry?, seconds the server asked us to wait) for an error raised by a model call."
     if isinstance(e, BackendError): return False, None
+    if isinstance(e, ValueError) and any(n in type(e).__name__.lower() for n in ('jsondecode', 'validation')):
+        return True, None   # a malformed answer body (not JSON, or not the API's shape): like a 5xx, try again
     s = _status(e)
     if s is not None:
         resp = getattr(e, 'response', None)
@@ -277,7 +303,7 @@ class LLMBackend:
     "Shared machinery of the LLM backends; subclasses implement `_connect` and `_call`."
     kind = ''
     def __init__(self, model:str, # model name on the server
-                 cache:AnswerCache|str|Path|None='.deepseq_cache', # cache object, or its directory/file; None = no cache
+                 cache:AnswerCache|str|Path|bool|None=True, # True: the per-user cache; an object, directory or file; None/False: none
                  cache_mode:str='use', # use, refresh or replay
                  batch_size:int=MAX_ROWS, # clusters per prompt (1 = one call per cluster)
                  structured:bool=False, # ask for JSON answers with confidence and reason
@@ -299,9 +325,10 @@ class LLMBackend:
         self.retry = dict(max_retries=max_retries, backoff=backoff, max_backoff=max_backoff, sleep=sleep)
         self.concurrency, self.limiter, self.prices = concurrency, RateLimiter(rate_limit, sleep=sleep), prices
         self.max_reasks, self.progress = max_reasks, progress
-        self.cache = cache if isinstance(cache, AnswerCache) or cache is None else AnswerCache(cache, cache_mode)
+        self.cache = (cache if isinstance(cache, AnswerCache) else None if cache is None or cache is False else
+                      AnswerCache(None if cache is True else cache, cache_mode))
         if isinstance(cache, AnswerCache) and cache_mode != 'use': self.cache.mode = cache_mode
-        self._client, self._connect_lock, self.stats = None, threading.Lock(), RunStats()
+        self._client, self._connect_lock, self.stats, self._stop = None, threading.Lock(), RunStats(), threading.Event()
 
     @property
     def spec(self)->str: return f'{self.kind}:{self.model}'
@@ -318,6 +345,10 @@ class LLMBackend:
         return dict(backend=self.kind, model=self.model, prompt=prompt, tools=self.tools(), temperature=self.temperature,
                     seed=self.seed, template=TEMPLATE_VERSION, structured=self.structured)
 
+    def server(self)->str:
+        "The server this backend talks to, for error messages."
+        return '?'
+
     def connect(self):
         "Check the server/key and build the client, once."
         with self._connect_lock:
@@ -325,21 +356,46 @@ class LLMBackend:
         return self._client
 
 # %% ../nbs/06_backends.ipynb #f58d9cac
-def _ask(self:LLMBackend, prompt:str, n:int, ctx:ClusterQuery)->dict:
+def _failed_call(self:LLMBackend, e:Exception, attempts:int)->Exception:
+    "A `BackendError` naming the server for a call that failed for good on a connection, timeout or malformed body."
+    name, attempts = type(e).__name__.lower(), f"{attempts} attempt{'s' if attempts != 1 else ''}"
+    if isinstance(e, BackendError): return e
+    if isinstance(e, ConnectionError) or 'connect' in name and 'timeout' not in name:
+        return BackendUnavailable(f"Cannot reach the {self.kind} server at {self.server()} ({type(e).__name__}: {e}; "
+                                  f"{attempts}). Check that it is running and the URL is right.")
+    if isinstance(e, TimeoutError) or 'timeout' in name:
+        return BackendError(f"The {self.kind} server at {self.server()} did not answer within {self.timeout:g} s "
+                            f"({attempts}). Raise [annotate] timeout (--set annotate.timeout=300) or check the server.")
+    if isinstance(e, ValueError) and any(n in name for n in ('jsondecode', 'validation')):
+        return BackendError(f"The {self.kind} server at {self.server()} answered with a malformed body "
+                            f"({type(e).__name__}; {attempts}): is it an {self.kind} API server?")
+    return e
+
+def _ask(self:LLMBackend, prompt:str, n:int, ctx:ClusterQuery,
+         partial_ok:bool=True, # a cached answer that lacks some of the `n` rows still counts (False: ask again)
+        )->dict:
     "The cached or fresh record for one prompt of `n` rows."
     parts, key = self.key_parts(prompt), None
     if self.cache is not None:
         key = cache_key(parts)
         if self.cache.mode != 'refresh' and (rec := self.cache.get(key)) is not None:
-            with self._connect_lock: self.stats.hits += 1
-            return {**rec, 'cached': True, 'latency': 0.0}
-        if self.cache.mode == 'replay':
+            if partial_ok or len(rec['parsed']) >= n or self.cache.mode == 'replay':
+                with self._connect_lock: self.stats.hits += 1
+                return {**rec, 'cached': True, 'latency': 0.0}
+            log.info("%s: the cached answer has %d of %d rows; asking again", self.spec, len(rec['parsed']), n)
+        elif self.cache.mode == 'replay':
             raise ReplayMiss(f"No cached answer from {self.spec} for this prompt and cache mode is 'replay' "
                              f"({self.cache.path}). Run once with cache mode 'use' to fill the cache:\n{prompt[:300]}")
+    def attempt():
+        if self._stop.is_set(): raise Cancelled(f"{self.spec}: the run was stopped before this prompt was sent.")
+        return self._call(prompt, ctx)
+    if self._stop.is_set(): raise Cancelled(f"{self.spec}: the run was stopped before this prompt was sent.")
     self.connect()
     self.limiter.wait()
-    t0 = time.perf_counter()
-    r = retry_call(lambda: self._call(prompt, ctx), **self.retry)
+    t0, kw = time.perf_counter(), dict(self.retry)
+    if kw['sleep'] is time.sleep: kw['sleep'] = self._stop.wait   # a Ctrl-C ends a backoff wait at once
+    try: r = retry_call(attempt, **kw)
+    except Exception as e: raise self._failed_call(e, 1 + kw['max_retries']) from e
     lat = time.perf_counter() - t0
     cost = 0.0 if self.kind == 'ollama' else call_cost(self.model, r.tokens_in, r.tokens_out, self.prices, r.searches)
     rec = dict(backend=self.kind, model=self.model, request=parts, raw=r.text,
@@ -351,7 +407,7 @@ def _ask(self:LLMBackend, prompt:str, n:int, ctx:ClusterQuery)->dict:
         self.stats.add_cost(cost)
     log.info("%s answered %d rows in %.2f s (%d+%d tokens)", self.spec, n, lat, r.tokens_in, r.tokens_out)
     return {**rec, 'cached': False}
-LLMBackend.ask = _ask
+LLMBackend.ask, LLMBackend._failed_call = _ask, _failed_call
 
 # %% ../nbs/06_backends.ipynb #a2984622
 def _to_answers(self:LLMBackend, chunk:list[ClusterQuery], rows:list[int], rec:dict)->dict[int,Answer]:
@@ -373,14 +429,17 @@ def _answer_chunk(self:LLMBackend, chunk:list[ClusterQuery])->list[Answer]:
     rows, out = list(range(1, len(chunk)+1)), {}
     for attempt in range(self.max_reasks + 1):
         sub = [chunk[i-1] for i in rows]
-        rec = self.ask(make_prompt(sub, self.structured), len(sub), sub[0])
+        rec = self.ask(make_prompt(sub, self.structured), len(sub), sub[0], partial_ok=attempt < self.max_reasks)
         if attempt and not rec['cached']:
             with self._connect_lock: self.stats.reasks += 1
         out.update(self._to_answers(chunk, rows, rec))
         rows = [r for r in rows if r not in out]
         if not rows: break
         log.warning("%s: %d of %d rows missing from the answer; re-asking them", self.spec, len(rows), len(chunk))
-    for r in rows: out[r] = Answer(chunk[r-1].cluster, 'Unknown', None, 'no answer could be parsed', backend=self.spec)
+    for r in rows: out[r] = Answer(chunk[r-1].cluster, 'Unknown', None, 'no answer could be parsed', backend=self.spec,
+                                   missing=True)
+    if rows:
+        with self._connect_lock: self.stats.missing += len(rows)
     return [out[r] for r in range(1, len(chunk)+1)]
 LLMBackend._to_answers, LLMBackend.answer_chunk = _to_answers, _answer_chunk
 
@@ -398,23 +457,45 @@ def _progress(self, total:int):
     from tqdm.auto import tqdm
     return tqdm(total=total, desc=self.spec, unit='prompt', disable=not self.progress, leave=False)
 
+def _run_pool(self:LLMBackend, chunks:list, pbar)->tuple[dict, list]:
+    "Answer `chunks` on `concurrency` daemon threads; ({chunk index: answers}, errors). Ctrl-C raises at once."
+    todo, done, stop = queue.SimpleQueue(), queue.SimpleQueue(), self._stop   # this run's stop event
+    for i, c in enumerate(chunks): todo.put((i, c))
+    def work():
+        while not stop.is_set():
+            try: i, c = todo.get_nowait()
+            except queue.Empty: return
+            try: done.put((i, self.answer_chunk(c), None))
+            except Exception as e: done.put((i, None, e))
+    threads = [threading.Thread(target=work, daemon=True, name=f'deepseq-{self.kind}-{k}')
+               for k in range(min(self.concurrency, len(chunks)))]
+    for t in threads: t.start()
+    results, errors = {}, []
+    while len(results) + len(errors) < len(chunks) and (any(t.is_alive() for t in threads) or not done.empty()):
+        try: i, r, e = done.get(timeout=0.1)
+        except queue.Empty: continue
+        if e is None: results[i] = r
+        elif not isinstance(e, Cancelled) or not errors: errors.append(e)
+        if e is not None: stop.set()   # no new calls; those in flight finish and are cached
+        pbar.update(1)
+        s = self.stats
+        pbar.set_postfix(calls=s.calls, hits=s.hits, tokens=s.tokens_in+s.tokens_out, cost='?' if s.cost is None else f'${s.cost:.4f}')
+    return results, errors
+
 def _annotate(self:LLMBackend, queries:list[ClusterQuery])->Answers:
     "One `Answer` per query, in order; `.stats` counts requests, cache hits, tokens and cost of this run."
     chunks, self.stats, t0 = _chunks(queries, self.batch_size), RunStats(), time.perf_counter()
-    results, errors, pbar = {}, [], _progress(self, len(chunks))
-    with ThreadPoolExecutor(max_workers=self.concurrency) as ex:
-        futs = {ex.submit(self.answer_chunk, c): i for i, c in enumerate(chunks)}
-        for f in as_completed(futs):
-            try: results[futs[f]] = f.result()
-            except Exception as e:
-                if not errors:
-                    for g in futs: g.cancel()   # no new calls; those in flight finish and are cached
-                errors.append(e)
-            pbar.update(1)
-            s = self.stats
-            pbar.set_postfix(calls=s.calls, hits=s.hits, tokens=s.tokens_in+s.tokens_out,
-                             cost='?' if s.cost is None else f'${s.cost:.4f}')
-    pbar.close()
+    self._stop = threading.Event()   # a new event per run: threads left from an interrupted run keep theirs (set)
+    pbar = _progress(self, len(chunks))
+    try: results, errors = self._run_pool(chunks, pbar)
+    except KeyboardInterrupt:
+        self._stop.set()   # pending prompts are never sent; a call in flight is abandoned (its answer is cached if it lands)
+        self.stats.wall = time.perf_counter() - t0
+        record_run(self.spec, getattr(self, 'model', None), self.stats, len(queries), ok=False)
+        where = f"cached in {self.cache.path}" if self.cache is not None else "not cached (no cache)"
+        raise Interrupted(f"stopped: {self.stats.calls} requests had been answered ({self.stats.hits} from the cache); "
+                          f"the answers that arrived are {where}, and pending prompts were not sent.") from None
+    finally: pbar.close()
     self.stats.wall = time.perf_counter() - t0
     record_run(self.spec, getattr(self, 'model', None), self.stats, len(queries), ok=not errors)
     if errors:
@@ -424,7 +505,7 @@ def _annotate(self:LLMBackend, queries:list[ClusterQuery])->Answers:
         raise BackendError(f"{len(errors)} of {len(chunks)} prompts to {self.spec} failed ({type(e).__name__}: {e}). "
                            f"The answers for {done} clusters received so far are cached{where}.") from e
     return Answers([a for i in range(len(chunks)) for a in results[i]], self.stats)
-LLMBackend.annotate = _annotate
+LLMBackend._run_pool, LLMBackend.annotate = _run_pool, _annotate
 
 # %% ../nbs/06_backends.ipynb #a8ad8ccb
 RETRIEVE_TOOL = {'type': 'function', 'function': {
@@ -456,6 +537,7 @@ class OllamaBackend(LLMBackend):
     @property
     def spec(self): return f"ollama:{self.model}{'?search=true' if self.search else ''}"
     def tools(self): return [RETRIEVE_TOOL, {'max_steps': self.max_steps}] if self.search else []
+    def server(self): return self.host or 'http://127.0.0.1:11434'
 
     def _connect(self):
         import ollama
@@ -528,6 +610,7 @@ class OpenAIBackend(LLMBackend):
     @property
     def spec(self): return f"openai:{self.model}{'?web_search=true' if self.web_search else ''}"
     def tools(self): return [{'type': 'web_search'}] if self.web_search else []
+    def server(self): return self.base_url or 'https://api.openai.com/v1'
 
     def _connect(self):
         import openai

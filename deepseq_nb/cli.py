@@ -6,11 +6,11 @@ Docs: https://deepseq-nb.github.io/deepseq_nb/cli.html.md"""
 
 # %% ../nbs/91_cli.ipynb #33d6db54
 from __future__ import annotations
-import argparse, sys, time, warnings
+import argparse, os, sys, time, traceback, warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from .config import load_settings, set_seed
+from .config import load_settings, set_seed, atomic_write, check_out_path
 
 # %% auto #0
 __all__ = ['step', 'cmd_qc', 'cmd_cluster', 'cmd_markers', 'cmd_figures', 'cmd_annotate', 'annotate_marker_table',
@@ -27,14 +27,15 @@ def step(msg:str, quiet:bool=False):
 
 # %% ../nbs/91_cli.ipynb #93590d9d
 def _settings(args):
-    "Settings with the `--set` overrides of `args`."
+    "Settings with the `--set` overrides of `args` (unknown keys and wrong types fail here, before any work)."
     return load_settings(overrides=getattr(args, 'set', None) or [])
 
 def _load(args, S):
-    "Load INPUT (bundled name or path) with the settings' x_is."
+    "Load INPUT (bundled name or path) with the settings' x_is and the table options."
     from deepseq_nb.data import load
+    kw = {k: getattr(args, k) for k in ('orientation', 'encoding') if getattr(args, k, None) is not None}
     with step(f'loading {args.input}', args.quiet):
-        a = load(args.input, x_is=getattr(args, 'x_is', None) or S.get('data.x_is'))
+        a = load(args.input, x_is=getattr(args, 'x_is', None) or S.get('data.x_is'), **kw)
     if not args.quiet: print(f"  {a.n_obs:,} cells x {a.n_vars:,} genes ({a.uns['x_is']})", file=sys.stderr)
     return a
 
@@ -44,11 +45,42 @@ def _qc_kwargs(args, S)->dict:
     return dict(strategy=g('strategy', 'qc.strategy'), min_genes=g('min_genes', 'qc.min_genes'),
                 smooth_frac=S.get('qc.smooth_frac'), sensitivity=S.get('qc.knee_sensitivity'))
 
+def _outputs(args, *names)->list:
+    "Check the output paths named by options `names` (their directory exists and is writable) before any work."
+    return [check_out_path(getattr(args, n), f"--{n.replace('_', '-')}") for n in names if getattr(args, n, None)]
+
+def _write_h5ad(a, path):
+    "Write `a` to `path` atomically (a temporary file renamed over it), so a kill never leaves a corrupt file."
+    with atomic_write(path) as tmp: a.write_h5ad(tmp, compression='gzip')
+    print(f"written: {path}")
+
+def _write_csv(df, path):
+    "Write `df` to `path` atomically."
+    with atomic_write(path) as tmp: df.to_csv(tmp, index=False)
+    print(f"written: {path}")
+
+def _read_csv(path, encoding:str|None=None, what:str='CSV'):
+    "A user's CSV as a DataFrame; a missing, undecodable or unparsable file gets a message that names it."
+    import pandas as pd
+    p = Path(path)
+    if not p.exists(): raise FileNotFoundError(f"{what} {p} not found.")
+    try: return pd.read_csv(p, encoding=encoding)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p} is not {encoding or 'UTF-8'} text ({e.reason} at byte {e.start}): give its encoding "
+                         "with --encoding, e.g. --encoding latin-1.") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise ValueError(f"{p} could not be read as a CSV table: {str(e).strip().splitlines()[-1]}") from None
+
 # %% ../nbs/91_cli.ipynb #4e52eaf0
 def cmd_qc(args)->int:
     "Flag cells with one of the three filters; print what was kept; optionally plot and save."
     from deepseq_nb.qc import filter_cells, plot_knee
-    S = _settings(args); a = _load(args, S)
+    from deepseq_nb.data import InputError
+    S = _settings(args); _outputs(args, 'plot', 'out'); a = _load(args, S)
+    if a.uns.get('x_is') == 'lognorm':
+        raise InputError(f"qc needs raw counts, but {args.input} holds log-normalised values: the QC filters count genes "
+                         f"and UMIs per barcode. Give the raw count matrix; or, if its cells are already filtered, skip qc "
+                         f"and run `deepseq cluster {args.input} --out OUT.h5ad` (or `deepseq annotate`) on it directly.")
     kw = _qc_kwargs(args, S)
     with step(f"QC ({kw['strategy']})", args.quiet): filter_cells(a, **kw, key_added='qc_pass')
     u = a.uns['qc_pass']
@@ -57,9 +89,10 @@ def cmd_qc(args)->int:
     if args.plot:
         import matplotlib; matplotlib.use('Agg')
         a.uns[f"qc_{kw['strategy']}"] = u; a.obs[f"qc_{kw['strategy']}"] = a.obs['qc_pass']
-        ax = plot_knee(a, strategy=kw['strategy']); ax.figure.savefig(args.plot, dpi=120, bbox_inches='tight')
+        ax = plot_knee(a, strategy=kw['strategy'])
+        with atomic_write(args.plot) as tmp: ax.figure.savefig(tmp, dpi=120, bbox_inches='tight')
         print(f"plot: {args.plot}")
-    if args.out: a.write_h5ad(args.out, compression='gzip'); print(f"written: {args.out}")
+    if args.out: _write_h5ad(a, args.out)
     return 0
 
 # %% ../nbs/91_cli.ipynb #6affbca2
@@ -73,10 +106,10 @@ def _cluster_for(args, S):
 
 def cmd_cluster(args)->int:
     "QC (dropping failed cells), normalise, HVG, PCA, neighbours, Leiden, UMAP; write an .h5ad."
-    S = _settings(args)
+    S = _settings(args); _outputs(args, 'out')
     a = _cluster_for(args, S)
     print(a.obs['leiden'].value_counts().sort_index().rename('n_cells').to_string())
-    a.write_h5ad(args.out, compression='gzip'); print(f"written: {args.out}")
+    _write_h5ad(a, args.out)
     return 0
 
 # %% ../nbs/91_cli.ipynb #df5a5b18
@@ -84,14 +117,14 @@ def cmd_markers(args)->int:
     "Top marker genes per group of a clustered .h5ad, printed one row per cluster, optionally as a tidy CSV."
     import anndata as ad
     from deepseq_nb.cluster import markers_from_settings, markers_by_cluster
-    S = _settings(args)
+    S = _settings(args); _outputs(args, 'csv')
     p = Path(args.input)
     if not p.exists(): raise FileNotFoundError(f"{p} not found: give the .h5ad written by `deepseq cluster`.")
     a = ad.read_h5ad(p)
     with step('ranking marker genes', args.quiet):
         mk = markers_from_settings(a, S, groupby=args.groupby, n_genes=args.n_genes, method=args.method)
     for c, genes in markers_by_cluster(mk).items(): print(f"{c}\t{', '.join(genes)}")
-    if args.csv: mk.to_csv(args.csv, index=False); print(f"written: {args.csv}")
+    if args.csv: _write_csv(mk, args.csv)
     return 0
 
 # %% ../nbs/91_cli.ipynb #35f5f2f9
@@ -113,34 +146,47 @@ def _print_annotation(tab, cols=('cluster', 'n_cells', 'label', 'cl_name', 'conf
     with pd.option_context('display.max_colwidth', 70, 'display.width', 200):
         print(tab[[c for c in cols if c in tab]].to_string(index=False))
 
+def _check_backend(spec:str, S):
+    "Build the backend named by `spec` once, before any work: an unknown name, a bad option or an unusable cache fails here."
+    from deepseq_nb.backends import get_backend, backend_options
+    return get_backend(spec, **({} if spec == 'kb' else backend_options(S, spec)))
+
+def _missing_note(n:int)->str:
+    return f"; {n} clusters without an answer (label Unknown; a rerun asks for them again)" if n else ''
+
 def cmd_annotate(args)->int:
     "QC → clusters → markers → annotation (or annotate a marker CSV with --markers)."
-    import pandas as pd
-    S = _settings(args)
+    S = _settings(args); _outputs(args, 'out')
     backend = args.backend or S.get('annotate.backend')
+    _check_backend(backend, S)
     if args.markers:
-        mk = pd.read_csv(args.input)
+        mk = _read_csv(args.input, getattr(args, 'encoding', None), 'marker table')
         if {'cluster', 'gene', 'rank'} <= set(mk.columns):
             mk = mk.sort_values(['cluster', 'rank']).groupby('cluster', sort=False)['gene'].apply(', '.join).reset_index(name='marker')
         if not {'cluster', 'marker'} <= set(mk.columns):
             raise KeyError(f"{args.input} needs columns cluster and marker (comma-separated genes), or cluster, rank, gene.")
         mk['tissue'] = args.tissue or S.get('data.tissue'); mk['species'] = args.species or S.get('data.species')
         with step(f'annotating {len(mk)} clusters with {backend}', args.quiet):
-            pred = annotate_marker_table(mk.set_index(mk['cluster'].astype(str)), backend=backend, settings=S)
-        _print_annotation(mk.assign(label=pred['prediction'].values, confidence=pred['confidence'].values))
-        if args.out: mk.assign(label=pred['prediction'].values).to_csv(args.out, index=False); print(f"written: {args.out}")
+            pred = annotate_marker_table(mk.set_index(mk['cluster'].astype(str)), backend=backend, settings=S,
+                                         progress=not args.quiet)
+        _print_annotation(mk.assign(label=pred['prediction'].fillna('Unknown').values, confidence=pred['confidence'].values))
+        st = pred.attrs.get('stats')
+        if st is not None: print(f"backend {backend}: {st.summary()}")
+        if args.out: _write_csv(mk.assign(label=pred['prediction'].values), args.out)
         return 0
     from deepseq_nb.annotate import annotate
-    if getattr(args, 'out', None) is None: args.out = None
     tmp_args = argparse.Namespace(**{**vars(args), 'resolution': None, 'out': None})
     a = _cluster_for(tmp_args, S)
     with step(f'annotating with {backend}', args.quiet):
-        annotate(a, backend=backend, tissue=args.tissue, species=args.species, settings=S)
-    _print_annotation(a.uns['deepseq']['table'])
+        annotate(a, backend=backend, tissue=args.tissue, species=args.species, settings=S,
+                 **({'progress': False} if args.quiet and backend != 'kb' else {}))
+    tab = a.uns['deepseq']['table']
+    _print_annotation(tab)
     st = a.uns['deepseq']['stats']
+    n_missing = int((tab['missing'].astype(str) == 'True').sum()) if 'missing' in tab else 0
     print(f"backend {backend}: {st['calls']} requests, {st['cache_hits']} cache hits, cost "
-          f"{'unknown' if st['cost'] != st['cost'] else '$%.4f' % st['cost']}")
-    if args.out: a.write_h5ad(args.out, compression='gzip'); print(f"written: {args.out}")
+          f"{'unknown' if st['cost'] != st['cost'] else '$%.4f' % st['cost']}{_missing_note(n_missing)}")
+    if args.out: _write_h5ad(a, args.out)
     return 0
 
 # %% ../nbs/91_cli.ipynb #5523a563
@@ -149,13 +195,13 @@ def _split_markers(s)->list:
     import pandas as pd
     return [] if not isinstance(s, str) else [g.strip() for g in s.split(',') if g.strip()]
 
-def annotate_marker_table(df, backend:str='kb', species:str='human', settings=None):
+def annotate_marker_table(df, backend:str='kb', species:str='human', settings=None, progress:bool=True):
     "Annotate a benchmark-style table (one marker list per row) with any backend; returns prediction and reason per row."
     import pandas as pd
     from deepseq_nb.backends import get_backend, backend_options
     from deepseq_nb.prompts import ClusterQuery
     S = settings or load_settings()
-    be = get_backend(backend, **({} if backend == 'kb' else backend_options(S, backend)))
+    be = get_backend(backend, **({} if backend == 'kb' else {**backend_options(S, backend), 'progress': progress}))
     out = pd.DataFrame(index=df.index, data={'prediction': None, 'confidence': float('nan'), 'reason': ''})
     queries = []
     for i, r in df.iterrows():
@@ -164,10 +210,14 @@ def annotate_marker_table(df, backend:str='kb', species:str='human', settings=No
         t = r.get('tissue'); sp = r.get('species', species)
         queries.append(ClusterQuery(cluster=str(i), markers=genes, tissue=t if isinstance(t, str) else None,
                                     species=sp if isinstance(sp, str) else species))
-    for a in be.annotate(queries):
+    res = be.annotate(queries) if queries else []
+    for a in res:
         i = type(df.index[0])(a.cluster) if len(df.index) else a.cluster
+        if getattr(a, 'missing', False):   # no answer parsed: no prediction (counted as such), asked again on a rerun
+            out.loc[i, 'reason'] = 'no answer from the model'; continue
         out.loc[i, 'prediction'], out.loc[i, 'confidence'] = a.label, a.confidence
         if a.label in (None, 'Unknown'): out.loc[i, 'reason'] = a.reason or 'no answer'
+    out.attrs['stats'] = getattr(res, 'stats', None)
     return out
 
 # %% ../nbs/91_cli.ipynb #01b5056f
@@ -175,16 +225,16 @@ def cmd_benchmark(args)->int:
     "Annotate a benchmark CSV with a backend and score it against `manual_annotation`."
     import pandas as pd
     from deepseq_nb.evaluate import score_benchmark
-    S = _settings(args)
+    S = _settings(args); _outputs(args, 'out'); _check_backend(args.backend, S)
     p = Path(args.csv)
     if not p.exists(): raise FileNotFoundError(f"{p} not found: give a CSV with columns tissue, marker, manual_annotation.")
-    df = pd.read_csv(p)
+    df = _read_csv(p, getattr(args, 'encoding', None))
     miss = [c for c in ('marker', 'manual_annotation') if c not in df.columns]
     if miss: raise KeyError(f"{p.name} lacks column(s) {', '.join(miss)}; it needs tissue, marker and manual_annotation "
                             "(optional: dataset, manual_CLID, species).")
     if 'tissue' not in df: df['tissue'] = None
     with step(f'annotating {len(df):,} rows with {args.backend}', args.quiet):
-        pred = annotate_marker_table(df, backend=args.backend, species=args.species, settings=S)
+        pred = annotate_marker_table(df, backend=args.backend, species=args.species, settings=S, progress=not args.quiet)
     df = df.assign(prediction=pred['prediction'], confidence=pred['confidence'], annotate_reason=pred['reason'])
     res = score_benchmark(df, 'prediction', truth_col='manual_annotation', dataset_col='dataset' if 'dataset' in df else None)
     print(res.summary.to_string(index=False))
@@ -192,8 +242,9 @@ def cmd_benchmark(args)->int:
     if len(bad):
         why = (df.loc[bad.index, 'annotate_reason'].replace('', None).fillna(bad['reason'])).value_counts()
         print('rows not annotated or not scored: ' + '; '.join(f'{k}: {v}' for k, v in why.items()))
-    if args.out:
-        df.assign(agreement=res.rows['score'], soft=res.rows['soft']).to_csv(args.out, index=False); print(f"written: {args.out}")
+    st = pred.attrs.get('stats')
+    if st is not None and st.missing: print(f"backend {args.backend}: {st.summary()}")
+    if args.out: _write_csv(df.assign(agreement=res.rows['score'], soft=res.rows['soft']), args.out)
     print(res.last_line())
     return 0
 
@@ -224,6 +275,7 @@ def cmd_evaluate(args)->int:
 _EPILOG = """examples:
   deepseq qc pbmc3k --strategy knee --plot knee.png      # bundled data by name
   deepseq qc path/to/raw_feature_bc_matrix --strategy smoothed_knee
+  deepseq qc counts.csv --orientation genes_x_cells   # a table with genes in rows
   deepseq cluster pbmc3k --out pbmc3k.h5ad --set cluster.resolution=0.8
   deepseq markers pbmc3k.h5ad --n-genes 10 --csv markers.csv
   deepseq figures --only fig_qc_knee
@@ -233,25 +285,36 @@ _EPILOG = """examples:
   deepseq figures --dataset my.h5ad --set data.tissue=Lung
   deepseq agent "annotate pbmc3k and tell me which clusters look novel" --dry-run
 
-Defaults come from settings.ini; --set section.key=value overrides any of them."""
+Defaults come from settings.ini; --set section.key=value overrides any of them.
+LLM answers are cached per user ($DEEPSEQ_CACHE, else ~/.cache/deepseq_nb): a rerun, or a run stopped
+with Ctrl-C (exit 130), resumes from the cache. Errors exit with status 2; --debug shows the traceback."""
 
 def _common(p, input_help='bundled dataset name (pbmc3k, tenx_toy_raw, ...) or a path: 10x mtx dir, 10x .h5, .h5ad, .csv/.tsv'):
     "Options every data command takes."
     if input_help: p.add_argument('input', help=input_help)
     p.add_argument('--set', action='append', metavar='SECTION.KEY=VALUE', help='override a settings.ini value (repeatable)')
     p.add_argument('-q', '--quiet', action='store_true', help='no progress messages')
+    p.add_argument('--debug', action='store_true', default=argparse.SUPPRESS, help='show the full traceback of an error')
+
+def _table_opts(p, orientation:bool=True):
+    "Options for reading a CSV/TSV input."
+    if orientation: p.add_argument('--orientation', choices=['cells_x_genes', 'genes_x_cells'],
+                                   help='CSV/TSV input: cells in rows (default) or genes in rows')
+    p.add_argument('--encoding', metavar='ENC', help='text encoding of a CSV/TSV input (default utf-8), e.g. latin-1')
 
 # %% ../nbs/91_cli.ipynb #9f7c8e26
 def build_parser()->argparse.ArgumentParser:
     "The `deepseq` argument parser."
     P = argparse.ArgumentParser(prog='deepseq', description='Cell-type annotation of scRNA-seq: QC, clusters, markers, paper figures.',
                                 epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    P.add_argument('--debug', action='store_true', help='show the full traceback of an error')
     sub = P.add_subparsers(dest='command', metavar='COMMAND')
     q = sub.add_parser('qc', help="flag cells with DeepSeq's filters (threshold, knee, smoothed_knee)")
     _common(q)
     q.add_argument('--strategy', choices=['threshold', 'knee', 'smoothed_knee'], help='filter (default: settings qc.strategy)')
     q.add_argument('--min-genes', type=int, help='threshold strategy: minimum genes per cell (default 200)')
     q.add_argument('--x-is', choices=['auto', 'counts', 'lognorm'], help='what the matrix holds (default: detect)')
+    _table_opts(q)
     q.add_argument('--plot', metavar='PNG', help='save the barcode-rank plot with the threshold')
     q.add_argument('--out', metavar='H5AD', help='write the data with the flag in obs["qc_pass"]')
     q.set_defaults(func=cmd_qc)
@@ -262,6 +325,7 @@ def build_parser()->argparse.ArgumentParser:
     c.add_argument('--min-genes', type=int, help='threshold strategy: minimum genes per cell')
     c.add_argument('--resolution', type=float, help='Leiden resolution (default: settings cluster.resolution)')
     c.add_argument('--x-is', choices=['auto', 'counts', 'lognorm'], help='what the matrix holds (default: detect)')
+    _table_opts(c)
     c.set_defaults(func=cmd_cluster)
     m = sub.add_parser('markers', help='top marker genes per cluster of a clustered .h5ad')
     _common(m, input_help='.h5ad written by `deepseq cluster`')
@@ -286,6 +350,7 @@ def build_parser()->argparse.ArgumentParser:
     n.add_argument('--strategy', choices=['threshold', 'knee', 'smoothed_knee'], help='QC filter (default: settings)')
     n.add_argument('--min-genes', type=int, help='threshold strategy: minimum genes per cell')
     n.add_argument('--x-is', choices=['auto', 'counts', 'lognorm'], help='what the matrix holds (default: detect)')
+    _table_opts(n)
     n.add_argument('--out', metavar='PATH', help='write the annotated .h5ad (or CSV with --markers)')
     n.set_defaults(func=cmd_annotate)
     b = sub.add_parser('benchmark', help='annotate a marker-table CSV with a backend and score it (GPTCelltype rule)')
@@ -294,6 +359,7 @@ def build_parser()->argparse.ArgumentParser:
     b.add_argument('--backend', default='kb', help='kb (default), ollama:MODEL, openai:MODEL or consensus:[...]')
     b.add_argument('--species', default='human', help='species of rows without a species column (default human)')
     b.add_argument('--out', metavar='CSV', help='write predictions and per-row scores')
+    _table_opts(b, orientation=False)
     b.set_defaults(func=cmd_benchmark)
     e = sub.add_parser('evaluate', help='stage-1 marker validation and stage-2 agreement of an annotated .h5ad')
     _common(e, input_help='.h5ad with truth and prediction columns in obs')
@@ -306,16 +372,36 @@ def build_parser()->argparse.ArgumentParser:
     return P
 
 # %% ../nbs/91_cli.ipynb #e9298299
+def _expected(e:BaseException)->bool:
+    "Errors whose message says what was wrong (ours, file-system, settings, sqlite): printed without their type."
+    import sqlite3
+    from deepseq_nb.backends import BackendError
+    return isinstance(e, (BackendError, OSError, KeyError, ValueError, TypeError, sqlite3.Error))
+
+def _one_line(e:BaseException)->str:
+    "The first line of an error's message (KeyError's without the quotes)."
+    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    msg = (msg.strip().splitlines() or [''])[0]
+    return msg if _expected(e) and msg else f"{type(e).__name__}: {msg}"
+
 def main(argv:list|None=None)->int:
     "Entry point of the `deepseq` command."
     P = build_parser()
     args = P.parse_args(argv)
     if not getattr(args, 'func', None): P.print_help(); return 1
+    debug = getattr(args, 'debug', False) or bool(os.environ.get('DEEPSEQ_DEBUG'))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('default' if not args.quiet else 'ignore', UserWarning)
             return args.func(args)
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"deepseq {args.command}: error: {msg}", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        what = f"{e.args[0]} " if e.args else ''
+        print(f"\ndeepseq {args.command}: interrupted (Ctrl-C); {what}Nothing was written. Rerun the same command to "
+              "resume (LLM answers already received come from the cache).", file=sys.stderr, flush=True)
+        return 130
+    except Exception as e:
+        if debug: traceback.print_exc()
+        print(f"deepseq {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        if not _expected(e) and not debug: print("  (unexpected error: rerun with --debug to see the traceback, and please "
+                                                 "report it)", file=sys.stderr)
         return 2

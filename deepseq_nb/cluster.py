@@ -126,6 +126,10 @@ def top_markers(adata:ad.AnnData, groupby:str='leiden', n_genes:int=10,
                )->pd.DataFrame:
     "Top `n_genes` marker genes per group as a tidy table: cluster, rank, gene, logFC, adjusted p, % in/out."
     if groupby not in adata.obs: raise KeyError(f"obs has no column {groupby!r}; run cluster() first or pass groupby=<a column of obs>.")
+    n_groups = adata.obs[groupby].nunique()
+    if n_groups < 2: raise ValueError(f"Marker genes need at least 2 groups in obs[{groupby!r}], but its {adata.n_obs} cells form "
+                                      f"{n_groups}: markers are genes up in one group against the others. Give more cells, or "
+                                      "raise the Leiden resolution (--set cluster.resolution=2).")
     if adata.uns.get('x_is') == 'counts': raise ValueError("X holds counts: run cluster() or normalize() first so markers are ranked on log-normalised values.")
     mask = np.ones(adata.n_vars, bool) if not exclude_pattern else ~adata.var_names.astype(str).str.match(exclude_pattern)
     if method == 'mean': df = _mean_markers(adata, groupby, n_genes, mask)

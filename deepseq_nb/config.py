@@ -6,14 +6,17 @@ Docs: https://deepseq-nb.github.io/deepseq_nb/config.html.md"""
 
 # %% ../nbs/00_config.ipynb #03548142
 from __future__ import annotations
-import ast, configparser, os, random
+import ast, configparser, os, random, tempfile
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
+import platformdirs
 
 # %% auto #0
-__all__ = ['project_root', 'settings_path', 'parse_value', 'Settings', 'apply_overrides', 'load_settings', 'set_seed']
+__all__ = ['SETTING_TYPES', 'project_root', 'settings_path', 'parse_value', 'Settings', 'check_type', 'apply_overrides',
+           'load_settings', 'set_seed', 'cache_dir', 'atomic_write', 'check_out_path']
 
 # %% ../nbs/00_config.ipynb #ffcebab0
 def project_root(start:str|Path|None=None, # directory to search upwards from (default: cwd)
@@ -71,6 +74,37 @@ def _override_items(overrides:list|dict):
     if isinstance(overrides, dict): return [(*k.split('.', 1), v) for k, v in overrides.items()]
     return [_split_override(o) for o in overrides]
 
+# %% ../nbs/00_config.ipynb #5e7a1c01
+SETTING_TYPES = {   # key -> 'number' | 'int' | 'bool' | 'list' | 'number?' (None allowed): only where the default cannot say
+    'cluster.target_sum': 'number', 'cluster.resolution': 'number', 'qc.smooth_frac': 'number',
+    'qc.knee_sensitivity': 'number', 'annotate.timeout': 'number', 'annotate.temperature': 'number',
+    'annotate.rate_limit': 'number?', 'prices.web_search_call': 'number'}
+
+def _kind_of(key:str, default)->str|None:
+    "The expected kind of `key`'s values: from `SETTING_TYPES`, else from its default's type (None: not checked)."
+    if key in SETTING_TYPES: return SETTING_TYPES[key]
+    if isinstance(default, bool): return 'bool'
+    if isinstance(default, int): return 'int'
+    if isinstance(default, float): return 'number'
+    if isinstance(default, (list, tuple)): return 'list'
+    return None
+
+_KIND_OK = {'number': lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+            'int': lambda v: isinstance(v, int) and not isinstance(v, bool),
+            'bool': lambda v: isinstance(v, bool), 'list': lambda v: isinstance(v, (list, tuple))}
+_KIND_NAME = {'number': 'a number', 'int': 'an integer', 'bool': 'True or False', 'list': 'a list such as [a, b]'}
+
+def check_type(key:str, # `section.key`
+               value, # the parsed value
+               default=None, # the file's value for `key`, whose type is expected
+              ):
+    "`value` when it has the type `key` takes, else a `ValueError` naming the key and the expected type."
+    kind = _kind_of(key, default)
+    if kind is None or value is None and (kind.endswith('?') or default is None): return value
+    if _KIND_OK[kind.rstrip('?')](value): return value
+    raise ValueError(f"Setting {key} must be {_KIND_NAME[kind.rstrip('?')]}{' or None' if kind.endswith('?') else ''}, "
+                     f"got {value!r}: fix it with --set {key}=VALUE or in settings.ini.")
+
 # %% ../nbs/00_config.ipynb #cfce378c
 def apply_overrides(s:Settings, overrides:list|dict|None)->Settings:
     "Apply overrides to `s` in place; an unknown section or key raises an error that lists the valid ones."
@@ -79,20 +113,23 @@ def apply_overrides(s:Settings, overrides:list|dict|None)->Settings:
             raise KeyError(f"Unknown settings section {sec!r} in override {sec}.{key}; sections are: {', '.join(s)}.")
         if key not in s[sec]:
             raise KeyError(f"Unknown setting {sec}.{key}; keys of [{sec}] are: {', '.join(s[sec])}.")
-        s[sec][key] = parse_value(v) if isinstance(v, str) else v
+        s[sec][key] = check_type(f'{sec}.{key}', parse_value(v) if isinstance(v, str) else v, s[sec][key])
     return s
 
 # %% ../nbs/00_config.ipynb #07d9bcff
 def load_settings(path:str|Path|None=None, # settings file (default: see `settings_path`)
                   overrides:list|dict|None=None, # `["qc.strategy=knee", ...]` or `{"qc.strategy": "knee"}`
                  )->Settings:
-    "Read the experiment settings, then apply `overrides`."
+    "Read the experiment settings (type-checked), then apply `overrides` (checked against the file's types)."
     p = settings_path(path)
     if not p.exists(): raise FileNotFoundError(f"Settings file {p} not found; pass a path or set DEEPSEQ_SETTINGS.")
     cp = configparser.ConfigParser(interpolation=None)
     cp.optionxform = str
     cp.read(p)
     s = Settings({sec: {k: parse_value(v) for k, v in cp[sec].items()} for sec in cp.sections()})
+    for k in SETTING_TYPES:
+        sec, _, key = k.partition('.')
+        if key in s.get(sec, {}): check_type(k, s[sec][key])
     return apply_overrides(s, overrides)
 
 # %% ../nbs/00_config.ipynb #bb3cac34
@@ -110,3 +147,46 @@ def set_seed(seed:int=0, # seed for python, numpy (and torch when installed)
     try:
         import torch; torch.manual_seed(seed)
     except ImportError: pass
+
+# %% ../nbs/00_config.ipynb #5e7a1c04
+def cache_dir(sub:str|None=None, # a subdirectory (created too), e.g. 'llm'
+             )->Path:
+    "The per-user cache directory (`$DEEPSEQ_CACHE`, else platformdirs' user cache dir of deepseq_nb), created."
+    env = os.environ.get('DEEPSEQ_CACHE')
+    p = Path(env).expanduser() if env else Path(platformdirs.user_cache_dir('deepseq_nb', appauthor=False))
+    if sub: p = p/sub
+    try: p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"Cannot create the cache directory {p} ({e.strerror or e}); set DEEPSEQ_CACHE to a writable "
+                      "directory.") from None
+    return p
+
+# %% ../nbs/00_config.ipynb #5e7a1c07
+@contextmanager
+def atomic_write(path:str|Path, # the file to (over)write
+                )->Path:
+    "Yield a temporary path beside `path`; rename it over `path` when the block succeeds, remove it otherwise."
+    p = Path(path).expanduser()
+    check_out_path(p)
+    try: fd, tmp = tempfile.mkstemp(prefix=f'.{p.name}.', suffix=f'.part{p.suffix}', dir=p.parent)
+    except OSError as e: raise OSError(f"Cannot write {p}: {e.strerror or e} (in {p.parent}).") from None
+    os.close(fd); tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, 'rb+') as f: os.fsync(f.fileno())
+        mask = os.umask(0); os.umask(mask); os.chmod(tmp, 0o666 & ~mask)   # mkstemp makes 0600; use the usual mode
+        os.replace(tmp, p)
+    finally:
+        if tmp.exists(): tmp.unlink()
+
+def check_out_path(path:str|Path, # an output file
+                   what:str='output', # how the user named it, e.g. '--out'
+                  )->Path:
+    "`path` when its directory exists and is writable and it is not a directory; else a clear error."
+    p = Path(path).expanduser()
+    d = p.parent if str(p.parent) else Path('.')
+    if p.is_dir(): raise IsADirectoryError(f"{what} {p} is a directory; give a file name inside it.")
+    if not d.is_dir(): raise FileNotFoundError(f"The directory of {what} {p} does not exist; create it "
+                                               f"(mkdir -p {d}) or choose another path.")
+    if not os.access(d, os.W_OK): raise PermissionError(f"Cannot write {what} {p}: no write permission in {d}.")
+    return p

@@ -17,8 +17,8 @@ import scipy.io
 import scipy.sparse as sp
 
 # %% auto #0
-__all__ = ['DATASETS', 'data_dir', 'list_datasets', 'read_10x_mtx', 'looks_like_counts', 'InputError', 'check_counts',
-           'check_nonempty', 'fix_gene_names', 'read_table', 'read', 'load_dataset', 'load']
+__all__ = ['DATASETS', 'data_dir', 'list_datasets', 'read_10x_mtx', 'looks_like_counts', 'InputError', 'check_values',
+           'check_counts', 'check_nonempty', 'fix_gene_names', 'read_table', 'read', 'load_dataset', 'load']
 
 # %% ../nbs/00_data.ipynb #85212e30
 def data_dir()->Path:
@@ -128,16 +128,36 @@ def looks_like_counts(X)->bool:
 class InputError(ValueError):
     "Bad input data; the message says what was wrong and what to do."
 
+def _bad_values(X)->str|None:
+    "What makes `X` unusable as expression values (NaN, infinite or negative entries), or None."
+    if hasattr(X, 'dask') and hasattr(X, 'numblocks'): v = _sample_values(X)
+    else: v = X.data if sp.issparse(X) else np.asarray(X).ravel()
+    n_nan, n_inf, n_neg = int(np.isnan(v).sum()), int(np.isinf(v).sum()), int((v < 0).sum())
+    if n_nan or n_inf:
+        return (f"{n_nan + n_inf:,} NaN or infinite values: expression values are never missing, so fill them "
+                "(0 where a gene was not detected) or drop those cells/genes before loading")
+    if n_neg:
+        return (f"{n_neg:,} negative values (min {np.nanmin(v):.3g}): neither counts nor log-normalised values are "
+                "negative, so it looks scaled (z-scores) or corrupt; give the raw count matrix")
+    return None
+
+def check_values(adata:ad.AnnData, layer:str|None=None)->None:
+    "Raise `InputError` when `adata.X` (or `layer`) holds NaN, infinite or negative values."
+    bad = _bad_values(adata.layers[layer] if layer else adata.X)
+    if bad: raise InputError(f"{'Layer ' + repr(layer) if layer else 'X'} holds {bad}.")
+
 def check_counts(adata:ad.AnnData, layer:str|None=None, # layer to check instead of X
                  what:str='this step')->None:
     "Raise `InputError` unless `adata.X` (or `layer`) holds raw counts."
     X = adata.layers[layer] if layer else adata.X
+    bad = _bad_values(X)
+    if bad: raise InputError(f"{what} needs raw counts, but {'layer ' + repr(layer) if layer else 'X'} holds {bad}.")
     if looks_like_counts(X): return
     v = _sample_values(X)
     raise InputError(f"{what} needs raw counts, but {'layer ' + repr(layer) if layer else 'X'} holds non-integer values "
-                     f"(min {v.min():.3g}, max {v.max():.3g}): it looks log-normalised or scaled. "
-                     "Pass x_is='lognorm' (CLI: --set data.x_is=lognorm) to skip count-based steps, "
-                     "or give the raw count matrix.")
+                     f"(min {v.min():.3g}, max {v.max():.3g}): it looks log-normalised. Give the raw count matrix; data "
+                     "that is already filtered and log-normalised can skip QC and go straight to clustering "
+                     "(x_is='lognorm'; CLI: `deepseq cluster INPUT --x-is lognorm`).")
 
 # %% ../nbs/00_data.ipynb #4a70a55d
 def check_nonempty(adata:ad.AnnData)->None:
@@ -185,13 +205,17 @@ def _geneness(names)->float:
 def read_table(path:str|Path, orientation:str='cells_x_genes', # 'cells_x_genes' (cells in rows) or 'genes_x_cells'
                sep:str|None=None, # column separator; None guesses from the extension (.tsv/.txt: tab, else comma)
                check_orientation:bool=True, # stop when the names suggest the other orientation
+               encoding:str|None=None, # text encoding (None: UTF-8)
               )->ad.AnnData:
     "Read a dense CSV/TSV matrix with row and column names into a cells x genes AnnData."
     if orientation not in ('cells_x_genes', 'genes_x_cells'):
         raise ValueError(f"orientation must be 'cells_x_genes' or 'genes_x_cells', not {orientation!r}.")
     p = Path(path)
     if sep is None: sep = '\t' if any(s in p.suffixes for s in ('.tsv', '.txt', '.tab')) else ','
-    df = pd.read_csv(p, sep=sep, index_col=0)
+    try: df = pd.read_csv(p, sep=sep, index_col=0, encoding=encoding)
+    except UnicodeDecodeError as e:
+        raise InputError(f"{p} is not {encoding or 'UTF-8'} text ({e.reason} at byte {e.start}): give its encoding, "
+                         "e.g. encoding='latin-1' (CLI: --encoding latin-1).") from None
     if df.shape[1] == 0: raise InputError(f"{p} has a single column: is the separator right (sep={sep!r})?")
     if orientation == 'genes_x_cells': df = df.T
     if check_orientation and min(df.shape) > 1:
@@ -199,8 +223,8 @@ def read_table(path:str|Path, orientation:str='cells_x_genes', # 'cells_x_genes'
         if g_rows > g_cols + 0.3:
             other = 'genes_x_cells' if orientation == 'cells_x_genes' else 'cells_x_genes'
             raise InputError(f"{p.name} read as {orientation}, but its {'row' if orientation=='cells_x_genes' else 'column'} "
-                             f"names look like genes and the others like cells. Pass orientation='{other}' "
-                             "(or check_orientation=False if you are sure).")
+                             f"names look like genes and the others like cells. Pass orientation='{other}' (CLI: --orientation "
+                             f"{other}), or check_orientation=False if you are sure.")
     non_num = [c for c, t in df.dtypes.items() if not np.issubdtype(t, np.number)]
     if non_num: raise InputError(f"{p.name}: columns {non_num[:5]} are not numeric; the table must hold only expression values.")
     return ad.AnnData(sp.csr_matrix(df.values.astype(np.float32)), obs=pd.DataFrame(index=df.index.astype(str)),
@@ -234,6 +258,7 @@ def read(path:str|Path, # 10x mtx directory, 10x .h5, .h5ad, or .csv/.tsv
          orientation:str='cells_x_genes', # for CSV/TSV tables only
          var_names:str='gene_symbols', # for 10x inputs: 'gene_symbols' or 'gene_ids'
          symbol_col:str|None=None, # var column with symbols when var_names are Ensembl IDs
+         encoding:str|None=None, # for CSV/TSV tables only: text encoding (None: UTF-8)
         )->ad.AnnData:
     "Read single-cell data from any supported format and check it."
     p = Path(path).expanduser()
@@ -246,11 +271,12 @@ def read(path:str|Path, # 10x mtx directory, 10x .h5, .h5ad, or .csv/.tsv
             a = sc.read_10x_h5(p, gex_only=True); a.var['gene_symbols'] = a.var_names
             if var_names == 'gene_ids': a.var_names = a.var['gene_ids'].astype(str).values
         elif fmt == 'h5ad': a = ad.read_h5ad(p)
-        else: a = read_table(p, orientation=orientation)
+        else: a = read_table(p, orientation=orientation, encoding=encoding)
     except (InputError, FileNotFoundError): raise
     except Exception as e:
         raise InputError(f"Could not read {p} as {fmt}: {type(e).__name__}: {e}") from e
     check_nonempty(a)
+    check_values(a)
     fix_gene_names(a, symbol_col=symbol_col)
     a.uns['x_is'] = _resolve_x_is(a, x_is)
     return a

@@ -29,9 +29,7 @@ def _mdir()->Path: return data_dir()/'markers'
 
 def cache_dir()->Path:
     "Per-user cache directory (`$DEEPSEQ_CACHE` or `~/.cache/deepseq_nb`), never inside the repo."
-    p = Path(os.environ.get('DEEPSEQ_CACHE', Path.home()/'.cache'/'deepseq_nb'))
-    p.mkdir(parents=True, exist_ok=True)
-    return p
+    from deepseq_nb.config import cache_dir as user_cache_dir; return user_cache_dir()   # one per-user cache (platformdirs)
 
 # %% ../nbs/04_knowledge.ipynb #df15648b
 def _split_genes(s)->list[str]:
