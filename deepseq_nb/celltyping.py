@@ -19,7 +19,8 @@ from .ontology import ancestors, cl_name, broad_type
 # %% auto #0
 __all__ = ['LINEAGES', 'SHRINK', 'MIN_MARKERS', 'TOP_MARKERS', 'LABEL_WEIGHT', 'ABSOLUTE', 'TOP', 'FLOOR', 'MARGIN',
            'label_markers', 'cluster_stats', 'gene_evidence', 'MarkerNetwork', 'own_scores', 'subtree_best', 'pairwise',
-           'descend', 'short_name', 'infer_species', 'infer_tissue', 'celltype', 'panglao_network', 'ora_labels']
+           'descend', 'short_name', 'infer_species', 'infer_tissue', 'celltype', 'panglao_network', 'ora_labels',
+           'score_annotation']
 
 # %% ../nbs/04a_celltyping.ipynb #f553ec08
 LINEAGES = [  # (CL id, short name, positive markers, negative markers)
@@ -79,23 +80,36 @@ def label_markers(cl_id:str, # a CL id
         (pos if how in ('positive', 'high', 'bright') else neg).append(norm_gene(m))
     return pos, neg
 
-# %% ../nbs/04a_celltyping.ipynb #223eee53
+# %% ../nbs/04a_celltyping.ipynb #b76b46e0
+def _row_blocks(X, chunk:int=50_000):
+    "(start, CSR block) over the rows of X: in memory, sparse or dense, or a Dask array computed block by block."
+    if hasattr(X, 'blocks') and hasattr(X, 'chunks') and not sp.issparse(X):  # dask: one block in memory at a time
+        start = 0
+        for i, n in enumerate(X.chunks[0]):
+            b = X.blocks[i, 0].compute() if X.numblocks[1] == 1 else X[start:start + n].compute()
+            yield start, (b.tocsr() if sp.issparse(b) else sp.csr_matrix(b)); start += n
+        return
+    X = X.tocsr() if sp.issparse(X) else sp.csr_matrix(X)
+    for s0 in range(0, X.shape[0], chunk): yield s0, X[s0:s0 + chunk]
+
 def cluster_stats(adata:ad.AnnData, # cells × genes, clustered
                   groupby:str='leiden', # obs column of clusters
                   layer:str|None=None, # layer to read instead of X
                  )->dict:
     "Per cluster and gene: fraction expressing and mean inside and outside, log fold change; genes harmonised."
     X = adata.layers[layer] if layer else adata.X
-    X = X.tocsr() if sp.issparse(X) else sp.csr_matrix(X)
     cl = adata.obs[groupby].astype('category')
     codes = cl.cat.codes.to_numpy(); K, n = len(cl.cat.categories), adata.n_obs
-    G = sp.csr_matrix((np.ones(n, np.float32), (codes, np.arange(n))), shape=(K, n))
-    B = X.copy(); B.data = (B.data > 0).astype(np.float32)
-    size = np.asarray(G.sum(1)).ravel().astype(float)
-    nz, sm = np.asarray((G @ B).todense()), np.asarray((G @ X).todense())
+    nz, sm = np.zeros((K, adata.n_vars)), np.zeros((K, adata.n_vars))
+    for s0, b in _row_blocks(X):
+        m = b.shape[0]
+        G = sp.csr_matrix((np.ones(m, np.float32), (codes[s0:s0 + m], np.arange(m))), shape=(K, m))
+        sm += np.asarray((G @ b).todense())
+        b = b.copy(); b.data = (b.data > 0).astype(np.float32); nz += np.asarray((G @ b).todense())
+    size = np.bincount(codes, minlength=K).astype(float)
     out = np.maximum(n - size, 1)[:, None]
-    st = dict(clusters=[str(c) for c in cl.cat.categories], size=size, frac_in=nz/size[:, None],
-              frac_out=(nz.sum(0) - nz)/out, mean_in=sm/size[:, None], mean_out=(sm.sum(0) - sm)/out,
+    st = dict(clusters=[str(c) for c in cl.cat.categories], size=size, frac_in=nz/np.maximum(size, 1)[:, None],
+              frac_out=(nz.sum(0) - nz)/out, mean_in=sm/np.maximum(size, 1)[:, None], mean_out=(sm.sum(0) - sm)/out,
               genes=np.array([norm_gene(g) for g in adata.var_names]))
     st['lfc'] = np.log2((st['mean_in'] + 1e-3)/(st['mean_out'] + 1e-3))
     return st
@@ -106,7 +120,7 @@ def gene_evidence(frac_in:np.ndarray, # fraction expressing inside (clusters × 
     "Detection contrast (inside minus reference) plus `ABSOLUTE` × detection inside."
     return frac_in - frac_ref + ABSOLUTE*frac_in
 
-# %% ../nbs/04a_celltyping.ipynb #a87665b0
+# %% ../nbs/04a_celltyping.ipynb #68633658
 class MarkerNetwork:
     "Candidate types (lineages + database types under the CL) with weighted positive and negative markers over the data's genes."
     def __init__(self, species:str, tissue:str|None, genes:np.ndarray):
@@ -150,7 +164,7 @@ class MarkerNetwork:
         for i, P in enumerate(parents):
             for p in P: self.children.setdefault(p, []).append(i)
 
-# %% ../nbs/04a_celltyping.ipynb #89cc5533
+# %% ../nbs/04a_celltyping.ipynb #90a16c9f
 def own_scores(net:MarkerNetwork, # candidate network
                S:np.ndarray, # gene evidence, clusters × genes
               )->np.ndarray:
@@ -177,7 +191,7 @@ def pairwise(net:MarkerNetwork, s:np.ndarray, i:int, j:int)->float:
     neg = lambda k: float(np.mean(np.maximum(s[net.Wn[k].indices], 0))) if net.Wn[k].nnz else 0.0
     return (f(gi, [g for g in gi if g not in gj]) - neg(i)) - (f(gj, [g for g in gj if g not in gi]) - neg(j))
 
-# %% ../nbs/04a_celltyping.ipynb #1d50a7d2
+# %% ../nbs/04a_celltyping.ipynb #937495f9
 def _step(net, P, A, arg, node, s)->tuple:
     "One decision at `node`: (next candidate or None, record)."
     kids = net.children.get(node, [])
@@ -222,7 +236,7 @@ def descend(net:MarkerNetwork, # candidate network
             else: node[k] = nxt; path[k].append(nxt)
     return path, steps
 
-# %% ../nbs/04a_celltyping.ipynb #9dc773c6
+# %% ../nbs/04a_celltyping.ipynb #97ea7b2c
 def short_name(name:str, # a CL label
               )->str:
     "A short readable form of a CL label: 'naive thymus-derived CD4-positive, alpha-beta T cell' -> 'naive CD4 T cell'."
@@ -231,7 +245,7 @@ def short_name(name:str, # a CL label
     s = re.sub(r'\bnatural killer cell\b', 'NK cell', s).replace('type B pancreatic cell', 'pancreatic beta cell')
     return re.sub(r'\s+', ' ', s).strip(' ,')
 
-# %% ../nbs/04a_celltyping.ipynb #3f1e7712
+# %% ../nbs/04a_celltyping.ipynb #1146a02b
 def _genes_for(net, s, i, n=6)->tuple:
     "Markers of candidate i best supported by the evidence, and its markers/negative markers that speak against it."
     row = net.W[i]; sc = row.data*s[row.indices]; o = np.argsort(-sc)
@@ -240,7 +254,7 @@ def _genes_for(net, s, i, n=6)->tuple:
     con += [str(net.genes[g]) + ' (neg)' for g in net.Wn[i].indices if s[g] > 0.1]
     return pro, con
 
-# %% ../nbs/04a_celltyping.ipynb #f337569b
+# %% ../nbs/04a_celltyping.ipynb #130b1009
 def _one(adata, key):
     "The single value of obs[key] or uns['dataset'][key], else None."
     if key in adata.obs and adata.obs[key].nunique() == 1: return str(adata.obs[key].iloc[0])
@@ -266,7 +280,7 @@ def infer_tissue(adata:ad.AnnData, tissue:str|None=None)->str|None:
     "Tissue: the argument, else the single value of obs['tissue'] or uns['dataset']['tissue'], else None (no prior)."
     return tissue or _one(adata, 'tissue')
 
-# %% ../nbs/04a_celltyping.ipynb #befeca7e
+# %% ../nbs/04a_celltyping.ipynb #4e865611
 def celltype(adata:ad.AnnData, # cells × genes (counts or log-normalised), clustered
              groupby:str='leiden', # obs column of clusters
              species:str|None=None, # 'human'/'mouse' (default: from the data)
@@ -307,7 +321,7 @@ def celltype(adata:ad.AnnData, # cells × genes (counts or log-normalised), clus
     tab['n_cells'] = st['size'].astype(int)
     return tab, pd.DataFrame(ev, columns=['cluster', 'at', 'role', 'candidate', 'cl_id', 'score', 'genes_for', 'genes_against'])
 
-# %% ../nbs/04a_celltyping.ipynb #0fa8fbde
+# %% ../nbs/04a_celltyping.ipynb #9627317d
 def panglao_network(species:str='human')->pd.DataFrame:
     "PanglaoDB canonical markers as a decoupler network (source = cell type, target = gene as the data writes it)."
     from deepseq_nb.knowledge import load_kb
@@ -330,3 +344,20 @@ def ora_labels(adata:ad.AnnData, # log-normalised cells × genes, clustered
     sc_ = b.obsm['score_ora'] if 'score_ora' in b.obsm else b.obsm['ora_estimate']
     sc_ = pd.DataFrame(np.asarray(sc_), index=b.obs_names, columns=getattr(sc_, 'columns', None))
     return sc_.groupby(b.obs[groupby].astype(str).values).mean().idxmax(axis=1)
+
+# %% ../nbs/04a_celltyping.ipynb #12b288cc
+def score_annotation(truth, # true label per cell
+                     pred, # predicted label per cell
+                     tissue:str|None=None, # tissue context for the scorer
+                    )->dict:
+    "Cell-weighted mean agreement, exact accuracy, macro-F1 and lineage-level accuracy of predicted vs true labels."
+    from deepseq_nb.evaluate import agreement, evaluate_labels
+    from deepseq_nb.ontology import to_cl
+    t, p = pd.Series(list(truth), dtype=object).astype(str), pd.Series(list(pred), dtype=object).astype(str)
+    pairs = pd.DataFrame({'t': t, 'p': p}).value_counts().rename('n').reset_index()
+    pairs['ag'] = [agreement(b, a, tissue) for a, b in zip(pairs.t, pairs.p)]
+    bt = lambda x: broad_type(getattr(to_cl(x, tissue=tissue), 'id', None)) if x not in ('Unknown', 'nan', '') else None
+    pairs['lin'] = [float(bt(a) is not None and bt(a) == bt(b)) for a, b in zip(pairs.t, pairs.p)]
+    w = pairs.n/pairs.n.sum()
+    return dict(mean_agreement=float((w*pairs.ag.fillna(0)).sum()), exact=float((w*(pairs.ag == 1)).sum()),
+                macro_f1=float(evaluate_labels(t, p)['macro_f1']), lineage=float((w*pairs.lin).sum()), n_cells=int(len(t)))
