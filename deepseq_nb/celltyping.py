@@ -17,20 +17,20 @@ from .knowledge import kb_index, norm_gene, tissue_groups, OUT_OF_TISSUE, _check
 from .ontology import ancestors, cl_name, broad_type
 
 # %% auto #0
-__all__ = ['LINEAGES', 'SHRINK', 'MIN_MARKERS', 'TOP_MARKERS', 'LABEL_WEIGHT', 'ABSOLUTE', 'TOP', 'FLOOR', 'MARGIN',
-           'label_markers', 'cluster_stats', 'gene_evidence', 'MarkerNetwork', 'own_scores', 'subtree_best', 'pairwise',
-           'descend', 'short_name', 'infer_species', 'infer_tissue', 'celltype', 'panglao_network', 'ora_labels',
-           'score_annotation']
+__all__ = ['LINEAGES', 'SHRINK', 'MIN_MARKERS', 'TOP_MARKERS', 'LABEL_WEIGHT', 'ABSOLUTE', 'TOP', 'FLOOR', 'MARGIN', 'PEERS',
+           'ROOT_RATIO', 'NICHE', 'INHERIT', 'label_markers', 'cluster_stats', 'gene_evidence', 'MarkerNetwork',
+           'own_scores', 'subtree_best', 'pairwise', 'descend', 'short_name', 'infer_species', 'infer_tissue',
+           'celltype', 'panglao_network', 'ora_labels', 'score_annotation']
 
 # %% ../nbs/04a_celltyping.ipynb #f553ec08
 LINEAGES = [  # (CL id, short name, positive markers, negative markers)
     ('CL:0000738', 'leukocyte', ['PTPRC', 'LCP1', 'CORO1A', 'LAPTM5'], []),
-    ('CL:0000542', 'lymphocyte', ['CD2', 'CD3E', 'MS4A1', 'CD79A', 'NKG7', 'IL7R'], []),
-    ('CL:0000084', 'T cell', ['CD3D', 'CD3E', 'CD3G', 'CD2', 'CD247', 'TRAC', 'CD5', 'CD6'], ['MS4A1', 'CD79A', 'CD19']),
+    ('CL:0000542', 'lymphocyte', [], []),  # grouping node: scored through its members
+    ('CL:0000084', 'T cell', ['CD3D', 'CD3E', 'CD3G', 'TRAC', 'CD5', 'CD6', 'CD28'], ['MS4A1', 'CD79A', 'CD19']),
     ('CL:0000623', 'NK cell', ['NKG7', 'GNLY', 'KLRD1', 'KLRF1', 'NCAM1', 'PRF1', 'FCGR3A'], ['CD3D', 'CD3E', 'CD3G', 'CD5']),
     ('CL:0000236', 'B cell', ['MS4A1', 'CD19', 'CD79A', 'CD79B', 'CD22', 'PAX5', 'BANK1'], ['CD3E', 'CD3D']),
     ('CL:0000786', 'plasma cell', ['JCHAIN', 'MZB1', 'SDC1', 'XBP1', 'PRDM1', 'TNFRSF17'], ['MS4A1']),
-    ('CL:0000766', 'myeloid leukocyte', ['LYZ', 'CD68', 'CSF1R', 'FCER1G', 'TYROBP', 'CD14'], []),
+    ('CL:0000766', 'myeloid leukocyte', [], []),  # grouping node
     ('CL:0000576', 'monocyte', ['CD14', 'LYZ', 'CSF1R', 'FCN1', 'S100A8', 'S100A9', 'VCAN', 'FCGR3A'], ['C1QA', 'C1QB']),
     ('CL:0000235', 'macrophage', ['CD68', 'C1QA', 'C1QB', 'C1QC', 'MRC1', 'CD163', 'MARCO', 'APOE'], []),
     ('CL:0000451', 'dendritic cell', ['FCER1A', 'CD1C', 'CLEC10A', 'CLEC9A', 'LILRA4', 'IL3RA', 'CLEC4C', 'ITGAX'], ['CD14']),
@@ -59,6 +59,10 @@ ABSOLUTE = 0.3      # share of plain detection in the gene evidence (a one-type 
 TOP = 3             # children compared head to head at each step
 FLOOR = 0.08        # the winning child's score must reach this ...
 MARGIN = 0.05       # ... and beat its best unrelated rival by this much, else the descent stops at the parent
+PEERS = 0.5         # weight of the contrast with the peers (other clusters at the node) vs all other cells
+ROOT_RATIO = 1.5    # at the root (a lineage must be chosen) a lead of 1.5x the rival's score also counts as clear
+NICHE = 2.0         # a type only one database lists (a niche term) must win by NICHE x MARGIN
+INHERIT = 0.5       # share of a type's score taken from its nearest lineage (hierarchical consistency)
 
 # %% ../nbs/04a_celltyping.ipynb #40b7ff80
 def _lineages()->dict:
@@ -126,15 +130,16 @@ class MarkerNetwork:
     def __init__(self, species:str, tissue:str|None, genes:np.ndarray):
         ix = kb_index(species); gpos = {}
         for i, g in enumerate(genes): gpos.setdefault(g, i)
-        self.ids, self.names, self.source, rows = [], [], [], []
+        self.ids, self.names, self.source, rows, nsrc = [], [], [], [], {}
         groups, general, lin = tissue_groups(tissue), _general(), _lineages()
         def add(cid, name, pos, neg, src, prior=1.0):
             pw = {gpos[g]: w for g, w in pos.items() if g in gpos}
-            if not pw or len(pw) < (1 if src == 'lineage' else MIN_MARKERS): return
-            mw = np.mean(list(pos.values()))
+            if src == 'group': pw = {}
+            elif src == 'kb' and len(pw) < MIN_MARKERS: return  # a lineage stays even unmeasured: its types inherit 0
+            mw = np.mean(list(pos.values())) if pos else 1.0
             self.ids.append(cid); self.names.append(name); self.source.append(src)
             rows.append(({k: v/mw for k, v in pw.items()}, sorted({gpos[g] for g in neg if g in gpos}), prior))
-        for cid, (name, pos, neg) in lin.items(): add(cid, name, dict.fromkeys(pos, 1.0), neg, 'lineage')
+        for cid, (name, pos, neg) in lin.items(): add(cid, name, dict.fromkeys(pos, 1.0), neg, 'lineage' if pos else 'group')
         M = ix.M.tocsc()
         for j, k in enumerate(ix.keys):
             if not k.startswith('CL:') or k in lin or k in general: continue
@@ -145,11 +150,13 @@ class MarkerNetwork:
             for g in ln: pos.pop(g, None)
             prior = OUT_OF_TISSUE if groups and not ((ix.tissues[k] & groups) or ix.ubiquitous[k]) else 1.0
             add(k, ix.cl_name[k], pos, set(ix.neg.get(k, ())) | set(ln), 'kb', prior)
+            if len(self.ids) and self.ids[-1] == k: nsrc[len(self.ids) - 1] = len(set().union(*ix.sources[k].values()))
         n, G = len(self.ids), len(genes)
         tri = lambda f: ([i for i, r in enumerate(rows) for _ in f(r)], [g for r in rows for g in f(r)])
         r, c = tri(lambda r: r[0]); self.W = sp.csr_matrix(([w for x in rows for w in x[0].values()], (r, c)), shape=(n, G))
         r, c = tri(lambda r: r[1]); self.Wn = sp.csr_matrix((np.ones(len(r)), (r, c)), shape=(n, G))
         self.prior, self.genes = np.array([x[2] for x in rows]), genes
+        self.n_sources = np.array([nsrc.get(i, 3) for i in range(n)])  # databases listing a type (lineages: all)
         self._hierarchy()
 
     def _hierarchy(self):
@@ -160,6 +167,11 @@ class MarkerNetwork:
         for i, A in enumerate(self.anc):
             for a in A: self.sub[a].add(i)
         parents = [{a for a in A if not any(a in self.anc[b] for b in A)} for A in self.anc]
+        # the nearest lineage (a curated node with markers) above each candidate: its evidence is inherited
+        lin = [i for i, s in enumerate(self.source) if s == 'lineage']
+        self.lineage = [min((a for a in A if a in lin), key=lambda a: ancestors(self.ids[i]).get(self.ids[a], 99), default=-1)
+                        for i, A in enumerate(self.anc)]
+        self.group = np.array([s == 'group' for s in self.source])
         self.children = {None: [i for i, p in enumerate(parents) if not p]}
         for i, P in enumerate(parents):
             for p in P: self.children.setdefault(p, []).append(i)
@@ -172,7 +184,11 @@ def own_scores(net:MarkerNetwork, # candidate network
     pos = np.asarray(net.W @ S.T).T/(np.asarray(net.W.sum(1)).ravel() + SHRINK)
     pos = np.where(pos > 0, pos*net.prior, pos)
     neg = np.asarray(net.Wn @ np.maximum(S, 0).T).T/np.maximum(np.asarray(net.Wn.sum(1)).ravel(), 1)
-    return pos - neg
+    P = pos - neg
+    L = np.array(net.lineage); has = L >= 0
+    P[:, has] = INHERIT*P[:, L[has]] + (1 - INHERIT)*P[:, has]  # a type is only as good as its lineage's evidence
+    P[:, net.group] = -1.0  # grouping nodes are never an answer by themselves
+    return P
 
 def subtree_best(net:MarkerNetwork, P:np.ndarray)->tuple:
     "(A, arg): the best own score in each candidate's subtree (itself included) and the candidate giving it."
@@ -201,16 +217,20 @@ def _step(net, P, A, arg, node, s)->tuple:
         if arg[i] not in [arg[x] for x in top]: top.append(i)
     b, r, d = top[0], None, float(A[top[0]])
     if len(top) > 1:
-        wins = {i: min(pairwise(net, s, arg[i], arg[j]) for j in top if j != i) for i in top}
+        L = lambda i: P[net.lineage[arg[i]]] if net.lineage[arg[i]] >= 0 else 0.0
+        d_ = lambda i, j: (1 - INHERIT)*pairwise(net, s, arg[i], arg[j]) + INHERIT*(L(i) - L(j))
+        wins = {i: min((A[i] - A[j] + d_(i, j))/2 for j in top if j != i) for i in top}
         b = max(top, key=lambda i: wins[i]); d = wins[b]
         r = max((j for j in top if j != b), key=lambda j: A[j])
     gap = float(A[b] - (A[r] if r is not None else 0.0))
-    ok = A[b] >= FLOOR and d > 0 and max(d, gap) >= MARGIN
+    leaf = arg[b]
+    nxt = max((i for i in kids if i == leaf or leaf in net.sub[i]), key=lambda i: P[i])
+    need = MARGIN*(NICHE if net.n_sources[nxt] < 2 else 1.0)
+    clear = max(d, gap) >= need or (node is None and A[b] >= ROOT_RATIO*max(A[r] if r is not None else 0.0, 0.0))
+    ok = A[b] >= FLOOR and d > 0 and clear
     rec = dict(at=node, best=b, rival=r, best_score=float(A[b]), rival_score=float(A[r]) if r is not None else 0.0,
                margin=float(max(d, gap)), descended=bool(ok))
-    if not ok: return None, rec
-    leaf = arg[b]
-    return max((i for i in kids if i == leaf or leaf in net.sub[i]), key=lambda i: P[i]), rec
+    return (nxt if ok else None), rec
 
 def descend(net:MarkerNetwork, # candidate network
             st:dict, # `cluster_stats`
@@ -227,7 +247,7 @@ def descend(net:MarkerNetwork, # candidate network
             peers = [j for j in range(K) if j != k and level[j] == level[k]] if level[k] is not None else []
             if peers:
                 s = gene_evidence(st['frac_in'][k], nz[peers].sum(0)/size[peers].sum())
-                s = 0.5*s + 0.5*S[k]  # half peers, half all other cells: peers of one type would show only noise
+                s = PEERS*s + (1 - PEERS)*S[k]  # peers of one type alone would show only noise
                 p = own_scores(net, s[None]); a, g = subtree_best(net, p); p, a, g = p[0], a[0], g[0]
             else: s, p, a, g = S[k], P0[k], A0[k], arg0[k]
             nxt, rec = _step(net, p, a, g, level[k], s)
