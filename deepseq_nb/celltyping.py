@@ -20,7 +20,7 @@ from .ontology import ancestors, cl_name, broad_type
 __all__ = ['LINEAGES', 'SHRINK', 'MIN_MARKERS', 'TOP_MARKERS', 'LABEL_WEIGHT', 'ABSOLUTE', 'TOP', 'FLOOR', 'MARGIN', 'PEERS',
            'ROOT_RATIO', 'NICHE', 'INHERIT', 'label_markers', 'cluster_stats', 'gene_evidence', 'MarkerNetwork',
            'own_scores', 'subtree_best', 'pairwise', 'descend', 'short_name', 'infer_species', 'infer_tissue',
-           'celltype', 'panglao_network', 'ora_labels', 'score_annotation']
+           'celltype', 'panglao_network', 'ora_labels', 'score_annotation', 'celltypist_labels']
 
 # %% ../nbs/04a_celltyping.ipynb #f553ec08
 LINEAGES = [  # (CL id, short name, positive markers, negative markers)
@@ -352,18 +352,23 @@ def panglao_network(species:str='human')->pd.DataFrame:
 def ora_labels(adata:ad.AnnData, # log-normalised cells × genes, clustered
                groupby:str='leiden', # obs column of clusters
                species:str|None=None, # default: from the data
+               method:str='ora', # decoupler method: 'ora' (the tutorial's first version) or 'ulm' (its current one)
               )->pd.Series:
-    "Per cluster: the PanglaoDB type with the best mean decoupler ORA score over its cells."
+    "Per cluster: the PanglaoDB type ranked first for the cluster by decoupler (`rankby_group`, t-test vs the rest)."
     import decoupler as dc
     species = infer_species(adata, species, warn=False)
     net = panglao_network(species)
     up = {g.upper(): g for g in adata.var_names}
     net = net.assign(target=net.target.str.upper().map(up)).dropna()
+    if method == 'ulm': net = net.assign(weight=1.0)
     b = ad.AnnData(adata.X.copy(), obs=adata.obs[[groupby]].copy(), var=pd.DataFrame(index=adata.var_names))
-    dc.mt.ora(b, net, tmin=3, verbose=False)
-    sc_ = b.obsm['score_ora'] if 'score_ora' in b.obsm else b.obsm['ora_estimate']
-    sc_ = pd.DataFrame(np.asarray(sc_), index=b.obs_names, columns=getattr(sc_, 'columns', None))
-    return sc_.groupby(b.obs[groupby].astype(str).values).mean().idxmax(axis=1)
+    b.obs[groupby] = b.obs[groupby].astype(str).astype('category')
+    getattr(dc.mt, method)(b, net, tmin=3, verbose=False)
+    acts = dc.pp.get_obsm(b, f'score_{method}')
+    r = dc.tl.rankby_group(acts, groupby=groupby, reference='rest', method='t-test_overestim_var')
+    r = r[r.stat > 0].sort_values('stat', ascending=False)
+    top = r.groupby('group').head(1).set_index('group')['name'].astype(str)
+    return top.reindex(list(b.obs[groupby].cat.categories)).fillna('Unknown')
 
 # %% ../nbs/04a_celltyping.ipynb #12b288cc
 def score_annotation(truth, # true label per cell
@@ -381,3 +386,32 @@ def score_annotation(truth, # true label per cell
     w = pairs.n/pairs.n.sum()
     return dict(mean_agreement=float((w*pairs.ag.fillna(0)).sum()), exact=float((w*(pairs.ag == 1)).sum()),
                 macro_f1=float(evaluate_labels(t, p)['macro_f1']), lineage=float((w*pairs.lin).sum()), n_cells=int(len(t)))
+
+# %% ../nbs/04a_celltyping.ipynb #b0dd4084
+def _to_1e4(X)->sp.csr_matrix:
+    "log1p of expression rescaled to 10,000 per cell, from log1p values on any per-cell scale."
+    E = sp.csr_matrix(X, dtype=np.float64); E.data = np.expm1(E.data)
+    tot = np.asarray(E.sum(1)).ravel(); tot[tot == 0] = 1
+    E = sp.csr_matrix(sp.diags(1e4/tot) @ E); E.data = np.log1p(E.data)
+    return E
+
+def celltypist_labels(query:ad.AnnData, # log-normalised cells × genes to label
+                      reference:ad.AnnData, # log-normalised, labelled study of the same tissue
+                      label_key:str='cell_type', # reference obs column of labels
+                      max_iter:int=300, # CellTypist's logistic-regression iterations
+                      seed:int=0,
+                     )->pd.Series:
+    "Per-cell labels of `query` from a CellTypist model trained on `reference` (shared genes, upper-case matched)."
+    import celltypist, logging
+    logging.getLogger('celltypist').setLevel(logging.WARNING)
+    up = lambda a: pd.Index([g.upper() for g in a.var_names])
+    qi, ri = up(query), up(reference)
+    genes = qi[~qi.duplicated()].intersection(ri[~ri.duplicated()])
+    q = ad.AnnData(_to_1e4(query.X[:, qi.get_indexer(genes)]), obs=pd.DataFrame(index=query.obs_names), var=pd.DataFrame(index=genes))
+    r = ad.AnnData(_to_1e4(reference.X[:, ri.get_indexer(genes)]), obs=pd.DataFrame(index=reference.obs_names), var=pd.DataFrame(index=genes))
+    np.random.seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        m = celltypist.train(r, labels=reference.obs[label_key].astype(str).values, feature_selection=False, max_iter=max_iter, n_jobs=1)
+        res = celltypist.annotate(q, model=m, majority_voting=False)
+    return res.predicted_labels['predicted_labels'].astype(str).reindex(query.obs_names)
