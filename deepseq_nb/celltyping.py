@@ -172,6 +172,9 @@ class MarkerNetwork:
         self.lineage = [min((a for a in A if a in lin), key=lambda a: ancestors(self.ids[i]).get(self.ids[a], 99), default=-1)
                         for i, A in enumerate(self.anc)]
         self.group = np.array([s == 'group' for s in self.source])
+        r = [n for n in range(len(self.ids)) for _ in range(len(self.sub[n]) + 1)]
+        c = [m for n in range(len(self.ids)) for m in [n] + sorted(self.sub[n])]
+        self.D = sp.csr_matrix((np.ones(len(r)), (r, c)), shape=(len(self.ids),)*2)  # subtree membership, self included
         self.children = {None: [i for i, p in enumerate(parents) if not p]}
         for i, P in enumerate(parents):
             for p in P: self.children.setdefault(p, []).append(i)
@@ -192,12 +195,11 @@ def own_scores(net:MarkerNetwork, # candidate network
 
 def subtree_best(net:MarkerNetwork, P:np.ndarray)->tuple:
     "(A, arg): the best own score in each candidate's subtree (itself included) and the candidate giving it."
-    K, N = P.shape
-    A, arg = P.copy(), np.tile(np.arange(N), (K, 1))
-    for n in range(N):
-        if net.sub[n]:
-            cols = np.array([n] + sorted(net.sub[n])); j = P[:, cols].argmax(1)
-            A[:, n] = P[np.arange(K), cols[j]]; arg[:, n] = cols[j]
+    A, arg = np.empty_like(P), np.empty(P.shape, int)
+    for k, p in enumerate(P):  # one sparse (candidates × subtree) product per cluster: max and argmax per row
+        c = 1.0 - p.min()
+        M = net.D.multiply(p + c).tocsr()
+        A[k] = M.max(axis=1).toarray().ravel() - c; arg[k] = np.asarray(M.argmax(axis=1)).ravel()
     return A, arg
 
 def pairwise(net:MarkerNetwork, s:np.ndarray, i:int, j:int)->float:

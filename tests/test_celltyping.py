@@ -89,6 +89,15 @@ def test_marker_list_path_kept():
 def test_bad_kb_mode():
     with pytest.raises(ValueError, match="kb_mode must be"): annotate(_toy(n=5), kb_mode='magic')
 
+def test_hybrid_refines_only_within_the_lineage():
+    a = _toy(); a.obs['species'] = 'human'
+    annotate(a, backend='kb')  # default: hybrid
+    t = a.uns['deepseq']['table'].set_index('cluster')
+    assert a.uns['deepseq']['params']['kb_mode'] == 'hybrid' and set(t['source']) <= {'expression', 'markers within the expression lineage', 'markers (expression found no lineage)'}
+    b = _toy(); b.obs['species'] = 'human'; annotate(b, backend='kb', kb_mode='expression')
+    e = b.uns['deepseq']['table'].set_index('cluster')
+    assert (t['broad'] == e['broad']).all()  # refinement never leaves the lineage the expression chose
+
 def test_score_annotation_values():
     s = score_annotation(['B', 'B', 'NK', 'NK'], ['B cell', 'B cell', 'T cell', 'Unknown'], 'PBMC')
     assert s['exact'] == 0.5 and s['lineage'] == 0.75 and s['n_cells'] == 4
