@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .backends import get_backend, backend_options
+from .celltyping import celltype, infer_species, infer_tissue
 from .cluster import markers_from_settings, markers_by_cluster
 from .config import load_settings
 from .ontology import to_cl
@@ -39,6 +40,52 @@ def _h5ad_safe(t:pd.DataFrame)->pd.DataFrame:
         elif t[c].dtype == object or c == 'cached': t[c] = t[c].map(lambda v: '' if v is None else str(v))
     return t
 
+# %% ../nbs/07_annotate.ipynb #dcb1c3b5
+def _refine(e:pd.DataFrame, m:pd.DataFrame)->pd.DataFrame:
+    "Per cluster: the marker-list answer where it lies within the expression's node (or the expression found none), else the expression's."
+    from deepseq_nb.celltyping import short_name
+    from deepseq_nb.ontology import ancestors, broad_type
+    out = e.copy(); out['source'] = 'expression'
+    for c in e.index:
+        if c not in m.index: continue
+        ei, mi = e.at[c, 'cl_id'], m.at[c, 'cl_id']
+        ei = ei if isinstance(ei, str) and ei.startswith('CL:') else None
+        mi = mi if isinstance(mi, str) and mi.startswith('CL:') else None
+        if mi and mi != ei and (ei is None or ei in ancestors(mi)):
+            out.loc[c, ['label', 'cl_id', 'name', 'confidence']] = [m.at[c, 'cl_name'], mi, short_name(m.at[c, 'cl_name']), float(m.at[c, 'confidence'])]
+            out.at[c, 'broad'] = broad_type(mi) or e.at[c, 'broad']
+            out.at[c, 'source'] = 'markers within the expression lineage' if ei else 'markers (expression found no lineage)'
+    return out
+
+def _annotate_expression(a:ad.AnnData, groupby:str, tissue, species, key_added:str, copy:bool, kb_mode:str, n_genes, S):
+    "The kb backend on the expression: `celltyping.celltype` per cluster (refined by the marker-list kb in 'hybrid' mode)."
+    import time
+    t0 = time.perf_counter()
+    species, tissue = infer_species(a, species), infer_tissue(a, tissue)
+    tab, ev = celltype(a, groupby=groupby, species=species, tissue=tissue)
+    tab['source'] = 'expression'
+    if kb_mode == 'hybrid':
+        n_genes = n_genes or S.get('markers.n_genes')
+        genes = _markers_for(a, groupby, n_genes, S)
+        m = get_backend('kb').annotate(make_queries(genes, tissue=tissue, species=species)).to_frame()
+        cm = [to_cl(l, tissue=tissue) if isinstance(l, str) and l != 'Unknown' else None for l in m['label']]
+        m['cl_id'] = [x.id if x is not None else None for x in cm]
+        m['cl_name'] = [x.name if x is not None else l for x, l in zip(cm, m['label'])]
+        m.index = m.index.astype(str)
+        tab = _refine(tab, m)
+        tab['markers'] = [', '.join(genes.get(c, [])) for c in tab.index]
+    cl = a.obs[groupby].astype(str)
+    for col in ('label', 'name', 'broad', 'cl_id'):
+        a.obs[f'{key_added}_{col}'] = pd.Categorical(cl.map(tab[col].astype(object).where(tab[col].notna(), 'Unknown')))
+    a.obs[f'{key_added}_cl_name'] = a.obs[f'{key_added}_label']
+    a.obs[f'{key_added}_confidence'] = cl.map(tab['confidence'].astype(float)).astype(float).values
+    t = tab.reset_index().assign(cl_name=lambda d: d['label'])
+    a.uns[key_added] = dict(table=_h5ad_safe(t), evidence=_h5ad_safe(ev), backend='kb', engine='celltyping',
+                            params=dict(groupby=groupby, tissue=tissue or '', species=species, kb_mode=kb_mode),
+                            stats=dict(calls=0, cache_hits=0, reasks=0, tokens_in=0, tokens_out=0, cost=0.0,
+                                       seconds=round(time.perf_counter() - t0, 3)))
+    return a if copy else None
+
 # %% ../nbs/07_annotate.ipynb #00e83b30
 def annotate(adata:ad.AnnData, groupby:str='leiden', # obs column of clusters
              backend:str='kb', # backend spec: kb, ollama:MODEL, openai:MODEL, consensus:[...]
@@ -47,14 +94,17 @@ def annotate(adata:ad.AnnData, groupby:str='leiden', # obs column of clusters
              n_genes:int|None=None, # markers per cluster (default: settings markers.n_genes)
              key_added:str='deepseq', # obs/uns key prefix
              settings=None, # `Settings` (default: settings.ini)
+             kb_mode:str='hybrid', # kb backend: 'hybrid' (expression, refined by marker lists), 'expression' or 'markers'
              copy:bool=False, **backend_kw)->ad.AnnData|None:
     "Label each cluster with `backend`; writes obs `{key}_label/_cl_id/_cl_name/_confidence` and `uns[key]`."
     a = adata.copy() if copy else adata
     if groupby not in a.obs: raise KeyError(f"obs has no column {groupby!r}: run deepseq_nb.cluster.cluster() first or pass groupby=.")
+    if kb_mode not in ('hybrid', 'expression', 'markers'): raise ValueError(f"kb_mode must be 'hybrid', 'expression' or 'markers', not {kb_mode!r}.")
     S = settings or load_settings()
-    ds = a.uns.get('dataset', {}) if isinstance(a.uns.get('dataset'), dict) else {}
-    tissue = tissue or ds.get('tissue') or S.get('data.tissue')
-    species = species or ds.get('species') or S.get('data.species') or 'human'
+    if backend == 'kb' and kb_mode != 'markers' and a.n_vars > 0:
+        return _annotate_expression(a, groupby, tissue, species, key_added, copy, kb_mode, n_genes, S)
+    tissue = infer_tissue(a, tissue)
+    species = infer_species(a, species) if a.n_vars else (species or (a.uns.get('dataset') or {}).get('species') or 'human')
     n_genes = n_genes or S.get('markers.n_genes')
     genes = _markers_for(a, groupby, n_genes, S)
     be = get_backend(backend, **({**backend_options(S, backend), **backend_kw} if backend != 'kb' else backend_kw))

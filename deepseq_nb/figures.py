@@ -35,6 +35,7 @@ FIGURES = {
     'fig_qc_knee': ("DeepSeq's three QC filters on barcode-rank (knee) plots", ('counts',)),
     'fig_clusters': ('Leiden clusters on a UMAP and the top markers of each cluster', ()),
     'tab_deepseq_models': ("DeepSeq's model table: every backend on the clusters of each QC strategy", ('labels?',)),
+    'tab_annotation_e2e': ('From expression to labels: the celltyping kb vs top-10 kb, decoupler and CellTypist per dataset', ('labels',)),
     'tab_gptcelltype': ('GPTCelltype benchmark: agreement per method and dataset, and vs the number of top genes', ('bundled',)),
     'tab_cross_tissue': ('scAgent cross-tissue annotation: memory kNN, tissue plugins, router, baselines', ('bundled',)),
     'fig_embeddings': ('UMAPs of the frozen and tuned scGPT embeddings beside PCA', ('bundled',)),

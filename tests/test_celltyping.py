@@ -1,0 +1,103 @@
+"celltyping and annotate(backend='kb') on expression: lineages from planted markers, obs/uns outputs, species inference, h5ad round trip."
+import warnings
+import numpy as np, pandas as pd, pytest, scipy.sparse as sp, anndata as ad
+
+from deepseq_nb.celltyping import celltype, cluster_stats, infer_species, score_annotation, MarkerNetwork, gene_evidence
+from deepseq_nb.annotate import annotate
+
+PLANTED = {'T': ['CD3D', 'CD3E', 'CD3G', 'TRAC', 'CD5', 'CD6', 'CD28', 'IL7R'],
+           'B': ['MS4A1', 'CD19', 'CD79A', 'CD79B', 'CD22', 'PAX5', 'BANK1'],
+           'Mono': ['CD14', 'LYZ', 'FCN1', 'S100A8', 'S100A9', 'VCAN', 'CSF1R']}
+FILLER = [f'GENE{i}' for i in range(200)]
+
+def _toy(n=60, seed=0, mouse=False):
+    "Three clusters of n cells; each expresses its planted markers (and PTPRC) at high rate, the rest at a low rate."
+    rng = np.random.default_rng(seed)
+    genes = ['PTPRC'] + [g for v in PLANTED.values() for g in v] + FILLER
+    X = rng.poisson(0.05, (3*n, len(genes))).astype(np.float32)
+    X[:, 0] += rng.poisson(3, 3*n)
+    for c, (k, gs) in enumerate(PLANTED.items()):
+        for g in gs: X[c*n:(c + 1)*n, genes.index(g)] += rng.poisson(4, n)
+    X[:, 1 + len(sum(PLANTED.values(), [])):] += rng.poisson(1, (3*n, len(FILLER)))
+    obs = pd.DataFrame({'leiden': pd.Categorical(np.repeat(['0', '1', '2'], n))}, index=[f'c{i}' for i in range(3*n)])
+    a = ad.AnnData(sp.csr_matrix(X), obs=obs)
+    a.var_names = [g.capitalize() if mouse else g for g in genes]
+    return a
+
+def test_lineages_from_planted_markers():
+    a = _toy(); a.obs['species'] = 'human'
+    tab, ev = celltype(a, tissue='blood')
+    assert list(tab.broad) == ['T/NK cell', 'B cell', 'monocyte/macrophage']
+    assert tab.loc['0', 'lineage'] == 'leukocyte' and 'T cell' in tab.loc['0', 'path']
+    assert tab.confidence.between(0, 1).all() and (tab.n_cells == 60).all()
+    chosen = ev[(ev.cluster == '1') & (ev.role == 'chosen')]
+    assert chosen.genes_for.str.contains('MS4A1|CD79A|CD19').any()  # evidence names the planted genes
+
+def test_cluster_stats_values():
+    a = _toy(n=10)
+    st = cluster_stats(a)
+    X = a.X.toarray()
+    j = list(a.var_names).index('CD14')
+    assert np.isclose(st['frac_in'][2, j], (X[20:, j] > 0).mean())
+    assert np.isclose(st['frac_out'][2, j], (X[:20, j] > 0).mean())
+    assert np.isclose(st['mean_in'][0, j], X[:10, j].mean())
+
+def test_negative_marker_lowers_score():
+    a = _toy(n=30); st = cluster_stats(a)
+    net = MarkerNetwork('human', None, st['genes'])
+    from deepseq_nb.celltyping import own_scores
+    S = gene_evidence(st['frac_in'], st['frac_out'])
+    nk, t = net.ids.index('CL:0000623'), net.ids.index('CL:0000084')
+    P = own_scores(net, S)
+    assert P[0, t] > P[0, nk]  # the T cluster expresses CD3, a negative marker of NK cells
+
+def test_annotate_writes_obs_and_uns(tmp_path):
+    a = _toy(); a.obs['species'] = 'human'; a.obs['tissue'] = 'blood'
+    annotate(a, backend='kb')
+    for c in ('label', 'name', 'broad', 'cl_id', 'cl_name', 'confidence'): assert f'deepseq_{c}' in a.obs
+    assert a.obs.groupby('leiden', observed=True)['deepseq_broad'].first().tolist() == ['T/NK cell', 'B cell', 'monocyte/macrophage']
+    u = a.uns['deepseq']
+    assert u['engine'] == 'celltyping' and u['params']['species'] == 'human' and u['params']['tissue'] == 'blood'
+    assert {'genes_for', 'genes_against', 'candidate'} <= set(u['evidence'].columns) and len(u['evidence']) >= 3
+    a.write_h5ad(tmp_path/'a.h5ad')
+    b = ad.read_h5ad(tmp_path/'a.h5ad')
+    assert (b.obs['deepseq_label'].astype(str) == a.obs['deepseq_label'].astype(str)).all()
+
+def test_species_from_gene_case_warns():
+    a = _toy(mouse=True)
+    with pytest.warns(UserWarning, match="inferred 'mouse'.*species="):
+        annotate(a, backend='kb')
+    assert a.uns['deepseq']['params']['species'] == 'mouse'
+    assert a.obs.groupby('leiden', observed=True)['deepseq_broad'].first().iloc[1] == 'B cell'  # Cd79a meets CD79A
+
+def test_obs_species_beats_settings_and_no_warning():
+    a = _toy(); a.obs['species'] = 'human'
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', UserWarning)
+        assert infer_species(a) == 'human'
+    a.obs['species'] = 'mouse'
+    assert infer_species(a) == 'mouse' and infer_species(a, 'human') == 'human'
+
+def test_marker_list_path_kept():
+    a = ad.AnnData(obs=pd.DataFrame({'leiden': pd.Categorical(['0', '0', '1'])}, index=['a', 'b', 'c']))
+    tab = pd.DataFrame([dict(cluster=c, rank=i + 1, gene=g) for c, gs in {'0': ['MS4A1', 'CD79A', 'CD19'], '1': ['CD3E', 'CD3D', 'CD2']}.items()
+                        for i, g in enumerate(gs)])
+    a.uns['markers'] = {'table': tab, 'params': {'groupby': 'leiden', 'n_genes': 3}}
+    annotate(a, backend='kb', n_genes=3)  # no genes in X: the marker-list path
+    assert 'evidence' not in a.uns['deepseq'] and a.obs['deepseq_label'].iloc[0] != 'Unknown'
+
+def test_bad_kb_mode():
+    with pytest.raises(ValueError, match="kb_mode must be"): annotate(_toy(n=5), kb_mode='magic')
+
+def test_hybrid_refines_only_within_the_lineage():
+    a = _toy(); a.obs['species'] = 'human'
+    annotate(a, backend='kb')  # default: hybrid
+    t = a.uns['deepseq']['table'].set_index('cluster')
+    assert a.uns['deepseq']['params']['kb_mode'] == 'hybrid' and set(t['source']) <= {'expression', 'markers within the expression lineage', 'markers (expression found no lineage)'}
+    b = _toy(); b.obs['species'] = 'human'; annotate(b, backend='kb', kb_mode='expression')
+    e = b.uns['deepseq']['table'].set_index('cluster')
+    assert (t['broad'] == e['broad']).all()  # refinement never leaves the lineage the expression chose
+
+def test_score_annotation_values():
+    s = score_annotation(['B', 'B', 'NK', 'NK'], ['B cell', 'B cell', 'T cell', 'Unknown'], 'PBMC')
+    assert s['exact'] == 0.5 and s['lineage'] == 0.75 and s['n_cells'] == 4
