@@ -337,7 +337,7 @@ def test_openai_session_and_no_key_on_disk(server, clustered, tmp_path, monkeypa
     e = st.adata.uns['deepseq_eval']
     assert run.log[2]['result'] == {k: round(float(e[k]), 3) for k in ('accuracy', 'mean_agreement', 'macro_f1', 'cluster_agreement')} | \
         {'truth': 'cell_type', 'pred': 'deepseq_label'}
-    assert e['n_cells'] == st.adata.n_obs and 0 < e['mean_agreement'] < 1 and e['params'] == {'truth': 'cell_type', 'pred': 'deepseq_label', 'cluster': 'leiden'}
+    assert e['n_cells'] == st.adata.n_obs and 0 < e['mean_agreement'] < 1 and {k: e['params'][k] for k in ('truth', 'pred', 'cluster')} == {'truth': 'cell_type', 'pred': 'deepseq_label', 'cluster': 'leiden'}
     assert run.llm['cost'] == pytest.approx(4 * (100 * 2.5 + 10 * 10) / 1e6)
     for f in [*Path(tmp_path/'cache').rglob('*'), tmp_path/'oa.json', tmp_path/'oa.md']:
         if f.is_file(): assert key.encode() not in f.read_bytes(), f
