@@ -406,15 +406,25 @@ def _is_published(row:pd.Series)->bool:
     "Whether a `source`, `kind` or `method` cell of the row says `published`."
     return any('published' in str(row[c]).lower() for c in _PUBLISHED_COLS if c in row.index)
 
+def _tol(col:str, row:str, tolerance:dict, row_tolerance:dict)->float:
+    "The tolerance of a cell: by column name, by a regex on column names, by a regex on the row's key, else 0 (exact)."
+    if col in tolerance: return float(tolerance[col])
+    for pat, t in tolerance.items():
+        if re.fullmatch(pat, col): return float(t)
+    for pat, t in row_tolerance.items():
+        if re.fullmatch(pat, row): return float(t)
+    return 0.0
+
 # %% ../nbs/90_figures.ipynb #76cac03c
 def compare_tables(old:pd.DataFrame, # the committed table
                    new:pd.DataFrame, # the rerun's table
                    key:list|None=None, # columns that identify a row (default: the first column)
-                   tolerance:dict|None=None, # column -> absolute tolerance; other columns are exact
-                   ignore:list|tuple=(), # columns not compared
+                   tolerance:dict|None=None, # column (or regex on column names) -> absolute tolerance; others are exact
+                   ignore:list|tuple=(), # columns (or regexes) not compared
+                   row_tolerance:dict|None=None, # regex on a row's first key -> absolute tolerance (wide tables)
                   )->pd.DataFrame:
     "What moved between two tables: one row per changed value, missing/extra row or column, with `diff`, `tol` and `ok`."
-    key, tolerance = list(key or old.columns[:1]), dict(tolerance or {})
+    key, tolerance, row_tolerance = list(key or old.columns[:1]), dict(tolerance or {}), dict(row_tolerance or {})
     rows = []
     def add(row, col, what, a=None, b=None, diff=None, tol=0.0, ok=False):
         rows.append(dict(row=row, column=col, what=what, committed=a, rerun=b, diff=diff, tol=tol, ok=ok))
@@ -424,7 +434,7 @@ def compare_tables(old:pd.DataFrame, # the committed table
     fmt = lambda k: ', '.join(f'{c}={v}' for c, v in zip(key, k[:-1])) + (f' #{k[-1]}' if k[-1] else '')
     for k in o.index.difference(n.index, sort=False): add(fmt(k), '', 'row missing in rerun')
     for k in n.index.difference(o.index, sort=False): add(fmt(k), '', 'row not in committed table')
-    cols = [c for c in old.columns if c in new.columns and c not in key and c not in ignore]
+    cols = [c for c in old.columns if c in new.columns and c not in key and not any(re.fullmatch(i, c) for i in ignore)]
     for k in o.index.intersection(n.index, sort=False):
         a_row, b_row = o.loc[k], n.loc[k]
         pub = _is_published(a_row)
@@ -434,7 +444,7 @@ def compare_tables(old:pd.DataFrame, # the committed table
             x, y = _num(a), _num(b)
             if x is not None and y is not None and not (pd.isna(x) or pd.isna(y)):
                 if x == y: continue
-                tol = 0.0 if pub else float(tolerance.get(c, 0.0))
+                tol = 0.0 if pub else _tol(c, str(k[0]), tolerance, row_tolerance)
                 d = y - x
                 add(fmt(k), c, 'published value' if pub else 'value', a, b, d, tol, abs(d) <= tol + 1e-9*max(1.0, abs(x)))
             elif str(a) != str(b): add(fmt(k), c, 'published text' if pub else 'text', a, b)
@@ -444,7 +454,7 @@ def compare_tables(old:pd.DataFrame, # the committed table
 def load_tolerances(name:str, # figure notebook name
                     fdir:Path, # paper_figures/
                    )->dict:
-    "The tolerances of figure `name`: `fdir/<name>.tolerances.json` (table -> key, abs, ignore), or {} (all exact)."
+    "The tolerances of figure `name`: `fdir/<name>.tolerances.json` (table -> key, abs, abs_rows, ignore), or {} (all exact)."
     p = Path(fdir)/f'{name}.tolerances.json'
     return json.loads(p.read_text()).get('tables', {}) if p.exists() else {}
 
@@ -468,7 +478,7 @@ def check_run(out:Path, # a run directory
                 parts.append(pd.DataFrame([dict(figure=n, table=t, what='table missing in rerun', ok=False)])); continue
             T = tols.get(t, {})
             d = compare_tables(pd.read_csv(res/t), pd.read_csv(out/t), key=T.get('key'), tolerance=T.get('abs'),
-                               ignore=T.get('ignore', ()))
+                               ignore=T.get('ignore', ()), row_tolerance=T.get('abs_rows'))
             parts.append(d.assign(figure=n, table=t))
         for t in sorted(p.name for p in out.glob('*.csv') if figure_of(p.name, figs) == n and p.name not in tabs):
             parts.append(pd.DataFrame([dict(figure=n, table=t, what='table not in the committed record', ok=False)]))
