@@ -176,7 +176,7 @@ def _rel(p:str|Path, root:Path|None)->str:
 def scrub_paths(text:str, # text that may hold absolute paths
                 root:str|Path|None=None, # the checkout (default: `project_root()`)
                )->str:
-    "`text` with the checkout, the Python environment and the home directory replaced by relative paths and placeholders."
+    "`text` with the checkout, the Python environment, the home directory and kernel cell files replaced."
     import sysconfig
     root = Path(root or project_root() or Path.cwd()).resolve()
     pkg = Path(__file__).resolve().parents[1] if '__file__' in globals() else root
@@ -184,7 +184,7 @@ def scrub_paths(text:str, # text that may hold absolute paths
             sys.prefix+'/': '$PYTHON_ENV/', sys.base_prefix+'/': '$PYTHON/', str(Path.home())+'/': '~/'}
     for k in sorted(subs, key=len, reverse=True):
         if len(k) > 2: text = text.replace(k, subs[k])
-    return text
+    return re.sub(r'(?:/[\w.-]+)*/ipykernel_\d+/\d+\.py', '<cell>', text)  # a kernel's cell, named by pid and hash
 
 # %% ../nbs/90_figures.ipynb #f3b33030
 def _outputs(out:Path, name:str)->list[dict]:
@@ -352,7 +352,8 @@ def publish_results(out:Path, # a run directory of the bundled defaults
             if figure_of(p.name, figs) == n and p.name not in keep: p.unlink()
         for f in keep: atomic_copy(out/f, res/f)
     old = _load_manifest(res)
-    m = dict(run, figures={k: v for k, v in sorted({**old.get('figures', {}), **{n: run['figures'][n] for n in names}}.items())})
+    new = {n: dict(run['figures'][n], versions=run['figures'][n].get('versions') or run.get('versions')) for n in names}
+    m = dict(run, figures=dict(sorted({**old.get('figures', {}), **new}.items())))
     atomic_write(res/'manifest.json', json.dumps(m, indent=1, default=str))
     atomic_write(fdir/'README.md', results_readme(m, res))
     log(f"[figures] committed record updated for {', '.join(names) or 'no figure'}: {res}, {fdir/'README.md'}")
@@ -483,25 +484,29 @@ def check_run(out:Path, # a run directory
         for t in sorted(p.name for p in out.glob('*.csv') if figure_of(p.name, figs) == n and p.name not in tabs):
             parts.append(pd.DataFrame([dict(figure=n, table=t, what='table not in the committed record', ok=False)]))
     cols = ['figure', 'table', 'row', 'column', 'what', 'committed', 'rerun', 'diff', 'tol', 'ok']
-    return pd.concat(parts, ignore_index=True).reindex(columns=cols) if parts else pd.DataFrame(columns=cols)
+    parts = [p.reindex(columns=cols) for p in parts if len(p)]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=cols)
 
 # %% ../nbs/90_figures.ipynb #4d2a8bd8
 def format_check(rep:pd.DataFrame, # `check_run`'s report
-                 max_lines:int=60, # differences listed at most (failures first)
+                 max_lines:int=40, # failures listed one by one at most
                 )->str:
-    "What moved and by how much, failures first, and a verdict line."
+    "Failures one by one; values that moved within tolerance summed up per table and column (count, largest move); a verdict."
     if not len(rep): return 'check: every table equals the committed one.'
-    rep = rep.assign(ok=rep['ok'].astype(bool)).sort_values('ok', kind='stable')
-    L = []
-    for r in rep.head(max_lines).itertuples():
+    rep = rep.assign(ok=rep['ok'].astype(bool))
+    bad, good, L = rep[~rep['ok']], rep[rep['ok']], []
+    for r in bad.head(max_lines).itertuples():
         where = ' · '.join(str(x) for x in (r.table, r.row, r.column) if isinstance(x, str) and x)
         if isinstance(r.diff, (int, float)) and not pd.isna(r.diff):
             what = f'{r.committed} -> {r.rerun} (moved {r.diff:+.4g}, tolerance {r.tol:g})'
-        elif not pd.isna(r.committed) or not pd.isna(r.rerun): what = f'{r.committed!r} -> {r.rerun!r}'
+        elif not (pd.isna(r.committed) and pd.isna(r.rerun)): what = f'{r.committed!r} -> {r.rerun!r}'
         else: what = ''
-        L.append(f"{'ok  ' if r.ok else 'FAIL'} {r.figure}: {where}: {r.what} {what}".rstrip())
-    if len(rep) > max_lines: L.append(f'... and {len(rep)-max_lines} more')
-    bad = int((~rep['ok']).sum())
-    where = sorted(set(t or f for t, f in zip(rep.loc[~rep['ok'], 'table'].fillna(''), rep.loc[~rep['ok'], 'figure'])))
-    L.append(f"check: {len(rep)} difference(s), {bad} outside tolerance" + (f" in {', '.join(where)}" if bad else ': every table within tolerance.'))
+        L.append(f"FAIL {r.figure}: {where}: {r.what} {what}".rstrip())
+    if len(bad) > max_lines: L.append(f'FAIL ... and {len(bad)-max_lines} more')
+    for (f, t, c), g in good.groupby(['figure', 'table', 'column'], sort=False):
+        i = g['diff'].abs().idxmax()
+        L.append(f"ok   {f}: {t} · {c}: {len(g)} value(s) moved, most {g.loc[i, 'diff']:+.4g} ({g.loc[i, 'row']}: "
+                 f"{g.loc[i, 'committed']} -> {g.loc[i, 'rerun']}), tolerance {g['tol'].max():g}")
+    where = sorted(set(t or f for t, f in zip(bad['table'].fillna(''), bad['figure'])))
+    L.append(f"check: {len(rep)} difference(s), {len(bad)} outside tolerance" + (f" in {', '.join(where)}" if len(bad) else ': every table within tolerance.'))
     return '\n'.join(L)
