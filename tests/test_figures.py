@@ -144,3 +144,26 @@ def test_every_figure_reproduces_within_its_tolerances(tmp_path):
     print(r.stdout[-5000:])
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-3000:]
     assert record_digest() == before
+
+# --- documentation ------------------------------------------------------------------------------------------------
+
+def test_readme_quick_start_is_the_tested_cell_of_index():
+    nb = json.loads((ROOT/'nbs/index.ipynb').read_text())
+    code = [''.join(c['source']) for c in nb['cells'] if c['cell_type'] == 'code']
+    qs = next(c for c in code if 'load_dataset' in c)
+    assert f"```python\n{qs}\n```" in (ROOT/'README.md').read_text()
+    assert any('assert' in c and 'labels' in c for c in code)  # the quick start is checked, not only run
+
+@pytest.mark.parametrize('nb', sorted(str(p.relative_to(ROOT)) for p in [*FIG.glob('*.ipynb'), *(ROOT/'nbs/tutorials').glob('*.ipynb')]))
+def test_papermill_reads_every_parameter(nb, caplog):
+    "papermill parses each line of a parameters cell (a second `=` in a comment hides the parameter from it)."
+    import nbformat
+    from papermill.translators import PythonTranslator
+    src = json.loads((ROOT/nb).read_text())
+    cells = [c for c in src['cells'] if 'parameters' in c.get('metadata', {}).get('tags', [])]
+    if not cells: pytest.skip('no parameters cell')
+    names = [l.split('=')[0].split(':')[0].strip() for l in ''.join(cells[0]['source']).splitlines()
+             if '=' in l and not l.lstrip().startswith('#')]
+    with caplog.at_level('WARNING', logger='papermill'):
+        got = [p.name for p in PythonTranslator.inspect(nbformat.from_dict(dict(cells[0], source=''.join(cells[0]['source']))))]
+    assert got == names and 'Unable to parse' not in caplog.text
