@@ -16,10 +16,10 @@ import pandas as pd
 from .config import load_settings, project_root, settings_path
 
 # %% auto #0
-__all__ = ['FIGURES', 'PACKAGES', 'figures_dir', 'list_figures', 'dataset_info', 'applies', 'dataset_overrides', 'run_dir',
-           'sha256', 'versions', 'bundled_inputs', 'read_ledger', 'atomic_write', 'atomic_copy', 'scrub_paths',
-           'write_manifest', 'figure_of', 'to_html', 'pinned_env', 'run_figures', 'publish_results', 'results_readme',
-           'compare_tables', 'load_tolerances', 'check_run', 'format_check']
+__all__ = ['FIGURES', 'PACKAGES', 'figures_dir', 'list_figures', 'dataset_info', 'applies', 'dataset_overrides', 'dataset_name',
+           'run_dir', 'sha256', 'versions', 'bundled_inputs', 'read_ledger', 'atomic_write', 'atomic_copy',
+           'scrub_paths', 'write_manifest', 'figure_of', 'to_html', 'pinned_env', 'run_figures', 'publish_results',
+           'results_readme', 'compare_tables', 'load_tolerances', 'check_run', 'format_check']
 
 # %% ../nbs/90_figures.ipynb #5f40a5f2
 def figures_dir(root:str|Path|None=None)->Path:
@@ -94,11 +94,15 @@ def dataset_overrides(dataset:str, info:dict)->list[str]:
     return o
 
 # %% ../nbs/90_figures.ipynb #3bc0efdf
+def dataset_name(dataset:str|Path, # bundled name or a path
+                )->str:
+    "The name a figure gives a dataset: a bundled name as is, a path's file or directory name without .h5ad/.h5."
+    return Path(str(dataset).rstrip('/')).name.removesuffix('.h5ad').removesuffix('.h5')
+
 def run_dir(dataset:str|None=None, root=None)->Path:
     "Where a run writes: `paper_figures/out` for bundled defaults, `paper_figures/runs/<name>` for a user's dataset."
     if not dataset: return figures_dir(root)/'out'
-    name = re.sub(r'[^A-Za-z0-9_.-]+', '_', Path(str(dataset).rstrip('/')).name.removesuffix('.h5ad').removesuffix('.h5'))
-    return figures_dir(root)/'runs'/name
+    return figures_dir(root)/'runs'/re.sub(r'[^A-Za-z0-9_.-]+', '_', dataset_name(dataset))
 
 # %% ../nbs/90_figures.ipynb #faa5e6f8
 def sha256(path:str|Path, chunk:int=1<<20)->str:
