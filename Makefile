@@ -89,6 +89,16 @@ test-slow: install
 	$(BIN)/nbdev-test --n-workers 2 --flags slow
 	$(BIN)/python -m pytest -q -m slow
 
+# The documentation site, offline: executes the notebooks of nbs/ (or NBS="nbs/a.ipynb ...") into _docs/src and
+# builds _docs/site with mkdocs + mkdocs-jupyter (mkdocs.yml). Open _docs/site/index.html.
+DOCS_STAMP := $(VENV)/.deepseq-docs-installed
+$(DOCS_STAMP): pyproject.toml | $(STAMP)
+	$(BIN)/python -m pip install --quiet $(if $(LOCKED),-c $(LOCK),) -e ".[dev,docs]"
+	@touch $(DOCS_STAMP)
+
+docs: install $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python tools/build_docs.py $(NBS)
+
 bench: install
 	$(BIN)/python benchmarks/pipeline.py
 
