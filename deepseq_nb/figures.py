@@ -96,13 +96,13 @@ def dataset_overrides(dataset:str, info:dict)->list[str]:
 # %% ../nbs/90_figures.ipynb #3bc0efdf
 def dataset_name(dataset:str|Path, # bundled name or a path
                 )->str:
-    "The name a figure gives a dataset: a bundled name as is, a path's file or directory name without .h5ad/.h5."
-    return Path(str(dataset).rstrip('/')).name.removesuffix('.h5ad').removesuffix('.h5')
+    "The name a figure gives a dataset: a bundled name as is, a path's file or directory name."
+    return Path(str(dataset).rstrip('/')).name
 
 def run_dir(dataset:str|None=None, root=None)->Path:
     "Where a run writes: `paper_figures/out` for bundled defaults, `paper_figures/runs/<name>` for a user's dataset."
     if not dataset: return figures_dir(root)/'out'
-    return figures_dir(root)/'runs'/re.sub(r'[^A-Za-z0-9_.-]+', '_', dataset_name(dataset))
+    return figures_dir(root)/'runs'/re.sub(r'[^A-Za-z0-9_.-]+', '_', dataset_name(dataset).removesuffix('.h5ad').removesuffix('.h5'))
 
 # %% ../nbs/90_figures.ipynb #faa5e6f8
 def sha256(path:str|Path, chunk:int=1<<20)->str:
