@@ -2,6 +2,9 @@
 #   make figures   regenerate the paper figures from the bundled data
 #   make test      run every check CI runs
 # Both create (or reuse) the virtual environment in .venv and install what they need.
+# `make figures` writes to paper_figures/out/ only: a clean checkout stays clean. The committed record
+# (paper_figures/results/, paper_figures/README.md) changes only with `make results`; `make check-figures`
+# reruns the figures and compares every table with the committed one under paper_figures/<name>.tolerances.json.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -11,9 +14,12 @@ export MPLBACKEND := Agg
 export OMP_NUM_THREADS := 2
 export OPENBLAS_NUM_THREADS := 2
 export NUMBA_NUM_THREADS := 2
+export MKL_NUM_THREADS := 2
 export PYTHONHASHSEED := 0
+# OpenBLAS picks its kernels by CPU; Haswell's (what it picks on most x86-64 CPUs, AMD included) on every machine.
+export OPENBLAS_CORETYPE := Haswell
 
-.PHONY: figures test test-fast test-slow check-sync nbtest pytest bench install clean
+.PHONY: figures results check-figures test test-fast test-slow check-sync nbtest pytest bench install install-locked lock docs clean
 
 install: $(STAMP)
 
@@ -29,14 +35,37 @@ $(BIN)/python:
 TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 SCGPT_VERSION ?= 0.2.4
+# LOCKED=1 installs the exact versions the committed figures were made with (requirements-lock.txt) first.
+LOCK := requirements-lock.txt
 $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "torch==$(TORCH_VERSION)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(if $(LOCKED),$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) -r $(LOCK),)
+	$(BIN)/python -m pip install --quiet $(if $(LOCKED),-c $(LOCK),) -e ".[dev]"
 	$(BIN)/python -m pip install --quiet --no-deps "scgpt==$(SCGPT_VERSION)"
 	@touch $(STAMP)
 
+# Same as `make install LOCKED=1` on a fresh .venv: the versions of requirements-lock.txt.
+install-locked:
+	rm -f $(STAMP)
+	$(MAKE) install LOCKED=1
+
+# Rewrite the lock file from the current environment (after a deliberate upgrade; then `make results`). torch and
+# scgpt are pinned above (TORCH_VERSION, SCGPT_VERSION): scgpt is installed without its declared dependencies.
+lock: install
+	$(BIN)/python -m pip freeze --exclude-editable --exclude deepseq_nb --exclude torch --exclude scgpt | grep -v '^-e ' > $(LOCK).tmp && mv $(LOCK).tmp $(LOCK)
+
+ONLY_ARGS = $(foreach n,$(ONLY),--only $(n))
+
 figures: install
-	$(BIN)/deepseq figures $(if $(ONLY),--only $(ONLY),)
+	$(BIN)/deepseq figures $(ONLY_ARGS)
+
+# Rerun (ONLY=name ... for some) and replace those figures in the committed record; the others' entries stay.
+results: install
+	$(BIN)/deepseq figures $(ONLY_ARGS) --update-results
+
+# Rerun and compare every table with the committed one; RUN=paper_figures/out compares an earlier run instead.
+check-figures: install
+	$(BIN)/deepseq figures $(ONLY_ARGS) --check $(RUN)
 
 # The CI suite: notebooks and package in sync, notebook tests, pytest (slow checks excluded).
 test: install check-sync nbtest pytest
@@ -60,8 +89,18 @@ test-slow: install
 	$(BIN)/nbdev-test --n-workers 2 --flags slow
 	$(BIN)/python -m pytest -q -m slow
 
+# The documentation site, offline: executes the notebooks of nbs/ (or NBS="nbs/a.ipynb ...") into _docs/src and
+# builds _docs/site with mkdocs + mkdocs-jupyter (mkdocs.yml). Open _docs/site/index.html.
+DOCS_STAMP := $(VENV)/.deepseq-docs-installed
+$(DOCS_STAMP): pyproject.toml | $(STAMP)
+	$(BIN)/python -m pip install --quiet $(if $(LOCKED),-c $(LOCK),) -e ".[dev,docs]"
+	@touch $(DOCS_STAMP)
+
+docs: install $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python tools/build_docs.py $(NBS)
+
 bench: install
 	$(BIN)/python benchmarks/pipeline.py
 
 clean:
-	rm -rf paper_figures/out paper_figures/runs .deepseq_cache
+	rm -rf paper_figures/out paper_figures/runs .deepseq_cache _docs _proc

@@ -132,12 +132,13 @@ def cmd_figures(args)->int:
     "Regenerate the paper figures with papermill."
     from deepseq_nb.figures import run_figures
     m = run_figures(only=args.only, overrides=args.set, dataset=args.dataset, out_dir=args.out, html=not args.no_html,
+                    check=args.check, update_results=args.update_results,
                     log=(lambda *a: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
     for n, r in m['figures'].items():
         if n not in (args.only or m['figures']): continue
         what = r.get('reason') if r['status'] == 'skipped' else ', '.join(o['file'] for o in r.get('outputs', []))
         print(f"{n}\t{r['status']}\t{r.get('seconds', '-')} s\t{what}")
-    return 0
+    return 0 if m.get('check', {}).get('ok', True) else 1
 
 # %% ../nbs/91_cli.ipynb #a1c37b64
 def _print_annotation(tab, cols=('cluster', 'n_cells', 'label', 'cl_name', 'confidence', 'markers')):
@@ -340,6 +341,10 @@ def build_parser()->argparse.ArgumentParser:
     f.add_argument('--dataset', metavar='PATH', help="rerun on your data; outputs go to paper_figures/runs/<name>/")
     f.add_argument('--out', metavar='DIR', help='output directory (overrides the default)')
     f.add_argument('--no-html', action='store_true', help='do not export the executed notebooks to HTML')
+    f.add_argument('--check', nargs='?', const=True, default=False, metavar='RUN_DIR',
+                   help='compare the tables with paper_figures/results under <name>.tolerances.json; rc 1 outside them (RUN_DIR: an earlier run, not rerun)')
+    f.add_argument('--update-results', nargs='?', const=True, default=False, metavar='RUN_DIR',
+                   help='copy the run into the committed record paper_figures/results and its README (RUN_DIR: an earlier run, not rerun)')
     f.set_defaults(func=cmd_figures)
     n = sub.add_parser('annotate', help='QC, clusters, markers and a cell-type label per cluster')
     _common(n, input_help='bundled dataset name or a path (counts); with --markers, a marker CSV')

@@ -11,12 +11,15 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+import pandas as pd
+
 from .config import load_settings, project_root, settings_path
 
 # %% auto #0
-__all__ = ['FIGURES', 'PACKAGES', 'figures_dir', 'list_figures', 'dataset_info', 'applies', 'dataset_overrides', 'run_dir',
-           'sha256', 'versions', 'bundled_inputs', 'read_ledger', 'write_manifest', 'to_html', 'run_figures',
-           'publish_results', 'results_readme']
+__all__ = ['FIGURES', 'PACKAGES', 'figures_dir', 'list_figures', 'dataset_info', 'applies', 'dataset_overrides', 'dataset_name',
+           'run_dir', 'sha256', 'versions', 'bundled_inputs', 'read_ledger', 'atomic_write', 'atomic_copy',
+           'scrub_paths', 'write_manifest', 'figure_of', 'to_html', 'pinned_env', 'run_figures', 'publish_results',
+           'results_readme', 'compare_tables', 'load_tolerances', 'check_run', 'format_check']
 
 # %% ../nbs/90_figures.ipynb #5f40a5f2
 def figures_dir(root:str|Path|None=None)->Path:
@@ -92,11 +95,15 @@ def dataset_overrides(dataset:str, info:dict)->list[str]:
     return o
 
 # %% ../nbs/90_figures.ipynb #3bc0efdf
+def dataset_name(dataset:str|Path, # bundled name or a path
+                )->str:
+    "The name a figure gives a dataset: a bundled name as is, a path's file or directory name."
+    return Path(str(dataset).rstrip('/')).name
+
 def run_dir(dataset:str|None=None, root=None)->Path:
     "Where a run writes: `paper_figures/out` for bundled defaults, `paper_figures/runs/<name>` for a user's dataset."
     if not dataset: return figures_dir(root)/'out'
-    name = re.sub(r'[^A-Za-z0-9_.-]+', '_', Path(str(dataset).rstrip('/')).name.removesuffix('.h5ad').removesuffix('.h5'))
-    return figures_dir(root)/'runs'/name
+    return figures_dir(root)/'runs'/re.sub(r'[^A-Za-z0-9_.-]+', '_', dataset_name(dataset).removesuffix('.h5ad').removesuffix('.h5'))
 
 # %% ../nbs/90_figures.ipynb #faa5e6f8
 def sha256(path:str|Path, chunk:int=1<<20)->str:
@@ -144,43 +151,99 @@ def read_ledger(path:str|Path)->list[dict]:
         t['cost'] = None if (t['cost'] is None or r.get('cost') is None) else t['cost'] + r['cost']
     return list(tot.values())
 
-# %% ../nbs/90_figures.ipynb #55851c38
+# %% ../nbs/90_figures.ipynb #3ab3bb8c
+def atomic_write(path:str|Path, # file to (re)write
+                 data:str|bytes, # its new content
+                )->Path:
+    "Write `data` to `path` through a temporary file in the same directory and `os.replace`."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+    try:
+        if isinstance(data, bytes): tmp.write_bytes(data)
+        else: tmp.write_text(data, encoding='utf-8')
+        os.replace(tmp, path)
+    finally: tmp.unlink(missing_ok=True)
+    return path
+
+def atomic_copy(src:str|Path, dst:str|Path)->Path:
+    "Copy `src` to `dst` through a temporary file beside `dst` and `os.replace`."
+    dst = Path(dst); tmp = dst.with_name(f'.{dst.name}.{os.getpid()}.tmp')
+    try: shutil.copy2(src, tmp); os.replace(tmp, dst)
+    finally: tmp.unlink(missing_ok=True)
+    return dst
+
+# %% ../nbs/90_figures.ipynb #b2ccd412
+def _rel(p:str|Path, root:Path|None)->str:
+    "`p` relative to `root` when it lies under it, else as given."
+    try: return str(Path(p).resolve().relative_to(Path(root).resolve())) if root else str(p)
+    except ValueError: return str(p)
+
+def scrub_paths(text:str, # text that may hold absolute paths
+                root:str|Path|None=None, # the checkout (default: `project_root()`)
+               )->str:
+    "`text` with the checkout, the Python environment, the home directory and kernel cell files replaced."
+    import sysconfig
+    root = Path(root or project_root() or Path.cwd()).resolve()
+    pkg = Path(__file__).resolve().parents[1] if '__file__' in globals() else root
+    subs = {str(root)+'/': '', str(pkg)+'/': '', sysconfig.get_paths()['purelib']+'/': '$SITE_PACKAGES/',
+            sys.prefix+'/': '$PYTHON_ENV/', sys.base_prefix+'/': '$PYTHON/', str(Path.home())+'/': '~/'}
+    for k in sorted(subs, key=len, reverse=True):
+        if len(k) > 2: text = text.replace(k, subs[k])
+    return re.sub(r'(?:/[\w.-]+)*/ipykernel_\d+/\d+\.py', '<cell>', text)  # a kernel's cell, named by pid and hash
+
+# %% ../nbs/90_figures.ipynb #f3b33030
 def _outputs(out:Path, name:str)->list[dict]:
     "The files a notebook wrote, with checksums."
-    return [dict(file=p.name, bytes=p.stat().st_size, sha256=sha256(p)) for p in sorted(out.glob(f'{name}*')) if p.is_file()]
+    return [dict(file=p.name, bytes=p.stat().st_size, sha256=sha256(p)) for p in sorted(out.glob(f'{name}*'))
+            if p.is_file() and figure_of(p.name, [name]) == name]
 
 def _load_manifest(out:Path)->dict:
-    p = out/'manifest.json'
+    p = Path(out)/'manifest.json'
     return json.loads(p.read_text()) if p.exists() else {}
 
 def write_manifest(out:Path, # run directory
                    figures:dict, # name -> record of this run
                    S, # the run's `Settings`
-                   overrides:list, info:dict|None=None)->dict:
+                   overrides:list, info:dict|None=None, root=None)->dict:
     "Write `out/manifest.json`: this run's figures merged over those of earlier runs into the same directory."
     old = _load_manifest(out)
-    sp = settings_path()
+    sp, root = settings_path(), Path(root) if root else project_root()
     m = dict(created=datetime.now(timezone.utc).isoformat(timespec='seconds'), versions=versions(),
-             settings_file=dict(path=str(sp), sha256=sha256(sp)), overrides=list(overrides),
+             settings_file=dict(path=_rel(sp, root), sha256=sha256(sp)), overrides=list(overrides),
              settings={k: dict(v) for k, v in S.items()}, dataset=info,
              backends=dict(annotate=S.get('annotate.backend'), compare=S.get('annotate.compare_backends')),
              inputs=bundled_inputs() + ([dict(path=info['dataset'], sha256=sha256(info['dataset']))]
                                         if info and Path(info['dataset']).exists() else []),
              figures={**old.get('figures', {}), **figures})
-    (out/'manifest.json').write_text(json.dumps(m, indent=1, default=str))
+    atomic_write(out/'manifest.json', json.dumps(m, indent=1, default=str))
     return m
 
-# %% ../nbs/90_figures.ipynb #474a9784
-def to_html(nb_path:str|Path)->Path:
-    "Export an executed notebook to HTML beside it (nbconvert, images embedded)."
+# %% ../nbs/90_figures.ipynb #e7a18fcc
+def figure_of(fname:str, # a file name in a run or results directory
+              names:list|None=None, # figure names (default: `list_figures()`)
+             )->str|None:
+    "The figure that file `fname` belongs to, or None."
+    hits = [n for n in (names if names is not None else list_figures()) if fname.startswith(n) and fname[len(n):len(n)+1] in ('.', '_')]
+    return max(hits, key=len) if hits else None
+
+# %% ../nbs/90_figures.ipynb #69468640
+def to_html(nb_path:str|Path, root=None)->Path:
+    "Export an executed notebook to HTML beside it (nbconvert, images embedded, local paths scrubbed)."
     import nbformat
     from nbconvert import HTMLExporter
     nb_path = Path(nb_path)
-    body, _ = HTMLExporter(embed_images=True).from_notebook_node(nbformat.read(nb_path, as_version=4))
-    out = nb_path.with_suffix('.html'); out.write_text(body, encoding='utf-8')
-    return out
+    nb = nbformat.reads(scrub_paths(nb_path.read_text(encoding='utf-8'), root), as_version=4)
+    body, _ = HTMLExporter(embed_images=True).from_notebook_node(nb)
+    return atomic_write(nb_path.with_suffix('.html'), body)
 
-# %% ../nbs/90_figures.ipynb #92666608
+# %% ../nbs/90_figures.ipynb #30c7e29d
+def pinned_env(S)->dict:
+    "Environment variables that fix threads, hash seed and BLAS kernels for a figure kernel."
+    n = str(S.get('cluster.n_threads') or 1)
+    return dict(OMP_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n, MKL_NUM_THREADS=n, NUMBA_NUM_THREADS=n,
+                PYTHONHASHSEED='0', OPENBLAS_CORETYPE='Haswell', MPLBACKEND='Agg')
+
+# %% ../nbs/90_figures.ipynb #4e8e7e2d
 def _select(only, names:list)->list:
     "The figure names to run, in order; unknown names are an error that lists the valid ones."
     if not only: return names
@@ -189,34 +252,59 @@ def _select(only, names:list)->list:
     if unknown: raise KeyError(f"Unknown figure {unknown}; figures are: {', '.join(names)}.")
     return [n for n in names if n in only]
 
-def _run_one(n:str, fdir:Path, out:Path, overrides:list, user:bool, html:bool)->dict:
-    "Execute one figure notebook with papermill, with its own LLM ledger; its record for the manifest."
+def _run_one(n:str, fdir:Path, out:Path, overrides:list, user:bool, html:bool, env:dict)->dict:
+    "Execute one figure notebook with papermill, with its own LLM ledger and pinned environment; its record for the manifest."
     import papermill as pm
     ledger = out/f'.{n}.ledger.jsonl'; ledger.unlink(missing_ok=True)
-    old, os.environ['DEEPSEQ_LEDGER'] = os.environ.get('DEEPSEQ_LEDGER'), str(ledger)
+    env = dict(env, DEEPSEQ_LEDGER=str(ledger))
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     t0 = time.perf_counter()
     try:
         pm.execute_notebook(str(fdir/f'{n}.ipynb'), str(out/f'{n}.ipynb'), cwd=str(fdir.parent), kernel_name='python3',
                             language='python', progress_bar=False, log_output=False,
-                            parameters=dict(out_dir=str(out.resolve()), overrides=overrides, user_dataset=user))
+                            parameters=dict(out_dir=_rel(out, fdir.parent), overrides=overrides, user_dataset=user))
     finally:
-        if old is None: os.environ.pop('DEEPSEQ_LEDGER', None)
-        else: os.environ['DEEPSEQ_LEDGER'] = old
+        for k, v in old.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
     secs = round(time.perf_counter()-t0, 1)
-    if html: to_html(out/f'{n}.ipynb')
-    rec = dict(status='ran', seconds=secs, llm=read_ledger(ledger), outputs=_outputs(out, n))
+    if html: to_html(out/f'{n}.ipynb', fdir.parent)
+    rec = dict(status='ran', created=datetime.now(timezone.utc).isoformat(timespec='seconds'), seconds=secs,
+               llm=read_ledger(ledger), outputs=_outputs(out, n))
     ledger.unlink(missing_ok=True)
     return rec
 
-# %% ../nbs/90_figures.ipynb #87fefad3
+# %% ../nbs/90_figures.ipynb #a337961a
 def run_figures(only:list|str|None=None, # figure names to run (default: all)
                 overrides:list|None=None, # `section.key=value` settings overrides
                 dataset:str|None=None, # a user's dataset path (sets data.dataset)
                 out_dir:str|Path|None=None, # default: see `run_dir`
                 html:bool=True, # export each executed notebook to HTML
-                publish:bool|None=None, # copy PNG/CSV/HTML to paper_figures/results (default: bundled run into paper_figures/out)
+                update_results:bool|str|Path=False, # copy the run into paper_figures/results; a path: that run, not rerun
+                check:bool|str|Path=False, # compare the run's tables with the committed ones; a path: that run, not rerun
                 root=None, log=print)->dict:
-    "Execute the figure notebooks with papermill; return the run's manifest (one record per figure)."
+    "Execute the figure notebooks with papermill; return the run's manifest (one record per figure, and `check`)."
+    given = next((Path(a) for a in (check, update_results) if isinstance(a, (str, Path)) and not isinstance(a, bool)), None)
+    if given is not None:
+        if not (given/'manifest.json').exists():
+            raise FileNotFoundError(f"{given}/manifest.json not found: give the directory of a `deepseq figures` run.")
+        m, out = _load_manifest(given), given
+        names = _select(only, list(m['figures']))
+    else:
+        m, out, names = _run(only, overrides, dataset, out_dir, html, root, log)
+    fdir = figures_dir(root)
+    if update_results: publish_results(out, fdir, names, log=log)
+    if check:
+        rep = check_run(out, fdir, names)
+        print(format_check(rep), flush=True)
+        m['check'] = dict(ok=bool(rep['ok'].all()) if len(rep) else True, moved=int(len(rep)),
+                          outside=int((~rep['ok']).sum()) if len(rep) else 0)
+    return m
+
+# %% ../nbs/90_figures.ipynb #134e10c7
+def _run(only, overrides, dataset, out_dir, html, root, log)->tuple[dict, Path, list]:
+    "Run the selected figure notebooks into their run directory; its manifest, the directory and the names run."
     overrides = list(overrides or [])
     S = load_settings(overrides=overrides)  # fail early on a bad key
     names = _select(only, list_figures(root))
@@ -227,13 +315,13 @@ def run_figures(only:list|str|None=None, # figure names to run (default: all)
         S = load_settings(overrides=overrides)
     out = Path(out_dir) if out_dir else run_dir(dataset, root)
     out.mkdir(parents=True, exist_ok=True)
-    fdir, records, failed = figures_dir(root), {}, []
+    fdir, records, failed, env = figures_dir(root), {}, [], pinned_env(S)
     for n in names:
         ok, note = applies(n, info)
         if not ok:
             log(f"[figures] {n} skipped: {note}"); records[n] = dict(status='skipped', reason=note); continue
         log(f"[figures] {n} ..." + (f" ({note})" if note else ''))
-        try: records[n] = rec = _run_one(n, fdir, out, overrides, bool(dataset), html)
+        try: records[n] = rec = _run_one(n, fdir, out, overrides, bool(dataset), html, env)
         except Exception as e:
             msg = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
             log(f"[figures] {n} FAILED: {msg}"); records[n] = dict(status='failed', error=msg); failed.append(n); continue
@@ -241,28 +329,42 @@ def run_figures(only:list|str|None=None, # figure names to run (default: all)
         hits = sum(r['hits'] for r in rec['llm']); calls = sum(r['calls'] for r in rec['llm'])
         log(f"[figures] {n} done in {rec['seconds']} s ({calls} LLM requests, {hits} cache hits): "
             f"{', '.join(o['file'] for o in rec['outputs'])}")
-    m = write_manifest(out, records, S, overrides, info)
-    if publish is None: publish = not dataset and not out_dir and not overrides and root is None
-    if publish: publish_results(out, figures_dir(root))
+    m = write_manifest(out, records, S, overrides, info, root=fdir.parent)
     if failed: raise RuntimeError(f"{len(failed)} figure notebook(s) failed: {', '.join(failed)}; the others ran. "
                                   f"See {out}/<name>.ipynb for the failing cell and {out}/manifest.json.")
-    return m
+    return m, out, names
 
-# %% ../nbs/90_figures.ipynb #d3ffa4eb
-_PUBLISH = ('*.png', '*.csv', '*.html', 'manifest.json')
+# %% ../nbs/90_figures.ipynb #cad86541
+_PUBLISH = ('.png', '.csv', '.html')
 
-def publish_results(out:Path, # a bundled run directory
+def publish_results(out:Path, # a run directory of the bundled defaults
                     fdir:Path, # paper_figures/
-                   )->Path:
-    "Copy a run's figures, tables, HTML and manifest to `fdir/results` and write `fdir/README.md`; return the README."
+                    names:list|None=None, # figures to publish (default: every figure that ran in `out`)
+                    log=print)->Path:
+    "Copy the figures that ran in `out` into `fdir/results`, merge their records into its manifest, rewrite the gallery."
+    out, fdir = Path(out), Path(fdir)
+    run = _load_manifest(out)
+    if not run: raise FileNotFoundError(f"{out}/manifest.json not found: run `deepseq figures` first.")
+    if run.get('dataset') or run.get('overrides'):
+        raise ValueError(f"{out} is a run on {run.get('dataset') and run['dataset']['dataset'] or 'overridden settings'}, "
+                         "not the bundled defaults: it cannot become the committed record.")
+    names = [n for n in (names or run['figures']) if run['figures'].get(n, {}).get('status') == 'ran']
     res = fdir/'results'; res.mkdir(exist_ok=True)
-    for pat in _PUBLISH:
-        for p in out.glob(pat): shutil.copy2(p, res/p.name)
-    m = json.loads((out/'manifest.json').read_text())
-    (fdir/'README.md').write_text(results_readme(m, res))
+    figs = list_figures(fdir.parent)
+    for n in names:
+        keep = [o['file'] for o in run['figures'][n]['outputs'] if Path(o['file']).suffix in _PUBLISH]
+        for p in res.iterdir():
+            if figure_of(p.name, figs) == n and p.name not in keep: p.unlink()
+        for f in keep: atomic_copy(out/f, res/f)
+    old = _load_manifest(res)
+    new = {n: dict(run['figures'][n], versions=run['figures'][n].get('versions') or run.get('versions')) for n in names}
+    m = dict(run, figures=dict(sorted({**old.get('figures', {}), **new}.items())))
+    atomic_write(res/'manifest.json', json.dumps(m, indent=1, default=str))
+    atomic_write(fdir/'README.md', results_readme(m, res))
+    log(f"[figures] committed record updated for {', '.join(names) or 'no figure'}: {res}, {fdir/'README.md'}")
     return fdir/'README.md'
 
-# %% ../nbs/90_figures.ipynb #e0bde978
+# %% ../nbs/90_figures.ipynb #89845364
 def results_readme(m:dict, # a manifest
                    res:Path, # the results directory (for the file lists)
                   )->str:
@@ -270,21 +372,146 @@ def results_readme(m:dict, # a manifest
     v = m['versions']
     L = ['# Paper figures', '',
          'Every figure and table of the two papers, regenerated by `make figures` (= `deepseq figures`) from `settings.ini`',
-         'on the bundled data, offline, on CPU. The files shown here are in `results/`; each notebook executed is in',
+         'on the bundled data, offline, on CPU, into `out/`. The committed record is in `results/`: each notebook executed is in',
          '`results/<name>.html`, and `results/manifest.json` records the inputs with checksums, the package versions, the',
-         'settings, the LLM requests and cache hits, and the time per notebook.', '',
-         f"Last run: {m['created']} · deepseq_nb {v.get('deepseq_nb')} · Python {v.get('python')} · scanpy {v.get('scanpy')} · "
+         'settings, the LLM requests and cache hits, and the time per notebook. `make results` (= `deepseq figures',
+         '--update-results`) replaces it; `make check-figures` (= `deepseq figures --check`) reruns the figures and compares',
+         'every table with the committed one under the tolerances in `<name>.tolerances.json`.', '',
+         f"Last update: {m['created']} · deepseq_nb {v.get('deepseq_nb')} · Python {v.get('python')} · scanpy {v.get('scanpy')} · "
          f"torch {v.get('torch')} · {v.get('platform')}", '',
-         '| notebook | what it shows | status | seconds |', '|---|---|---|---|']
+         '| notebook | what it shows | status | run on | seconds |', '|---|---|---|---|---|']
     for n, r in m['figures'].items():
-        L.append(f"| [{n}]({n}.ipynb) | {FIGURES.get(n, ('',))[0]} | {r['status']} | {r.get('seconds', '')} |")
+        L.append(f"| [{n}]({n}.ipynb) | {FIGURES.get(n, ('',))[0]} | {r['status']} | {(r.get('created') or '')[:10]} | {r.get('seconds', '')} |")
     total = sum(r.get('seconds', 0) for r in m['figures'].values())
-    L += ['', f'Total: {total/60:.1f} min on this machine.', '']
+    L += ['', f'Total: {total/60:.1f} min on the machines that made them.', '']
     for n in m['figures']:
-        pngs = sorted(p.name for p in res.glob(f'{n}*.png')); csvs = sorted(p.name for p in res.glob(f'{n}*.csv'))
+        files = sorted(p.name for p in res.iterdir() if figure_of(p.name, list(m['figures'])) == n)
+        pngs, csvs = [f for f in files if f.endswith('.png')], [f for f in files if f.endswith('.csv')]
         if not pngs and not csvs: continue
         L += [f'## {n}', '', FIGURES.get(n, ('',))[0] + '.', '']
         L += [f'![{p}](results/{p})' for p in pngs] + ([''] if pngs else [])
         if csvs: L += ['Tables: ' + ', '.join(f'[{c}](results/{c})' for c in csvs), '']
-        if (res/f'{n}.html').exists(): L += [f'Executed notebook: [results/{n}.html](results/{n}.html)', '']
+        if f'{n}.html' in files: L += [f'Executed notebook: [results/{n}.html](results/{n}.html)', '']
+    return '\n'.join(L)
+
+# %% ../nbs/90_figures.ipynb #e3ffecfe
+_PUBLISHED_COLS = ('source', 'kind', 'method')
+
+def _num(v):
+    "A float for a numeric cell, else None."
+    if isinstance(v, bool): return None
+    try: return float(v)
+    except (TypeError, ValueError): return None
+
+def _keyed(df:pd.DataFrame, key:list)->pd.DataFrame:
+    "`df` indexed by the `key` columns plus the occurrence number of each key."
+    df = df.copy(); df['#'] = df.groupby(key, dropna=False, sort=False).cumcount()
+    return df.set_index(key+['#'])
+
+def _is_published(row:pd.Series)->bool:
+    "Whether a `source`, `kind` or `method` cell of the row says `published`."
+    return any('published' in str(row[c]).lower() for c in _PUBLISHED_COLS if c in row.index)
+
+def _tol(col:str, row:str, tolerance:dict, row_tolerance:dict)->float:
+    "The tolerance of a cell: by column name, by a regex on column names, by a regex on the row's key, else 0 (exact)."
+    if col in tolerance: return float(tolerance[col])
+    for pat, t in tolerance.items():
+        if re.fullmatch(pat, col): return float(t)
+    for pat, t in row_tolerance.items():
+        if re.fullmatch(pat, row): return float(t)
+    return 0.0
+
+# %% ../nbs/90_figures.ipynb #76cac03c
+def compare_tables(old:pd.DataFrame, # the committed table
+                   new:pd.DataFrame, # the rerun's table
+                   key:list|None=None, # columns that identify a row (default: the first column)
+                   tolerance:dict|None=None, # column (or regex on column names) -> absolute tolerance; others are exact
+                   ignore:list|tuple=(), # columns (or regexes) not compared
+                   row_tolerance:dict|None=None, # regex on a row's first key -> absolute tolerance (wide tables)
+                  )->pd.DataFrame:
+    "What moved between two tables: one row per changed value, missing/extra row or column, with `diff`, `tol` and `ok`."
+    key, tolerance, row_tolerance = list(key or old.columns[:1]), dict(tolerance or {}), dict(row_tolerance or {})
+    rows = []
+    def add(row, col, what, a=None, b=None, diff=None, tol=0.0, ok=False):
+        rows.append(dict(row=row, column=col, what=what, committed=a, rerun=b, diff=diff, tol=tol, ok=ok))
+    for c in old.columns.difference(new.columns): add('', c, 'column missing in rerun')
+    for c in new.columns.difference(old.columns): add('', c, 'column not in committed table')
+    o, n = _keyed(old, key), _keyed(new, key)
+    fmt = lambda k: ', '.join(f'{c}={v}' for c, v in zip(key, k[:-1])) + (f' #{k[-1]}' if k[-1] else '')
+    for k in o.index.difference(n.index, sort=False): add(fmt(k), '', 'row missing in rerun')
+    for k in n.index.difference(o.index, sort=False): add(fmt(k), '', 'row not in committed table')
+    cols = [c for c in old.columns if c in new.columns and c not in key and not any(re.fullmatch(i, c) for i in ignore)]
+    for k in o.index.intersection(n.index, sort=False):
+        a_row, b_row = o.loc[k], n.loc[k]
+        pub = _is_published(a_row)
+        for c in cols:
+            a, b = a_row[c], b_row[c]
+            if pd.isna(a) and pd.isna(b): continue
+            x, y = _num(a), _num(b)
+            if x is not None and y is not None and not (pd.isna(x) or pd.isna(y)):
+                if x == y: continue
+                tol = 0.0 if pub else _tol(c, str(k[0]), tolerance, row_tolerance)
+                d = y - x
+                add(fmt(k), c, 'published value' if pub else 'value', a, b, d, tol, abs(d) <= tol + 1e-9*max(1.0, abs(x)))
+            elif str(a) != str(b): add(fmt(k), c, 'published text' if pub else 'text', a, b)
+    return pd.DataFrame(rows, columns=['row', 'column', 'what', 'committed', 'rerun', 'diff', 'tol', 'ok'])
+
+# %% ../nbs/90_figures.ipynb #b3badd5a
+def load_tolerances(name:str, # figure notebook name
+                    fdir:Path, # paper_figures/
+                   )->dict:
+    "The tolerances of figure `name`: `fdir/<name>.tolerances.json` (table -> key, abs, abs_rows, ignore), or {} (all exact)."
+    p = Path(fdir)/f'{name}.tolerances.json'
+    return json.loads(p.read_text()).get('tables', {}) if p.exists() else {}
+
+def check_run(out:Path, # a run directory
+              fdir:Path, # paper_figures/ (its results/ is the committed record)
+              names:list|None=None, # figures to check (default: every figure of the committed record)
+             )->pd.DataFrame:
+    "Every difference between the tables (CSV) of run `out` and of the committed record, with its tolerance and verdict."
+    out, fdir = Path(out), Path(fdir); res = fdir/'results'
+    run, rec = _load_manifest(out), _load_manifest(res)
+    names = names or list(rec.get('figures', {}))
+    figs, parts = list_figures(fdir.parent), []
+    for n in names:
+        r = run.get('figures', {}).get(n, {})
+        tabs = sorted(p.name for p in res.glob('*.csv') if figure_of(p.name, figs) == n)
+        if r.get('status') != 'ran':
+            parts.append(pd.DataFrame([dict(figure=n, table='', what=f"did not run ({r.get('status', 'not in the run')})", ok=False)])); continue
+        tols = load_tolerances(n, fdir)
+        for t in tabs:
+            if not (out/t).exists():
+                parts.append(pd.DataFrame([dict(figure=n, table=t, what='table missing in rerun', ok=False)])); continue
+            T = tols.get(t, {})
+            d = compare_tables(pd.read_csv(res/t), pd.read_csv(out/t), key=T.get('key'), tolerance=T.get('abs'),
+                               ignore=T.get('ignore', ()), row_tolerance=T.get('abs_rows'))
+            parts.append(d.assign(figure=n, table=t))
+        for t in sorted(p.name for p in out.glob('*.csv') if figure_of(p.name, figs) == n and p.name not in tabs):
+            parts.append(pd.DataFrame([dict(figure=n, table=t, what='table not in the committed record', ok=False)]))
+    cols = ['figure', 'table', 'row', 'column', 'what', 'committed', 'rerun', 'diff', 'tol', 'ok']
+    parts = [p.reindex(columns=cols) for p in parts if len(p)]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=cols)
+
+# %% ../nbs/90_figures.ipynb #4d2a8bd8
+def format_check(rep:pd.DataFrame, # `check_run`'s report
+                 max_lines:int=40, # failures listed one by one at most
+                )->str:
+    "Failures one by one; values that moved within tolerance summed up per table and column (count, largest move); a verdict."
+    if not len(rep): return 'check: every table equals the committed one.'
+    rep = rep.assign(ok=rep['ok'].astype(bool))
+    bad, good, L = rep[~rep['ok']], rep[rep['ok']], []
+    for r in bad.head(max_lines).itertuples():
+        where = ' · '.join(str(x) for x in (r.table, r.row, r.column) if isinstance(x, str) and x)
+        if isinstance(r.diff, (int, float)) and not pd.isna(r.diff):
+            what = f'{r.committed} -> {r.rerun} (moved {r.diff:+.4g}, tolerance {r.tol:g})'
+        elif not (pd.isna(r.committed) and pd.isna(r.rerun)): what = f'{r.committed!r} -> {r.rerun!r}'
+        else: what = ''
+        L.append(f"FAIL {r.figure}: {where}: {r.what} {what}".rstrip())
+    if len(bad) > max_lines: L.append(f'FAIL ... and {len(bad)-max_lines} more')
+    for (f, t, c), g in good.groupby(['figure', 'table', 'column'], sort=False):
+        i = g['diff'].abs().idxmax()
+        L.append(f"ok   {f}: {t} · {c}: {len(g)} value(s) moved, most {g.loc[i, 'diff']:+.4g} ({g.loc[i, 'row']}: "
+                 f"{g.loc[i, 'committed']} -> {g.loc[i, 'rerun']}), tolerance {g['tol'].max():g}")
+    where = sorted(set(t or f for t, f in zip(bad['table'].fillna(''), bad['figure'])))
+    L.append(f"check: {len(rep)} difference(s), {len(bad)} outside tolerance" + (f" in {', '.join(where)}" if len(bad) else ': every table within tolerance.'))
     return '\n'.join(L)
