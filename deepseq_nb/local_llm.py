@@ -245,6 +245,7 @@ class LlamaCppBackend(OpenAIBackend):
         kw['prices'] = {**(kw.get('prices') or {}), model: (0.0, 0.0)}   # a local model costs nothing per token
         if prompting != 'chat': kw['batch_size'] = 1
         kw['concurrency'] = 1   # the server answers one request at a time: more in flight only queue, and blur latencies
+        if kw.get('cache_mode') == 'replay': kw['progress'] = False   # a replay takes no time; a bar would only fill logs
         super().__init__(model, base_url=base_url, api_key='local', **kw)
         self.base_url = base_url   # not OPENAI_BASE_URL: that names a hosted server
         self.prompting, self.threads, self.max_tokens, self._style = prompting, threads, max_tokens, None
