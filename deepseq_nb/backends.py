@@ -815,3 +815,7 @@ def backend_options(settings=None, # a `Settings` (default: `load_settings()`)
         elif kind != 'consensus': o = {k: v for k, v in o.items() if k in _COMMON | _OWN[kind]}
         else: o.pop('host', None)
     return o
+
+# %% ../nbs/06_backends.ipynb #b7e1a0c4
+# Backends that live in their own modules register here when backends is imported (llamacpp: nbs/06a_local_llm.ipynb).
+from . import local_llm as _local_llm  # noqa: F401

@@ -545,6 +545,7 @@ def to_cl(label:str, # free-text cell-type label
         words = [w for w in words if w != 'like']
         hit = _lookup(' '.join(words), threshold, fuzzy=False) or (context_match(' '.join(words), tw) or [None])[0]
         if hit: return mk(hit if isinstance(hit, str) else hit[0], 75.0, 'head')
+    if not words: return CLMatch(str(label), None, None, 0.0, 'none')  # nothing left of the name (`fetal`)
     for i in range(1, len(words) - 1 + (words[-1] != 'cell')):
         if words[i] in ('positive', 'negative', 'bright', 'dim'): continue  # never cut a marker in half
         hit = _lookup(' '.join(words[i:]), threshold, fuzzy=False)
