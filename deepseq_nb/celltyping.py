@@ -63,6 +63,7 @@ PEERS = 0.5         # weight of the contrast with the peers (other clusters at t
 ROOT_RATIO = 1.5    # at the root (a lineage must be chosen) a lead of 1.5x the rival's score also counts as clear
 NICHE = 2.0         # a type only one database lists (a niche term) must win by NICHE x MARGIN
 INHERIT = 0.5       # share of a type's score taken from its nearest lineage (hierarchical consistency)
+_SPECIES_TAG = re.compile(r', (human|mouse)$')  # CL terms defined for one species' phenotype: never an answer
 TISSUE_DROP = True  # tissue known: a database type never recorded in its tissue group (nor ubiquitous) is no candidate
 
 # %% ../nbs/04a_celltyping.ipynb #40b7ff80
@@ -143,7 +144,7 @@ class MarkerNetwork:
         for cid, (name, pos, neg) in lin.items(): add(cid, name, dict.fromkeys(pos, 1.0), neg, 'lineage' if pos else 'group')
         M = ix.M.tocsc()
         for j, k in enumerate(ix.keys):
-            if not k.startswith('CL:') or k in lin or k in general: continue
+            if not k.startswith('CL:') or k in lin or k in general or _SPECIES_TAG.search(ix.cl_name[k] or ''): continue
             col = M[:, j]; w = col.data*ix.idf[col.indices]
             pos = {ix.genes[col.indices[i]]: w[i] for i in np.argsort(-w)[:TOP_MARKERS]}
             lp, ln = label_markers(k); mw = np.mean(list(pos.values())) if pos else 1.0

@@ -123,3 +123,9 @@ def test_compatible_children_are_not_rivals():
     assert i['CL:0000895'] in net.sub[i['CL:0000898']] and i['CL:0000895'] in net.sub[i['CL:0000624']]
     assert _compatible(net, i['CL:0000898'], i['CL:0000624'])
     assert not _compatible(net, i['CL:0000624'], i['CL:0000625'])  # CD4 vs CD8: no type below both
+
+def test_species_tagged_terms_are_no_candidates():
+    from deepseq_nb.knowledge import kb_index
+    net = MarkerNetwork('human', 'blood', np.array(kb_index('human').genes))
+    assert 'CL:0000939' not in net.ids  # CD16-positive, CD56-dim natural killer cell, human
+    assert 'CL:0000623' in net.ids and not any(n.endswith((', human', ', mouse')) for n in net.names)
