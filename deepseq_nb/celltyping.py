@@ -18,9 +18,9 @@ from .ontology import ancestors, cl_name, broad_type
 
 # %% auto #0
 __all__ = ['LINEAGES', 'SHRINK', 'MIN_MARKERS', 'TOP_MARKERS', 'LABEL_WEIGHT', 'ABSOLUTE', 'TOP', 'FLOOR', 'MARGIN', 'PEERS',
-           'ROOT_RATIO', 'NICHE', 'INHERIT', 'label_markers', 'cluster_stats', 'gene_evidence', 'MarkerNetwork',
-           'own_scores', 'subtree_best', 'pairwise', 'descend', 'short_name', 'infer_species', 'infer_tissue',
-           'celltype', 'panglao_network', 'ora_labels', 'score_annotation', 'celltypist_labels']
+           'ROOT_RATIO', 'NICHE', 'INHERIT', 'TISSUE_DROP', 'label_markers', 'cluster_stats', 'gene_evidence',
+           'MarkerNetwork', 'own_scores', 'subtree_best', 'pairwise', 'descend', 'short_name', 'infer_species',
+           'infer_tissue', 'celltype', 'panglao_network', 'ora_labels', 'score_annotation', 'celltypist_labels']
 
 # %% ../nbs/04a_celltyping.ipynb #f553ec08
 LINEAGES = [  # (CL id, short name, positive markers, negative markers)
@@ -63,6 +63,8 @@ PEERS = 0.5         # weight of the contrast with the peers (other clusters at t
 ROOT_RATIO = 1.5    # at the root (a lineage must be chosen) a lead of 1.5x the rival's score also counts as clear
 NICHE = 2.0         # a type only one database lists (a niche term) must win by NICHE x MARGIN
 INHERIT = 0.5       # share of a type's score taken from its nearest lineage (hierarchical consistency)
+_SPECIES_TAG = re.compile(r', (human|mouse)$')  # CL terms defined for one species' phenotype: never an answer
+TISSUE_DROP = True  # tissue known: a database type never recorded in its tissue group (nor ubiquitous) is no candidate
 
 # %% ../nbs/04a_celltyping.ipynb #40b7ff80
 def _lineages()->dict:
@@ -142,13 +144,15 @@ class MarkerNetwork:
         for cid, (name, pos, neg) in lin.items(): add(cid, name, dict.fromkeys(pos, 1.0), neg, 'lineage' if pos else 'group')
         M = ix.M.tocsc()
         for j, k in enumerate(ix.keys):
-            if not k.startswith('CL:') or k in lin or k in general: continue
+            if not k.startswith('CL:') or k in lin or k in general or _SPECIES_TAG.search(ix.cl_name[k] or ''): continue
             col = M[:, j]; w = col.data*ix.idf[col.indices]
             pos = {ix.genes[col.indices[i]]: w[i] for i in np.argsort(-w)[:TOP_MARKERS]}
             lp, ln = label_markers(k); mw = np.mean(list(pos.values())) if pos else 1.0
             for g in lp: pos[g] = LABEL_WEIGHT*mw
             for g in ln: pos.pop(g, None)
-            prior = OUT_OF_TISSUE if groups and not ((ix.tissues[k] & groups) or ix.ubiquitous[k]) else 1.0
+            out = bool(groups) and not ((ix.tissues[k] & groups) or ix.ubiquitous[k])
+            if out and TISSUE_DROP: continue
+            prior = OUT_OF_TISSUE if out else 1.0
             add(k, ix.cl_name[k], pos, set(ix.neg.get(k, ())) | set(ln), 'kb', prior)
             if len(self.ids) and self.ids[-1] == k: nsrc[len(self.ids) - 1] = len(set().union(*ix.sources[k].values()))
         n, G = len(self.ids), len(genes)
@@ -210,6 +214,10 @@ def pairwise(net:MarkerNetwork, s:np.ndarray, i:int, j:int)->float:
     return (f(gi, [g for g in gi if g not in gj]) - neg(i)) - (f(gj, [g for g in gj if g not in gi]) - neg(j))
 
 # %% ../nbs/04a_celltyping.ipynb #937495f9
+def _compatible(net:MarkerNetwork, i:int, j:int)->bool:
+    "Candidates i and j share a type below them (naive T cell, CD4-positive T cell): taking one does not rule out the other."
+    return bool((net.sub[i] | {i}) & (net.sub[j] | {j}))
+
 def _step(net, P, A, arg, node, s)->tuple:
     "One decision at `node`: (next candidate or None, record)."
     kids = net.children.get(node, [])
@@ -221,9 +229,10 @@ def _step(net, P, A, arg, node, s)->tuple:
     if len(top) > 1:
         L = lambda i: P[net.lineage[arg[i]]] if net.lineage[arg[i]] >= 0 else 0.0
         d_ = lambda i, j: (1 - INHERIT)*pairwise(net, s, arg[i], arg[j]) + INHERIT*(L(i) - L(j))
-        wins = {i: min((A[i] - A[j] + d_(i, j))/2 for j in top if j != i) for i in top}
+        riv = lambda i: [j for j in top if j != i and not _compatible(net, i, j)]  # rivals exclude each other
+        wins = {i: min(((A[i] - A[j] + d_(i, j))/2 for j in riv(i)), default=float(A[i])) for i in top}
         b = max(top, key=lambda i: wins[i]); d = wins[b]
-        r = max((j for j in top if j != b), key=lambda j: A[j])
+        r = max(riv(b), key=lambda j: A[j], default=None)
     gap = float(A[b] - (A[r] if r is not None else 0.0))
     leaf = arg[b]
     nxt = max((i for i in kids if i == leaf or leaf in net.sub[i]), key=lambda i: P[i])

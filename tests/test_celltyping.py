@@ -101,3 +101,31 @@ def test_hybrid_refines_only_within_the_lineage():
 def test_score_annotation_values():
     s = score_annotation(['B', 'B', 'NK', 'NK'], ['B cell', 'B cell', 'T cell', 'Unknown'], 'PBMC')
     assert s['exact'] == 0.5 and s['lineage'] == 0.75 and s['n_cells'] == 4
+
+def test_tissue_drop_removes_types_never_recorded_in_the_tissue(monkeypatch):
+    import deepseq_nb.celltyping as C
+    from deepseq_nb.knowledge import kb_index
+    ix = kb_index('human'); genes = np.array(ix.genes)
+    d = 'CL:0000173'  # pancreatic D cell: recorded in pancreas (and liver) only
+    assert not ix.ubiquitous[d] and 'testis' not in ix.tissues[d]
+    assert d in MarkerNetwork('human', 'Pancreas', genes).ids
+    assert d not in MarkerNetwork('human', 'Testis', genes).ids
+    monkeypatch.setattr(C, 'TISSUE_DROP', False)  # the old behaviour: kept, its score halved
+    net = MarkerNetwork('human', 'Testis', genes)
+    assert net.prior[net.ids.index(d)] == pytest.approx(0.5)
+
+def test_compatible_children_are_not_rivals():
+    from deepseq_nb.celltyping import _compatible
+    from deepseq_nb.knowledge import kb_index
+    net = MarkerNetwork('human', 'blood', np.array(kb_index('human').genes))
+    i = {c: net.ids.index(c) for c in ('CL:0000895', 'CL:0000898', 'CL:0000624', 'CL:0000625')}
+    # naive T cell and CD4-positive alpha-beta T cell share naive thymus-derived CD4-positive alpha-beta T cell
+    assert i['CL:0000895'] in net.sub[i['CL:0000898']] and i['CL:0000895'] in net.sub[i['CL:0000624']]
+    assert _compatible(net, i['CL:0000898'], i['CL:0000624'])
+    assert not _compatible(net, i['CL:0000624'], i['CL:0000625'])  # CD4 vs CD8: no type below both
+
+def test_species_tagged_terms_are_no_candidates():
+    from deepseq_nb.knowledge import kb_index
+    net = MarkerNetwork('human', 'blood', np.array(kb_index('human').genes))
+    assert 'CL:0000939' not in net.ids  # CD16-positive, CD56-dim natural killer cell, human
+    assert 'CL:0000623' in net.ids and not any(n.endswith((', human', ', mouse')) for n in net.names)
