@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import load_settings, project_root, settings_path
+from .config import load_settings, project_root, settings_path, atomic_write
 
 # %% auto #0
 __all__ = ['FIGURES', 'PACKAGES', 'figures_dir', 'list_figures', 'dataset_info', 'applies', 'dataset_overrides', 'dataset_name',
-           'run_dir', 'sha256', 'versions', 'bundled_inputs', 'read_ledger', 'atomic_write', 'atomic_copy',
+           'run_dir', 'sha256', 'versions', 'bundled_inputs', 'read_ledger', 'atomic_write_text', 'atomic_copy',
            'scrub_paths', 'write_manifest', 'figure_of', 'to_html', 'pinned_env', 'run_figures', 'publish_results',
            'results_readme', 'compare_tables', 'load_tolerances', 'check_run', 'format_check']
 
@@ -152,24 +152,22 @@ def read_ledger(path:str|Path)->list[dict]:
     return list(tot.values())
 
 # %% ../nbs/90_figures.ipynb #3ab3bb8c
-def atomic_write(path:str|Path, # file to (re)write
-                 data:str|bytes, # its new content
-                )->Path:
-    "Write `data` to `path` through a temporary file in the same directory and `os.replace`."
+def atomic_write_text(path:str|Path, # file to (re)write
+                      data:str|bytes, # its new content
+                     )->Path:
+    "Write `data` to `path` atomically (`config.atomic_write`: a temporary file beside it, renamed on success)."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    try:
+    with atomic_write(path) as tmp:
         if isinstance(data, bytes): tmp.write_bytes(data)
         else: tmp.write_text(data, encoding='utf-8')
-        os.replace(tmp, path)
-    finally: tmp.unlink(missing_ok=True)
     return path
 
-def atomic_copy(src:str|Path, dst:str|Path)->Path:
-    "Copy `src` to `dst` through a temporary file beside `dst` and `os.replace`."
-    dst = Path(dst); tmp = dst.with_name(f'.{dst.name}.{os.getpid()}.tmp')
-    try: shutil.copy2(src, tmp); os.replace(tmp, dst)
-    finally: tmp.unlink(missing_ok=True)
+def atomic_copy(src:str|Path, # file to copy
+                dst:str|Path, # where the copy goes
+               )->Path:
+    "Copy `src` to `dst` atomically (`config.atomic_write`)."
+    dst = Path(dst)
+    with atomic_write(dst) as tmp: shutil.copy2(src, tmp)
     return dst
 
 # %% ../nbs/90_figures.ipynb #b2ccd412
@@ -215,7 +213,7 @@ def write_manifest(out:Path, # run directory
              inputs=bundled_inputs() + ([dict(path=info['dataset'], sha256=sha256(info['dataset']))]
                                         if info and Path(info['dataset']).exists() else []),
              figures={**old.get('figures', {}), **figures})
-    atomic_write(out/'manifest.json', json.dumps(m, indent=1, default=str))
+    atomic_write_text(out/'manifest.json', json.dumps(m, indent=1, default=str))
     return m
 
 # %% ../nbs/90_figures.ipynb #e7a18fcc
@@ -234,7 +232,7 @@ def to_html(nb_path:str|Path, root=None)->Path:
     nb_path = Path(nb_path)
     nb = nbformat.reads(scrub_paths(nb_path.read_text(encoding='utf-8'), root), as_version=4)
     body, _ = HTMLExporter(embed_images=True).from_notebook_node(nb)
-    return atomic_write(nb_path.with_suffix('.html'), body)
+    return atomic_write_text(nb_path.with_suffix('.html'), body)
 
 # %% ../nbs/90_figures.ipynb #30c7e29d
 def pinned_env(S)->dict:
@@ -359,8 +357,8 @@ def publish_results(out:Path, # a run directory of the bundled defaults
     old = _load_manifest(res)
     new = {n: dict(run['figures'][n], versions=run['figures'][n].get('versions') or run.get('versions')) for n in names}
     m = dict(run, figures=dict(sorted({**old.get('figures', {}), **new}.items())))
-    atomic_write(res/'manifest.json', json.dumps(m, indent=1, default=str))
-    atomic_write(fdir/'README.md', results_readme(m, res))
+    atomic_write_text(res/'manifest.json', json.dumps(m, indent=1, default=str))
+    atomic_write_text(fdir/'README.md', results_readme(m, res))
     log(f"[figures] committed record updated for {', '.join(names) or 'no figure'}: {res}, {fdir/'README.md'}")
     return fdir/'README.md'
 
