@@ -178,8 +178,11 @@ def cmd_annotate(args)->int:
     from deepseq_nb.annotate import annotate
     tmp_args = argparse.Namespace(**{**vars(args), 'resolution': None, 'out': None})
     a = _cluster_for(tmp_args, S)
+    told = {o.split('=', 1)[0].strip() for o in (args.set or [])}   # settings the user named on this command line
+    tissue = args.tissue or (S.get('data.tissue') or None if 'data.tissue' in told else None)
+    species = args.species or (S.get('data.species') or None if 'data.species' in told else None)
     with step(f'annotating with {backend}', args.quiet):
-        annotate(a, backend=backend, tissue=args.tissue, species=args.species, settings=S,
+        annotate(a, backend=backend, tissue=tissue, species=species, settings=S,
                  **({'progress': False} if args.quiet and backend != 'kb' else {}))
     tab = a.uns['deepseq']['table']
     _print_annotation(tab)

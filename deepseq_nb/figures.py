@@ -90,7 +90,7 @@ def applies(name:str, # figure notebook name
 # %% ../nbs/90_figures.ipynb #d562e332
 def dataset_overrides(dataset:str, info:dict)->list[str]:
     "Settings overrides that point every applicable figure at a user's `dataset`."
-    o = [f'data.dataset={dataset}']
+    o = [f'data.dataset={dataset}', 'data.tissue=', 'data.species=']  # the bundled run's tissue is not the user's: the data or --set decides
     if info.get('label_key'): o += [f'incremental.dataset={dataset}', f"incremental.label_key={info['label_key']}"]
     return o
 

@@ -135,3 +135,13 @@ def test_agent_is_a_deepseq_command():
     assert steps[0] == 'load_data' and steps[-1] == 'assess_novelty' and 'annotate' in steps
     r = run('agent', 'download the human cell atlas for me')
     assert r.returncode == 1 and 'load_data' not in r.stdout
+
+def test_annotate_tissue_from_set_or_data(tmp_path):
+    "A tissue named with --set reaches annotate; without it the data's own tissue is used, never the bundled default."
+    import anndata as ad
+    from deepseq_nb.figures import dataset_overrides
+    r = run('annotate', 'pbmc3k', '--set', 'data.tissue=Lung', '--out', tmp_path/'a.h5ad', '-q')
+    assert r.returncode == 0, r.stderr
+    assert ad.read_h5ad(tmp_path/'a.h5ad').uns['deepseq']['params']['tissue'] == 'Lung'
+    o = dataset_overrides('my.h5ad', {'label_key': None})
+    assert o[:3] == ['data.dataset=my.h5ad', 'data.tissue=', 'data.species=']
