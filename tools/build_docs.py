@@ -22,6 +22,10 @@ ENV = dict(MPLBACKEND='module://matplotlib_inline.backend_inline',  # inline plo
             OMP_NUM_THREADS='2', OPENBLAS_NUM_THREADS='2', MKL_NUM_THREADS='2', NUMBA_NUM_THREADS='2',
            PYTHONHASHSEED='0', OPENBLAS_CORETYPE='Haswell', TQDM_DISABLE='1', PYTHONWARNINGS='ignore')
 
+# What changes from one execution to the next and is not the notebook's result: temporary directories, object
+# addresses, and wall-clock timings written as `1.9 s` (a decimal number of seconds).
+VOLATILE = [(r'/tmp/tmp[A-Za-z0-9_]+', '/tmp/tmpdir'), (r'\bat 0x[0-9a-f]+', 'at 0x…'), (r'\b\d+\.\d+ s\b', '… s')]
+
 def has_outputs(nb)->bool:
     "Whether a notebook was committed with outputs."
     return any(c.get('outputs') for c in nb.cells if c.cell_type == 'code')
@@ -54,7 +58,21 @@ def deterministic(nb):
         n += 1; c.execution_count = n if c.get('outputs') else None
         for o in c.get('outputs', []):
             if o.output_type == 'execute_result': o.execution_count = n
-    return nbformat.reads(scrub_paths(nbformat.writes(nb), ROOT), as_version=4)
+    for c in nb.cells:  # progress bars (carriage-return redraws) say nothing once the cell has finished
+        if c.cell_type == 'code':
+            c.outputs = [o for o in c.get('outputs', []) if not (o.output_type == 'stream' and '\r' in o.get('text', ''))]
+    nb = nbformat.reads(scrub_paths(nbformat.writes(nb), ROOT), as_version=4)
+    for c in nb.cells:  # outputs only: the notebook's own text stays as written
+        for o in c.get('outputs', []) if c.cell_type == 'code' else []:
+            if 'text' in o: o['text'] = _steady(o['text'])
+            for k, v in o.get('data', {}).items():
+                if k.startswith('text/') and isinstance(v, str): o['data'][k] = _steady(v)
+    return nb
+
+def _steady(text:str)->str:
+    "`text` with its `VOLATILE` parts replaced."
+    for pat, rep in VOLATILE: text = re.sub(pat, rep, text)
+    return text
 
 def build(notebooks:list[Path], out:Path, timeout:int=900, site:bool=True, log=print)->int:
     "Execute `notebooks` into `out/src` (mirroring nbs/), build the site into `out/site`; the number of failures."
