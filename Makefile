@@ -19,7 +19,7 @@ export PYTHONHASHSEED := 0
 # OpenBLAS picks its kernels by CPU; Haswell's (what it picks on most x86-64 CPUs, AMD included) on every machine.
 export OPENBLAS_CORETYPE := Haswell
 
-.PHONY: figures results check-figures test test-fast test-slow check-sync nbtest pytest bench install install-locked lock docs clean
+.PHONY: figures results check-figures test test-fast test-slow check-sync nbtest pytest bench install install-locked lock docs docs-check clean
 
 install: $(STAMP)
 
@@ -67,8 +67,8 @@ results: install
 check-figures: install
 	$(BIN)/deepseq figures $(ONLY_ARGS) --check $(RUN)
 
-# The CI suite: notebooks and package in sync, notebook tests, pytest (slow checks excluded).
-test: install check-sync nbtest pytest
+# The CI suite: notebooks and package in sync, notebook tests, the docs site, pytest (slow checks excluded).
+test: install check-sync nbtest docs-check pytest
 
 # Export and clean must leave the tree as it was (the package is generated from the notebooks).
 check-sync: install
@@ -98,6 +98,11 @@ $(DOCS_STAMP): pyproject.toml | $(STAMP)
 
 docs: install $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/python tools/build_docs.py $(NBS)
+
+# CI builds the site too: offline, from the notebooks' committed outputs, and its pages must show their plots.
+docs-check: docs
+	@n=$$(grep -rlE '<img[^>]*src="data:image/png' _docs/site --include='*.html' | wc -l); echo "docs: $$n pages show plots"; \
+	if [ "$$n" -lt 5 ]; then echo "docs: expected at least 5 pages with plots; are the notebooks' outputs committed?"; exit 1; fi
 
 bench: install
 	$(BIN)/python benchmarks/pipeline.py
