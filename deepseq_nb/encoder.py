@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .config import load_settings
 from .data import DATASETS, load_dataset
-from .knowledge import cache_dir
+from .config import cache_dir
 from .torchtext_compat import install_torchtext, torchtext_status
 
 # %% auto #0

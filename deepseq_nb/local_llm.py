@@ -61,7 +61,7 @@ def _need_python()->Path:
 # %% ../nbs/06a_local_llm.ipynb #41c7035b
 def models_dir()->Path:
     "Where assembled models live: `models/` in the per-user cache."
-    from deepseq_nb.knowledge import cache_dir
+    from deepseq_nb.config import cache_dir
     d = cache_dir()/'models'; d.mkdir(parents=True, exist_ok=True)
     return d
 
