@@ -10,7 +10,7 @@ import argparse, os, sys, time, traceback, warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from .config import load_settings, set_seed, atomic_write, check_out_path
+from .config import load_settings, set_seed, atomic_write, check_out_path, missing_extra
 
 # %% auto #0
 __all__ = ['step', 'cmd_qc', 'cmd_cluster', 'cmd_markers', 'cmd_figures', 'cmd_annotate', 'annotate_marker_table',
@@ -289,14 +289,18 @@ _EPILOG = """examples:
   deepseq figures --dataset my.h5ad --set data.tissue=Lung
   deepseq agent "annotate pbmc3k and tell me which clusters look novel" --dry-run
 
-Defaults come from settings.ini; --set section.key=value overrides any of them.
+Defaults come from the settings.ini shipped with the package; your own file (--settings PATH, $DEEPSEQ_SETTINGS,
+or settings.ini in the working directory) changes the keys it sets; --set section.key=value overrides any of them.
 LLM answers are cached per user ($DEEPSEQ_CACHE, else ~/.cache/deepseq_nb): a rerun, or a run stopped
 with Ctrl-C (exit 130), resumes from the cache. Errors exit with status 2; --debug shows the traceback."""
+
+_SETTINGS_HELP = 'your settings file, laid over the packaged defaults (default: $DEEPSEQ_SETTINGS, else ./settings.ini)'
 
 def _common(p, input_help='bundled dataset name (pbmc3k, tenx_toy_raw, ...) or a path: 10x mtx dir, 10x .h5, .h5ad, .csv/.tsv'):
     "Options every data command takes."
     if input_help: p.add_argument('input', help=input_help)
     p.add_argument('--set', action='append', metavar='SECTION.KEY=VALUE', help='override a settings.ini value (repeatable)')
+    p.add_argument('--settings', metavar='INI', default=argparse.SUPPRESS, help=_SETTINGS_HELP)
     p.add_argument('-q', '--quiet', action='store_true', help='no progress messages')
     p.add_argument('--debug', action='store_true', default=argparse.SUPPRESS, help='show the full traceback of an error')
 
@@ -312,6 +316,7 @@ def build_parser()->argparse.ArgumentParser:
     P = argparse.ArgumentParser(prog='deepseq', description='Cell-type annotation of scRNA-seq: QC, clusters, markers, paper figures.',
                                 epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     P.add_argument('--debug', action='store_true', help='show the full traceback of an error')
+    P.add_argument('--settings', metavar='INI', help=_SETTINGS_HELP)
     sub = P.add_subparsers(dest='command', metavar='COMMAND')
     q = sub.add_parser('qc', help="flag cells with DeepSeq's filters (threshold, knee, smoothed_knee)")
     _common(q)
@@ -398,6 +403,13 @@ def main(argv:list|None=None)->int:
     args = P.parse_args(argv)
     if not getattr(args, 'func', None): P.print_help(); return 1
     debug = getattr(args, 'debug', False) or bool(os.environ.get('DEEPSEQ_DEBUG'))
+    if getattr(args, 'settings', None):   # one place: the figure kernels and the agent read it from the environment
+        p = Path(args.settings).expanduser()
+        if not p.is_file():
+            print(f"deepseq {args.command}: error: settings file {p} not found; give an existing file or leave out "
+                  "--settings to use the defaults.", file=sys.stderr)
+            return 2
+        os.environ['DEEPSEQ_SETTINGS'] = str(p.resolve())
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('default' if not args.quiet else 'ignore', UserWarning)
@@ -409,6 +421,9 @@ def main(argv:list|None=None)->int:
         return 130
     except Exception as e:
         if debug: traceback.print_exc()
+        if isinstance(e, ImportError) and missing_extra(e):   # an optional extra is not installed: say which
+            print(f"deepseq {args.command}: error: {missing_extra(e)}", file=sys.stderr)
+            return 2
         print(f"deepseq {args.command}: error: {_one_line(e)}", file=sys.stderr)
         if not _expected(e) and not debug: print("  (unexpected error: rerun with --debug to see the traceback, and please "
                                                  "report it)", file=sys.stderr)

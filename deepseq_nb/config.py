@@ -6,7 +6,7 @@ Docs: https://deepseq-nb.github.io/deepseq_nb/config.html.md"""
 
 # %% ../nbs/00_config.ipynb #03548142
 from __future__ import annotations
-import ast, configparser, os, random, tempfile
+import ast, configparser, importlib, os, random, tempfile
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
@@ -15,8 +15,9 @@ import numpy as np
 import platformdirs
 
 # %% auto #0
-__all__ = ['SETTING_TYPES', 'project_root', 'settings_path', 'parse_value', 'Settings', 'check_type', 'apply_overrides',
-           'load_settings', 'set_seed', 'cache_dir', 'atomic_write', 'check_out_path']
+__all__ = ['SETTING_TYPES', 'OPEN_SECTIONS', 'EXTRAS', 'project_root', 'packaged_settings', 'user_settings_path', 'settings_path',
+           'parse_value', 'Settings', 'check_type', 'apply_overrides', 'read_ini', 'overlay', 'load_settings',
+           'missing_extra', 'require', 'set_seed', 'cache_dir', 'atomic_write', 'check_out_path']
 
 # %% ../nbs/00_config.ipynb #ffcebab0
 def project_root(start:str|Path|None=None, # directory to search upwards from (default: cwd)
@@ -28,14 +29,34 @@ def project_root(start:str|Path|None=None, # directory to search upwards from (d
     return None
 
 # %% ../nbs/00_config.ipynb #16f647fc
-def settings_path(path:str|Path|None=None)->Path:
-    "The settings file to read: `path`, else `$DEEPSEQ_SETTINGS`, else the project's `settings.ini`."
-    if path is not None: return Path(path)
-    if os.environ.get('DEEPSEQ_SETTINGS'): return Path(os.environ['DEEPSEQ_SETTINGS'])
-    root = project_root() or project_root(Path(str(resources.files('deepseq_nb'))))
-    if root is None: raise FileNotFoundError("No settings.ini found above the working directory or the package; "
-                                             "run from the deepseq_nb checkout or set DEEPSEQ_SETTINGS=/path/to/settings.ini.")
+def packaged_settings()->Path:
+    "The defaults shipped with the package: its own `settings.ini` (a wheel), else the checkout's beside it."
+    pkg = Path(str(resources.files('deepseq_nb')))
+    if (pkg/'settings.ini').is_file(): return pkg/'settings.ini'
+    root = project_root(pkg)
+    if root is None: raise FileNotFoundError(f"The default settings of deepseq_nb are missing from {pkg}; "
+                                             "reinstall the package (pip install --force-reinstall deepseq_nb).")
     return root/'settings.ini'
+
+# %% ../nbs/00_config.ipynb #07322aff
+def user_settings_path(path:str|Path|None=None, # a settings file named explicitly (the CLI's --settings)
+                      )->Path|None:
+    "The user's settings file: `path`, `$DEEPSEQ_SETTINGS`, `./settings.ini` or the checkout's; None if none."
+    named = path if path is not None else os.environ.get('DEEPSEQ_SETTINGS') or None
+    if named is not None:
+        p = Path(named).expanduser()
+        if not p.is_file(): raise FileNotFoundError(f"Settings file {p} not found: give an existing file "
+                                                    "(--settings PATH or DEEPSEQ_SETTINGS), or neither to use the defaults.")
+        return p
+    if (Path.cwd()/'settings.ini').is_file(): return Path('settings.ini')
+    root = project_root()
+    return root/'settings.ini' if root else None
+
+# %% ../nbs/00_config.ipynb #820b38c1
+def settings_path(path:str|Path|None=None, # a settings file named explicitly (see `user_settings_path`)
+                 )->Path:
+    "The settings file a run starts from: the user's when there is one, else the packaged defaults."
+    return user_settings_path(path) or packaged_settings()
 
 # %% ../nbs/00_config.ipynb #c08c9b2d
 def parse_value(s:str):
@@ -117,20 +138,67 @@ def apply_overrides(s:Settings, overrides:list|dict|None)->Settings:
     return s
 
 # %% ../nbs/00_config.ipynb #07d9bcff
-def load_settings(path:str|Path|None=None, # settings file (default: see `settings_path`)
-                  overrides:list|dict|None=None, # `["qc.strategy=knee", ...]` or `{"qc.strategy": "knee"}`
-                 )->Settings:
-    "Read the experiment settings (type-checked), then apply `overrides` (checked against the file's types)."
-    p = settings_path(path)
-    if not p.exists(): raise FileNotFoundError(f"Settings file {p} not found; pass a path or set DEEPSEQ_SETTINGS.")
+def read_ini(path:str|Path, # an ini file
+            )->Settings:
+    "The sections of ini file `path`, values parsed; a clear error when it is not a valid ini file."
     cp = configparser.ConfigParser(interpolation=None)
     cp.optionxform = str
-    cp.read(p)
-    s = Settings({sec: {k: parse_value(v) for k, v in cp[sec].items()} for sec in cp.sections()})
+    try:
+        with open(path, encoding='utf-8') as f: cp.read_file(f)
+    except (configparser.Error, UnicodeDecodeError) as e:
+        raise ValueError(f"Settings file {path} is not a valid ini file: {str(e).splitlines()[0]}") from None
+    return Settings({sec: {k: parse_value(v) for k, v in cp[sec].items()} for sec in cp.sections()})
+
+# %% ../nbs/00_config.ipynb #7d1838b8
+OPEN_SECTIONS = ('prices',)   # sections whose keys a user's file may extend (a model's price)
+
+def overlay(defaults:Settings, # the packaged defaults
+            user:Settings, # a user's settings, usually a few keys
+            source:str|Path='the settings file', # where `user` came from, for error messages
+           )->Settings:
+    "A copy of `defaults` with `user`'s values laid over it, each checked against the type of its default."
+    s = Settings({sec: dict(vals) for sec, vals in defaults.items()})
+    for sec, vals in user.items():
+        if sec not in s: raise KeyError(f"Unknown settings section [{sec}] in {source}; sections are: {', '.join(s)}.")
+        for key, v in vals.items():
+            if key not in s[sec] and sec not in OPEN_SECTIONS:
+                raise KeyError(f"Unknown setting {sec}.{key} in {source}; keys of [{sec}] are: {', '.join(s[sec])}.")
+            s[sec][key] = check_type(f'{sec}.{key}', v, s[sec].get(key))
+    return s
+
+# %% ../nbs/00_config.ipynb #cd922c8f
+def load_settings(path:str|Path|None=None, # the user's settings file (default: see `user_settings_path`)
+                  overrides:list|dict|None=None, # `["qc.strategy=knee", ...]` or `{"qc.strategy": "knee"}`
+                 )->Settings:
+    "The packaged defaults, the user's file laid over them, then `overrides`; every value type-checked."
+    defaults, user = packaged_settings(), user_settings_path(path)
+    s = read_ini(defaults)
+    if user is not None and user.resolve() != defaults.resolve(): s = overlay(s, read_ini(user), user)
     for k in SETTING_TYPES:
         sec, _, key = k.partition('.')
         if key in s.get(sec, {}): check_type(k, s[sec][key])
     return apply_overrides(s, overrides)
+
+# %% ../nbs/00_config.ipynb #33c66045
+EXTRAS = {'ollama': 'llm', 'openai': 'llm', 'torch': 'scagent', 'peft': 'scagent', 'faiss': 'scagent',
+          'scgpt': 'scagent', 'dask': 'scale', 'distributed': 'scale', 'psutil': 'scale', 'papermill': 'figures',
+          'nbformat': 'figures', 'nbconvert': 'figures', 'decoupler': 'figures', 'celltypist': 'figures'}
+
+def missing_extra(e:ImportError, # the error of a failed import
+                 )->str|None:
+    "A message naming the extra that provides the module `e` could not import; None when no extra does."
+    top = (getattr(e, 'name', None) or '').split('.')[0]
+    if top not in EXTRAS: return None
+    how = ("pip install --no-deps scgpt==0.2.4 (its model and tokenizer only; see nbs/10_encoder.ipynb)"
+           if top == 'scgpt' else f"pip install 'deepseq_nb[{EXTRAS[top]}]'")
+    return f"{top} is not installed: it comes with the optional extra [{EXTRAS[top]}]; install it with {how}."
+
+def require(module:str, # the module to import, e.g. 'faiss'
+           ):
+    "Import `module`, or raise `ModuleNotFoundError` naming the extra that installs it."
+    try: return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(missing_extra(e) or str(e), name=e.name) from None
 
 # %% ../nbs/00_config.ipynb #bb3cac34
 def set_seed(seed:int=0, # seed for python, numpy (and torch when installed)
