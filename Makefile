@@ -19,7 +19,7 @@ export PYTHONHASHSEED := 0
 # OpenBLAS picks its kernels by CPU; Haswell's (what it picks on most x86-64 CPUs, AMD included) on every machine.
 export OPENBLAS_CORETYPE := Haswell
 
-.PHONY: figures results check-figures test test-fast test-slow check-sync nbtest pytest bench install install-locked lock docs docs-check clean
+.PHONY: figures results check-figures test test-fast test-slow check-sync nbtest pytest bench install install-locked lock docs docs-check clean wheel
 
 install: $(STAMP)
 
@@ -27,7 +27,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# Reinstall when the dependency list changes; the package itself is installed editable.
+# Reinstall when the dependency list changes; the package itself is installed editable, with the [dev] extra (every
+# optional extra of pyproject.toml: [llm] [scagent] [agent] [scale] [figures], and the test tools), which is what
+# `make test` and `make figures` need. A user who wants QC and kb labels only: `pip install deepseq_nb` (the base).
 # torch is pinned and installed first: a bare `torch` requirement resolved from PyPI is a several-GB CUDA build, while
 # the pinned version is a CPU build here (set TORCH_PIP_ARGS, e.g. to an --index-url of CPU wheels, elsewhere).
 # scgpt goes last, without its declared dependencies (scvi-tools<1, jax, an old lightning, scib, datasets, torchtext):
@@ -103,6 +105,11 @@ docs: install $(DOCS_STAMP)
 docs-check: docs
 	@n=$$(grep -rlE '<img[^>]*src="data:image/png' _docs/site --include='*.html' | wc -l); echo "docs: $$n pages show plots"; \
 	if [ "$$n" -lt 5 ]; then echo "docs: expected at least 5 pages with plots; are the notebooks' outputs committed?"; exit 1; fi
+
+# The wheel a user installs (dist/): settings.ini goes into it as the package's defaults (setup.py). tests/test_wheel.py
+# installs it into a fresh environment outside the checkout (its slow check runs `deepseq annotate pbmc3k` there).
+wheel: install
+	$(BIN)/python -m pip wheel --no-deps --no-build-isolation -w dist .
 
 bench: install
 	$(BIN)/python benchmarks/pipeline.py

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import parse_value, cache_dir
+from .config import parse_value, cache_dir, require
 from .prompts import (ClusterQuery, TEMPLATE_VERSION, MAX_ROWS, ANSWER_SCHEMA, make_prompt, parse_answer,
                                 missing_rows, batches)
 
@@ -540,7 +540,7 @@ class OllamaBackend(LLMBackend):
     def server(self): return self.host or 'http://127.0.0.1:11434'
 
     def _connect(self):
-        import ollama
+        ollama = require('ollama')   # the [llm] extra
         def remember(r): _last_headers.headers = r.headers
         c = ollama.Client(host=self.host, timeout=self.timeout, event_hooks={'response': [remember]})
         where = self.host or 'http://127.0.0.1:11434 (the default; set OLLAMA_HOST or [annotate] ollama_host)'
@@ -557,7 +557,7 @@ class OllamaBackend(LLMBackend):
 # %% ../nbs/06_backends.ipynb #c0d1ab5d
 def _ollama_chat(self:OllamaBackend, msgs:list, tools:list|None):
     "One /api/chat request; a context overflow becomes `ContextTooLong`."
-    import ollama
+    ollama = require('ollama')
     try:
         return self._client.chat(self.model, messages=msgs, tools=tools, format=ANSWER_SCHEMA if self.structured else None,
                                  options={'temperature': self.temperature, 'seed': self.seed})
@@ -613,7 +613,7 @@ class OpenAIBackend(LLMBackend):
     def server(self): return self.base_url or 'https://api.openai.com/v1'
 
     def _connect(self):
-        import openai
+        openai = require('openai')   # the [llm] extra
         key = self._key or os.environ.get('OPENAI_API_KEY')
         if not key:
             raise MissingKey("OPENAI_API_KEY is not set. Export it (`export OPENAI_API_KEY=...`) before running "
@@ -625,7 +625,7 @@ _SCHEMA_FMT = {'name': 'cell_types', 'schema': ANSWER_SCHEMA, 'strict': True}
 
 def _openai_call(self:OpenAIBackend, prompt:str, ctx:ClusterQuery)->Reply:
     "One Responses (web search) or Chat Completions request."
-    import openai
+    openai = require('openai')
     try:
         if self.web_search:
             kw = {'text': {'format': {'type': 'json_schema', **_SCHEMA_FMT}}} if self.structured else {}

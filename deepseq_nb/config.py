@@ -182,7 +182,7 @@ def load_settings(path:str|Path|None=None, # the user's settings file (default: 
 # %% ../nbs/00_config.ipynb #33c66045
 EXTRAS = {'ollama': 'llm', 'openai': 'llm', 'torch': 'scagent', 'peft': 'scagent', 'faiss': 'scagent',
           'scgpt': 'scagent', 'dask': 'scale', 'distributed': 'scale', 'psutil': 'scale', 'papermill': 'figures',
-          'nbformat': 'figures', 'nbconvert': 'figures', 'decoupler': 'figures', 'celltypist': 'figures'}
+          'nbformat': 'figures', 'nbconvert': 'figures', 'decoupler': 'figures', 'celltypist': 'scagent'}
 
 def missing_extra(e:ImportError, # the error of a failed import
                  )->str|None:

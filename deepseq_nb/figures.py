@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import load_settings, project_root, settings_path, atomic_write
+from .config import load_settings, project_root, settings_path, atomic_write, require
 
 # %% auto #0
 __all__ = ['FIGURES', 'PACKAGES', 'figures_dir', 'list_figures', 'dataset_info', 'applies', 'dataset_overrides', 'dataset_name',
@@ -227,8 +227,7 @@ def figure_of(fname:str, # a file name in a run or results directory
 # %% ../nbs/90_figures.ipynb #69468640
 def to_html(nb_path:str|Path, root=None)->Path:
     "Export an executed notebook to HTML beside it (nbconvert, images embedded, local paths scrubbed)."
-    import nbformat
-    from nbconvert import HTMLExporter
+    nbformat, HTMLExporter = require('nbformat'), require('nbconvert').HTMLExporter   # the [figures] extra
     nb_path = Path(nb_path)
     nb = nbformat.reads(scrub_paths(nb_path.read_text(encoding='utf-8'), root), as_version=4)
     body, _ = HTMLExporter(embed_images=True).from_notebook_node(nb)
@@ -252,7 +251,7 @@ def _select(only, names:list)->list:
 
 def _run_one(n:str, fdir:Path, out:Path, overrides:list, user:bool, html:bool, env:dict)->dict:
     "Execute one figure notebook with papermill, with its own LLM ledger and pinned environment; its record for the manifest."
-    import papermill as pm
+    pm = require('papermill')   # the [figures] extra
     ledger = out/f'.{n}.ledger.jsonl'; ledger.unlink(missing_ok=True)
     env = dict(env, DEEPSEQ_LEDGER=str(ledger))
     old = {k: os.environ.get(k) for k in env}

@@ -11,11 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anndata as ad
-import faiss
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from fastcore.basics import patch
+
+from .config import missing_extra
+try: import faiss
+except ModuleNotFoundError as e: raise ModuleNotFoundError(missing_extra(e), name=e.name) from None
 
 from .data import InputError
 

@@ -10,8 +10,6 @@ import contextlib, re, time, warnings
 from pathlib import Path
 
 import anndata as ad
-import dask
-import dask.array as da
 import h5py
 import numba
 import numpy as np
@@ -19,6 +17,9 @@ import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 
+from .config import missing_extra, require
+try: import dask, dask.array as da
+except ModuleNotFoundError as e: raise ModuleNotFoundError(missing_extra(e), name=e.name) from None
 from .data import InputError, check_nonempty, fix_gene_names, load_dataset, looks_like_counts, read
 from .qc import filter_cells, qc_metrics
 from .cluster import leiden, top_markers, markers_by_cluster
@@ -200,7 +201,7 @@ def dask_client(address:str|None=None, # scheduler address (None or '': start a 
                 timeout:float=10, # seconds to wait for a remote scheduler
                ):
     "Yield a `distributed.Client` on a new LocalCluster (closed on exit) or on the scheduler at `address`."
-    from distributed import Client, LocalCluster
+    Client, LocalCluster = require('distributed').Client, require('distributed').LocalCluster
     if address:
         if not _ADDRESS.match(str(address)):
             raise ValueError(f"{address!r} is not a Dask scheduler address: give one like 'tcp://10.0.0.5:8786' (or host:port).")
@@ -486,7 +487,7 @@ def _self_first(I:np.ndarray, D:np.ndarray, rows:np.ndarray, k:int)->tuple:
 
 def _exact_knn(X:np.ndarray, Q:np.ndarray, rows:np.ndarray, k:int, batch_cells:int)->tuple:
     "Exact neighbours in X (faiss, squared L2 → Euclidean) of the query cells Q = X[rows], itself first."
-    import faiss
+    faiss = require('faiss')
     flat = faiss.IndexFlatL2(X.shape[1]); flat.add(X)
     I, D = np.empty((len(Q), k), np.int64), np.empty((len(Q), k), np.float32)
     for s in range(0, len(Q), batch_cells):
