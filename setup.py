@@ -10,13 +10,13 @@ from setuptools.command.build_py import build_py
 
 
 class BuildPyWithSettings(build_py):
-    "build_py that also copies settings.ini into the built package (not in editable installs: they read the checkout's)."
+    "build_py that also copies settings.ini into the built package (editable installs read the checkout's)."
 
     def run(self):
         super().run()
         if getattr(self, 'editable_mode', False): return
         src = Path(__file__).resolve().parent/'settings.ini'
-        if not src.is_file(): raise FileNotFoundError(f"{src} is missing: the wheel needs it as the package's defaults.")
+        if not src.is_file(): raise FileNotFoundError(f"{src} is missing: the wheel ships it as the defaults.")
         self.copy_file(str(src), str(Path(self.build_lib)/'deepseq_nb'/'settings.ini'))
 
 

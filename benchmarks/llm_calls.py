@@ -1,6 +1,6 @@
 """Calls and wall time of LLM annotation: batched vs per-cluster prompts, concurrency 1/4/8, and a cached rerun.
 
-Runs the real `ollama` client against the loopback stand-in server of tests/standin_server.py, which answers every
+Runs the real `ollama` client against the loopback stand-in server of tools/standin_server.py, which answers every
 request after a fixed latency (200 ms by default). It measures the client-side machinery (batching, thread pool,
 cache) only; the answers are scripted and are not reported. Usage:
 
@@ -10,7 +10,7 @@ import argparse, sys, tempfile, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT/'tests'))
+sys.path.insert(0, str(ROOT/'tools'))
 from standin_server import StandinServer, Reply, ollama_chat, label_by_first_marker, last_user_text
 from deepseq_nb.prompts import make_queries
 from deepseq_nb.backends import get_backend

@@ -1,6 +1,6 @@
 """The agent (deepseq_nb.agent): action schemas and validation, the offline planner on many phrasings (plans and refusals),
 offline sessions with real results, consent, and LLM tool-calling sessions through the real ollama and openai clients
-against the loopback stand-in server (tests/standin_server.py): multi-step, repaired arguments, an unknown tool refused,
+against the loopback stand-in server (tools/standin_server.py): multi-step, repaired arguments, an unknown tool refused,
 the step bound, consent, dry run, and a session resumed from the cache after a failure. No network.
 """
 import argparse, json, sys
@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from standin_server import StandinServer, Reply, ollama_chat
 from deepseq_nb.agent import (ACTIONS, AgentError, AgentState, ArgumentError, add_agent_parser, agent, cmd_agent, plan_offline,
                               run_step, validate_args)
@@ -257,12 +256,6 @@ def test_compare_backends_with_a_reachable_and_a_missing_model(clustered, tmp_pa
     tab = st.adata.uns['agent_compare']
     assert set(tab['backend']) == {'kb', 'ollama:llama3.2:1b', 'ollama:no-such-model'} and 'deepseq_label' not in st.adata.obs
 
-
-@pytest.fixture
-def server():
-    s = StandinServer(models=['llama3.2:1b']).start()
-    yield s
-    s.stop()
 
 
 def tool_msgs(body):

@@ -1,9 +1,6 @@
 "annotate() end to end through a real client against the loopback stand-in server: labels on the AnnData, a cached rerun."
-import sys
-from pathlib import Path
 import numpy as np, pandas as pd, pytest, scipy.sparse as sp, anndata as ad
 
-sys.path.insert(0, str(Path(__file__).parent))
 from standin_server import StandinServer, Reply, ollama_chat, openai_chat, label_by_first_marker, last_user_text
 from deepseq_nb.annotate import annotate
 
@@ -18,13 +15,12 @@ def _adata():
     return a
 
 @pytest.fixture
-def server():
-    s = StandinServer(models=['llama3.2:1b']).start()
+def server(server):
+    "conftest's stand-in server, answering every chat route from the markers in the prompt."
     ans = label_by_first_marker(TABLE)
-    s.script = lambda path, body: (Reply(200, ollama_chat(ans(last_user_text(body)))) if path == '/api/chat'
-                                   else Reply(200, openai_chat(ans(last_user_text(body)))))
-    yield s
-    s.stop()
+    server.script = lambda path, body: (Reply(200, ollama_chat(ans(last_user_text(body)))) if path == '/api/chat'
+                                        else Reply(200, openai_chat(ans(last_user_text(body)))))
+    return server
 
 def test_annotate_ollama_then_cached(server, tmp_path):
     a = _adata()

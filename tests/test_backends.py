@@ -1,16 +1,14 @@
-"""The Ollama and OpenAI backends through the real clients, against a loopback stand-in server (tests/standin_server.py).
+"""The Ollama and OpenAI backends through the real clients, against a loopback stand-in server (tools/standin_server.py).
 
 Covers: the prompt that reaches the server; messy answers and re-asking missing rows; tool-call round trips (Ollama
 tools, OpenAI web_search output items); 429 with Retry-After, 500s, answers slower than the timeout; a crash after
 N of M calls and a rerun that asks only M-N; a cached rerun with zero requests; replay-only failing on a miss; the
 API key absent from every file written; clear errors; consensus.
 """
-import json, logging, os, sys, time
-from pathlib import Path
+import json, logging, os, time
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from standin_server import (StandinServer, Reply, ollama_chat, openai_chat, openai_response, label_by_first_marker,
                             last_user_text, numbered_rows)
 from deepseq_nb.prompts import make_queries, batch_prompt, cluster_prompt, TEMPLATE_VERSION
@@ -26,11 +24,7 @@ QS = make_queries(MARKERS, tissue='PBMC', species='human')
 answer = label_by_first_marker(TABLE)
 
 
-@pytest.fixture
-def server():
-    s = StandinServer(models=['llama3.2:1b', 'qwen2.5:7b']).start()
-    yield s
-    s.stop()
+STANDIN_MODELS = ['llama3.2:1b', 'qwen2.5:7b']   # served by the `server` fixture of conftest.py
 
 
 def scripted(path, body):

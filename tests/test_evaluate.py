@@ -54,9 +54,6 @@ def test_validation_against_published_scores():
 
 def test_true_labels_round_trip_through_ollama(tmp_path):
     "Every bundled benchmark row's true label, answered by a stand-in Ollama server, parsed by the real client and scored."
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).parent))
     from standin_server import StandinServer, Reply, ollama_chat, last_user_text, numbered_rows
     from deepseq_nb.data import data_dir
     from deepseq_nb.cli import annotate_marker_table

@@ -43,6 +43,7 @@ print(json.dumps(dict(rc=rc, rc2=rc2, n=int(a.obs['deepseq_label'].notna().sum()
 
 
 def test_missing_extra_is_named(tmp_path):
+    (tmp_path/'m.csv').write_text('tissue,marker,manual_annotation\nPBMC,"CD3E, CD3D",T cell\n')
     r = _run("""
 try: import deepseq_nb.memory
 except ModuleNotFoundError as e: print(e)
@@ -50,7 +51,7 @@ try: import deepseq_nb.scale
 except ModuleNotFoundError as e: print(e)
 from deepseq_nb.cli import main
 sys.exit(main(['benchmark', 'm.csv', '--backend', 'ollama:llama3.2:1b', '--set', 'annotate.max_retries=0']))""",
-             tmp_path) if (tmp_path/'m.csv').write_text('tissue,marker,manual_annotation\nPBMC,"CD3E, CD3D",T cell\n') else None
+             tmp_path)
     lines = r.stdout.splitlines()
     assert "faiss is not installed: it comes with the optional extra [scagent]" in lines[0]
     assert "pip install 'deepseq_nb[scale]'" in lines[1]

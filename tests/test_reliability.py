@@ -2,14 +2,13 @@
 final, one per-user cache, every failure a clear message, checks before work, accurate input diagnoses.
 
 Kill and SIGINT tests run the command in a subprocess; LLM faults are injected with the loopback stand-in server
-(tests/standin_server.py). No network outside loopback.
+(tools/standin_server.py). No network outside loopback.
 """
 import os, signal, socket, subprocess, sys, textwrap, time
 from pathlib import Path
 
 import numpy as np, pandas as pd, pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from standin_server import StandinServer, Reply, ollama_chat, openai_chat, label_by_first_marker, last_user_text, numbered_rows
 from deepseq_nb.cli import main
 from deepseq_nb.backends import get_backend, AnswerCache
@@ -42,12 +41,6 @@ def chat_reply(path, body):
     text = answer(last_user_text(body))
     return Reply(200, ollama_chat(text) if path == '/api/chat' else openai_chat(text))
 
-
-@pytest.fixture
-def server():
-    s = StandinServer(models=['llama3.2:1b']).start()
-    yield s
-    s.stop()
 
 
 def ollama_args(server, *extra):

@@ -1,7 +1,7 @@
 """A stand-in for the parts of the Ollama and OpenAI HTTP APIs that `deepseq_nb.backends` uses.
 
-Tests only: it lets the real `ollama` and `openai` clients run over loopback with scripted answers.
-It never feeds a figure. Routes: Ollama `GET /api/tags`, `POST /api/chat`; OpenAI `POST /v1/chat/completions`,
+Tests and benchmarks/llm_calls.py only: it lets the real `ollama` and `openai` clients run over loopback with scripted
+answers. It never feeds a figure. Routes: Ollama `GET /api/tags`, `POST /api/chat`; OpenAI `POST /v1/chat/completions`,
 `POST /v1/responses`. Every request is recorded (path, headers, JSON body) so tests can check what reached it.
 """
 from __future__ import annotations
@@ -66,10 +66,11 @@ def openai_chat(content:str, prompt_tokens=13, completion_tokens=5, model='m')->
 
 def openai_response(text:str, citations:list[tuple[str,str]]=(), searches:list[str]=(), input_tokens=17,
                     output_tokens=9, model='m')->dict:
-    "An OpenAI `/v1/responses` body: `web_search_call` items for `searches`, then a message citing `citations` (url, title)."
+    "An OpenAI `/v1/responses` body: `web_search_call` items for `searches`, then a message citing `citations`."
     items = [{'type': 'web_search_call', 'id': f'ws_{i}', 'status': 'completed',
               'action': {'type': 'search', 'query': q}} for i, q in enumerate(searches)]
-    ann = [{'type': 'url_citation', 'url': u, 'title': t, 'start_index': 0, 'end_index': len(text)} for u, t in citations]
+    ann = [{'type': 'url_citation', 'url': u, 'title': t, 'start_index': 0, 'end_index': len(text)}
+           for u, t in citations]
     items.append({'type': 'message', 'id': 'msg_1', 'role': 'assistant', 'status': 'completed',
                   'content': [{'type': 'output_text', 'text': text, 'annotations': ann}]})
     return {'id': 'resp_1', 'object': 'response', 'created_at': 0, 'model': model, 'status': 'completed',
@@ -129,8 +130,9 @@ class StandinServer:
                 try: body = json.loads(raw) if raw else {}
                 except json.JSONDecodeError: body = {'_raw': raw.decode(errors='replace')}
                 path = self.path.split('?')[0]
+                headers = {k.lower(): v for k, v in self.headers.items()}
                 with srv._lock:
-                    srv.requests.append({'path': path, 'method': self.command, 'headers': {k.lower(): v for k, v in self.headers.items()},
+                    srv.requests.append({'path': path, 'method': self.command, 'headers': headers,
                                          'body': body, 't': time.monotonic()})
                 r = srv._reply(path, body)
                 time.sleep(srv.latency + r.delay)
