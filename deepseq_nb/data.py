@@ -6,7 +6,7 @@ Docs: https://deepseq-nb.github.io/deepseq_nb/data.html.md"""
 
 # %% ../nbs/00_data.ipynb #9a00f71a
 from __future__ import annotations
-import gzip, re, warnings
+import gzip, os, re, warnings
 from importlib import resources
 from pathlib import Path
 
@@ -22,8 +22,13 @@ __all__ = ['DATASETS', 'data_dir', 'list_datasets', 'read_10x_mtx', 'looks_like_
 
 # %% ../nbs/00_data.ipynb #85212e30
 def data_dir()->Path:
-    "Directory of the data bundled with the package."
-    return Path(str(resources.files('deepseq_nb')/'data'))
+    "Directory of the bundled data: `$DEEPSEQ_DATA`, else the package's `data/`; a clear error when it is missing."
+    env = os.environ.get('DEEPSEQ_DATA')
+    d = Path(env).expanduser() if env else Path(str(resources.files('deepseq_nb')/'data'))
+    if not (d/'SHA256SUMS').is_file():
+        raise FileNotFoundError(f"The bundled data is not in {d}{' ($DEEPSEQ_DATA)' if env else ''}: reinstall "
+                                "deepseq_nb (its wheel carries deepseq_nb/data/) or set DEEPSEQ_DATA to a copy of it.")
+    return d
 
 # %% ../nbs/00_data.ipynb #9e537e56
 _TENX_TOY = dict(tissue='PBMC', species='human', licence='GPL-2',
