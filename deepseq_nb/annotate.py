@@ -18,7 +18,7 @@ from .ontology import to_cl
 from .prompts import make_queries
 
 # %% auto #0
-__all__ = ['annotate']
+__all__ = ['REFINE', 'annotate']
 
 # %% ../nbs/07_annotate.ipynb #1de0185e
 def _markers_for(adata:ad.AnnData, groupby:str, n_genes:int, settings)->dict:
@@ -41,18 +41,23 @@ def _h5ad_safe(t:pd.DataFrame)->pd.DataFrame:
     return t
 
 # %% ../nbs/07_annotate.ipynb #dcb1c3b5
+REFINE = 'tie'  # 'tie': the marker-list answer only breaks the tie the descent stopped at; 'all': any descendant of its node
+
 def _refine(e:pd.DataFrame, m:pd.DataFrame)->pd.DataFrame:
-    "Per cluster: the marker-list answer where it lies within the expression's node (or the expression found none), else the expression's."
+    "Per cluster: the tied child the marker-list answer lies in (or its answer where the expression found no lineage), else the expression's."
     from deepseq_nb.celltyping import short_name
-    from deepseq_nb.ontology import ancestors, broad_type
+    from deepseq_nb.ontology import ancestors, broad_type, cl_name
     out = e.copy(); out['source'] = 'expression'
     for c in e.index:
         if c not in m.index: continue
         ei, mi = e.at[c, 'cl_id'], m.at[c, 'cl_id']
         ei = ei if isinstance(ei, str) and ei.startswith('CL:') else None
         mi = mi if isinstance(mi, str) and mi.startswith('CL:') else None
+        if ei and mi and REFINE == 'tie':  # the markers choose between the children the expression could not separate, no deeper
+            t = e.at[c, 'tied'] if 'tied' in e else ''
+            mi = next((x for x in (t.split(';') if isinstance(t, str) and t else []) if x == mi or x in ancestors(mi)), None)
         if mi and mi != ei and (ei is None or ei in ancestors(mi)):
-            out.loc[c, ['label', 'cl_id', 'name', 'confidence']] = [m.at[c, 'cl_name'], mi, short_name(m.at[c, 'cl_name']), float(m.at[c, 'confidence'])]
+            out.loc[c, ['label', 'cl_id', 'name', 'confidence']] = [cl_name(mi), mi, short_name(cl_name(mi)), float(m.at[c, 'confidence'])]
             out.at[c, 'broad'] = broad_type(mi) or e.at[c, 'broad']
             out.at[c, 'source'] = 'markers within the expression lineage' if ei else 'markers (expression found no lineage)'
     return out

@@ -7,6 +7,7 @@ Docs: https://deepseq-nb.github.io/deepseq_nb/celltyping.html.md"""
 # %% ../nbs/04a_celltyping.ipynb #e5eeac6c
 from __future__ import annotations
 import re, warnings
+from contextlib import contextmanager
 
 import anndata as ad
 import numpy as np
@@ -18,9 +19,10 @@ from .ontology import ancestors, cl_name, broad_type
 
 # %% auto #0
 __all__ = ['LINEAGES', 'SHRINK', 'MIN_MARKERS', 'TOP_MARKERS', 'LABEL_WEIGHT', 'ABSOLUTE', 'TOP', 'FLOOR', 'MARGIN', 'PEERS',
-           'ROOT_RATIO', 'NICHE', 'INHERIT', 'TISSUE_DROP', 'label_markers', 'cluster_stats', 'gene_evidence',
-           'MarkerNetwork', 'own_scores', 'subtree_best', 'pairwise', 'descend', 'short_name', 'infer_species',
-           'infer_tissue', 'celltype', 'panglao_network', 'ora_labels', 'score_annotation', 'celltypist_labels']
+           'ROOT_RATIO', 'NICHE', 'INHERIT', 'DEFINING', 'TISSUE_DROP', 'label_markers', 'cluster_stats',
+           'gene_evidence', 'MarkerNetwork', 'own_scores', 'subtree_best', 'pairwise', 'descend', 'short_name',
+           'infer_species', 'infer_tissue', 'celltype', 'panglao_network', 'ora_labels', 'score_annotation', 'knobs',
+           'lodo', 'celltypist_labels']
 
 # %% ../nbs/04a_celltyping.ipynb #f553ec08
 LINEAGES = [  # (CL id, short name, positive markers, negative markers)
@@ -64,6 +66,8 @@ ROOT_RATIO = 1.5    # at the root (a lineage must be chosen) a lead of 1.5x the 
 NICHE = 2.0         # a type only one database lists (a niche term) must win by NICHE x MARGIN
 INHERIT = 0.5       # share of a type's score taken from its nearest lineage (hierarchical consistency)
 _SPECIES_TAG = re.compile(r', (human|mouse)$')  # CL terms defined for one species' phenotype: never an answer
+DEFINING = True     # a type defined by an antigen the counts cannot read (its gene unmeasured, or a PTPRC isoform) is no candidate
+_ISOFORM = re.compile(r'\bCD45R[ABO]\b')  # CD45RA/RB/RO: splice isoforms of one gene, PTPRC (HGNC), not told apart by 3' counts
 TISSUE_DROP = True  # tissue known: a database type never recorded in its tissue group (nor ubiquitous) is no candidate
 
 # %% ../nbs/04a_celltyping.ipynb #40b7ff80
@@ -149,6 +153,7 @@ class MarkerNetwork:
             pos = {ix.genes[col.indices[i]]: w[i] for i in np.argsort(-w)[:TOP_MARKERS]}
             lp, ln = label_markers(k); mw = np.mean(list(pos.values())) if pos else 1.0
             for g in lp: pos[g] = LABEL_WEIGHT*mw
+            if DEFINING and (_ISOFORM.search(ix.cl_name[k] or '') or (lp and not any(g in gpos for g in lp))): continue
             for g in ln: pos.pop(g, None)
             out = bool(groups) and not ((ix.tissues[k] & groups) or ix.ubiquitous[k])
             if out and TISSUE_DROP: continue
@@ -340,7 +345,8 @@ def celltype(adata:ad.AnnData, # cells × genes (counts or log-normalised), clus
         conf = float(np.clip(min(1.0, max(P := ok[-1]['best_score'], 0))*ok[-1]['margin']/(ok[-1]['margin'] + MARGIN), 0, 1))
         nm = short_name(net.names[n]) if net.source[n] == 'kb' else net.names[n]
         rows.append(dict(cluster=c, label=cl_name(cid), name=nm, cl_id=cid, broad=broad_type(cid) or net.names[path[0]],
-                         lineage=net.names[path[0]], path=' > '.join(net.names[i] for i in path), confidence=conf, stop=why))
+                         lineage=net.names[path[0]], path=' > '.join(net.names[i] for i in path), confidence=conf, stop=why,
+                         tied=';'.join(net.ids[i] for i in (last['best'], last['rival']) if i is not None) if not last['descended'] else ''))
         for r in rec:
             for role, i in (('chosen' if r['descended'] else 'best (not taken)', r['best']), ('rival', r['rival'])):
                 if i is None: continue
@@ -397,6 +403,33 @@ def score_annotation(truth, # true label per cell
     w = pairs.n/pairs.n.sum()
     return dict(mean_agreement=float((w*pairs.ag.fillna(0)).sum()), exact=float((w*(pairs.ag == 1)).sum()),
                 macro_f1=float(evaluate_labels(t, p)['macro_f1']), lineage=float((w*pairs.lin).sum()), n_cells=int(len(t)))
+
+# %% ../nbs/04a_celltyping.ipynb #1315939b
+@contextmanager
+def knobs(module, # module whose constants are set (e.g. `deepseq_nb.celltyping`)
+          **kw, # constant=value pairs
+         ):
+    "Set module-level knobs inside a `with` block (for a grid), restoring them afterwards."
+    old = {k: getattr(module, k) for k in kw}  # a misspelt knob raises AttributeError
+    try:
+        for k, v in kw.items(): setattr(module, k, v)
+        yield module
+    finally:
+        for k, v in old.items(): setattr(module, k, v)
+
+# %% ../nbs/04a_celltyping.ipynb #937b15e2
+def lodo(scores:pd.DataFrame, # settings × datasets: one score per dataset, higher is better
+         tol:float=1e-9, # settings within `tol` of the best mean count as tied
+        )->pd.DataFrame:
+    "Per dataset: in-sample score (setting best on all datasets) and leave-one-dataset-out score (best on the others; ties averaged)."
+    def best(cols):
+        m = scores[cols].mean(1); return scores.index[m >= m.max() - tol]
+    ins, rows = best(list(scores.columns)), []
+    for d in scores.columns:
+        ch = best([c for c in scores.columns if c != d])
+        rows.append(dict(dataset=d, in_sample=float(scores.loc[ins, d].mean()), out_of_sample=float(scores.loc[ch, d].mean()),
+                         chosen_in_sample=' | '.join(map(str, ins)), chosen_out_of_sample=' | '.join(map(str, ch))))
+    return pd.DataFrame(rows)
 
 # %% ../nbs/04a_celltyping.ipynb #b0dd4084
 def _to_1e4(X)->sp.csr_matrix:

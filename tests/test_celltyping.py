@@ -129,3 +129,29 @@ def test_species_tagged_terms_are_no_candidates():
     net = MarkerNetwork('human', 'blood', np.array(kb_index('human').genes))
     assert 'CL:0000939' not in net.ids  # CD16-positive, CD56-dim natural killer cell, human
     assert 'CL:0000623' in net.ids and not any(n.endswith((', human', ', mouse')) for n in net.names)
+
+def test_defining_antigen_must_be_readable(monkeypatch):
+    import deepseq_nb.celltyping as C
+    from deepseq_nb.knowledge import kb_index
+    genes = np.array(kb_index('human').genes)
+    net = MarkerNetwork('human', 'blood', genes)
+    assert 'CL:4030002' not in net.ids  # CD45RA: a PTPRC isoform, not told apart by gene counts
+    assert 'CL:0002394' in net.ids  # CD141-positive myeloid dendritic cell: THBD measured
+    assert 'CL:0002394' not in MarkerNetwork('human', 'blood', genes[genes != 'THBD']).ids  # THBD not measured
+    monkeypatch.setattr(C, 'DEFINING', False)
+    assert {'CL:4030002', 'CL:0002394'} <= set(MarkerNetwork('human', 'blood', genes[genes != 'THBD']).ids)
+
+def test_refine_only_breaks_the_tie(monkeypatch):
+    import deepseq_nb.annotate as A
+    e = pd.DataFrame({'label': ['monocyte', 'B cell', 'Unknown'], 'cl_id': ['CL:0000576', 'CL:0000236', None],
+                      'name': ['monocyte', 'B cell', 'Unknown'], 'broad': ['m', 'b', 'Unknown'], 'confidence': [0.3, 0.3, 0.0],
+                      'tied': ['CL:0000875;CL:0000860', '', None]}, index=['0', '1', '2'])
+    m = pd.DataFrame({'cl_id': ['CL:0002057', 'CL:0000788', 'CL:0000236'], 'cl_name': ['x', 'naive B cell', 'B cell'],
+                      'confidence': [0.9, 0.9, 0.9]}, index=['0', '1', '2'])
+    r = A._refine(e, m)
+    assert r.at['0', 'cl_id'] == 'CL:0000860'  # CD14+CD16- classical monocyte lies under the tied 'classical monocyte': that child, no deeper
+    assert r.at['1', 'cl_id'] == 'CL:0000236' and r.at['1', 'source'] == 'expression'  # no tie at B cell: the markers add no level
+    assert r.at['2', 'cl_id'] == 'CL:0000236'  # expression found no lineage: the marker answer
+    monkeypatch.setattr(A, 'REFINE', 'all')
+    r = A._refine(e, m)
+    assert r.at['0', 'cl_id'] == 'CL:0002057' and r.at['1', 'cl_id'] == 'CL:0000788'  # the old rule: any descendant
