@@ -16,10 +16,12 @@ import pandas as pd
 from .data import InputError
 
 # %% auto #0
-__all__ = ['SPACES', 'SCORE_GROUPS', 'COMBINED', 'JUDGE_KEYS', 'JUDGE_TEMPLATE', 'NOVELTY_DEFAULTS', 'novelty_features',
-           'NoveltyCalibration', 'calibrate_novelty', 'cluster_novelty', 'assess_novelty', 'known_match',
-           'parse_judgement', 'judge_prompt', 'judge_novelty', 'novelty_settings', 'PCASpace', 'fit_reference',
-           'score_cells', 'rates', 'leave_one_type_out', 'batch_effect', 'run_novelty']
+__all__ = ['SPACES', 'SCORE_GROUPS', 'COMBINED', 'JUDGE_KEYS', 'JUDGE_TEMPLATE', 'NOVELTY_DEFAULTS', 'ADAPTERS',
+           'RELATIVE_SPACES', 'novelty_features', 'NoveltyCalibration', 'calibrate_novelty', 'cluster_novelty',
+           'assess_novelty', 'known_match', 'parse_judgement', 'judge_prompt', 'judge_novelty', 'novelty_settings',
+           'PCASpace', 'fit_reference', 'score_cells', 'mnn_adapt', 'adapt_query', 'joint_space', 'reference_share',
+           'query_clusters', 'relative_scores', 'kb_reading', 'relative_novelty', 'rates', 'leave_one_type_out',
+           'batch_effect', 'run_novelty']
 
 # %% ../nbs/13_novelty.ipynb #619fb54e
 SPACES = {'frozen': 'X_scgpt', 'tuned': 'X_scgpt_tuned', 'pca': 'X_pca_ref'}  # memory space -> obsm key of the query vectors
@@ -269,7 +271,8 @@ def judge_novelty(adata:ad.AnnData, markers:dict, # assessed cells (`assess_nove
 
 # %% ../nbs/13_novelty.ipynb #3933097a
 NOVELTY_DEFAULTS = dict(datasets=['pbmc3k', 'pancreas_xin'], batch_pairs=[['pbmc3k', 'pbmc68k_reduced'], ['pancreas_xin', 'pancreas_wang']],
-                        max_cells=600, min_cells=30, max_types=0, calib_frac=0.2, k=15, false_novel_rate=0.05, seed=0)
+                        max_cells=600, min_cells=30, max_types=0, calib_frac=0.2, k=15, false_novel_rate=0.05, seed=0,
+                        seeds=[0, 1, 2], resolution=1.0, adapter='none', kb=True)
 
 def novelty_settings(settings=None)->dict:
     "The `[novelty]` settings, with `NOVELTY_DEFAULTS` for keys the file does not set."
@@ -344,6 +347,152 @@ def _calib_split(obs:pd.DataFrame, frac:float, seed:int)->np.ndarray:
     cal[np.flatnonzero(tr)] = stratified_split(obs.label[tr].astype(str).to_numpy(), frac, seed=seed)
     return cal
 
+# %% ../nbs/13_novelty.ipynb #268ddbc4
+def _measured(cells:ad.AnnData)->pd.Index:
+    "Genes the cells' study measured (var `in_{dataset}` of the cross-tissue reference), else all of them."
+    d = str(cells.obs['dataset'].iloc[0]) if 'dataset' in cells.obs and cells.n_obs else None
+    return cells.var_names[cells.var[f'in_{d}'].to_numpy()] if d is not None and f'in_{d}' in cells.var else cells.var_names
+
+def mnn_adapt(YR:np.ndarray, # reference coordinates
+              YQ:np.ndarray, # query coordinates, same space
+              k:int=20, # neighbours searched each way for mutual pairs
+             )->np.ndarray:
+    "Query coordinates moved onto the reference: each cell takes a kernel-weighted mean offset of the mutual-nearest-neighbour pairs."
+    from sklearn.neighbors import NearestNeighbors
+    k = min(k, len(YR), len(YQ))
+    iq = NearestNeighbors(n_neighbors=k).fit(YR).kneighbors(YQ, return_distance=False)
+    ir = NearestNeighbors(n_neighbors=k).fit(YQ).kneighbors(YR, return_distance=False)
+    back = np.zeros((len(YQ), len(YR)), bool)
+    back[ir.ravel(), np.repeat(np.arange(len(YR)), k)] = True
+    q, j = np.nonzero(np.take_along_axis(back, iq, 1))
+    if len(q) == 0: return np.array(YQ, np.float32)
+    r, anchors = iq[q, j], np.unique(q)
+    V = np.stack([(YR[r[q == a]] - YQ[a]).mean(0) for a in anchors])
+    D = ((YQ[:, None, :] - YQ[anchors][None]) ** 2).sum(-1)
+    W = np.exp(-(D - D.min(1, keepdims=True)) / (2 * np.median(np.sort(D, 1)[:, :k]) + 1e-12))
+    return (YQ + (W / W.sum(1, keepdims=True)) @ V).astype(np.float32)
+
+ADAPTERS = ('none', 'mnn')
+
+def adapt_query(YR:np.ndarray, YQ:np.ndarray, # reference and query coordinates
+                adapter:str='none', # 'none' or 'mnn'
+               )->np.ndarray:
+    "The query's coordinates after the adapter."
+    adapter = adapter or 'none'   # `adapter = none` in settings.ini reads as None
+    if adapter not in ADAPTERS: raise InputError(f"adapter must be one of {ADAPTERS}; got {adapter!r}.")
+    return np.asarray(YQ, np.float32) if adapter == 'none' else mnn_adapt(YR, YQ)
+
+def joint_space(reference:ad.AnnData, query:ad.AnnData, # log-normalised cells of both (their studies may differ)
+                *, n_comps:int=30, # principal components
+                n_hvg:int=2000, # most dispersed shared genes used
+                adapter:str='none', # 'none' or 'mnn' (`adapt_query`)
+                seed:int=0,
+               )->tuple[np.ndarray, np.ndarray]:
+    "Reference and query coordinates in one PCA fitted on both, on the genes both studies measured."
+    from sklearn.decomposition import PCA
+    genes = _measured(reference).intersection(_measured(query))
+    if len(genes) < 10: raise InputError(f"Reference and query share {len(genes)} measured genes; at least 10 are needed.")
+    XR, XQ = _dense(reference[:, genes].X), _dense(query[:, genes].X)
+    X = np.vstack([XR, XQ])
+    disp = X.var(0) / np.maximum(X.mean(0), 1e-6)
+    g = np.argsort(-disp)[:min(n_hvg, len(genes))]
+    p = PCA(n_components=min(n_comps, len(g) - 1, len(X) - 1), random_state=seed).fit(X[:, g])
+    YR, YQ = p.transform(XR[:, g]).astype(np.float32), p.transform(XQ[:, g]).astype(np.float32)
+    return YR, adapt_query(YR, YQ, adapter)
+
+# %% ../nbs/13_novelty.ipynb #5087561f
+def reference_share(YR:np.ndarray, YQ:np.ndarray, # reference and query coordinates in one space
+                    k:int=15, # neighbours of each query cell among reference and query cells together
+                   )->np.ndarray:
+    "Per query cell, the share of reference cells among its `k` nearest neighbours in the joint set (itself excluded)."
+    from sklearn.neighbors import NearestNeighbors
+    Y = np.vstack([YR, YQ]).astype(np.float32)
+    isref = np.r_[np.ones(len(YR), bool), np.zeros(len(YQ), bool)]
+    idx = NearestNeighbors(n_neighbors=min(k + 1, len(Y))).fit(Y).kneighbors(YQ, return_distance=False)[:, 1:]
+    return isref[idx].mean(1)
+
+def query_clusters(YQ:np.ndarray, # query coordinates
+                   resolution:float=1.0, # Leiden resolution
+                   k:int=15, # neighbours of the kNN graph
+                   seed:int=0,
+                  )->np.ndarray:
+    "Leiden clusters of the query cells (scanpy, igraph flavour) as strings."
+    import scanpy as sc
+    a = ad.AnnData(np.zeros((len(YQ), 1), np.float32)); a.obsm['X'] = np.asarray(YQ, np.float32)
+    sc.pp.neighbors(a, n_neighbors=max(2, min(k, len(YQ) - 1)), use_rep='X', random_state=seed)
+    sc.tl.leiden(a, resolution=resolution, random_state=seed, flavor='igraph', n_iterations=2, directed=False)
+    return a.obs.leiden.astype(str).to_numpy()
+
+def relative_scores(share:np.ndarray, # `reference_share` per query cell
+                    clusters:np.ndarray, # cluster per query cell
+                   )->tuple[np.ndarray, np.ndarray]:
+    "(cell score, cluster score): 1 - share / mean share of the query's better-mixed half; the cluster score is its cells' mean."
+    share = np.asarray(share, np.float64)
+    typical = share[share >= np.median(share)].mean()
+    cell = 1 - share / max(typical, 1e-6)
+    return cell, pd.Series(cell).groupby(np.asarray(clusters)).transform('mean').to_numpy()
+
+# %% ../nbs/13_novelty.ipynb #c28ffca2
+def kb_reading(query:ad.AnnData, # log-normalised query cells
+               clusters:np.ndarray, # cluster per query cell
+               reference_types:list, # the reference's type names
+               *, tissue:str|None=None, species:str='human',
+               n_genes:int=20, # top genes per cluster (t-test, one against the rest) read by the kb
+              )->pd.DataFrame:
+    "Per cluster: the `kb` annotator's reading of its top genes, and the reference type it names (`known_match`; '' if none)."
+    import scanpy as sc
+    from deepseq_nb.knowledge import kb_annotate
+    genes = _measured(query)
+    a = ad.AnnData(_dense(query[:, genes].X), var=pd.DataFrame(index=genes))
+    a.obs['cl'] = pd.Categorical(np.asarray(clusters).astype(str))
+    if a.obs.cl.nunique() < 2: return pd.DataFrame(dict(kb_type='Unknown', kb_known_type=''), index=pd.Index(a.obs.cl.cat.categories, name='cluster'))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        sc.tl.rank_genes_groups(a, 'cl', method='t-test', n_genes=min(n_genes, len(genes)))
+    rows = []
+    for c, top in pd.DataFrame(a.uns['rank_genes_groups']['names']).items():
+        kb = kb_annotate(list(top), tissue=tissue, species=species, top=1)
+        t = str(kb.cell_type.iloc[0]) if len(kb) else 'Unknown'
+        rows.append(dict(cluster=str(c), kb_type=t, kb_known_type=(known_match(t, reference_types, tissue) if t != 'Unknown' else None) or ''))
+    return pd.DataFrame(rows).set_index('cluster')
+
+def _upper(x:np.ndarray, rate:float)->float:
+    "The value that a share `rate` of `x` exceeds (-inf for no values)."
+    return float(np.quantile(x, 1 - rate, method='higher')) if len(x) else -np.inf
+
+def _coords(reference, query, space, use_rep, adapter, seed):
+    "Reference and query coordinates: the joint PCA, or an obsm embedding with the adapter."
+    if space == 'pca': return joint_space(reference, query, adapter=adapter, seed=seed)
+    if use_rep not in reference.obsm or use_rep not in query.obsm: raise InputError(f"No obsm[{use_rep!r}] in the reference or the query; embed them first.")
+    YR = np.asarray(reference.obsm[use_rep], np.float32)
+    return YR, adapt_query(YR, np.asarray(query.obsm[use_rep], np.float32), adapter)
+
+def relative_novelty(reference:ad.AnnData, # labelled reference cells (obs `label`)
+                     query:ad.AnnData, # query cells (any study)
+                     calibration:ad.AnnData, # held-out reference cells of known types, queried the same way for the nominal threshold
+                     *, space:str='pca', # 'pca' (`joint_space`) or any other name: the embedding `obsm[use_rep]`
+                     use_rep:str='X_scgpt', # obsm key when space is not 'pca'
+                     adapter:str='none', k:int=15, resolution:float=1.0, # `adapt_query`; neighbours; Leiden resolution
+                     false_novel_rate:float=0.05, # share of known cells allowed above the threshold (both calibrations)
+                     kb:bool=True, # read the query clusters' markers (query-side calibration and veto)
+                     tissue:str|None=None, seed:int=0,
+                    )->dict:
+    "Per query cell: cluster, scores and flag; the thresholds (reference-side, query-side, used); the clusters' kb reading."
+    if calibration.n_obs < 20: raise InputError(f"{calibration.n_obs} calibration cells: at least 20 held-out reference cells are needed.")
+    types = sorted(set(reference.obs['label'].astype(str)))
+    YR, YQ = _coords(reference, query, space, use_rep, adapter, seed)
+    cl = query_clusters(YQ, resolution, k, seed)
+    cell, clus = relative_scores(reference_share(YR, YQ, k), cl)
+    YR2, YC = _coords(reference, calibration, space, use_rep, adapter, seed)
+    thr_ref = _upper(relative_scores(reference_share(YR2, YC, k), query_clusters(YC, resolution, k, seed))[1], false_novel_rate)
+    K = kb_reading(query, cl, types, tissue=tissue) if kb else None
+    known = np.isin(cl, K.index[K.kb_known_type != '']) if kb else np.zeros(len(cl), bool)
+    thr_query = _upper(clus[known], false_novel_rate)
+    thr = max(thr_ref, thr_query)
+    flag = (clus > thr) & ~known
+    cells = pd.DataFrame(dict(cluster=cl, cell_score=cell, score=clus, kb_known=known, is_novel=flag), index=query.obs_names)
+    return dict(cells=cells, thresholds=dict(reference=thr_ref, query=thr_query, used=thr), kb=K)
+
 # %% ../nbs/13_novelty.ipynb #d552eb24
 def rates(scores:pd.DataFrame, is_new, calibration:NoveltyCalibration)->dict:
     "AUROC, detection rate and false-novel rate of every score at its calibrated threshold."
@@ -356,12 +505,47 @@ def rates(scores:pd.DataFrame, is_new, calibration:NoveltyCalibration)->dict:
                 f'false_novel_{s}': float(flag[~y].mean()) if (~y).any() else np.nan}
     return out
 
+# %% ../nbs/13_novelty.ipynb #e67bcce6
+def _ref_distance(R:np.ndarray, C:np.ndarray, Q:np.ndarray, k:int, rate:float)->tuple[np.ndarray, float]:
+    "Reference-only baseline: mean distance of query cells to their k nearest reference cells, and its threshold on calibration cells."
+    from sklearn.neighbors import NearestNeighbors
+    nn = NearestNeighbors(n_neighbors=min(k, len(R))).fit(R)
+    return nn.kneighbors(Q)[0].mean(1), _upper(nn.kneighbors(C)[0].mean(1), rate)
+
+RELATIVE_SPACES = {'pca': None, 'frozen': 'X_scgpt'}  # query-relative scores: joint PCA, frozen encoder embedding
+
+def _fold(R:ad.AnnData, C:ad.AnnData, Q:ad.AnnData, *, tissue:str, k:int, resolution:float, adapter:str,
+          false_novel_rate:float, kb:bool, seed:int)->tuple[pd.DataFrame, dict]:
+    "Scores and flags of one reference/calibration/query fold: query-relative in each space, reference-only baselines."
+    S, F = {}, {}
+    for s, rep in RELATIVE_SPACES.items():
+        if rep is not None and rep not in Q.obsm: continue
+        o = relative_novelty(R, Q, C, space=s, use_rep=rep or 'X_scgpt', adapter=adapter, k=k, resolution=resolution,
+                             false_novel_rate=false_novel_rate, kb=kb, tissue=tissue, seed=seed)
+        S[s], F[s] = o['cells'].score.to_numpy(), o['cells'].is_novel.to_numpy()
+    P = PCASpace.fit(R, seed=seed)
+    for s, f in (('pca_ref', P.transform), ('frozen_ref', lambda a: np.asarray(a.obsm['X_scgpt'], np.float32))):
+        if s == 'frozen_ref' and 'X_scgpt' not in Q.obsm: continue
+        d, thr = _ref_distance(f(R), f(C), f(Q), k, false_novel_rate)
+        S[s], F[s] = d, d > thr
+    return pd.DataFrame(S, index=Q.obs_names), F
+
+def _fold_rates(S:pd.DataFrame, F:dict, new:np.ndarray, known:np.ndarray)->dict:
+    "AUROC (new vs known), detection of the new cells and false-novel rate of the known cells, per space."
+    from sklearn.metrics import roc_auc_score
+    out = {}
+    for s in S:
+        y = new[new | known]
+        out |= {f'auroc_{s}': float(roc_auc_score(y, S[s].to_numpy()[new | known])) if 0 < y.sum() < len(y) else np.nan,
+                f'detection_{s}': float(F[s][new].mean()) if new.any() else np.nan, f'false_novel_{s}': float(F[s][known].mean())}
+    return out
+
 # %% ../nbs/13_novelty.ipynb #35fa9309
-def leave_one_type_out(ref:ad.AnnData, dataset:str, encoder, # reference with X_scgpt; the study; the encoder
+def leave_one_type_out(ref:ad.AnnData, dataset:str, # reference with X_scgpt (`crosstissue`); the study
                        *, types:list|None=None, min_cells:int=30, max_types:int=0, # held-out types (default: all with >= min_cells)
-                       calib_frac:float=0.2, k:int=15, false_novel_rate:float=0.05, seed:int=0, plugin_params:dict|None=None,
-                       progress:bool=False)->dict:
-    "Per held-out type of `dataset`: AUROC per score, detection and false-novel rates; and the per-cell scores."
+                       calib_frac:float=0.2, k:int=15, resolution:float=1.0, adapter:str='none', kb:bool=True,
+                       false_novel_rate:float=0.05, seed:int=0, progress:bool=False)->dict:
+    "Per held-out type of `dataset`: AUROC, detection and false-novel rate of every space; and the per-cell scores."
     d = ref[ref.obs.dataset == dataset].copy()
     if d.n_obs == 0: raise InputError(f"No cells of study {dataset!r}; the reference has {list(ref.obs.dataset.unique())}.")
     tissue, lab = str(d.obs.tissue.iloc[0]), d.obs.label.astype(str).to_numpy()
@@ -371,65 +555,73 @@ def leave_one_type_out(ref:ad.AnnData, dataset:str, encoder, # reference with X_
     rows, cells = [], []
     for h in types:
         t0, new = time.perf_counter(), lab == h
-        ps, mem, pca = fit_reference(_own_genes(d[~cal & ~test & ~new]), encoder, tissue=tissue, plugin_params=plugin_params)
-        c = calibrate_novelty(score_cells(d[cal & ~new].copy(), ps, mem, pca, tissue=tissue, k=k), false_novel_rate)
-        q = d[(test & ~new) | new].copy()
-        S = c.scores(score_cells(q, ps, mem, pca, tissue=tissue, k=k))
-        y = (q.obs.label.astype(str) == h).to_numpy()
-        rows.append(dict(dataset=dataset, held_out=h, n_new=int(y.sum()), n_known=int((~y).sum()), **rates(S, y, c),
+        Q = _own_genes(d[test | new])
+        S, F = _fold(_own_genes(d[~cal & ~test & ~new]), _own_genes(d[cal & ~new]), Q, tissue=tissue, k=k, resolution=resolution,
+                     adapter=adapter, false_novel_rate=false_novel_rate, kb=kb, seed=seed)
+        y = new[test | new]
+        rows.append(dict(dataset=dataset, seed=seed, held_out=h, n_new=int(y.sum()), n_known=int((~y).sum()), **_fold_rates(S, F, y, ~y),
                          seconds=round(time.perf_counter() - t0, 1)))
-        cells.append(S.assign(dataset=dataset, held_out=h, label=q.obs.label.astype(str).to_numpy(), is_new=y,
-                              **{f'threshold_{s}': c.thresholds[s] for s in S}))
-        if progress: print(f"{dataset}: {h} held out, AUROC combined {rows[-1]['auroc_combined']:.3f} ({rows[-1]['seconds']} s)", flush=True)
+        cells.append(S.assign(dataset=dataset, seed=seed, held_out=h, is_new=y))
+        if progress: print(f"{dataset} seed {seed}: {h} held out, AUROC pca {rows[-1]['auroc_pca']:.3f} ({rows[-1]['seconds']} s)", flush=True)
     return dict(table=pd.DataFrame(rows), cells=pd.concat(cells) if cells else pd.DataFrame())
 
-def batch_effect(ref:ad.AnnData, reference:str, query:str, encoder, # reference with X_scgpt; study to learn; study to query
-                 *, calib_frac:float=0.2, k:int=15, false_novel_rate:float=0.05, seed:int=0, plugin_params:dict|None=None)->dict:
-    "False-novel rate of `query`'s known types against a reference of another study, every score; its types unknown to the reference too."
+def batch_effect(ref:ad.AnnData, reference:str, query:str, # reference with X_scgpt; study to learn; study to query
+                 *, types:list|None=None, min_cells:int=30, # types held out of the reference in turn (default: shared ones with >= min_cells), plus none
+                 calib_frac:float=0.2, k:int=15, resolution:float=1.0, adapter:str='none', kb:bool=True,
+                 false_novel_rate:float=0.05, seed:int=0)->dict:
+    "Across studies: false-novel rate of `query`'s known types, detection of a type held out of the reference, and `query`'s own unknown types."
     r, q = ref[ref.obs.dataset == reference].copy(), ref[ref.obs.dataset == query].copy()
     if r.n_obs == 0 or q.n_obs == 0: raise InputError(f"Study {reference if r.n_obs == 0 else query!r} is not in the reference.")
-    tissue = str(r.obs.tissue.iloc[0])
+    tissue, rl, ql = str(r.obs.tissue.iloc[0]), r.obs.label.astype(str).to_numpy(), q.obs.label.astype(str).to_numpy()
     r.obs['split'] = 'train'
     cal = _calib_split(r.obs, calib_frac, seed)
-    ps, mem, pca = fit_reference(_own_genes(r[~cal]), encoder, tissue=tissue, plugin_params=plugin_params)
-    c = calibrate_novelty(score_cells(r[cal].copy(), ps, mem, pca, tissue=tissue, k=k), false_novel_rate)
-    S = c.scores(score_cells(q, ps, mem, pca, tissue=tissue, k=k))
-    known = q.obs.label.astype(str).isin(set(r.obs.label.astype(str))).to_numpy()
-    row = dict(reference=reference, query=query, n_known=int(known.sum()), n_unknown=int((~known).sum()),
-               unknown_types=', '.join(sorted(set(q.obs.label.astype(str)[~known]))), nominal=false_novel_rate)
-    for s in S:
-        flag = S[s].to_numpy() > c.thresholds[s]
-        row |= {f'false_novel_{s}': float(flag[known].mean()), f'flagged_unknown_{s}': float(flag[~known].mean()) if (~known).any() else np.nan}
-    return dict(table=pd.DataFrame([row]), cells=S.assign(reference=reference, query=query, label=q.obs.label.astype(str).to_numpy(), known=known))
+    vc = pd.Series(rl).value_counts()
+    types = list(types) if types is not None else [t for t, n in vc.items() if n >= min_cells and t in set(ql)]
+    Q, rows = _own_genes(q), []
+    for h in [None] + types:
+        S, F = _fold(_own_genes(r[~cal & (rl != h)]), _own_genes(r[cal & (rl != h)]), Q, tissue=tissue, k=k, resolution=resolution,
+                     adapter=adapter, false_novel_rate=false_novel_rate, kb=kb, seed=seed)
+        new, known = ql == h, np.isin(ql, list(set(rl[rl != h])))
+        row = dict(reference=reference, query=query, seed=seed, held_out=h or '(none)', n_known=int(known.sum()), n_new=int(new.sum()),
+                   n_unknown=int((~known & ~new).sum()), nominal=false_novel_rate)
+        row |= {k_: v for k_, v in _fold_rates(S, F, new, known).items() if not k_.startswith('auroc') or new.any()}
+        row |= {f'flagged_unknown_{s}': float(F[s][~known & ~new].mean()) if (~known & ~new).any() else np.nan for s in S}
+        rows.append(row)
+    return dict(table=pd.DataFrame(rows))
+
 
 # %% ../nbs/13_novelty.ipynb #2d065eae
 def run_novelty(settings=None, # `Settings` (default: settings.ini)
                 *, cache=None, # path of a JSON cache of the result (None: no cache)
                 encoder=None, # an `encoder.Encoder` (default: the settings' encoder)
                 progress:bool=True)->dict:
-    "Leave-one-type-out on each `[novelty] datasets` study and the batch-effect pairs; tables of rates and per-cell scores."
+    "Leave-one-type-out on each `[novelty] datasets` study and the across-study pairs, for every seed; tables of rates and per-cell scores."
     from pathlib import Path
     from deepseq_nb.config import load_settings
     from deepseq_nb.encoder import encoder_settings, default_encoder
-    from deepseq_nb.plugins import plugin_settings
     from deepseq_nb.crosstissue import cross_tissue_reference, embed_reference
     S = settings if settings is not None else load_settings()
-    P, PP = novelty_settings(S), plugin_settings(S)
-    key = json.dumps(dict(P, plugins=PP, encoder=encoder_settings(S), custom_encoder=None if encoder is None else str(encoder)), sort_keys=True, default=str)
+    P = novelty_settings(S)
+    key = json.dumps(dict(P, encoder=encoder_settings(S), custom_encoder=None if encoder is None else str(encoder), v=2), sort_keys=True, default=str)
     if cache is not None and Path(cache).exists():
         c = json.loads(Path(cache).read_text())
         if c.get('key') == key: return {k: pd.DataFrame(v) for k, v in c['tables'].items()} | dict(seconds=c['seconds'])
     t0 = time.perf_counter()
     enc = encoder if encoder is not None else default_encoder()
-    ref = cross_tissue_reference(max_cells=P['max_cells'] or None, seed=P['seed'])
-    embed_reference(ref, enc)
-    common = dict(calib_frac=P['calib_frac'], k=P['k'], false_novel_rate=P['false_novel_rate'], seed=P['seed'], plugin_params=PP)
-    lo = [leave_one_type_out(ref, d, enc, min_cells=P['min_cells'], max_types=P['max_types'], progress=progress, **common) for d in P['datasets']]
-    be = [batch_effect(ref, r, q, enc, **common) for r, q in P['batch_pairs']]
+    common = dict(calib_frac=P['calib_frac'], k=P['k'], resolution=P['resolution'], adapter=P['adapter'], kb=P['kb'],
+                  false_novel_rate=P['false_novel_rate'])
+    lo, be = [], []
+    for seed in P['seeds']:   # a seed draws the subsample, the splits and the clusterings
+        ref = cross_tissue_reference(max_cells=P['max_cells'] or None, seed=seed)
+        embed_reference(ref, enc)   # frozen embeddings do not depend on the seed: cheap to redo for each subsample
+        lo += [leave_one_type_out(ref, d, min_cells=P['min_cells'], max_types=P['max_types'], seed=seed, progress=progress, **common) for d in P['datasets']]
+        be += [batch_effect(ref, r, q, min_cells=P['min_cells'], seed=seed, **common) for r, q in P['batch_pairs']]
+        if progress: print(f"seed {seed} done ({time.perf_counter() - t0:.0f} s)", flush=True)
     out = dict(loto=pd.concat([x['table'] for x in lo], ignore_index=True), loto_cells=pd.concat([x['cells'] for x in lo], ignore_index=True),
-               batch=pd.concat([x['table'] for x in be], ignore_index=True), batch_cells=pd.concat([x['cells'] for x in be], ignore_index=True))
+               batch=pd.concat([x['table'] for x in be], ignore_index=True))
     secs = round(time.perf_counter() - t0, 1)
     if cache is not None:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
         Path(cache).write_text(json.dumps(dict(key=key, seconds=secs, tables={k: v.to_dict('list') for k, v in out.items()}), default=float))
     return out | dict(seconds=secs)
+

@@ -133,3 +133,34 @@ def test_parse_judgement_strictness():
     assert parse_judgement('{"is_novel": false}') == dict(is_novel=False, closest_type='', explanation='')
     with pytest.raises(ValueError): parse_judgement('{"novel": true}')
     with pytest.raises(ValueError): parse_judgement('{"is_novel": 1}')
+
+
+def study(n, types, shift, seed, name):
+    "Log-counts of `types` on 120 genes (a programme of 30 genes each), plus a study-wide offset on every gene."
+    prog = np.random.default_rng(7).gamma(2, 1, size=(4, 120)) * (np.arange(120)[None] // 30 == np.arange(4)[:, None])
+    rng = np.random.default_rng(seed)
+    y = rng.choice(types, n)
+    X = np.log1p(rng.poisson(prog[y] * 3 + 0.5 + shift * np.random.default_rng(8).random(120))).astype(np.float32)
+    return ad.AnnData(X, obs=pd.DataFrame({'label': [f't{i}' for i in y], 'dataset': name}, index=[f'{name}{i}' for i in range(n)]),
+                      var=pd.DataFrame(index=[f'g{i}' for i in range(120)]))
+
+
+def test_relative_novelty_flags_the_new_cluster_only():
+    from deepseq_nb.novelty import relative_novelty
+    ref, cal, q = study(300, [0, 1, 2], 0, 0, 'r'), study(300, [0, 1, 2], 0, 1, 'r'), study(300, [0, 1, 2, 3], 0, 2, 'q')
+    o = relative_novelty(ref, q, cal, kb=False)
+    new = (q.obs.label == 't3').to_numpy()
+    flag = o['cells'].is_novel.to_numpy()
+    assert flag[new].mean() > 0.9 and flag[~new].mean() < 0.35, (flag[new].mean(), flag[~new].mean())
+    assert o['cells'].score[new].min() > o['cells'].score[~new].max()
+    assert o['thresholds']['used'] == max(o['thresholds']['reference'], o['thresholds']['query'])
+
+
+def test_mnn_adapter_moves_the_query_onto_the_reference():
+    from deepseq_nb.novelty import joint_space
+    ref, q = study(300, [0, 1, 2], 0, 0, 'r'), study(300, [0, 1, 2], 1.0, 2, 'q')
+    near = lambda R, Q: np.median(np.min(((Q[:, None] - R[None]) ** 2).sum(-1), 1))
+    assert near(*joint_space(ref, q, adapter='mnn')) < 0.8 * near(*joint_space(ref, q, adapter='none'))
+    with pytest.raises(InputError, match='adapter must be'): joint_space(ref, q, adapter='harmony')
+    with pytest.raises(InputError, match='share 0 measured genes'):
+        joint_space(ref, ad.AnnData(q.X, obs=q.obs, var=pd.DataFrame(index=[f'x{i}' for i in range(120)])))
