@@ -11,7 +11,7 @@ from deepseq_nb.encoder import make_vocab, new_encoder
 from deepseq_nb.plugins import load_plugins, predict
 
 torch.set_num_threads(1)
-SMALL = ['crosstissue.max_cells=60', 'crosstissue.n_hvg=200', 'plugins.epochs=3', 'plugins.router_epochs=3', 'crosstissue.seeds=[0, 1]',
+SMALL = ['crosstissue.max_cells=60', 'crosstissue.n_hvg=200', 'crosstissue.plugin_epochs=3', 'plugins.router_epochs=3', 'crosstissue.seeds=[0, 1]',
          'crosstissue.plugin_max_cells=40']
 
 
@@ -104,3 +104,22 @@ def test_baselines_only_train_no_plugins(enc, tmp_path):
                                                        'crosstissue.methods=knn,logreg']), cache=tmp_path/'c.h5ad', encoder=enc)
     assert set(res['table'].method) == {ct.METHOD_NAMES['knn'], ct.METHOD_NAMES['logreg']}
     assert 'X_scgpt_tuned' not in res['ref'].obsm and not (tmp_path/'c_plugins').exists()
+
+
+def test_heads_are_chosen_without_the_test_labels(enc):
+    "plugin_heads sees validation cells carved from the training split only: shuffling the test labels changes nothing."
+    from deepseq_nb.plugins import plugin_settings
+    ref = ct.cross_tissue_reference(max_cells=60)
+    ct.embed_reference(ref, enc)
+    val = ct.validation_mask(ref, 0.15, seed=0)
+    assert val.any() and not (val & (ref.obs.split == 'test').to_numpy()).any()
+    _, ps = ct.plugin_methods(ct._plugin_view(ref, val, 40, 0), enc, params=plugin_settings() | dict(epochs=2, router_epochs=2))
+    h1 = ct.plugin_heads(ref, ps, val, n_hvg=100)
+    shuffled = ref.copy()
+    test = (ref.obs.split == 'test').to_numpy()
+    lab = ref.obs.label.astype(str).to_numpy().copy()
+    lab[test] = np.random.default_rng(1).permutation(lab[test])
+    shuffled.obs['label'] = pd.Categorical(lab)
+    h2 = ct.plugin_heads(shuffled, ps, val, n_hvg=100)
+    pd.testing.assert_frame_equal(h1['validation'], h2['validation'])
+    for t in h1['chosen']: np.testing.assert_array_equal(h1['chosen'][t]['proba'], h2['chosen'][t]['proba'])
