@@ -23,7 +23,8 @@ from .ontology import to_cl, ancestors, cl_name
 __all__ = ['CROSS_TISSUE', 'PUBLISHED', 'CT_DEFAULTS', 'METHOD_NAMES', 'PLUGIN_METHODS', 'TABLE_COLUMNS', 'label_term',
            'harmonise_label', 'merge_to_shared', 'stratified_split', 'subsample_types', 'cross_tissue_reference',
            'shared_genes', 'logreg_baseline', 'celltypist_baseline', 'score_methods', 'embed_reference',
-           'reference_memory', 'memory_knn', 'plugin_methods', 'ct_settings', 'run_cross_tissue']
+           'reference_memory', 'memory_knn', 'plugin_methods', 'validation_mask', 'plugin_heads', 'head_predictions',
+           'ct_settings', 'summarise_seeds', 'run_cross_tissue']
 
 # %% ../nbs/16_crosstissue.ipynb #e4b53ad5
 CROSS_TISSUE = {'blood': ('pbmc3k', 'pbmc68k_reduced'), 'pancreas': ('pancreas_xin', 'pancreas_wang')}
@@ -273,11 +274,12 @@ def plugin_methods(ref:ad.AnnData, # from `cross_tissue_reference`
                    *, params:dict|None=None, # plugin settings (default: `plugins.plugin_settings()`, i.e. `[plugins]`)
                    tuned_key:str='X_scgpt_tuned', # obsm key of the plugin-tuned embedding of every cell
                   ):
-    "Train a plugin per tissue and the router on the training cells; returns ({'plugin': (b), 'router': (c)} test labels, PluginSet)."
+    "Train a plugin per tissue and the router on the training cells; returns ({'plugin': (b), 'router': (c)} test labels and the router's test weights, PluginSet)."
     from deepseq_nb.encoder import default_encoder
     from deepseq_nb.plugins import plugin_settings, train_plugin, train_router, predict
     p = plugin_settings() if params is None else params
     kw_plugin, kw_router = _plugin_kwargs(p)
+    if 'stop_on' in p: kw_plugin['stop_on'] = p['stop_on']   # early-stopping criterion (`plugins.fit_plugin`)
     ps = encoder if encoder is not None else default_encoder()
     tr = ref[ref.obs.split == 'train']
     for t in ref.obs.tissue.cat.categories:
@@ -297,11 +299,90 @@ def plugin_methods(ref:ad.AnnData, # from `cross_tissue_reference`
                                   val_accuracy=ps.info[t]['best'].get('val_accuracy', np.nan), seconds=ps.info[t]['seconds'])
                           for t in ps.tissues} | {'_router': dict(seconds=ps.info['_router']['seconds'], top_k=kw_router['top_k'])}
     routed = bare.obs.routed_label.astype(str)[test]
-    return dict(plugin=pd.concat(told).reindex(routed.index), router=routed), ps
+    weights = bare.obsm['routed_weights'].loc[routed.index]
+    return dict(plugin=pd.concat(told).reindex(routed.index), router=routed, router_weights=weights), ps
+
+# %% ../nbs/16_crosstissue.ipynb #7652e19c
+def validation_mask(ref:ad.AnnData, # from `cross_tissue_reference`, with obs split/label/tissue
+                    fraction:float=0.15, # share of each tissue's training cells per type held out for validation
+                    seed:int=0, # seed of the draw
+                   )->np.ndarray:
+    "True for the validation cells: a stratified share of each tissue's training cells (never a test cell)."
+    from deepseq_nb.plugins import stratified_split as val_split
+    out = np.zeros(ref.n_obs, bool)
+    train = (ref.obs.split == 'train').to_numpy()
+    for t in ref.obs.tissue.cat.categories:
+        idx = np.flatnonzero(train & (ref.obs.tissue == t).to_numpy())
+        out[idx[val_split(ref.obs.label.to_numpy()[idx], fraction, seed=seed)]] = True
+    return out
+
+def _expr_head(ref, tissue, fit, n_hvg, C, seed, use_rep):
+    "A logistic regression on [frozen embedding, HVG expression] of `tissue`, fitted on the cells `fit`; (predict_proba of cells, classes)."
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+    genes = shared_genes(ref, tissue)
+    tr = ref[fit, genes]
+    n = min(n_hvg, len(genes))
+    hv = sc.pp.highly_variable_genes(tr, n_top_genes=n, flavor='seurat', inplace=False) if n < len(genes) else None
+    g = genes[hv.highly_variable.values] if hv is not None else genes
+    feats = lambda m: np.hstack([ref.obsm[use_rep][m], ref[m, g].X.toarray()])
+    scaler = StandardScaler().fit(feats(fit))
+    m = LogisticRegression(C=C, max_iter=1000, random_state=seed).fit(scaler.transform(feats(fit)), ref.obs.label.to_numpy()[fit].astype(str))
+    return (lambda cells: m.predict_proba(scaler.transform(feats(cells)))), list(m.classes_)
+
+def _macro_f1(y, p)->float:
+    from sklearn.metrics import f1_score
+    return float(f1_score(y, p, labels=sorted(set(y)), average='macro', zero_division=0))
+
+def plugin_heads(ref:ad.AnnData, # with obs split/label/tissue, obsm[use_rep] and the `validation_mask` cells excluded from the plugins' training
+                 plugins, # the `PluginSet` of the tissues (its LoRA heads are the `lora` candidates)
+                 val:np.ndarray, # `validation_mask(ref, ...)`
+                 *, n_hvg:int=2000, Cs=(0.1, 1.0), # HVGs of the expression heads; their regularisation strengths
+                 use_rep:str='X_scgpt', seed:int=0, n_threads:int=1, # frozen embedding; seed; torch threads
+                )->dict:
+    "Per tissue, the head with the best validation macro-F1 (LoRA or expression); test-cell probabilities of each chosen head."
+    from deepseq_nb.plugins import plugin_outputs
+    from deepseq_nb.encoder import tokenize
+    test, fit, y = (ref.obs.split == 'test').to_numpy(), (ref.obs.split == 'train').to_numpy() & ~val, ref.obs.label.astype(str).to_numpy()
+    rows, chosen = [], {}
+    for t in ref.obs.tissue.cat.categories:
+        mine = (ref.obs.tissue == t).to_numpy()
+        lora = lambda cells: plugin_outputs(plugins, tokenize(ref[cells], plugins.encoder), t, n_threads=n_threads)
+        o = lora(val & mine)
+        cands = {'lora': (lambda cells: lora(cells).proba, list(o.labels))}
+        rows.append(dict(tissue=t, head='lora', val_macro_f1=_macro_f1(y[val & mine], o.label.astype(str))))
+        for C in Cs:
+            f, cl = _expr_head(ref, t, fit & mine, n_hvg, C, seed, use_rep)
+            cands[f'expr C={C:g}'] = (f, cl)
+            rows.append(dict(tissue=t, head=f'expr C={C:g}', val_macro_f1=_macro_f1(y[val & mine], np.asarray(cl)[f(val & mine).argmax(1)])))
+        best = max((r for r in rows if r['tissue'] == t), key=lambda r: r['val_macro_f1'])['head']
+        f, cl = cands[best]
+        chosen[t] = dict(head=best, labels=cl, proba=f(test))
+    val_table = pd.DataFrame(rows)
+    val_table['chosen'] = [chosen[r.tissue]['head'] == r.head for r in val_table.itertuples()]
+    return dict(chosen=chosen, validation=val_table, test_index=ref.obs_names[test])
+
+def head_predictions(ref:ad.AnnData, # as for `plugin_heads`
+                     heads:dict, # `plugin_heads(...)`
+                     weights:pd.DataFrame, # router weights per test cell (cells × tissues; `predict`'s obsm '<key>_weights')
+                    )->dict:
+    "Test labels from the chosen heads: {'plugin': told the tissue, 'router': the router's weights mixing every chosen head}."
+    idx, ch = heads['test_index'], heads['chosen']
+    tissue = ref.obs.loc[idx, 'tissue'].astype(str).to_numpy()
+    union = list(dict.fromkeys(l for h in ch.values() for l in h['labels'] if l is not None))
+    mix, told = np.zeros((len(idx), len(union))), np.empty(len(idx), dtype=object)
+    W = weights.reindex(idx)
+    for t, h in ch.items():
+        P = np.zeros((len(idx), len(union)))
+        for j, l in enumerate(h['labels']):
+            if l is not None: P[:, union.index(l)] = h['proba'][:, j]
+        mix += W[t].to_numpy()[:, None] * P
+        told[tissue == t] = np.asarray(union, dtype=object)[P[tissue == t].argmax(1)]
+    return dict(plugin=pd.Series(told, index=idx).astype(str), router=pd.Series(np.asarray(union, dtype=object)[mix.argmax(1)], index=idx).astype(str))
 
 # %% ../nbs/16_crosstissue.ipynb #919b9f54
-CT_DEFAULTS = dict(test_frac=0.3, seed=0, min_cells=10, max_cells=0, k=15, n_hvg=2000,
-                   methods='knn,knn_tuned,plugin,router,logreg,celltypist')
+CT_DEFAULTS = dict(test_frac=0.3, seed=0, seeds=[0, 1, 2], min_cells=10, max_cells=0, k=15, n_hvg=2000, plugin_max_cells=600, plugin_epochs=20, plugin_val_fraction=0.0,
+                   head_cs=[0.1, 1.0], methods='knn,knn_tuned,plugin,router,plugin_sel,router_sel,logreg,celltypist')
 
 def ct_settings(settings=None)->dict:
     "The `[crosstissue]` settings with defaults for keys the file does not set."
@@ -311,13 +392,25 @@ def ct_settings(settings=None)->dict:
     except Exception: sec = {}
     out = {k: sec.get(k, v) for k, v in CT_DEFAULTS.items()}
     out['methods'] = [m.strip() for m in (out['methods'] if isinstance(out['methods'], str) else ','.join(out['methods'])).split(',') if m.strip()]
+    out['seeds'] = [int(s) for s in (out['seeds'] if isinstance(out['seeds'], (list, tuple)) else [out['seeds']])] or [int(out['seed'])]
     return out
 
 METHOD_NAMES = {'knn': '(a) memory kNN, frozen', 'knn_tuned': '(a) memory kNN, tuned', 'plugin': '(b) tissue plugin (told)',
-                'router': '(c) router (not told)', 'logreg': '(d) logistic regression (HVG)', 'celltypist': '(d) CellTypist'}
-PLUGIN_METHODS = ('knn_tuned', 'plugin', 'router')  # the methods that need the trained plugins
-TABLE_COLUMNS = ('method', 'tissue', 'n', 'accuracy', 'macro_f1')  # `score_methods`' columns
+                'router': '(c) router (not told)', 'plugin_sel': '(b) tissue plugin, head chosen on validation (told)',
+                'router_sel': '(c) router, heads chosen on validation (not told)',
+                'logreg': '(d) logistic regression (HVG)', 'celltypist': '(d) CellTypist'}
+PLUGIN_METHODS = ('knn_tuned', 'plugin', 'router', 'plugin_sel', 'router_sel')  # the methods that need the trained plugins
+TABLE_COLUMNS = ('method', 'tissue', 'n', 'n_seeds', 'accuracy_mean', 'accuracy_sd', 'macro_f1_mean', 'macro_f1_sd')  # `summarise_seeds`' columns
 
+def summarise_seeds(per_seed:pd.DataFrame, # `score_methods` rows with a `seed` column
+                   )->pd.DataFrame:
+    "Mean and standard deviation (ddof 1) over seeds of accuracy and macro-F1 per method and tissue, with n_seeds."
+    g = per_seed.groupby(['method', 'tissue'], sort=False)
+    out = g.agg(n=('n', 'first'), n_seeds=('seed', 'nunique'), accuracy_mean=('accuracy', 'mean'), accuracy_sd=('accuracy', 'std'),
+                macro_f1_mean=('macro_f1', 'mean'), macro_f1_sd=('macro_f1', 'std')).reset_index()
+    return out[list(TABLE_COLUMNS)]
+
+# %% ../nbs/16_crosstissue.ipynb #f6e544a6
 def _memory_kwargs(settings)->dict:
     "CellMemory arguments from the `[memory]` settings (defaults for missing keys)."
     from deepseq_nb.memory import MEMORY_DEFAULTS
@@ -331,14 +424,67 @@ def _cached_run(cache, key:str):
     ref = ad.read_h5ad(cache)
     run = ref.uns.get('cross_tissue_run', {})
     if run.get('key') != key: return None
-    table = pd.DataFrame(run['table'])[list(TABLE_COLUMNS)]   # h5ad stores the columns sorted by name
-    return dict(ref=ref, table=table, timings=pd.Series(run['timings']), n_test=int((ref.obs.split == 'test').sum()))
+    cols = lambda d, names: pd.DataFrame(d)[list(names)]   # h5ad stores the columns sorted by name
+    return dict(ref=ref, table=cols(run['table'], TABLE_COLUMNS), per_seed=cols(run['per_seed'], ('seed',) + _SCORE_COLUMNS),
+                validation=cols(run['validation'], _VAL_COLUMNS).astype({'chosen': bool}), timings=pd.Series(run['timings']), n_test=int((ref.obs.split == 'test').sum()))
+
+_SCORE_COLUMNS = ('method', 'tissue', 'n', 'accuracy', 'macro_f1')   # `score_methods`' columns
+_VAL_COLUMNS = ('seed', 'tissue', 'head', 'val_macro_f1', 'chosen')
+
+def _resplit(ref:ad.AnnData, test_frac:float, seed:int)->None:
+    "A new stratified train/test split of every study with `seed` (in place)."
+    split = pd.Series('train', index=ref.obs_names, dtype=object)
+    for d in ref.obs.dataset.cat.categories:
+        m = (ref.obs.dataset == d).to_numpy()
+        split[m] = stratified_split(ref.obs.label.to_numpy()[m], test_frac, seed)
+    ref.obs['split'] = pd.Categorical(split.to_numpy(), categories=['test', 'train'])
+
+def _plugin_view(ref:ad.AnnData, val:np.ndarray, max_cells:int, seed:int)->ad.AnnData:
+    "The reference as the plugins see it: validation cells and training cells beyond a draw of `max_cells` per tissue are not 'train'."
+    v = ad.AnnData(ref.X, obs=ref.obs.copy(), var=ref.var.copy())
+    split = np.where(val, 'validation', v.obs.split.astype(str)).astype(object)
+    for t in v.obs.tissue.cat.categories:
+        idx = np.flatnonzero((split == 'train') & (v.obs.tissue == t).to_numpy())
+        if max_cells and len(idx) > max_cells: split[np.setdiff1d(idx, idx[subsample_types(v.obs.label.to_numpy()[idx], max_cells, seed)])] = 'spare'
+    v.obs['split'] = pd.Categorical(split)
+    return v
+
+def _one_seed(ref, enc, P, PP, MK, seed, timings):
+    "Every method on the split of `seed`: (test predictions by method name, validation table of the heads, PluginSet or None)."
+    _resplit(ref, P['test_frac'], seed)
+    PPs, ps, plug, val_t = dict(PP, seed=seed, epochs=P['plugin_epochs'], val_fraction=P['plugin_val_fraction']), None, {}, pd.DataFrame(columns=list(_VAL_COLUMNS))
+    tick = lambda name, t0: timings.__setitem__(name, timings.get(name, 0) + time.perf_counter() - t0)
+    if any(m in PLUGIN_METHODS for m in P['methods']):
+        t0 = time.perf_counter()
+        val = validation_mask(ref, PP['val_fraction'], seed)
+        view = _plugin_view(ref, val, P['plugin_max_cells'], seed)
+        plug, ps = plugin_methods(view, enc, params=PPs)
+        ref.obsm['X_scgpt_tuned'] = view.obsm['X_scgpt_tuned']; ref.obs['router_tissue'] = view.obs.router_tissue.values
+        ref.uns['plugins'] = view.uns['plugins']
+        tick('plugins + router: train, then annotate every cell', t0)
+        if {'plugin_sel', 'router_sel'} & set(P['methods']):
+            t0 = time.perf_counter()
+            heads = plugin_heads(ref, ps, val, n_hvg=P['n_hvg'], Cs=P['head_cs'], seed=seed, n_threads=PP['n_threads'])
+            sel = head_predictions(ref, heads, plug['router_weights'])
+            plug |= dict(plugin_sel=sel['plugin'], router_sel=sel['router'])
+            val_t = heads['validation'].assign(seed=seed)[list(_VAL_COLUMNS)]
+            tick('heads chosen on validation', t0)
+    mem = reference_memory(ref, **MK)
+    run = dict(knn=lambda: memory_knn(ref, k=P['k'], memory=mem)[0],
+               knn_tuned=lambda: memory_knn(ref, use_rep='X_scgpt_tuned', space='tuned', k=P['k'], memory=mem)[0],
+               plugin=lambda: plug['plugin'], router=lambda: plug['router'], plugin_sel=lambda: plug['plugin_sel'], router_sel=lambda: plug['router_sel'],
+               logreg=lambda: logreg_baseline(ref, n_hvg=P['n_hvg'], seed=seed), celltypist=lambda: celltypist_baseline(ref, seed=seed))
+    preds = {}
+    for m in P['methods']:
+        t0 = time.perf_counter(); preds[METHOD_NAMES[m]] = run[m]()
+        if m not in PLUGIN_METHODS or m == 'knn_tuned': tick(METHOD_NAMES[m], t0)
+    return preds, val_t, ps
 
 def run_cross_tissue(settings=None, # `Settings` (default: settings.ini)
-                     *, cache=None, # path of an .h5ad cache of the result (None: no cache); plugins are saved beside it
+                     *, cache=None, # path of an .h5ad cache of the result (None: no cache); the first seed's plugins are saved beside it
                      encoder=None, # an `encoder.Encoder` (default: the settings' encoder)
                     )->dict:
-    "Reference, embeddings, every method's test predictions (obs `pred_*`) and the score table; cached when asked."
+    "Reference, frozen embeddings (once), every method on each seed's split; the table as mean ± sd over seeds; cached when asked."
     import hashlib, json
     from pathlib import Path
     from deepseq_nb.config import load_settings
@@ -348,8 +494,9 @@ def run_cross_tissue(settings=None, # `Settings` (default: settings.ini)
     P, PP, MK = ct_settings(S), plugin_settings(S), _memory_kwargs(S)
     unknown = [m for m in P['methods'] if m not in METHOD_NAMES]
     if unknown: raise InputError(f"Unknown cross-tissue methods {unknown} in [crosstissue] methods; known: {', '.join(METHOD_NAMES)}")
-    timings, preds = {}, {}
-    t0 = time.perf_counter(); ref = cross_tissue_reference(min_cells=P['min_cells'], test_frac=P['test_frac'], seed=P['seed'],
+    seeds = P['seeds']
+    timings = {}
+    t0 = time.perf_counter(); ref = cross_tissue_reference(min_cells=P['min_cells'], test_frac=P['test_frac'], seed=seeds[0],
                                                         max_cells=P['max_cells'] or None)
     timings['reference'] = time.perf_counter() - t0
     # the key holds the harmonised labels too: a change of the ontology mapping must not reuse a stale result
@@ -358,22 +505,19 @@ def run_cross_tissue(settings=None, # `Settings` (default: settings.ini)
                           plugins=PP, memory=MK, labels=labels), sort_keys=True, default=str)
     if (hit := _cached_run(cache, key)) is not None: return hit
     enc = encoder if encoder is not None else default_encoder()
-    t0 = time.perf_counter(); embed_reference(ref, enc); timings['embed (frozen)'] = time.perf_counter() - t0
-    plug = {}
-    if any(m in PLUGIN_METHODS for m in P['methods']):
-        t0 = time.perf_counter(); plug, ps = plugin_methods(ref, enc, params=PP)
-        timings['plugins + router: train, then annotate every cell'] = time.perf_counter() - t0
-        if cache is not None: save_plugins(ps, Path(cache).with_name(Path(cache).stem + '_plugins'))
-    mem = reference_memory(ref, **MK)
-    run = dict(knn=lambda: memory_knn(ref, k=P['k'], memory=mem)[0],
-               knn_tuned=lambda: memory_knn(ref, use_rep='X_scgpt_tuned', space='tuned', k=P['k'], memory=mem)[0],
-               plugin=lambda: plug['plugin'], router=lambda: plug['router'],
-               logreg=lambda: logreg_baseline(ref, n_hvg=P['n_hvg'], seed=P['seed']), celltypist=lambda: celltypist_baseline(ref, seed=P['seed']))
-    for m in P['methods']:
-        t0 = time.perf_counter(); preds[METHOD_NAMES[m]] = run[m]()
-        if m not in ('plugin', 'router'): timings[METHOD_NAMES[m]] = time.perf_counter() - t0
-    table = score_methods(ref, preds)
+    t0 = time.perf_counter(); embed_reference(ref, enc); timings['embed (frozen, once for every seed)'] = time.perf_counter() - t0
+    rows, vals, first = [], [], None
+    for s in seeds[::-1]:   # the first seed last: its split, predictions, tuned space and plugins stay in `ref`
+        preds, val_t, ps = _one_seed(ref, enc, P, PP, MK, s, timings)
+        rows.append(score_methods(ref, preds).assign(seed=s)); vals.append(val_t)
+    if cache is not None and ps is not None: save_plugins(ps, Path(cache).with_name(Path(cache).stem + '_plugins'))
+    per_seed = pd.concat(rows[::-1], ignore_index=True)[['seed', *_SCORE_COLUMNS]]
+    validation = pd.concat(vals[::-1], ignore_index=True)[list(_VAL_COLUMNS)]
+    table = summarise_seeds(per_seed)
     for name, p in preds.items(): ref.obs['pred_' + name.split(' ', 1)[1]] = pd.Series(p).reindex(ref.obs_names).astype(str).values
-    ref.uns['cross_tissue_run'] = dict(key=key, table=table.to_dict('list'), timings={k: round(v, 2) for k, v in timings.items()})
+    ref.uns['cross_tissue_run'] = dict(key=key, table=table.to_dict('list'), per_seed=per_seed.to_dict('list'), seeds=list(seeds),
+                                       validation=validation.astype({'chosen': int}).to_dict('list'),
+                                       timings={k: round(v, 2) for k, v in timings.items()})
     if cache is not None: Path(cache).parent.mkdir(parents=True, exist_ok=True); ref.write_h5ad(cache)
-    return dict(ref=ref, table=table, timings=pd.Series(ref.uns['cross_tissue_run']['timings']), n_test=int((ref.obs.split == 'test').sum()))
+    return dict(ref=ref, table=table, per_seed=per_seed, validation=validation, timings=pd.Series(ref.uns['cross_tissue_run']['timings']),
+                n_test=int((ref.obs.split == 'test').sum()))

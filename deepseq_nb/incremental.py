@@ -32,11 +32,12 @@ INCREMENTAL_DEFAULTS = dict(
     dataset='pbmc3k', label_key='cell_type', tissue='blood', max_cells=1500, test_frac=0.3, # protocols: data and split
     held_out=[], n_held_out=3, min_cells=30, ks=[5, 10, 30, 100], repeats=1, # new-type curve ([] held_out: a seeded draw)
     variants=['lora_rehearsal', 'lora', 'frozen_rehearsal', 'frozen'],
-    steps=5, k=30, forgetting_variants=['lora_rehearsal', 'frozen_rehearsal']) # forgetting curve
+    steps=5, k=30, forgetting_variants=['lora_rehearsal', 'frozen_rehearsal'], scratch='every', # forgetting curve; scratch: every step, last, none
+    seeds=[0]) # seeds of the protocols in the paper figure: each its own split, draws, plugins and additions
 ADD_KEYS = ('rehearsal', 'train_lora', 'freeze_old', 'epochs', 'lr', 'batch_size', 'patience', 'val_fraction', 'weight_decay',
             'balance', 'seed', 'n_threads') # the defaults that are `add_cell_type` arguments
 
-LIST_KEYS = ('held_out', 'ks', 'variants', 'forgetting_variants') # settings that are lists
+LIST_KEYS = ('held_out', 'ks', 'variants', 'forgetting_variants', 'seeds') # settings that are lists
 
 def _as_list(v)->list:
     "A list from a list or tuple, a comma-separated string ('a, b'), one value, or None (empty)."
@@ -298,12 +299,13 @@ def _step_scores(plugins:PluginSet, tissue:str, tok:Tokens, y:np.ndarray, base:l
 def forgetting_curve(adata:ad.AnnData, encoder:Encoder|None=None, # labelled cells of one tissue; the encoder (default: `default_encoder()`)
                      *, label_key:str='cell_type', tissue:str='blood', # obs column of labels; the plugin's name
                      held_out:list|None=None, steps:int=5, k:int=30, # types added in this order (None: a seeded draw of `steps`); cells each
-                     variants=('lora_rehearsal', 'frozen_rehearsal'), scratch:bool=True, # keys of `VARIANTS`; also retrain from scratch
+                     variants=('lora_rehearsal', 'frozen_rehearsal'), scratch:bool|str=True, # keys of `VARIANTS`; retrain from scratch: True/'every' step, 'last' step only, False/'none'
                      test_frac:float=0.3, max_cells:int|None=None, seed:int=0, # test share per type; subsample; seed
                      plugin_params:dict|None=None, add_params:dict|None=None, # overrides of `[plugins]` and `[incremental]`
                      log=None, # called with a line of progress (e.g. print)
                     )->pd.DataFrame:
     "Scores after each of `steps` sequential additions, per variant and for retraining from scratch on the same labelled cells."
+    if scratch not in (True, False, 'every', 'last', 'none'): raise InputError(f"scratch must be True/'every', 'last' or False/'none'; got {scratch!r}.")
     from deepseq_nb.encoder import default_encoder
     enc = encoder if encoder is not None else default_encoder()
     a, test = _prepare(adata, label_key, test_frac, max_cells, seed)
@@ -331,9 +333,10 @@ def forgetting_curve(adata:ad.AnnData, encoder:Encoder|None=None, # labelled cel
             rows.append(dict(variant=v, method=VARIANT_NAMES[v], step=i, added=t, k=len(picked[t]), n_types=len(base) + i,
                              **_step_scores(ps, tissue, tok, yt, base, base + seq[:i], t), seconds=round(time.perf_counter() - t1, 2)))
             if log: log(f"  {v} step {i} (+{t}): base accuracy {rows[-1]['base_accuracy']:.3f}")
-    if scratch:
+    if scratch and scratch != 'none':
         rows.append(dict(variant='scratch', method=VARIANT_NAMES['scratch'], **step0))
         for i, t in enumerate(seq, 1):
+            if scratch == 'last' and i < len(seq): continue   # one retraining, on the cells of every step
             t1 = time.perf_counter()
             fresh = train_plugin(a[np.concatenate([base_idx, *[picked[s] for s in seq[:i]]])], enc, tissue=tissue, label_key=label_key, **kw_plugin)
             rows.append(dict(variant='scratch', method=VARIANT_NAMES['scratch'], step=i, added=t, k=len(picked[t]), n_types=len(base) + i,

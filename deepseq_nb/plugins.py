@@ -331,6 +331,7 @@ def fit_plugin(plugins:PluginSet, tissue:str, # the plugins; the tissue whose pl
                epochs:int=40, lr:float=5e-3, batch_size:int=32, patience:int=8, weight_decay:float=0.01, # optimisation
                balance:bool=True, encoder_dropout:bool=False, clip:float=1.0, # inverse-frequency loss weights; frozen encoder's dropout on; gradient-norm clip
                train_lora:bool=True, frozen_slots=(), # train the adapter too; head slots kept exactly as they are
+               stop_on:str='val_loss', # early stopping and the epoch kept: lowest 'val_loss' or highest 'val_macro_f1'
                seed:int=0, n_threads:int|None=1, # seed of order and dropout; torch threads
               )->list:
     "Train `tissue`'s LoRA adapter and head on `tokens` with labels `y` (slots); early stopping; returns the epoch log."
@@ -338,6 +339,7 @@ def fit_plugin(plugins:PluginSet, tissue:str, # the plugins; the tissue whose pl
     y = np.asarray(y, np.int64)
     if len(y) != len(tokens): raise InputError(f"{len(tokens)} cells but {len(y)} labels.")
     if len(y) == 0: raise InputError("No training cells.")
+    if stop_on not in ('val_loss', 'val_macro_f1'): raise InputError(f"stop_on must be 'val_loss' or 'val_macro_f1'; got {stop_on!r}.")
     if (y < 0).any() or (y >= head.n_slots).any() or not head.active[torch.from_numpy(y)].all():
         raise InputError("Labels must be slots that hold a label in the head (see SlotHead.add_label).")
     _activate(plugins, tissue)
@@ -371,7 +373,8 @@ def fit_plugin(plugins:PluginSet, tissue:str, # the plugins; the tissue whose pl
             row = dict(epoch=ep + 1, loss=round(tot / n, 4))
             if has_val:
                 row.update(_val_metrics(plugins, val_tokens, vy, tissue, weight, 2 * batch_size))
-                if row['val_loss'] < best - 1e-4: best, bad, snap = row['val_loss'], 0, _snapshot(plugins, tissue)
+                score = row['val_loss'] if stop_on == 'val_loss' else -row['val_macro_f1']
+                if score < best - 1e-4: best, bad, snap = score, 0, _snapshot(plugins, tissue)
                 else: bad += 1
             log.append(row)
             if has_val and bad >= patience: break
@@ -392,6 +395,7 @@ def train_plugin(adata:ad.AnnData, encoder:Encoder|PluginSet, # reference cells 
                  lora_r:int=8, lora_alpha:float=16, lora_dropout:float=0.1, targets=('linear1', 'linear2'), # LoRA
                  epochs:int=40, lr:float=5e-3, batch_size:int=32, patience:int=8, val_fraction:float=0.15, # training
                  weight_decay:float=0.01, balance:bool=True, # AdamW weight decay; inverse-frequency loss weights
+                 stop_on:str='val_loss', # early stopping on the lowest 'val_loss' or the highest 'val_macro_f1'
                  pooling:str='mean', layer:str|None=None, gene_col:str|None=None, # new set's pooling; values; var column of symbols
                  seed:int=0, n_threads:int|None=1, # seed of split, weights, order and dropout; torch threads
                 )->PluginSet:
@@ -414,14 +418,15 @@ def train_plugin(adata:ad.AnnData, encoder:Encoder|PluginSet, # reference cells 
         head.standardize(torch.from_numpy(plugin_outputs(ps, tok[np.flatnonzero(~val)], tissue, n_threads=n_threads).embedding))
         log = fit_plugin(ps, tissue, tok[np.flatnonzero(~val)], y[~val], val_tokens=tok[np.flatnonzero(val)] if val.any() else None,
                          val_y=y[val], epochs=epochs, lr=lr, batch_size=batch_size, patience=patience, weight_decay=weight_decay,
-                         balance=balance, seed=seed, n_threads=n_threads)
+                         balance=balance, stop_on=stop_on, seed=seed, n_threads=n_threads)
     except BaseException:
         remove_plugin(ps, tissue); raise
-    best = min(log, key=lambda r: r.get('val_loss', math.inf)) if val.any() else log[-1]
+    crit = (lambda r: r.get('val_loss', math.inf)) if stop_on == 'val_loss' else (lambda r: -r.get('val_macro_f1', -math.inf))
+    best = min(log, key=crit) if val.any() else log[-1]
     ps.info[tissue].update(label_key=label_key, n_cells=int(ok.sum()), n_train=int((~val).sum()), n_val=int(val.sum()),
         counts={t: int((lab == t).sum()) for t in types}, coverage=tok.coverage, log=log, best=best, seconds=round(time.perf_counter() - t0, 2),
         params=dict(epochs=epochs, lr=lr, batch_size=batch_size, patience=patience, val_fraction=val_fraction, weight_decay=weight_decay,
-                    balance=balance, layer=layer or '', gene_col=gene_col or '', seed=seed, n_threads=n_threads))
+                    balance=balance, stop_on=stop_on, layer=layer or '', gene_col=gene_col or '', seed=seed, n_threads=n_threads))
     return ps
 
 # %% ../nbs/11_plugins.ipynb #5a4501b7

@@ -11,7 +11,8 @@ from deepseq_nb.encoder import make_vocab, new_encoder
 from deepseq_nb.plugins import load_plugins, predict
 
 torch.set_num_threads(1)
-SMALL = ['crosstissue.max_cells=60', 'crosstissue.n_hvg=200', 'plugins.epochs=3', 'plugins.router_epochs=3']
+SMALL = ['crosstissue.max_cells=60', 'crosstissue.n_hvg=200', 'crosstissue.plugin_epochs=3', 'plugins.router_epochs=3', 'crosstissue.seeds=[0, 1]',
+         'crosstissue.plugin_max_cells=40']
 
 
 @pytest.fixture(scope='module')
@@ -29,12 +30,21 @@ def run(enc, tmp_path_factory):
 
 def test_every_method_scored_per_tissue(run):
     res, _ = run
-    t = res['table']
+    t, per_seed = res['table'], res['per_seed']
     assert set(t.method) == set(ct.METHOD_NAMES.values())
     assert set(t.tissue) == {'blood', 'pancreas', 'all'}
     n = t[t.method == ct.METHOD_NAMES['router']].set_index('tissue').n
     assert n['all'] == n['blood'] + n['pancreas'] == res['n_test'] == (res['ref'].obs.split == 'test').sum()
-    assert t[['accuracy', 'macro_f1']].apply(lambda c: c.between(0, 1)).all().all()
+    assert t[['accuracy_mean', 'macro_f1_mean']].apply(lambda c: c.between(0, 1)).all().all()
+    # two seeds: the table is their mean and sd, and the seeds' splits differ
+    assert (t.n_seeds == 2).all() and sorted(per_seed.seed.unique()) == [0, 1]
+    m = per_seed.groupby(['method', 'tissue']).macro_f1.agg(['mean', 'std'])
+    tt = t.set_index(['method', 'tissue'])
+    assert np.allclose(tt.macro_f1_mean, m.loc[tt.index, 'mean']) and np.allclose(tt.macro_f1_sd, m.loc[tt.index, 'std'])
+    assert (per_seed.groupby('seed').macro_f1.sum().diff().dropna() != 0).all()
+    # the heads were chosen per seed and tissue on validation cells, exactly one each
+    v = res['validation']
+    assert v.groupby(['seed', 'tissue']).chosen.sum().eq(1).all() and set(v['head']) >= {'lora', 'expr C=0.1', 'expr C=1'}
     # a prediction column per method, filled for test cells only
     ref = res['ref']
     test = (ref.obs.split == 'test').to_numpy()
@@ -46,7 +56,7 @@ def test_every_method_scored_per_tissue(run):
     # scores recomputed from the stored predictions give the table
     y = ref.obs.label[test].astype(str)
     acc = (ref.obs['pred_' + ct.METHOD_NAMES['knn'].split(' ', 1)[1]][test] == y).mean()
-    assert acc == pytest.approx(t.query("method == '(a) memory kNN, frozen' and tissue == 'all'").accuracy.item())
+    assert acc == pytest.approx(per_seed.query("seed == 0 and method == '(a) memory kNN, frozen' and tissue == 'all'").accuracy.item())
 
 
 def test_cache_reused_only_for_the_same_settings(run, enc, monkeypatch):
@@ -55,6 +65,7 @@ def test_cache_reused_only_for_the_same_settings(run, enc, monkeypatch):
     monkeypatch.setattr(ct, 'embed_reference', boom)   # the first step after the (cheap) reference is built
     again = ct.run_cross_tissue(load_settings(overrides=SMALL), cache=cache, encoder=enc)
     pd.testing.assert_frame_equal(again['table'], res['table'])
+    pd.testing.assert_frame_equal(again['per_seed'], res['per_seed'])
     real_ref = ct.cross_tissue_reference
     def relabelled(*a, **k):   # a change of the label harmonisation (e.g. the ontology mapping) is another experiment
         r = real_ref(*a, **k); r.obs['label'] = r.obs['label'].astype(str); r.obs.iloc[0, r.obs.columns.get_loc('label')] = 'other'
@@ -93,3 +104,22 @@ def test_baselines_only_train_no_plugins(enc, tmp_path):
                                                        'crosstissue.methods=knn,logreg']), cache=tmp_path/'c.h5ad', encoder=enc)
     assert set(res['table'].method) == {ct.METHOD_NAMES['knn'], ct.METHOD_NAMES['logreg']}
     assert 'X_scgpt_tuned' not in res['ref'].obsm and not (tmp_path/'c_plugins').exists()
+
+
+def test_heads_are_chosen_without_the_test_labels(enc):
+    "plugin_heads sees validation cells carved from the training split only: shuffling the test labels changes nothing."
+    from deepseq_nb.plugins import plugin_settings
+    ref = ct.cross_tissue_reference(max_cells=60)
+    ct.embed_reference(ref, enc)
+    val = ct.validation_mask(ref, 0.15, seed=0)
+    assert val.any() and not (val & (ref.obs.split == 'test').to_numpy()).any()
+    _, ps = ct.plugin_methods(ct._plugin_view(ref, val, 40, 0), enc, params=plugin_settings() | dict(epochs=2, router_epochs=2))
+    h1 = ct.plugin_heads(ref, ps, val, n_hvg=100)
+    shuffled = ref.copy()
+    test = (ref.obs.split == 'test').to_numpy()
+    lab = ref.obs.label.astype(str).to_numpy().copy()
+    lab[test] = np.random.default_rng(1).permutation(lab[test])
+    shuffled.obs['label'] = pd.Categorical(lab)
+    h2 = ct.plugin_heads(shuffled, ps, val, n_hvg=100)
+    pd.testing.assert_frame_equal(h1['validation'], h2['validation'])
+    for t in h1['chosen']: np.testing.assert_array_equal(h1['chosen'][t]['proba'], h2['chosen'][t]['proba'])

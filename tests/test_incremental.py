@@ -261,3 +261,24 @@ def test_forgetting_curve_rows(cells, enc):
     assert (np.diff(f.base_accuracy) <= 1e-12).all()   # frozen old slots and LoRA: base cells can only be lost to new slots
     with pytest.raises(InputError, match='leaves 1 for the first plugin'):
         forgetting_curve(cells, enc, tissue='pancreas', held_out=['beta', 'gamma', 'delta'], plugin_params=dict(epochs=1))
+
+
+def test_forgetting_curve_scratch_last_only(cells, enc):
+    "scratch='last' retrains once, at the last step, on the same cells as every step: its row equals the full run's last row."
+    kw = dict(tissue='pancreas', held_out=['gamma', 'delta'], k=4, variants=('frozen_rehearsal',), plugin_params=dict(epochs=1),
+              add_params=dict(epochs=1, rehearsal=3))
+    last = forgetting_curve(cells, enc, scratch='last', **kw)
+    every = forgetting_curve(cells, enc, scratch=True, **kw)
+    s = last[last.variant == 'scratch']
+    assert list(s.step) == [0, 2] and list(s.n_types) == [2, 4]
+    cols = ['base_accuracy', 'seen_accuracy', 'seen_macro_f1']
+    assert np.allclose(s[cols].to_numpy()[-1], every[(every.variant == 'scratch') & (every.step == 2)][cols].to_numpy()[0])
+    assert 'scratch' not in set(forgetting_curve(cells, enc, scratch='none', **kw).variant)
+    with pytest.raises(InputError, match="scratch must be"):
+        forgetting_curve(cells, enc, scratch='sometimes', **kw)
+
+
+def test_settings_seeds_and_scratch():
+    s = incremental_settings({'incremental': {'seeds': '0, 1, 2', 'scratch': 'last'}})
+    assert s['seeds'] == ['0', '1', '2'] and s['scratch'] == 'last'
+    assert incremental_settings({'incremental': {}})['seeds'] == [0]

@@ -270,3 +270,13 @@ def test_settings_and_split():
     assert m[:10].sum() == 2 and m[10:13].sum() == 1 and not m[13]  # a singleton type stays in training
     assert np.array_equal(m, stratified_split(y, 0.2, seed=1))
     with pytest.raises(InputError): stratified_split(y, 1.0)
+
+
+def test_stop_on_macro_f1_keeps_the_best_f1_epoch(cells, enc):
+    "stop_on='val_macro_f1' keeps the epoch with the best validation macro-F1 (not the lowest loss); a bad criterion is refused."
+    ps = train_plugin(cells['pancreas'], enc, tissue='pancreas', **dict(FAST, epochs=6, patience=6, stop_on='val_macro_f1'))
+    info = ps.info['pancreas']
+    log = info['log']
+    assert info['best']['val_macro_f1'] == max(r['val_macro_f1'] for r in log) and info['params']['stop_on'] == 'val_macro_f1'
+    with pytest.raises(InputError, match="stop_on must be"):
+        train_plugin(cells['pancreas'], enc, tissue='pancreas', **dict(FAST, stop_on='accuracy'))
