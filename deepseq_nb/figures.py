@@ -42,7 +42,7 @@ FIGURES = {
     'tab_gptcelltype': ('GPTCelltype benchmark: agreement per method and dataset, and vs the number of top genes', ('bundled',)),
     'tab_cross_tissue': ('scAgent cross-tissue annotation: memory kNN, tissue plugins, router, baselines', ('bundled',)),
     'fig_embeddings': ('UMAPs of the frozen and tuned scGPT embeddings beside PCA', ('bundled',)),
-    'fig_novelty_curves': ('Novel-type detection: ROC per space, detection and false-novel rate vs threshold', ('bundled',)),
+    'fig_novelty_curves': ('Novel-type detection relative to the query: ROC and AUROC per space (3 seeds), false-novel vs detection across studies', ('bundled',)),
     'fig_incremental': ('Adding a cell type from k labelled cells; the forgetting curve', ('labels',)),
 }
 _BUNDLED_WHY = {
