@@ -14,8 +14,10 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-import torch
-import torch.nn.functional as F
+from .config import missing_extra
+try: import torch, torch.nn.functional as F
+except ModuleNotFoundError as e:   # the [scagent] extra: name it rather than a bare ModuleNotFoundError
+    raise ModuleNotFoundError(missing_extra(e) or str(e), name=e.name) from None
 from tqdm.auto import tqdm
 
 from .config import load_settings

@@ -11,7 +11,10 @@ import contextlib, copy, time, warnings
 import anndata as ad
 import numpy as np
 import pandas as pd
-import torch
+from .config import missing_extra
+try: import torch
+except ModuleNotFoundError as e:   # the [scagent] extra: name it rather than a bare ModuleNotFoundError
+    raise ModuleNotFoundError(missing_extra(e) or str(e), name=e.name) from None
 from sklearn.metrics import accuracy_score, f1_score
 
 from .data import InputError

@@ -13,9 +13,10 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
-import peft
-import torch
-import torch.nn.functional as F
+from .config import missing_extra
+try: import peft, torch, torch.nn.functional as F
+except ModuleNotFoundError as e:   # the [scagent] extra: name it rather than a bare ModuleNotFoundError
+    raise ModuleNotFoundError(missing_extra(e) or str(e), name=e.name) from None
 from safetensors.torch import load_file, save_file
 from sklearn.metrics import accuracy_score, f1_score
 
