@@ -74,10 +74,9 @@ def _read_sctype()->pd.DataFrame:
 
 # %% ../nbs/04_knowledge.ipynb #96478b56
 def _file_key(*names)->str:
-    "Hash of the sizes and mtimes of bundled files, so a changed file rebuilds the cache."
+    "Hash of the bundled files' contents (not their mtimes: a fresh copy of the same data hits the same cache)."
     h = hashlib.sha1(str(KB_VERSION).encode())
-    for n in names:
-        st = (_mdir()/n).stat(); h.update(f'{n}:{st.st_size}:{int(st.st_mtime)}'.encode())
+    for n in names: h.update(n.encode()); h.update(hashlib.sha1((_mdir()/n).read_bytes()).digest())
     return h.hexdigest()[:12]
 
 def _cached(name:str, key:str, build):
@@ -253,14 +252,12 @@ def _build_kb()->pd.DataFrame:
     return kb[KB_COLUMNS].reset_index(drop=True)
 
 def _kb_key()->str:
-    "Cache key: the bundled files plus the ontology matcher in use (its source changes the CL mapping)."
+    "Cache key: the bundled files plus the source of the code that parses them (this module, the ontology matcher)."
     k = _file_key('PanglaoDB_markers_27_Mar_2020.tsv', 'CellMarker2_Human_Aug.csv', 'CellMarker2_Mouse_Aug.csv',
                   'ScTypeDB_full.xlsx', 'Cell_marker_Mouse.xlsx')
-    try:
-        from deepseq_nb import ontology
-        k += hashlib.sha1(Path(ontology.__file__).read_bytes()).hexdigest()[:8]
-    except Exception: k += '-noonto'
-    return k
+    from deepseq_nb import knowledge, ontology
+    src = Path(knowledge.__file__).read_bytes() + Path(ontology.__file__).read_bytes()  # a parsing change without a KB_VERSION bump rebuilds too
+    return k + hashlib.sha1(src).hexdigest()[:8]
 
 @functools.cache
 def _kb_all()->pd.DataFrame: return _cached('kb', _kb_key(), _build_kb)
