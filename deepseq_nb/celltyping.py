@@ -284,7 +284,8 @@ def _step(net, P, A, arg, node, s, ag=None)->tuple:
     nxt = b if NEXT == 'winner' else max((i for i in kids if i == leaf or leaf in net.sub[i]), key=lambda i: P[i])
     need = MARGIN*(NICHE if net.n_sources[nxt] < 2 else 1.0)
     clear = max(d, gap) >= need or (node is None and A[b] >= ROOT_RATIO*max(A[r] if r is not None else 0.0, 0.0))
-    ok = A[b] >= FLOOR and d > 0 and clear
+    failed = ag is not None and ANTIGEN > 0 and ag[nxt] < -GATE/2  # its own CL-stated antigen clearly absent: not entered
+    ok = A[b] >= FLOOR and d > 0 and clear and not failed
     rec = dict(at=node, best=b, rival=r, best_score=float(A[b]), rival_score=float(A[r]) if r is not None else 0.0,
                margin=float(max(d, gap)), descended=bool(ok))
     return (nxt if ok else None), rec
