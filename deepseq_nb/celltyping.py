@@ -19,8 +19,9 @@ from .ontology import ancestors, cl_name, broad_type
 
 # %% auto #0
 __all__ = ['LINEAGES', 'SHRINK', 'MIN_MARKERS', 'TOP_MARKERS', 'LABEL_WEIGHT', 'ABSOLUTE', 'TOP', 'FLOOR', 'MARGIN', 'PEERS',
-           'ROOT_RATIO', 'NICHE', 'INHERIT', 'DEFINING', 'TISSUE_DROP', 'label_markers', 'cluster_stats',
-           'gene_evidence', 'MarkerNetwork', 'own_scores', 'subtree_best', 'pairwise', 'descend', 'short_name',
+           'ROOT_RATIO', 'NICHE', 'INHERIT', 'DEFINING', 'TISSUE_DROP', 'ANTIGEN', 'GATE', 'MIN_DETECT', 'NEXT',
+           'GATE_MODE', 'UNREAD', 'label_markers', 'defining_antigens', 'cluster_stats', 'gene_evidence',
+           'MarkerNetwork', 'own_scores', 'subtree_best', 'pairwise', 'antigen_scores', 'descend', 'short_name',
            'infer_species', 'infer_tissue', 'celltype', 'panglao_network', 'ora_labels', 'score_annotation', 'knobs',
            'lodo', 'celltypist_labels']
 
@@ -69,6 +70,12 @@ _SPECIES_TAG = re.compile(r', (human|mouse)$')  # CL terms defined for one speci
 DEFINING = True     # a type defined by an antigen the counts cannot read (its gene unmeasured, or a PTPRC isoform) is no candidate
 _ISOFORM = re.compile(r'\bCD45R[ABO]\b')  # CD45RA/RB/RO: splice isoforms of one gene, PTPRC (HGNC), not told apart by 3' counts
 TISSUE_DROP = True  # tissue known: a database type never recorded in its tissue group (nor ubiquitous) is no candidate
+ANTIGEN = 1.0       # weight, in a head-to-head decision, of the antigens the CL label names, gated within the node's clusters
+GATE = 0.5          # an antigen counts as present when detected in at least GATE x the share of its brightest cluster at the node
+MIN_DETECT = 0.05   # an antigen detected in fewer cells than this in every cluster at the node cannot be read: no evidence either way
+NEXT = 'winner'     # the descent goes into the child that won the head-to-head ('leaf': any child holding its best type)
+GATE_MODE = 'signed'  # 'signed': a passed gate counts for the type, a failed one against; 'penalty': only failures count
+UNREAD = 'any'      # inherit from a lineage 'any': only if one of its markers is measured; 'share': by the share measured; 'off': always
 
 # %% ../nbs/04a_celltyping.ipynb #40b7ff80
 def _lineages()->dict:
@@ -89,6 +96,21 @@ def label_markers(cl_id:str, # a CL id
     for m, how in _LABEL_MARK.findall(cl_name(cl_id) or ''):
         (pos if how in ('positive', 'high', 'bright') else neg).append(norm_gene(m))
     return pos, neg
+
+from .ontology import cl_terms
+_EXPRESSION_OF = re.compile(r'\b(high|low|no) expression of ([A-Za-z]{1,5}\d{1,3}[A-Za-z]?)\b')
+
+def defining_antigens(cl_id:str, # a CL id
+                     )->tuple[list, list]:
+    "Antigens the CL label and definition state as present ('CCR7-positive') and absent ('CD25-negative', 'no expression of X')."
+    t = cl_terms().get(cl_id) or {}
+    txt = (t.get('label') or '') + '. ' + (t.get('description') or '')
+    pos, neg = [], []
+    for m, how in _LABEL_MARK.findall(txt):  # presence and absence only: '-low'/'-high' are protein levels, not detection
+        if how in ('positive', 'negative') and not _ISOFORM.search(m + '-'): (pos if how == 'positive' else neg).append(norm_gene(m))
+    for how, m in _EXPRESSION_OF.findall(txt):
+        if how == 'no': neg.append(norm_gene(m))
+    return sorted(set(pos)), sorted(set(neg) - set(pos))
 
 # %% ../nbs/04a_celltyping.ipynb #b76b46e0
 def _row_blocks(X, chunk:int=50_000):
@@ -136,14 +158,16 @@ class MarkerNetwork:
     def __init__(self, species:str, tissue:str|None, genes:np.ndarray):
         ix = kb_index(species); gpos = {}
         for i, g in enumerate(genes): gpos.setdefault(g, i)
-        self.ids, self.names, self.source, rows, nsrc = [], [], [], [], {}
+        self.ids, self.names, self.source, rows, nsrc, self.antigens, read = [], [], [], [], {}, [], []
         groups, general, lin = tissue_groups(tissue), _general(), _lineages()
-        def add(cid, name, pos, neg, src, prior=1.0):
+        def add(cid, name, pos, neg, src, prior=1.0, ag=((), ())):
             pw = {gpos[g]: w for g, w in pos.items() if g in gpos}
             if src == 'group': pw = {}
             elif src == 'kb' and len(pw) < MIN_MARKERS: return  # a lineage stays even unmeasured: its types inherit 0
             mw = np.mean(list(pos.values())) if pos else 1.0
             self.ids.append(cid); self.names.append(name); self.source.append(src)
+            read.append(len(pw)/len(pos) if pos and src != 'group' else 1.0)  # share of its listed markers the data measures
+            self.antigens.append(tuple(sorted({gpos[g] for g in x if g in gpos}) for x in ag))  # CL-named, measured
             rows.append(({k: v/mw for k, v in pw.items()}, sorted({gpos[g] for g in neg if g in gpos}), prior))
         for cid, (name, pos, neg) in lin.items(): add(cid, name, dict.fromkeys(pos, 1.0), neg, 'lineage' if pos else 'group')
         M = ix.M.tocsc()
@@ -158,13 +182,13 @@ class MarkerNetwork:
             out = bool(groups) and not ((ix.tissues[k] & groups) or ix.ubiquitous[k])
             if out and TISSUE_DROP: continue
             prior = OUT_OF_TISSUE if out else 1.0
-            add(k, ix.cl_name[k], pos, set(ix.neg.get(k, ())) | set(ln), 'kb', prior)
+            add(k, ix.cl_name[k], pos, set(ix.neg.get(k, ())) | set(ln), 'kb', prior, defining_antigens(k))
             if len(self.ids) and self.ids[-1] == k: nsrc[len(self.ids) - 1] = len(set().union(*ix.sources[k].values()))
         n, G = len(self.ids), len(genes)
         tri = lambda f: ([i for i, r in enumerate(rows) for _ in f(r)], [g for r in rows for g in f(r)])
         r, c = tri(lambda r: r[0]); self.W = sp.csr_matrix(([w for x in rows for w in x[0].values()], (r, c)), shape=(n, G))
         r, c = tri(lambda r: r[1]); self.Wn = sp.csr_matrix((np.ones(len(r)), (r, c)), shape=(n, G))
-        self.prior, self.genes = np.array([x[2] for x in rows]), genes
+        self.prior, self.genes, self.readable = np.array([x[2] for x in rows]), genes, np.array(read)
         self.n_sources = np.array([nsrc.get(i, 3) for i in range(n)])  # databases listing a type (lineages: all)
         self._hierarchy()
 
@@ -198,7 +222,9 @@ def own_scores(net:MarkerNetwork, # candidate network
     neg = np.asarray(net.Wn @ np.maximum(S, 0).T).T/np.maximum(np.asarray(net.Wn.sum(1)).ravel(), 1)
     P = pos - neg
     L = np.array(net.lineage); has = L >= 0
-    P[:, has] = INHERIT*P[:, L[has]] + (1 - INHERIT)*P[:, has]  # a type is only as good as its lineage's evidence
+    r = net.readable[L[has]]  # share of the lineage's markers the data measures
+    w = INHERIT*{'share': r, 'any': (r > 0).astype(float), 'off': np.ones_like(r)}[UNREAD]  # unmeasured markers are no evidence of absence
+    P[:, has] = w*P[:, L[has]] + (1 - w)*P[:, has]  # a type is only as good as its lineage's evidence
     P[:, net.group] = -1.0  # grouping nodes are never an answer by themselves
     return P
 
@@ -223,7 +249,20 @@ def _compatible(net:MarkerNetwork, i:int, j:int)->bool:
     "Candidates i and j share a type below them (naive T cell, CD4-positive T cell): taking one does not rule out the other."
     return bool((net.sub[i] | {i}) & (net.sub[j] | {j}))
 
-def _step(net, P, A, arg, node, s)->tuple:
+def antigen_scores(net:MarkerNetwork, # candidate network
+                   frac:np.ndarray, # fraction expressing in the cluster (one row over genes)
+                   ref:np.ndarray, # fraction expressing in each cluster at the node, the cluster included (clusters × genes)
+                  )->np.ndarray:
+    "Per candidate: worst of its CL-stated antigens, as detection relative to the brightest reference cluster minus `GATE` (sign flipped for absent ones)."
+    top = ref.max(0); ok = top >= MIN_DETECT  # an antigen nobody at the node shows cannot be read (3' dropout, unmeasured)
+    r = np.where(ok, frac/np.maximum(top, 1e-9), np.nan) - GATE
+    out = np.zeros(len(net.ids))
+    for i, (pos, neg) in enumerate(net.antigens):
+        v = [r[g] for g in pos if ok[g]] + [-r[g] for g in neg if ok[g]]
+        if v: out[i] = float(min(v))  # a gate is a conjunction: the worst antigen decides
+    return out
+
+def _step(net, P, A, arg, node, s, ag=None)->tuple:
     "One decision at `node`: (next candidate or None, record)."
     kids = net.children.get(node, [])
     if not kids: return None, None
@@ -233,20 +272,29 @@ def _step(net, P, A, arg, node, s)->tuple:
     b, r, d = top[0], None, float(A[top[0]])
     if len(top) > 1:
         L = lambda i: P[net.lineage[arg[i]]] if net.lineage[arg[i]] >= 0 else 0.0
-        d_ = lambda i, j: (1 - INHERIT)*pairwise(net, s, arg[i], arg[j]) + INHERIT*(L(i) - L(j))
+        G = lambda i: ANTIGEN*(min(ag[arg[i]], 0.0) if GATE_MODE == 'penalty' else ag[arg[i]]) if ag is not None else 0.0
+        same = lambda i, j: net.lineage[arg[i]] >= 0 and net.lineage[arg[i]] == net.lineage[arg[j]]  # gate siblings of one lineage only
+        d_ = lambda i, j: (1 - INHERIT)*pairwise(net, s, arg[i], arg[j]) + INHERIT*(L(i) - L(j)) + (G(i) - G(j) if same(i, j) else 0.0)
         riv = lambda i: [j for j in top if j != i and not _compatible(net, i, j)]  # rivals exclude each other
         wins = {i: min(((A[i] - A[j] + d_(i, j))/2 for j in riv(i)), default=float(A[i])) for i in top}
         b = max(top, key=lambda i: wins[i]); d = wins[b]
         r = max(riv(b), key=lambda j: A[j], default=None)
     gap = float(A[b] - (A[r] if r is not None else 0.0))
     leaf = arg[b]
-    nxt = max((i for i in kids if i == leaf or leaf in net.sub[i]), key=lambda i: P[i])
+    nxt = b if NEXT == 'winner' else max((i for i in kids if i == leaf or leaf in net.sub[i]), key=lambda i: P[i])
     need = MARGIN*(NICHE if net.n_sources[nxt] < 2 else 1.0)
     clear = max(d, gap) >= need or (node is None and A[b] >= ROOT_RATIO*max(A[r] if r is not None else 0.0, 0.0))
-    ok = A[b] >= FLOOR and d > 0 and clear
+    failed = ag is not None and ANTIGEN > 0 and ag[nxt] < -GATE/2  # its own CL-stated antigen clearly absent: not entered
+    ok = A[b] >= FLOOR and d > 0 and clear and not failed
     rec = dict(at=node, best=b, rival=r, best_score=float(A[b]), rival_score=float(A[r]) if r is not None else 0.0,
                margin=float(max(d, gap)), descended=bool(ok))
     return (nxt if ok else None), rec
+
+def _gate_ref(net, path, k)->list:
+    "Clusters that share cluster k's deepest lineage so far (at least two), else all clusters: the reference of the antigen gate."
+    lin = next((n for n in reversed(path[k]) if net.source[n] == 'lineage'), None)
+    ref = [j for j, p in enumerate(path) if lin is not None and lin in p]
+    return ref if len(ref) >= 2 else list(range(len(path)))
 
 def descend(net:MarkerNetwork, # candidate network
             st:dict, # `cluster_stats`
@@ -266,7 +314,9 @@ def descend(net:MarkerNetwork, # candidate network
                 s = PEERS*s + (1 - PEERS)*S[k]  # peers of one type alone would show only noise
                 p = own_scores(net, s[None]); a, g = subtree_best(net, p); p, a, g = p[0], a[0], g[0]
             else: s, p, a, g = S[k], P0[k], A0[k], arg0[k]
-            nxt, rec = _step(net, p, a, g, level[k], s)
+            ref = _gate_ref(net, path, k)  # antigens are gated within the cluster's lineage, as CD4/CD8 within CD3+ cells
+            ag = antigen_scores(net, st['frac_in'][k], st['frac_in'][ref])
+            nxt, rec = _step(net, p, a, g, level[k], s, ag)
             if rec: steps[k].append(rec)
             if nxt is None: active.discard(k)
             else: node[k] = nxt; path[k].append(nxt)

@@ -155,3 +155,34 @@ def test_refine_only_breaks_the_tie(monkeypatch):
     monkeypatch.setattr(A, 'REFINE', 'all')
     r = A._refine(e, m)
     assert r.at['0', 'cl_id'] == 'CL:0002057' and r.at['1', 'cl_id'] == 'CL:0000788'  # the old rule: any descendant
+
+def test_defining_antigens_read_presence_not_levels():
+    from deepseq_nb.celltyping import defining_antigens
+    pos, neg = defining_antigens('CL:0000895')  # naive CD4 T: CCR7+, CD127+, CD62L+, CD25-; 'CD44-low' is a level
+    assert pos == ['CCR7', 'CD4', 'IL7R', 'SELL'] and neg == ['IL2RA']
+    assert defining_antigens('CL:0000860') == ([], [])  # 'high expression of CCR2': a level, not read
+
+def test_antigen_gate_within_reference_clusters():
+    import deepseq_nb.celltyping as ct
+    from deepseq_nb.knowledge import kb_index
+    net = MarkerNetwork('human', 'blood', np.array(kb_index('human').genes))
+    g = {x: i for i, x in enumerate(net.genes)}
+    i4, i8 = net.ids.index('CL:0000624'), net.ids.index('CL:0000625')  # CD4-positive / CD8-positive, alpha-beta T cell
+    assert g['CD4'] in net.antigens[i4][0] and g['CD8A'] in net.antigens[i8][0]
+    ref = np.zeros((3, len(net.genes)))
+    ref[:, g['CD4']] = [0.07, 0.15, 0.03]; ref[:, g['CD8A']] = [0.15, 0.07, 0.47]  # pbmc3k's T clusters, rounded
+    ag = ct.antigen_scores(net, ref[0], ref)
+    assert ag[i4] > ag[i8] and abs(ag[i8] - (0.15/0.47 - ct.GATE)) < 1e-9
+    ref[:, g['CD4']] = 0.01  # nobody at the node detects CD4: no evidence either way, not absence
+    assert ct.antigen_scores(net, ref[0], ref)[i4] == 0.0
+
+def test_unmeasured_lineage_passes_no_evidence():
+    import deepseq_nb.celltyping as ct
+    from deepseq_nb.celltyping import knobs, own_scores
+    genes = np.array(['INS', 'IAPP', 'GCG', 'TTR', 'PCSK1', 'NPTX2', 'HADH', 'MAFA', 'G6PC2', 'ADCYAP1'])  # no epithelial/endocrine marker
+    net = MarkerNetwork('human', 'pancreas', genes)
+    b = net.ids.index('CL:0000169')  # type B pancreatic cell
+    S = np.zeros((1, len(genes))); S[0, :2] = 1.0
+    with knobs(ct, UNREAD='any'): p_any = own_scores(net, S)[0, b]
+    with knobs(ct, UNREAD='off'): p_off = own_scores(net, S)[0, b]
+    assert net.readable[net.lineage[b]] == 0 and p_any > p_off > 0
