@@ -17,11 +17,10 @@ from .data import InputError
 
 # %% auto #0
 __all__ = ['SPACES', 'SCORE_GROUPS', 'COMBINED', 'JUDGE_KEYS', 'JUDGE_TEMPLATE', 'NOVELTY_DEFAULTS', 'ADAPTERS',
-           'RELATIVE_SPACES', 'novelty_features', 'NoveltyCalibration', 'calibrate_novelty', 'cluster_novelty',
-           'assess_novelty', 'known_match', 'parse_judgement', 'judge_prompt', 'judge_novelty', 'novelty_settings',
-           'PCASpace', 'fit_reference', 'score_cells', 'mnn_adapt', 'adapt_query', 'joint_space', 'reference_share',
-           'query_clusters', 'relative_scores', 'kb_reading', 'relative_novelty', 'rates', 'leave_one_type_out',
-           'batch_effect', 'run_novelty']
+           'novelty_features', 'NoveltyCalibration', 'calibrate_novelty', 'cluster_novelty', 'assess_novelty',
+           'known_match', 'parse_judgement', 'judge_prompt', 'judge_novelty', 'novelty_settings', 'PCASpace',
+           'fit_reference', 'score_cells', 'mnn_adapt', 'adapt_query', 'joint_space', 'reference_share',
+           'query_clusters', 'relative_scores', 'kb_reading', 'relative_novelty', 'rates']
 
 # %% ../nbs/13_novelty.ipynb #619fb54e
 SPACES = {'frozen': 'X_scgpt', 'tuned': 'X_scgpt_tuned', 'pca': 'X_pca_ref'}  # memory space -> obsm key of the query vectors
@@ -382,10 +381,16 @@ def adapt_query(YR:np.ndarray, YQ:np.ndarray, # reference and query coordinates
     if adapter not in ADAPTERS: raise InputError(f"adapter must be one of {ADAPTERS}; got {adapter!r}.")
     return np.asarray(YQ, np.float32) if adapter == 'none' else mnn_adapt(YR, YQ)
 
+def _renorm(X:np.ndarray, target:float=1e4)->np.ndarray:
+    "Log-normalised values renormalised over these genes only: log1p of counts per `target`."
+    Z = np.expm1(X.astype(np.float64))
+    return np.log1p(Z / np.maximum(Z.sum(1, keepdims=True), 1e-12) * target).astype(np.float32)
+
 def joint_space(reference:ad.AnnData, query:ad.AnnData, # log-normalised cells of both (their studies may differ)
                 *, n_comps:int=30, # principal components
                 n_hvg:int=2000, # most dispersed shared genes used
                 adapter:str='none', # 'none' or 'mnn' (`adapt_query`)
+                renorm:bool=True, # renormalise each cell over the shared genes first (`_renorm`)
                 seed:int=0,
                )->tuple[np.ndarray, np.ndarray]:
     "Reference and query coordinates in one PCA fitted on both, on the genes both studies measured."
@@ -393,6 +398,7 @@ def joint_space(reference:ad.AnnData, query:ad.AnnData, # log-normalised cells o
     genes = _measured(reference).intersection(_measured(query))
     if len(genes) < 10: raise InputError(f"Reference and query share {len(genes)} measured genes; at least 10 are needed.")
     XR, XQ = _dense(reference[:, genes].X), _dense(query[:, genes].X)
+    if renorm: XR, XQ = _renorm(XR), _renorm(XQ)
     X = np.vstack([XR, XQ])
     disp = X.var(0) / np.maximum(X.mean(0), 1e-6)
     g = np.argsort(-disp)[:min(n_hvg, len(genes))]
@@ -477,12 +483,15 @@ def relative_novelty(reference:ad.AnnData, # labelled reference cells (obs `labe
                      kb:bool=True, # read the query clusters' markers (query-side calibration and veto)
                      tissue:str|None=None, seed:int=0,
                     )->dict:
-    "Per query cell: cluster, scores and flag; the thresholds (reference-side, query-side, used); the clusters' kb reading."
+    "Per query cell: cluster, scores and flag; the thresholds (reference-side, query-side, used); the clusters' kb reading; the mixing."
     if calibration.n_obs < 20: raise InputError(f"{calibration.n_obs} calibration cells: at least 20 held-out reference cells are needed.")
     types = sorted(set(reference.obs['label'].astype(str)))
     YR, YQ = _coords(reference, query, space, use_rep, adapter, seed)
     cl = query_clusters(YQ, resolution, k, seed)
-    cell, clus = relative_scores(reference_share(YR, YQ, k), cl)
+    share = reference_share(YR, YQ, k)
+    if share.max() == 0: warnings.warn(f"No query cell has a reference cell among its {k} neighbours in the {space!r} space: the studies do not "
+                                       "overlap there (embed both from their shared genes), so every score ties at 1 and none is called novel.")
+    cell, clus = relative_scores(share, cl)
     YR2, YC = _coords(reference, calibration, space, use_rep, adapter, seed)
     thr_ref = _upper(relative_scores(reference_share(YR2, YC, k), query_clusters(YC, resolution, k, seed))[1], false_novel_rate)
     K = kb_reading(query, cl, types, tissue=tissue) if kb else None
@@ -491,7 +500,8 @@ def relative_novelty(reference:ad.AnnData, # labelled reference cells (obs `labe
     thr = max(thr_ref, thr_query)
     flag = (clus > thr) & ~known
     cells = pd.DataFrame(dict(cluster=cl, cell_score=cell, score=clus, kb_known=known, is_novel=flag), index=query.obs_names)
-    return dict(cells=cells, thresholds=dict(reference=thr_ref, query=thr_query, used=thr), kb=K)
+    return dict(cells=cells, thresholds=dict(reference=thr_ref, query=thr_query, used=thr), kb=K,
+                mixing=dict(share=float(share.mean()), expected=len(YR) / (len(YR) + len(YQ))))
 
 # %% ../nbs/13_novelty.ipynb #d552eb24
 def rates(scores:pd.DataFrame, is_new, calibration:NoveltyCalibration)->dict:
@@ -504,124 +514,3 @@ def rates(scores:pd.DataFrame, is_new, calibration:NoveltyCalibration)->dict:
                 f'detection_{s}': float(flag[y].mean()) if y.any() else np.nan,
                 f'false_novel_{s}': float(flag[~y].mean()) if (~y).any() else np.nan}
     return out
-
-# %% ../nbs/13_novelty.ipynb #e67bcce6
-def _ref_distance(R:np.ndarray, C:np.ndarray, Q:np.ndarray, k:int, rate:float)->tuple[np.ndarray, float]:
-    "Reference-only baseline: mean distance of query cells to their k nearest reference cells, and its threshold on calibration cells."
-    from sklearn.neighbors import NearestNeighbors
-    nn = NearestNeighbors(n_neighbors=min(k, len(R))).fit(R)
-    return nn.kneighbors(Q)[0].mean(1), _upper(nn.kneighbors(C)[0].mean(1), rate)
-
-RELATIVE_SPACES = {'pca': None, 'frozen': 'X_scgpt'}  # query-relative scores: joint PCA, frozen encoder embedding
-
-def _fold(R:ad.AnnData, C:ad.AnnData, Q:ad.AnnData, *, tissue:str, k:int, resolution:float, adapter:str,
-          false_novel_rate:float, kb:bool, seed:int)->tuple[pd.DataFrame, dict]:
-    "Scores and flags of one reference/calibration/query fold: query-relative in each space, reference-only baselines."
-    S, F = {}, {}
-    for s, rep in RELATIVE_SPACES.items():
-        if rep is not None and rep not in Q.obsm: continue
-        o = relative_novelty(R, Q, C, space=s, use_rep=rep or 'X_scgpt', adapter=adapter, k=k, resolution=resolution,
-                             false_novel_rate=false_novel_rate, kb=kb, tissue=tissue, seed=seed)
-        S[s], F[s] = o['cells'].score.to_numpy(), o['cells'].is_novel.to_numpy()
-    P = PCASpace.fit(R, seed=seed)
-    for s, f in (('pca_ref', P.transform), ('frozen_ref', lambda a: np.asarray(a.obsm['X_scgpt'], np.float32))):
-        if s == 'frozen_ref' and 'X_scgpt' not in Q.obsm: continue
-        d, thr = _ref_distance(f(R), f(C), f(Q), k, false_novel_rate)
-        S[s], F[s] = d, d > thr
-    return pd.DataFrame(S, index=Q.obs_names), F
-
-def _fold_rates(S:pd.DataFrame, F:dict, new:np.ndarray, known:np.ndarray)->dict:
-    "AUROC (new vs known), detection of the new cells and false-novel rate of the known cells, per space."
-    from sklearn.metrics import roc_auc_score
-    out = {}
-    for s in S:
-        y = new[new | known]
-        out |= {f'auroc_{s}': float(roc_auc_score(y, S[s].to_numpy()[new | known])) if 0 < y.sum() < len(y) else np.nan,
-                f'detection_{s}': float(F[s][new].mean()) if new.any() else np.nan, f'false_novel_{s}': float(F[s][known].mean())}
-    return out
-
-# %% ../nbs/13_novelty.ipynb #35fa9309
-def leave_one_type_out(ref:ad.AnnData, dataset:str, # reference with X_scgpt (`crosstissue`); the study
-                       *, types:list|None=None, min_cells:int=30, max_types:int=0, # held-out types (default: all with >= min_cells)
-                       calib_frac:float=0.2, k:int=15, resolution:float=1.0, adapter:str='none', kb:bool=True,
-                       false_novel_rate:float=0.05, seed:int=0, progress:bool=False)->dict:
-    "Per held-out type of `dataset`: AUROC, detection and false-novel rate of every space; and the per-cell scores."
-    d = ref[ref.obs.dataset == dataset].copy()
-    if d.n_obs == 0: raise InputError(f"No cells of study {dataset!r}; the reference has {list(ref.obs.dataset.unique())}.")
-    tissue, lab = str(d.obs.tissue.iloc[0]), d.obs.label.astype(str).to_numpy()
-    vc = pd.Series(lab).value_counts()
-    types = list(types) if types is not None else [t for t, n in vc.items() if n >= min_cells][:max_types or None]
-    cal, test = _calib_split(d.obs, calib_frac, seed), (d.obs.split == 'test').to_numpy()
-    rows, cells = [], []
-    for h in types:
-        t0, new = time.perf_counter(), lab == h
-        Q = _own_genes(d[test | new])
-        S, F = _fold(_own_genes(d[~cal & ~test & ~new]), _own_genes(d[cal & ~new]), Q, tissue=tissue, k=k, resolution=resolution,
-                     adapter=adapter, false_novel_rate=false_novel_rate, kb=kb, seed=seed)
-        y = new[test | new]
-        rows.append(dict(dataset=dataset, seed=seed, held_out=h, n_new=int(y.sum()), n_known=int((~y).sum()), **_fold_rates(S, F, y, ~y),
-                         seconds=round(time.perf_counter() - t0, 1)))
-        cells.append(S.assign(dataset=dataset, seed=seed, held_out=h, is_new=y))
-        if progress: print(f"{dataset} seed {seed}: {h} held out, AUROC pca {rows[-1]['auroc_pca']:.3f} ({rows[-1]['seconds']} s)", flush=True)
-    return dict(table=pd.DataFrame(rows), cells=pd.concat(cells) if cells else pd.DataFrame())
-
-def batch_effect(ref:ad.AnnData, reference:str, query:str, # reference with X_scgpt; study to learn; study to query
-                 *, types:list|None=None, min_cells:int=30, # types held out of the reference in turn (default: shared ones with >= min_cells), plus none
-                 calib_frac:float=0.2, k:int=15, resolution:float=1.0, adapter:str='none', kb:bool=True,
-                 false_novel_rate:float=0.05, seed:int=0)->dict:
-    "Across studies: false-novel rate of `query`'s known types, detection of a type held out of the reference, and `query`'s own unknown types."
-    r, q = ref[ref.obs.dataset == reference].copy(), ref[ref.obs.dataset == query].copy()
-    if r.n_obs == 0 or q.n_obs == 0: raise InputError(f"Study {reference if r.n_obs == 0 else query!r} is not in the reference.")
-    tissue, rl, ql = str(r.obs.tissue.iloc[0]), r.obs.label.astype(str).to_numpy(), q.obs.label.astype(str).to_numpy()
-    r.obs['split'] = 'train'
-    cal = _calib_split(r.obs, calib_frac, seed)
-    vc = pd.Series(rl).value_counts()
-    types = list(types) if types is not None else [t for t, n in vc.items() if n >= min_cells and t in set(ql)]
-    Q, rows = _own_genes(q), []
-    for h in [None] + types:
-        S, F = _fold(_own_genes(r[~cal & (rl != h)]), _own_genes(r[cal & (rl != h)]), Q, tissue=tissue, k=k, resolution=resolution,
-                     adapter=adapter, false_novel_rate=false_novel_rate, kb=kb, seed=seed)
-        new, known = ql == h, np.isin(ql, list(set(rl[rl != h])))
-        row = dict(reference=reference, query=query, seed=seed, held_out=h or '(none)', n_known=int(known.sum()), n_new=int(new.sum()),
-                   n_unknown=int((~known & ~new).sum()), nominal=false_novel_rate)
-        row |= {k_: v for k_, v in _fold_rates(S, F, new, known).items() if not k_.startswith('auroc') or new.any()}
-        row |= {f'flagged_unknown_{s}': float(F[s][~known & ~new].mean()) if (~known & ~new).any() else np.nan for s in S}
-        rows.append(row)
-    return dict(table=pd.DataFrame(rows))
-
-
-# %% ../nbs/13_novelty.ipynb #2d065eae
-def run_novelty(settings=None, # `Settings` (default: settings.ini)
-                *, cache=None, # path of a JSON cache of the result (None: no cache)
-                encoder=None, # an `encoder.Encoder` (default: the settings' encoder)
-                progress:bool=True)->dict:
-    "Leave-one-type-out on each `[novelty] datasets` study and the across-study pairs, for every seed; tables of rates and per-cell scores."
-    from pathlib import Path
-    from deepseq_nb.config import load_settings
-    from deepseq_nb.encoder import encoder_settings, default_encoder
-    from deepseq_nb.crosstissue import cross_tissue_reference, embed_reference
-    S = settings if settings is not None else load_settings()
-    P = novelty_settings(S)
-    key = json.dumps(dict(P, encoder=encoder_settings(S), custom_encoder=None if encoder is None else str(encoder), v=2), sort_keys=True, default=str)
-    if cache is not None and Path(cache).exists():
-        c = json.loads(Path(cache).read_text())
-        if c.get('key') == key: return {k: pd.DataFrame(v) for k, v in c['tables'].items()} | dict(seconds=c['seconds'])
-    t0 = time.perf_counter()
-    enc = encoder if encoder is not None else default_encoder()
-    common = dict(calib_frac=P['calib_frac'], k=P['k'], resolution=P['resolution'], adapter=P['adapter'], kb=P['kb'],
-                  false_novel_rate=P['false_novel_rate'])
-    lo, be = [], []
-    for seed in P['seeds']:   # a seed draws the subsample, the splits and the clusterings
-        ref = cross_tissue_reference(max_cells=P['max_cells'] or None, seed=seed)
-        embed_reference(ref, enc)   # frozen embeddings do not depend on the seed: cheap to redo for each subsample
-        lo += [leave_one_type_out(ref, d, min_cells=P['min_cells'], max_types=P['max_types'], seed=seed, progress=progress, **common) for d in P['datasets']]
-        be += [batch_effect(ref, r, q, min_cells=P['min_cells'], seed=seed, **common) for r, q in P['batch_pairs']]
-        if progress: print(f"seed {seed} done ({time.perf_counter() - t0:.0f} s)", flush=True)
-    out = dict(loto=pd.concat([x['table'] for x in lo], ignore_index=True), loto_cells=pd.concat([x['cells'] for x in lo], ignore_index=True),
-               batch=pd.concat([x['table'] for x in be], ignore_index=True))
-    secs = round(time.perf_counter() - t0, 1)
-    if cache is not None:
-        Path(cache).parent.mkdir(parents=True, exist_ok=True)
-        Path(cache).write_text(json.dumps(dict(key=key, seconds=secs, tables={k: v.to_dict('list') for k, v in out.items()}), default=float))
-    return out | dict(seconds=secs)
-

@@ -164,3 +164,42 @@ def test_mnn_adapter_moves_the_query_onto_the_reference():
     with pytest.raises(InputError, match='adapter must be'): joint_space(ref, q, adapter='harmony')
     with pytest.raises(InputError, match='share 0 measured genes'):
         joint_space(ref, ad.AnnData(q.X, obs=q.obs, var=pd.DataFrame(index=[f'x{i}' for i in range(120)])))
+
+
+def test_renorm_puts_two_gene_panels_on_one_scale():
+    "A query study that measured 60 of the reference's 200 genes (normalised over its own panel) lands on the reference once renormalised."
+    from deepseq_nb.novelty import joint_space
+    rng = np.random.default_rng(0)
+    prog = rng.gamma(2, 1, size=(3, 200)) * (np.arange(200)[None] // 20 == np.arange(3)[:, None]) + 0.2
+    def cells(n, genes, seed, name):
+        r = np.random.default_rng(seed); y = r.choice(3, n)
+        C = r.poisson(prog[y] * 50)[:, genes].astype(float)
+        X = np.log1p(C / np.maximum(C.sum(1, keepdims=True), 1) * 1e4).astype(np.float32)
+        return ad.AnnData(X, obs=pd.DataFrame({'dataset': name}, index=[f'{name}{i}' for i in range(n)]),
+                          var=pd.DataFrame(index=[f'g{i}' for i in genes]))
+    ref, q = cells(300, np.arange(200), 1, 'r'), cells(300, np.arange(60), 2, 'q')
+    near = lambda R, Q: np.median(np.min(((Q[:, None] - R[None]) ** 2).sum(-1), 1))
+    assert near(*joint_space(ref, q)) < 0.5 * near(*joint_space(ref, q, renorm=False))
+
+
+def test_relative_novelty_warns_when_the_studies_do_not_overlap():
+    from deepseq_nb.novelty import relative_novelty
+    ref, cal, q = study(200, [0, 1, 2], 0, 0, 'r'), study(100, [0, 1, 2], 0, 1, 'r'), study(200, [0, 1, 2], 0, 2, 'q')
+    for i, (a, off) in enumerate(((ref, 0), (cal, 0), (q, 100))):
+        a.obsm['X_scgpt'] = np.random.default_rng(i).normal(size=(a.n_obs, 8)).astype(np.float32) + off   # the query far from both
+    with pytest.warns(UserWarning, match='do not overlap'):
+        o = relative_novelty(ref, q, cal, space='frozen', kb=False)
+    assert o['mixing']['share'] == 0 and (o['cells'].score == 1).all()   # every score tied at 1: it cannot rank the clusters
+
+
+def test_cluster_level_rates():
+    "Detection per cluster: the clusters the new type makes up most of; detectable: the share of its cells inside them."
+    from deepseq_nb.novelty_experiments import _fold_rates
+    new = np.array([1, 1, 1, 1, 0, 0, 0, 1, 0, 0], bool)
+    cl = np.array(['a', 'a', 'a', 'b', 'b', 'b', 'c', 'c', 'd', 'd'])
+    flag = np.isin(cl, ['a'])
+    out = _fold_rates(pd.DataFrame({'pca': new.astype(float)}), {'pca': flag}, new, ~new, {'pca': cl})
+    assert out['detection_pca'] == 0.6 and out['false_novel_pca'] == 0
+    assert out['detection_cluster_pca'] == 1.0 and out['detectable_pca'] == 0.6   # only cluster a is mostly new; 3 of 5 new cells
+    out = _fold_rates(pd.DataFrame({'pca': new.astype(float)}), {'pca': ~flag}, new, ~new, {'pca': cl})
+    assert out['detection_cluster_pca'] == 0.0 and out['false_novel_pca'] == 1.0
