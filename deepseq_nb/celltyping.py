@@ -156,14 +156,14 @@ def cluster_stats(adata:ad.AnnData, # cells × genes, clustered
     "Per cluster and gene: fraction expressing and mean inside and outside, log fold change; genes harmonised."
     X = adata.layers[layer] if layer else adata.X
     cl = adata.obs[groupby].astype('category')
-    codes = cl.cat.codes.to_numpy(); K, n = len(cl.cat.categories), adata.n_obs
-    nz, sm = np.zeros((K, adata.n_vars)), np.zeros((K, adata.n_vars))
+    codes = cl.cat.codes.to_numpy(); n_clusters, n = len(cl.cat.categories), adata.n_obs
+    nz, sm = np.zeros((n_clusters, adata.n_vars)), np.zeros((n_clusters, adata.n_vars))
     for s0, b in _row_blocks(X):
         m = b.shape[0]
-        G = sp.csr_matrix((np.ones(m, np.float32), (codes[s0:s0 + m], np.arange(m))), shape=(K, m))
-        sm += np.asarray((G @ b).todense())
-        b = b.copy(); b.data = (b.data > 0).astype(np.float32); nz += np.asarray((G @ b).todense())
-    size = np.bincount(codes, minlength=K).astype(float)
+        member = sp.csr_matrix((np.ones(m, np.float32), (codes[s0:s0 + m], np.arange(m))), shape=(n_clusters, m))
+        sm += np.asarray((member @ b).todense())
+        b = b.copy(); b.data = (b.data > 0).astype(np.float32); nz += np.asarray((member @ b).todense())
+    size = np.bincount(codes, minlength=n_clusters).astype(float)
     out = np.maximum(n - size, 1)[:, None]
     st = dict(clusters=[str(c) for c in cl.cat.categories], size=size, frac_in=nz/np.maximum(size, 1)[:, None],
               frac_out=(nz.sum(0) - nz)/out, mean_in=sm/np.maximum(size, 1)[:, None], mean_out=(sm.sum(0) - sm)/out,
@@ -198,10 +198,10 @@ class MarkerNetwork:
 
         for cid, (name, pos, neg) in lin.items():
             add(cid, name, dict.fromkeys(pos, 1.0), neg, 'lineage' if pos else 'group')
-        M = ix.M.tocsc()
+        by_type = ix.M.tocsc()
         for j, k in enumerate(ix.keys):
             if not k.startswith('CL:') or k in lin or k in general or _SPECIES_TAG.search(ix.cl_name[k] or ''): continue
-            col = M[:, j]; w = col.data*ix.idf[col.indices]
+            col = by_type[:, j]; w = col.data*ix.idf[col.indices]
             pos = {ix.genes[col.indices[i]]: w[i] for i in np.argsort(-w)[:TOP_MARKERS]}
             lp, ln = label_markers(k); mw = np.mean(list(pos.values())) if pos else 1.0
             for g in lp: pos[g] = LABEL_WEIGHT*mw
@@ -212,11 +212,11 @@ class MarkerNetwork:
             prior = OUT_OF_TISSUE if out else 1.0
             add(k, ix.cl_name[k], pos, set(ix.neg.get(k, ())) | set(ln), 'kb', prior, defining_antigens(k))
             if len(self.ids) and self.ids[-1] == k: nsrc[len(self.ids) - 1] = len(set().union(*ix.sources[k].values()))
-        n, G = len(self.ids), len(genes)
+        n, n_genes = len(self.ids), len(genes)
         tri = lambda f: ([i for i, r in enumerate(rows) for _ in f(r)], [g for r in rows for g in f(r)])
         r, c = tri(lambda r: r[0])
-        self.W = sp.csr_matrix(([w for x in rows for w in x[0].values()], (r, c)), shape=(n, G))
-        r, c = tri(lambda r: r[1]); self.Wn = sp.csr_matrix((np.ones(len(r)), (r, c)), shape=(n, G))
+        self.W = sp.csr_matrix(([w for x in rows for w in x[0].values()], (r, c)), shape=(n, n_genes))
+        r, c = tri(lambda r: r[1]); self.Wn = sp.csr_matrix((np.ones(len(r)), (r, c)), shape=(n, n_genes))
         self.prior, self.genes, self.readable = np.array([x[2] for x in rows]), genes, np.array(read)
         self.n_sources = np.array([nsrc.get(i, 3) for i in range(n)])  # databases listing a type (lineages: all)
         self._hierarchy()
@@ -226,48 +226,48 @@ class MarkerNetwork:
         idx = {c: i for i, c in enumerate(self.ids)}
         self.anc = [{idx[a] for a in ancestors(c) if a in idx} for c in self.ids]
         self.sub = [set() for _ in self.ids]
-        for i, A in enumerate(self.anc):
-            for a in A: self.sub[a].add(i)
-        parents = [{a for a in A if not any(a in self.anc[b] for b in A)} for A in self.anc]
+        for i, above in enumerate(self.anc):
+            for a in above: self.sub[a].add(i)
+        parents = [{a for a in above if not any(a in self.anc[b] for b in above)} for above in self.anc]
         # the nearest lineage (a curated node with markers) above each candidate: its evidence is inherited
         lin = [i for i, s in enumerate(self.source) if s == 'lineage']
         self.lineage = [
-            min((a for a in A if a in lin), key=lambda a: ancestors(self.ids[i]).get(self.ids[a], 99), default=-1)
-            for i, A in enumerate(self.anc)
+            min((a for a in above if a in lin), key=lambda a: ancestors(self.ids[i]).get(self.ids[a], 99), default=-1)
+            for i, above in enumerate(self.anc)
         ]
         self.group = np.array([s == 'group' for s in self.source])
         r = [n for n in range(len(self.ids)) for _ in range(len(self.sub[n]) + 1)]
         c = [m for n in range(len(self.ids)) for m in [n] + sorted(self.sub[n])]
         self.D = sp.csr_matrix((np.ones(len(r)), (r, c)), shape=(len(self.ids),)*2)  # subtree membership, self included
         self.children = {None: [i for i, p in enumerate(parents) if not p]}
-        for i, P in enumerate(parents):
-            for p in P: self.children.setdefault(p, []).append(i)
+        for i, direct in enumerate(parents):
+            for p in direct: self.children.setdefault(p, []).append(i)
 
 # %% ../nbs/04a_celltyping.ipynb #90a16c9f
 def own_scores(net:MarkerNetwork, # candidate network
-               S:np.ndarray, # gene evidence, clusters × genes
+               evidence:np.ndarray, # gene evidence, clusters × genes
               )->np.ndarray:
     "Clusters × candidates: weighted mean marker evidence (shrunk, tissue prior) minus evidence of negative markers."
-    pos = np.asarray(net.W @ S.T).T/(np.asarray(net.W.sum(1)).ravel() + SHRINK)
+    pos = np.asarray(net.W @ evidence.T).T/(np.asarray(net.W.sum(1)).ravel() + SHRINK)
     pos = np.where(pos > 0, pos*net.prior, pos)
-    neg = np.asarray(net.Wn @ np.maximum(S, 0).T).T/np.maximum(np.asarray(net.Wn.sum(1)).ravel(), 1)
-    P = pos - neg
-    L = np.array(net.lineage); has = L >= 0
-    r = net.readable[L[has]]  # share of the lineage's markers the data measures
+    neg = np.asarray(net.Wn @ np.maximum(evidence, 0).T).T/np.maximum(np.asarray(net.Wn.sum(1)).ravel(), 1)
+    own = pos - neg
+    lineage = np.array(net.lineage); has = lineage >= 0
+    r = net.readable[lineage[has]]  # share of the lineage's markers the data measures
     # unmeasured markers are no evidence of absence
     w = INHERIT * {'share': r, 'any': (r > 0).astype(float), 'off': np.ones_like(r)}[UNREAD]
-    P[:, has] = w*P[:, L[has]] + (1 - w)*P[:, has]  # a type is only as good as its lineage's evidence
-    P[:, net.group] = -1.0  # grouping nodes are never an answer by themselves
-    return P
+    own[:, has] = w*own[:, lineage[has]] + (1 - w)*own[:, has]  # a type is only as good as its lineage's evidence
+    own[:, net.group] = -1.0  # grouping nodes are never an answer by themselves
+    return own
 
-def subtree_best(net:MarkerNetwork, P:np.ndarray)->tuple:
-    "(A, arg): the best own score in each candidate's subtree (itself included) and the candidate giving it."
-    A, arg = np.empty_like(P), np.empty(P.shape, int)
-    for k, p in enumerate(P):  # one sparse (candidates × subtree) product per cluster: max and argmax per row
+def subtree_best(net:MarkerNetwork, own:np.ndarray)->tuple:
+    "(best, arg): the best own score in each candidate's subtree (itself included) and the candidate giving it."
+    best, arg = np.empty_like(own), np.empty(own.shape, int)
+    for k, p in enumerate(own):  # one sparse (candidates × subtree) product per cluster: max and argmax per row
         c = 1.0 - p.min()
-        M = net.D.multiply(p + c).tocsr()
-        A[k] = M.max(axis=1).toarray().ravel() - c; arg[k] = np.asarray(M.argmax(axis=1)).ravel()
-    return A, arg
+        shifted = net.D.multiply(p + c).tocsr()
+        best[k] = shifted.max(axis=1).toarray().ravel() - c; arg[k] = np.asarray(shifted.argmax(axis=1)).ravel()
+    return best, arg
 
 def pairwise(net:MarkerNetwork, s:np.ndarray, i:int, j:int)->float:
     "Evidence for candidate i over j from the genes that tell them apart (markers of one, not of the other)."
@@ -297,40 +297,47 @@ def antigen_scores(
         if v: out[i] = float(min(v))  # a gate is a conjunction: the worst antigen decides
     return out
 
-def _step(net, P, A, arg, node, s, ag=None)->tuple:
+def _step(net, own, best, arg, node, s, ag=None)->tuple:
     "One decision at `node`: (next candidate or None, record)."
     kids = net.children.get(node, [])
     if not kids: return None, None
     top = []
-    for i in sorted(kids, key=lambda i: -A[i])[:TOP]:
+    for i in sorted(kids, key=lambda i: -best[i])[:TOP]:
         if arg[i] not in [arg[x] for x in top]: top.append(i)
-    b, r, d = top[0], None, float(A[top[0]])
+    b, r, d = top[0], None, float(best[top[0]])
     if len(top) > 1:
-        L = lambda i: P[net.lineage[arg[i]]] if net.lineage[arg[i]] >= 0 else 0.0
-        G = lambda i: (
+        lineage_score = lambda i: own[net.lineage[arg[i]]] if net.lineage[arg[i]] >= 0 else 0.0
+        gate_score = lambda i: (
             ANTIGEN * (min(ag[arg[i]], 0.0) if GATE_MODE == 'penalty' else ag[arg[i]]) if ag is not None else 0.0
         )
         # gate siblings of one lineage only
         same = lambda i, j: (net.lineage[arg[i]] >= 0 and net.lineage[arg[i]] == net.lineage[arg[j]])
         d_ = lambda i, j: (
             (1 - INHERIT) * pairwise(net, s, arg[i], arg[j])
-            + INHERIT * (L(i) - L(j))
-            + (G(i) - G(j) if same(i, j) else 0.0)
+            + INHERIT * (lineage_score(i) - lineage_score(j))
+            + (gate_score(i) - gate_score(j) if same(i, j) else 0.0)
         )
         riv = lambda i: [j for j in top if j != i and not _compatible(net, i, j)]  # rivals exclude each other
-        wins = {i: min(((A[i] - A[j] + d_(i, j))/2 for j in riv(i)), default=float(A[i])) for i in top}
+        wins = {i: min(((best[i] - best[j] + d_(i, j))/2 for j in riv(i)), default=float(best[i])) for i in top}
         b = max(top, key=lambda i: wins[i]); d = wins[b]
-        r = max(riv(b), key=lambda j: A[j], default=None)
-    gap = float(A[b] - (A[r] if r is not None else 0.0))
+        r = max(riv(b), key=lambda j: best[j], default=None)
+    gap = float(best[b] - (best[r] if r is not None else 0.0))
     leaf = arg[b]
-    nxt = b if NEXT == 'winner' else max((i for i in kids if i == leaf or leaf in net.sub[i]), key=lambda i: P[i])
+    nxt = b if NEXT == 'winner' else max((i for i in kids if i == leaf or leaf in net.sub[i]), key=lambda i: own[i])
     need = MARGIN*(NICHE if net.n_sources[nxt] < 2 else 1.0)
-    clear = max(d, gap) >= need or (node is None and A[b] >= ROOT_RATIO*max(A[r] if r is not None else 0.0, 0.0))
+    clear = max(d, gap) >= need or (node is None and best[b] >= ROOT_RATIO*max(best[r] if r is not None else 0.0, 0.0))
     # its own CL-stated antigen clearly absent: not entered
     failed = ag is not None and ANTIGEN > 0 and ag[nxt] < -GATE / 2
-    ok = A[b] >= FLOOR and d > 0 and clear and not failed
-    rec = dict(at=node, best=b, rival=r, best_score=float(A[b]), rival_score=float(A[r]) if r is not None else 0.0,
-               margin=float(max(d, gap)), descended=bool(ok))
+    ok = best[b] >= FLOOR and d > 0 and clear and not failed
+    rec = dict(
+        at=node,
+        best=b,
+        rival=r,
+        best_score=float(best[b]),
+        rival_score=float(best[r]) if r is not None else 0.0,
+        margin=float(max(d, gap)),
+        descended=bool(ok),
+    )
     return (nxt if ok else None), rec
 
 def _gate_ref(net, path, k)->list:
@@ -343,20 +350,25 @@ def descend(net:MarkerNetwork, # candidate network
             st:dict, # `cluster_stats`
            )->tuple:
     "Paths from the root and decision records for every cluster; peers at a node are each other's reference."
-    K = len(st['clusters'])
-    S = gene_evidence(st['frac_in'], st['frac_out'])
-    P0 = own_scores(net, S); A0, arg0 = subtree_best(net, P0)
+    n_clusters = len(st['clusters'])
+    evidence = gene_evidence(st['frac_in'], st['frac_out'])
+    own_all = own_scores(net, evidence); best_all, arg0 = subtree_best(net, own_all)
     nz, size = st['frac_in']*st['size'][:, None], st['size']
-    node, path, steps, active = [None]*K, [[] for _ in range(K)], [[] for _ in range(K)], set(range(K))
+    node, path, steps, active = (
+        [None] * n_clusters,
+        [[] for _ in range(n_clusters)],
+        [[] for _ in range(n_clusters)],
+        set(range(n_clusters)),
+    )
     while active:
         level = list(node)
         for k in sorted(active):
-            peers = [j for j in range(K) if j != k and level[j] == level[k]] if level[k] is not None else []
+            peers = [j for j in range(n_clusters) if j != k and level[j] == level[k]] if level[k] is not None else []
             if peers:
                 s = gene_evidence(st['frac_in'][k], nz[peers].sum(0)/size[peers].sum())
-                s = PEERS*s + (1 - PEERS)*S[k]  # peers of one type alone would show only noise
+                s = PEERS*s + (1 - PEERS)*evidence[k]  # peers of one type alone would show only noise
                 p = own_scores(net, s[None]); a, g = subtree_best(net, p); p, a, g = p[0], a[0], g[0]
-            else: s, p, a, g = S[k], P0[k], A0[k], arg0[k]
+            else: s, p, a, g = evidence[k], own_all[k], best_all[k], arg0[k]
             # antigens are gated within the cluster's lineage, as CD4/CD8 within CD3+ cells
             ref = _gate_ref(net, path, k)
             ag = antigen_scores(net, st['frac_in'][k], st['frac_in'][ref])
@@ -422,7 +434,7 @@ def celltype(adata:ad.AnnData, # cells × genes (counts or log-normalised), clus
     st = cluster_stats(adata, groupby, layer)
     net = MarkerNetwork(species, tissue, st['genes'])
     paths, steps = descend(net, st)
-    S = gene_evidence(st['frac_in'], st['frac_out'])
+    evidence = gene_evidence(st['frac_in'], st['frac_out'])
     rows, ev = [], []
     for k, c in enumerate(st['clusters']):
         path, rec = paths[k], steps[k]
@@ -459,7 +471,7 @@ def celltype(adata:ad.AnnData, # cells × genes (counts or log-normalised), clus
         for r in rec:
             for role, i in (('chosen' if r['descended'] else 'best (not taken)', r['best']), ('rival', r['rival'])):
                 if i is None: continue
-                pro, con = _genes_for(net, S[k], i)
+                pro, con = _genes_for(net, evidence[k], i)
                 ev.append(
                     dict(
                         cluster=c,
@@ -570,10 +582,10 @@ def lodo(scores:pd.DataFrame, # settings × datasets: one score per dataset, hig
 # %% ../nbs/04a_celltyping.ipynb #b0dd4084
 def _to_1e4(X)->sp.csr_matrix:
     "log1p of expression rescaled to 10,000 per cell, from log1p values on any per-cell scale."
-    E = sp.csr_matrix(X, dtype=np.float64); E.data = np.expm1(E.data)
-    tot = np.asarray(E.sum(1)).ravel(); tot[tot == 0] = 1
-    E = sp.csr_matrix(sp.diags(1e4/tot) @ E); E.data = np.log1p(E.data)
-    return E
+    expr = sp.csr_matrix(X, dtype=np.float64); expr.data = np.expm1(expr.data)
+    tot = np.asarray(expr.sum(1)).ravel(); tot[tot == 0] = 1
+    expr = sp.csr_matrix(sp.diags(1e4/tot) @ expr); expr.data = np.log1p(expr.data)
+    return expr
 
 def celltypist_labels(query:ad.AnnData, # log-normalised cells × genes to label
                       reference:ad.AnnData, # log-normalised, labelled study of the same tissue

@@ -267,12 +267,18 @@ def qc_from_settings(
     "Flag cells (`obs['qc_pass']`) by the settings' filter; the kept cells and genes when `qc.drop`, else `adata`."
     from deepseq_nb.qc import filter_cells
     if adata.uns.get('x_is') != 'counts': return adata
-    Q = settings.section('qc')
-    filter_cells(adata, strategy=strategy or Q['strategy'], min_genes=min_genes or Q['min_genes'],
-                 smooth_frac=Q['smooth_frac'], sensitivity=Q['knee_sensitivity'], key_added='qc_pass')
-    if not Q['drop']: return adata
+    qc_settings = settings.section('qc')
+    filter_cells(
+        adata,
+        strategy=strategy or qc_settings['strategy'],
+        min_genes=min_genes or qc_settings['min_genes'],
+        smooth_frac=qc_settings['smooth_frac'],
+        sensitivity=qc_settings['knee_sensitivity'],
+        key_added='qc_pass',
+    )
+    if not qc_settings['drop']: return adata
     a = adata[adata.obs['qc_pass'].to_numpy()].copy()
-    if Q['min_cells']: sc.pp.filter_genes(a, min_cells=Q['min_cells'])
+    if qc_settings['min_cells']: sc.pp.filter_genes(a, min_cells=qc_settings['min_cells'])
     return a
 
 # %% ../nbs/02_cluster.ipynb #f64e1982
@@ -290,22 +296,28 @@ _CLUSTER_KEYS = (
 def cluster_from_settings(adata:ad.AnnData, settings, umap:bool=True, **overrides)->None:
     "`cluster` with the `[cluster]` settings (keyword `overrides` win)."
     from deepseq_nb.config import set_seed
-    C = settings.section('cluster')
-    set_seed(C['seed'], C['n_threads'])
+    cluster_settings = settings.section('cluster')
+    set_seed(cluster_settings['seed'], cluster_settings['n_threads'])
     cluster(
         adata,
         umap=umap,
-        **{**{k: C[k] for k in _CLUSTER_KEYS}, **{k: v for k, v in overrides.items() if v is not None}},
+        **{**{k: cluster_settings[k] for k in _CLUSTER_KEYS}, **{k: v for k, v in overrides.items() if v is not None}},
     )
 
 def markers_from_settings(
     adata: ad.AnnData, settings, groupby: str = 'leiden', n_genes: int | None = None, method: str | None = None
 ) -> pd.DataFrame:
     "`top_markers` with the `[markers]` settings (arguments given win)."
-    M = settings.section('markers')
-    return top_markers(adata, groupby=groupby, n_genes=n_genes or M['n_genes'], method=method or M['method'],
-                       only_positive=M['only_positive'], exclude_pattern=M['exclude_pattern'] or None,
-                       seed=settings.get('cluster.seed'))
+    marker_settings = settings.section('markers')
+    return top_markers(
+        adata,
+        groupby=groupby,
+        n_genes=n_genes or marker_settings['n_genes'],
+        method=method or marker_settings['method'],
+        only_positive=marker_settings['only_positive'],
+        exclude_pattern=marker_settings['exclude_pattern'] or None,
+        seed=settings.get('cluster.seed'),
+    )
 
 # %% ../nbs/02_cluster.ipynb #99721ea8
 def run_pipeline(
