@@ -46,3 +46,18 @@ def test_docs_paths_of_this_checkout_are_scrubbed(tmp_path):
     nb.cells[0].metadata['execution'] = {'iopub.execute_input': '2026-01-01T00:00:00'}
     d = build_docs.deterministic(nb)
     assert d.cells[0].outputs[0].text == 'deepseq_nb/figures.py:1: warning\n' and 'execution' not in d.cells[0].metadata
+
+
+def test_wrap_long_lines(tmp_path):
+    "tools/wrap_long_lines.py: long lines wrapped, crowded docment lines split, the syntax tree unchanged."
+    import ast, wrap_long_lines as w
+    if w.RUFF is None: pytest.skip('ruff is not installed')
+    words = 'word ' * 30
+    src = ("def f(a:int, b:int=1, # the b\n      c:str='x')->dict:\n"
+           "    return dict(alpha=a, beta=b, gamma=c, " + ', '.join(f'key_{i}={i}' for i in range(20)) + ")\n\n"
+           f"y = print('{words}', f'{words}{{1}}')\n")
+    new = w.wrap(src, tmp_path/'cell.py')
+    assert max(len(x) for x in src.split('\n')) > 120 and max(len(x) for x in new.split('\n')) <= 120
+    assert ast.dump(ast.parse(new)) == ast.dump(ast.parse(src))
+    assert '    b: int = 1,  # the b' in new.split('\n')  # the docment's parameter alone on its line
+    assert w.wrap('%time x = 1\n', tmp_path/'cell.py') == '%time x = 1\n'  # magics: left alone
