@@ -11,10 +11,11 @@ kb path (kb_mode='markers'). The synthetic cells keep PBMC3k's labels, so the ag
 printed too (in-sample for pbmc3k, which was used to design the engine).
 Prints one line per size: run_scaled seconds, annotation seconds (first, median of the rest), ratio, target met.
 """
-import argparse, os, sys, time
-for v in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS', 'NUMBA_NUM_THREADS'): os.environ.setdefault(v, '2')
-import warnings; warnings.filterwarnings('ignore')
+import argparse, os, sys, time, warnings
 from pathlib import Path
+for v in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS', 'NUMBA_NUM_THREADS'):
+    os.environ.setdefault(v, '2')
+warnings.filterwarnings('ignore')
 
 TARGET = 0.10  # annotation time / run_scaled time
 
@@ -41,10 +42,22 @@ def main(argv=None):
         t0 = time.perf_counter(); annotate(a, groupby='leiden', backend='kb', kb_mode='markers', key_added='kb_markers')
         t_mk = time.perf_counter() - t0
         rest = float(np.median(ts[1:])) if len(ts) > 1 else ts[0]
-        rows.append(dict(n_cells=a.n_obs, clusters=a.obs['leiden'].nunique(), n_genes=a.n_vars, run_scaled_s=round(t_run, 1),
-                         annotate_first_s=round(ts[0], 2), annotate_s=round(rest, 2), ratio_first=round(ts[0]/t_run, 4),
-                         ratio=round(rest/t_run, 4), target=TARGET, met=bool(ts[0]/t_run <= TARGET),
-                         markers_path_s=round(t_mk, 2), **{k: round(v, 3) for k, v in sc.items() if k != 'n_cells'}))
+        rows.append(
+            dict(
+                n_cells=a.n_obs,
+                clusters=a.obs['leiden'].nunique(),
+                n_genes=a.n_vars,
+                run_scaled_s=round(t_run, 1),
+                annotate_first_s=round(ts[0], 2),
+                annotate_s=round(rest, 2),
+                ratio_first=round(ts[0] / t_run, 4),
+                ratio=round(rest / t_run, 4),
+                target=TARGET,
+                met=bool(ts[0] / t_run <= TARGET),
+                markers_path_s=round(t_mk, 2),
+                **{k: round(v, 3) for k, v in sc.items() if k != 'n_cells'},
+            )
+        )
     d = pd.DataFrame(rows)
     print(d.to_string(index=False))
     return 0 if d['met'].all() else 1

@@ -2,8 +2,9 @@
 
 Usage: python benchmarks/encoder_epochs.py [--epochs 3 8] [--seeds 0 1 2] [--cache /tmp/encoders]
 
-For each number of epochs: the small encoder with the settings.ini [encoder] parameters and that many epochs (loaded from
-`--cache`, else pretrained there once: about 4 CPU-minutes per 3 epochs on this machine), its validation loss per epoch
+For each number of epochs: the small encoder with the settings.ini [encoder] parameters and that many epochs
+(loaded from `--cache`, else pretrained there once: about 4 CPU-minutes per 3 epochs on this machine), its validation
+loss per epoch
 (GEP + GEPC on held-out cells, the per-gene mean-bin baseline beside GEP), then the cross-tissue reference embedded once
 and the memory kNN (k = 15) scored on each seed's test split: macro-F1 mean ± sd over the seeds, per tissue and overall.
 The epochs equal to settings.ini's come from the default cache (the encoder the figures use).
@@ -28,7 +29,11 @@ def main(argv=None):
     ref, rows = ct.cross_tissue_reference(), []
     for ep in a.epochs:
         t0 = time.perf_counter()
-        enc = default_encoder() if ep == int(p['epochs']) else pretrained_encoder(a.cache, progress=False, **(p | dict(epochs=ep, n_threads=1)))
+        enc = (
+            default_encoder()
+            if ep == int(p['epochs'])
+            else pretrained_encoder(a.cache, progress=False, **(p | dict(epochs=ep, n_threads=1)))
+        )
         log = enc.info['pretrain']
         print(f"epochs={ep}: ready in {time.perf_counter() - t0:.0f} s (pretraining took {log['seconds']} s)")
         print(pd.DataFrame(log['val']).to_string(index=False))

@@ -9,11 +9,12 @@ cache) only; the answers are scripted and are not reported. Usage:
 import argparse, sys, tempfile, time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT/'tools'))
-from standin_server import StandinServer, Reply, ollama_chat, label_by_first_marker, last_user_text
 from deepseq_nb.prompts import make_queries
 from deepseq_nb.backends import get_backend
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT/'tools'))  # so that the import below finds tools/standin_server.py
+from standin_server import StandinServer, Reply, ollama_chat, label_by_first_marker, last_user_text  # noqa: E402
 
 
 def run(server, cache_dir, queries, batch_size, concurrency):
@@ -30,7 +31,9 @@ def run(server, cache_dir, queries, batch_size, concurrency):
 
 def main(n_clusters=50, latency=0.2):
     genes = [f'GENE{i}' for i in range(n_clusters)]
-    queries = make_queries({str(i): [g, f'AUX{i}A', f'AUX{i}B', f'AUX{i}C'] for i, g in enumerate(genes)}, 'PBMC', 'human')
+    queries = make_queries(
+        {str(i): [g, f'AUX{i}A', f'AUX{i}B', f'AUX{i}C'] for i, g in enumerate(genes)}, 'PBMC', 'human'
+    )
     answer = label_by_first_marker({g: f'type {i}' for i, g in enumerate(genes)})
     rows = []
     with StandinServer(models=['bench-model'], latency=latency) as server:

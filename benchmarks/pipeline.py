@@ -1,4 +1,6 @@
-"""Time and peak memory of QC + clustering (no UMAP: a picture, not an input to markers) + markers: deepseq_nb vs the same scanpy calls written plainly.
+"""Time and peak memory of QC + clustering + markers: deepseq_nb vs the same scanpy calls written plainly.
+
+No UMAP: it is a picture, not an input to markers.
 
 Usage: python benchmarks/pipeline.py [--sizes pbmc3k 50000 200000] [--repeats 1]
 Each (size, implementation) runs in a fresh subprocess so peak RSS is its own. Synthetic data are resampled from
@@ -10,7 +12,7 @@ os.environ.setdefault('OMP_NUM_THREADS', '2'); os.environ.setdefault('NUMBA_NUM_
 
 def synth(n, seed=0):
     "An AnnData of `n` cells resampled from PBMC3k counts."
-    import numpy as np, scipy.sparse as sp, anndata as ad
+    import numpy as np, anndata as ad
     from deepseq_nb.data import load_dataset
     base = load_dataset('pbmc3k')
     if n == 'pbmc3k': return base
@@ -29,7 +31,7 @@ def ours(a):
     return a
 
 def plain(a):
-    import numpy as np, scanpy as sc
+    import scanpy as sc
     a.var['mt'] = a.var_names.str.startswith('MT-')
     sc.pp.calculate_qc_metrics(a, qc_vars=['mt'], percent_top=None, log1p=False, inplace=True)
     a = a[a.obs['n_genes_by_counts'].to_numpy() >= 200].copy()
@@ -62,13 +64,28 @@ def main():
     for s in a.sizes:
         res = {}
         for impl in ('plain', 'ours'):
-            runs = [json.loads(subprocess.run([sys.executable, __file__, '--child', s, impl], capture_output=True, text=True,
-                                              check=True).stdout.strip().splitlines()[-1]) for _ in range(a.repeats)]
-            res[impl] = dict(seconds=min(r['seconds'] for r in runs), peak_gib=max(r['peak_gib'] for r in runs), n=runs[0]['n_cells'])
+            runs = [
+                json.loads(
+                    subprocess.run(
+                        [sys.executable, __file__, '--child', s, impl], capture_output=True, text=True, check=True
+                    )
+                    .stdout.strip()
+                    .splitlines()[-1]
+                )
+                for _ in range(a.repeats)
+            ]
+            res[impl] = dict(
+                seconds=min(r['seconds'] for r in runs), peak_gib=max(r['peak_gib'] for r in runs), n=runs[0]['n_cells']
+            )
         rows.append((s, res))
         r = res
-        print(f"{s:>8} cells={r['ours']['n']:>7}  plain {r['plain']['seconds']:7.1f} s {r['plain']['peak_gib']:5.2f} GiB | "
-              f"ours {r['ours']['seconds']:7.1f} s {r['ours']['peak_gib']:5.2f} GiB | ratio time {r['ours']['seconds']/r['plain']['seconds']:.3f} "
-              f"mem {r['ours']['peak_gib']/r['plain']['peak_gib']:.3f}", flush=True)
+        print(
+            f"{s:>8} cells={r['ours']['n']:>7}  plain {r['plain']['seconds']:7.1f} s {r['plain']['peak_gib']:5.2f} "
+            "GiB | "
+            f"ours {r['ours']['seconds']:7.1f} s {r['ours']['peak_gib']:5.2f} GiB | ratio time "
+            f"{r['ours']['seconds'] / r['plain']['seconds']:.3f} "
+            f"mem {r['ours']['peak_gib'] / r['plain']['peak_gib']:.3f}",
+            flush=True,
+        )
 
 if __name__ == '__main__': main()

@@ -11,9 +11,16 @@ This is how [crosstissue] plugin_stop_on was chosen (seed 0).
 import argparse, os, time
 os.environ.setdefault('OMP_NUM_THREADS', '1')
 
-CONFIGS = {'default': {}, 'unbalanced': dict(balance=False), 'lr1e-3': dict(lr=1e-3), 'no_early_stop': dict(val_fraction=0.0),
-           'attn_r16': dict(targets=['linear1', 'linear2', 'self_attn'], lora_r=16, lora_alpha=32), 'stop_f1': dict(stop_on='val_macro_f1'),
-           'no_early_stop_20': dict(val_fraction=0.0, epochs=20), 'no_early_stop_25': dict(val_fraction=0.0, epochs=25)}
+CONFIGS = {
+    'default': {},
+    'unbalanced': dict(balance=False),
+    'lr1e-3': dict(lr=1e-3),
+    'no_early_stop': dict(val_fraction=0.0),
+    'attn_r16': dict(targets=['linear1', 'linear2', 'self_attn'], lora_r=16, lora_alpha=32),
+    'stop_f1': dict(stop_on='val_macro_f1'),
+    'no_early_stop_20': dict(val_fraction=0.0, epochs=20),
+    'no_early_stop_25': dict(val_fraction=0.0, epochs=25),
+}
 
 
 def main(argv=None):
@@ -42,8 +49,17 @@ def main(argv=None):
         t0 = time.perf_counter()
         ps = train_plugin(tr, enc, tissue=a.tissue, label_key='label', **kw)
         o = plugin_outputs(ps, vv, a.tissue)
-        rows.append(dict(config=name, n_train=tr.n_obs, n_val=vv.n_obs, val_macro_f1=round(ct._macro_f1(vv.obs.label.astype(str).to_numpy(), o.label.astype(str)), 3),
-                         best_epoch=ps.info[a.tissue]['best']['epoch'], epochs_run=len(ps.info[a.tissue]['log']), seconds=round(time.perf_counter() - t0, 1)))
+        rows.append(
+            dict(
+                config=name,
+                n_train=tr.n_obs,
+                n_val=vv.n_obs,
+                val_macro_f1=round(ct._macro_f1(vv.obs.label.astype(str).to_numpy(), o.label.astype(str)), 3),
+                best_epoch=ps.info[a.tissue]['best']['epoch'],
+                epochs_run=len(ps.info[a.tissue]['log']),
+                seconds=round(time.perf_counter() - t0, 1),
+            )
+        )
         print(rows[-1], flush=True)
     print(pd.DataFrame(rows).to_string(index=False))
 

@@ -7,7 +7,6 @@ Docs: https://deepseq-nb.github.io/deepseq_nb/annotate.html.md"""
 # %% ../nbs/07_annotate.ipynb #53d702d5
 from __future__ import annotations
 import anndata as ad
-import numpy as np
 import pandas as pd
 
 from .backends import get_backend, backend_options
@@ -24,7 +23,11 @@ __all__ = ['REFINE', 'annotate']
 def _markers_for(adata:ad.AnnData, groupby:str, n_genes:int, settings)->dict:
     "`{cluster: genes}`: the stored `uns['markers']` table when it fits, else freshly ranked markers."
     u = adata.uns.get('markers')
-    if isinstance(u, dict) and u.get('params', {}).get('groupby') == groupby and int(u['params'].get('n_genes', 0)) >= n_genes:
+    if (
+        isinstance(u, dict)
+        and u.get('params', {}).get('groupby') == groupby
+        and int(u['params'].get('n_genes', 0)) >= n_genes
+    ):
         mk = u['table']
     else: mk = markers_from_settings(adata, settings, groupby=groupby, n_genes=n_genes)
     return {c: g[:n_genes] for c, g in markers_by_cluster(mk).items()}
@@ -41,10 +44,13 @@ def _h5ad_safe(t:pd.DataFrame)->pd.DataFrame:
     return t
 
 # %% ../nbs/07_annotate.ipynb #dcb1c3b5
-REFINE = 'tie'  # 'tie': the marker-list answer only breaks the tie the descent stopped at; 'all': any descendant of its node
+# 'tie': the marker-list answer only breaks the tie the descent stopped at; 'all': any descendant of its node
+REFINE = 'tie'
+
 
 def _refine(e:pd.DataFrame, m:pd.DataFrame)->pd.DataFrame:
-    "Per cluster: the tied child the marker-list answer lies in (or its answer where the expression found no lineage), else the expression's."
+    "Per cluster: the tied child holding the marker-list answer, else the expression's answer."
+    # (the marker-list answer itself where the expression found no lineage)
     from deepseq_nb.celltyping import short_name
     from deepseq_nb.ontology import ancestors, broad_type, cl_name
     out = e.copy(); out['source'] = 'expression'
@@ -53,17 +59,28 @@ def _refine(e:pd.DataFrame, m:pd.DataFrame)->pd.DataFrame:
         ei, mi = e.at[c, 'cl_id'], m.at[c, 'cl_id']
         ei = ei if isinstance(ei, str) and ei.startswith('CL:') else None
         mi = mi if isinstance(mi, str) and mi.startswith('CL:') else None
-        if ei and mi and REFINE == 'tie':  # the markers choose between the children the expression could not separate, no deeper
+        if (
+            ei and mi and REFINE == 'tie'
+        ):  # the markers choose between the children the expression could not separate, no deeper
             t = e.at[c, 'tied'] if 'tied' in e else ''
-            mi = next((x for x in (t.split(';') if isinstance(t, str) and t else []) if x == mi or x in ancestors(mi)), None)
+            mi = next(
+                (x for x in (t.split(';') if isinstance(t, str) and t else []) if x == mi or x in ancestors(mi)), None
+            )
         if mi and mi != ei and (ei is None or ei in ancestors(mi)):
-            out.loc[c, ['label', 'cl_id', 'name', 'confidence']] = [cl_name(mi), mi, short_name(cl_name(mi)), float(m.at[c, 'confidence'])]
+            out.loc[c, ['label', 'cl_id', 'name', 'confidence']] = [
+                cl_name(mi),
+                mi,
+                short_name(cl_name(mi)),
+                float(m.at[c, 'confidence']),
+            ]
             out.at[c, 'broad'] = broad_type(mi) or e.at[c, 'broad']
-            out.at[c, 'source'] = 'markers within the expression lineage' if ei else 'markers (expression found no lineage)'
+            out.at[c, 'source'] = (
+                'markers within the expression lineage' if ei else 'markers (expression found no lineage)'
+            )
     return out
 
 def _annotate_expression(a:ad.AnnData, groupby:str, tissue, species, key_added:str, copy:bool, kb_mode:str, n_genes, S):
-    "The kb backend on the expression: `celltyping.celltype` per cluster (refined by the marker-list kb in 'hybrid' mode)."
+    "The kb backend on the expression: `celltyping.celltype` per cluster (refined by the marker-list kb if 'hybrid')."
     import time
     t0 = time.perf_counter()
     species, tissue = infer_species(a, species), infer_tissue(a, tissue)
@@ -92,24 +109,32 @@ def _annotate_expression(a:ad.AnnData, groupby:str, tissue, species, key_added:s
     return a if copy else None
 
 # %% ../nbs/07_annotate.ipynb #00e83b30
-def annotate(adata:ad.AnnData, groupby:str='leiden', # obs column of clusters
-             backend:str='kb', # backend spec: kb, ollama:MODEL, openai:MODEL, consensus:[...]
-             tissue:str|None=None, # tissue stated in prompts (default: uns['dataset'] or settings)
-             species:str|None=None, # species (default: uns['dataset'] or settings)
-             n_genes:int|None=None, # markers per cluster (default: settings markers.n_genes)
-             key_added:str='deepseq', # obs/uns key prefix
-             settings=None, # `Settings` (default: settings.ini)
-             kb_mode:str='hybrid', # kb backend: 'hybrid' (expression, refined by marker lists), 'expression' or 'markers'
-             copy:bool=False, **backend_kw)->ad.AnnData|None:
+def annotate(
+    adata: ad.AnnData,
+    groupby: str = 'leiden',  # obs column of clusters
+    backend: str = 'kb',  # backend spec: kb, ollama:MODEL, openai:MODEL, consensus:[...]
+    tissue: str | None = None,  # tissue stated in prompts (default: uns['dataset'] or settings)
+    species: str | None = None,  # species (default: uns['dataset'] or settings)
+    n_genes: int | None = None,  # markers per cluster (default: settings markers.n_genes)
+    key_added: str = 'deepseq',  # obs/uns key prefix
+    settings=None,  # `Settings` (default: settings.ini)
+    kb_mode: str = 'hybrid',  # kb backend: 'hybrid' (expression, refined by marker lists), 'expression' or 'markers'
+    copy: bool = False,
+    **backend_kw,
+) -> ad.AnnData | None:
     "Label each cluster with `backend`; writes obs `{key}_label/_cl_id/_cl_name/_confidence` and `uns[key]`."
     a = adata.copy() if copy else adata
-    if groupby not in a.obs: raise KeyError(f"obs has no column {groupby!r}: run deepseq_nb.cluster.cluster() first or pass groupby=.")
-    if kb_mode not in ('hybrid', 'expression', 'markers'): raise ValueError(f"kb_mode must be 'hybrid', 'expression' or 'markers', not {kb_mode!r}.")
+    if groupby not in a.obs:
+        raise KeyError(f"obs has no column {groupby!r}: run deepseq_nb.cluster.cluster() first or pass groupby=.")
+    if kb_mode not in ('hybrid', 'expression', 'markers'):
+        raise ValueError(f"kb_mode must be 'hybrid', 'expression' or 'markers', not {kb_mode!r}.")
     S = settings or load_settings()
     if backend == 'kb' and kb_mode != 'markers' and a.n_vars > 0:
         return _annotate_expression(a, groupby, tissue, species, key_added, copy, kb_mode, n_genes, S)
     tissue = infer_tissue(a, tissue)
-    species = infer_species(a, species) if a.n_vars else (species or (a.uns.get('dataset') or {}).get('species') or 'human')
+    species = (
+        infer_species(a, species) if a.n_vars else (species or (a.uns.get('dataset') or {}).get('species') or 'human')
+    )
     n_genes = n_genes or S.get('markers.n_genes')
     genes = _markers_for(a, groupby, n_genes, S)
     be = get_backend(backend, **({**backend_options(S, backend), **backend_kw} if backend != 'kb' else backend_kw))
@@ -125,8 +150,18 @@ def annotate(adata:ad.AnnData, groupby:str='leiden', # obs column of clusters
         a.obs[f'{key_added}_{col}'] = pd.Categorical(cl.map(tab[src].astype(object).where(tab[src].notna(), 'Unknown')))
     a.obs[f'{key_added}_confidence'] = cl.map(pd.to_numeric(tab['confidence'], errors='coerce')).astype(float).values
     st = answers.stats
-    a.uns[key_added] = dict(table=_h5ad_safe(tab.reset_index()), backend=backend, params=dict(be.params, groupby=groupby,
-                            tissue=tissue, species=species, n_genes=n_genes), stats=dict(calls=st.calls, cache_hits=st.hits,
-                            reasks=st.reasks, tokens_in=st.tokens_in, tokens_out=st.tokens_out,
-                            cost=st.cost if st.cost is not None else float('nan'), seconds=st.wall))
+    a.uns[key_added] = dict(
+        table=_h5ad_safe(tab.reset_index()),
+        backend=backend,
+        params=dict(be.params, groupby=groupby, tissue=tissue, species=species, n_genes=n_genes),
+        stats=dict(
+            calls=st.calls,
+            cache_hits=st.hits,
+            reasks=st.reasks,
+            tokens_in=st.tokens_in,
+            tokens_out=st.tokens_out,
+            cost=st.cost if st.cost is not None else float('nan'),
+            seconds=st.wall,
+        ),
+    )
     return a if copy else None

@@ -30,13 +30,28 @@ LINEAGES = [  # (CL id, short name, positive markers, negative markers)
     ('CL:0000738', 'leukocyte', ['PTPRC', 'LCP1', 'CORO1A', 'LAPTM5'], []),
     ('CL:0000542', 'lymphocyte', [], []),  # grouping node: scored through its members
     ('CL:0000084', 'T cell', ['CD3D', 'CD3E', 'CD3G', 'TRAC', 'CD5', 'CD6', 'CD28'], ['MS4A1', 'CD79A', 'CD19']),
-    ('CL:0000623', 'NK cell', ['NKG7', 'GNLY', 'KLRD1', 'KLRF1', 'NCAM1', 'PRF1', 'FCGR3A'], ['CD3D', 'CD3E', 'CD3G', 'CD5']),
+    (
+        'CL:0000623',
+        'NK cell',
+        ['NKG7', 'GNLY', 'KLRD1', 'KLRF1', 'NCAM1', 'PRF1', 'FCGR3A'],
+        ['CD3D', 'CD3E', 'CD3G', 'CD5'],
+    ),
     ('CL:0000236', 'B cell', ['MS4A1', 'CD19', 'CD79A', 'CD79B', 'CD22', 'PAX5', 'BANK1'], ['CD3E', 'CD3D']),
     ('CL:0000786', 'plasma cell', ['JCHAIN', 'MZB1', 'SDC1', 'XBP1', 'PRDM1', 'TNFRSF17'], ['MS4A1']),
     ('CL:0000766', 'myeloid leukocyte', [], []),  # grouping node
-    ('CL:0000576', 'monocyte', ['CD14', 'LYZ', 'CSF1R', 'FCN1', 'S100A8', 'S100A9', 'VCAN', 'FCGR3A'], ['C1QA', 'C1QB']),
+    (
+        'CL:0000576',
+        'monocyte',
+        ['CD14', 'LYZ', 'CSF1R', 'FCN1', 'S100A8', 'S100A9', 'VCAN', 'FCGR3A'],
+        ['C1QA', 'C1QB'],
+    ),
     ('CL:0000235', 'macrophage', ['CD68', 'C1QA', 'C1QB', 'C1QC', 'MRC1', 'CD163', 'MARCO', 'APOE'], []),
-    ('CL:0000451', 'dendritic cell', ['FCER1A', 'CD1C', 'CLEC10A', 'CLEC9A', 'LILRA4', 'IL3RA', 'CLEC4C', 'ITGAX'], ['CD14']),
+    (
+        'CL:0000451',
+        'dendritic cell',
+        ['FCER1A', 'CD1C', 'CLEC10A', 'CLEC9A', 'LILRA4', 'IL3RA', 'CLEC4C', 'ITGAX'],
+        ['CD14'],
+    ),
     ('CL:0000775', 'neutrophil', ['FCGR3B', 'CEACAM8', 'CXCR2', 'CXCR1', 'CSF3R'], []),
     ('CL:0000097', 'mast cell', ['TPSAB1', 'TPSB2', 'CPA3', 'KIT', 'MS4A2', 'HDC'], []),
     ('CL:0000233', 'platelet', ['PPBP', 'PF4', 'ITGA2B', 'GP9', 'GP1BA', 'TUBB1'], []),
@@ -67,15 +82,22 @@ ROOT_RATIO = 1.5    # at the root (a lineage must be chosen) a lead of 1.5x the 
 NICHE = 2.0         # a type only one database lists (a niche term) must win by NICHE x MARGIN
 INHERIT = 0.5       # share of a type's score taken from its nearest lineage (hierarchical consistency)
 _SPECIES_TAG = re.compile(r', (human|mouse)$')  # CL terms defined for one species' phenotype: never an answer
-DEFINING = True     # a type defined by an antigen the counts cannot read (its gene unmeasured, or a PTPRC isoform) is no candidate
-_ISOFORM = re.compile(r'\bCD45R[ABO]\b')  # CD45RA/RB/RO: splice isoforms of one gene, PTPRC (HGNC), not told apart by 3' counts
+# a type defined by an antigen the counts cannot read (its gene unmeasured, or a PTPRC isoform) is no candidate
+DEFINING = True
+# CD45RA/RB/RO: splice isoforms of one gene, PTPRC (HGNC), not told apart by 3' counts
+_ISOFORM = re.compile(r'\bCD45R[ABO]\b')
 TISSUE_DROP = True  # tissue known: a database type never recorded in its tissue group (nor ubiquitous) is no candidate
-ANTIGEN = 1.0       # weight, in a head-to-head decision, of the antigens the CL label names, gated within the node's clusters
-GATE = 0.5          # an antigen counts as present when detected in at least GATE x the share of its brightest cluster at the node
-MIN_DETECT = 0.05   # an antigen detected in fewer cells than this in every cluster at the node cannot be read: no evidence either way
-NEXT = 'winner'     # the descent goes into the child that won the head-to-head ('leaf': any child holding its best type)
-GATE_MODE = 'signed'  # 'signed': a passed gate counts for the type, a failed one against; 'penalty': only failures count
-UNREAD = 'any'      # inherit from a lineage 'any': only if one of its markers is measured; 'share': by the share measured; 'off': always
+# weight, in a head-to-head decision, of the antigens the CL label names, gated within the node's clusters
+ANTIGEN = 1.0
+# an antigen counts as present when detected in at least GATE x the share of its brightest cluster at the node
+GATE = 0.5
+# an antigen detected in fewer cells than this in every cluster at the node cannot be read: no evidence either way
+MIN_DETECT = 0.05
+NEXT = 'winner'  # the descent goes into the child that won the head-to-head ('leaf': any child holding its best type)
+# 'signed': a passed gate counts for the type, a failed one against; 'penalty': only failures count
+GATE_MODE = 'signed'
+# inherit from a lineage 'any': only if one of its markers is measured; 'share': by the share measured; 'off': always
+UNREAD = 'any'
 
 # %% ../nbs/04a_celltyping.ipynb #40b7ff80
 def _lineages()->dict:
@@ -102,12 +124,15 @@ _EXPRESSION_OF = re.compile(r'\b(high|low|no) expression of ([A-Za-z]{1,5}\d{1,3
 
 def defining_antigens(cl_id:str, # a CL id
                      )->tuple[list, list]:
-    "Antigens the CL label and definition state as present ('CCR7-positive') and absent ('CD25-negative', 'no expression of X')."
+    "Antigens the CL label and definition state present ('CCR7-positive') and absent ('CD25-negative', 'no X')."
     t = cl_terms().get(cl_id) or {}
     txt = (t.get('label') or '') + '. ' + (t.get('description') or '')
     pos, neg = [], []
-    for m, how in _LABEL_MARK.findall(txt):  # presence and absence only: '-low'/'-high' are protein levels, not detection
-        if how in ('positive', 'negative') and not _ISOFORM.search(m + '-'): (pos if how == 'positive' else neg).append(norm_gene(m))
+    for m, how in _LABEL_MARK.findall(
+        txt
+    ):  # presence and absence only: '-low'/'-high' are protein levels, not detection
+        if how in ('positive', 'negative') and not _ISOFORM.search(m + '-'):
+            (pos if how == 'positive' else neg).append(norm_gene(m))
     for how, m in _EXPRESSION_OF.findall(txt):
         if how == 'no': neg.append(norm_gene(m))
     return sorted(set(pos)), sorted(set(neg) - set(pos))
@@ -131,14 +156,14 @@ def cluster_stats(adata:ad.AnnData, # cells × genes, clustered
     "Per cluster and gene: fraction expressing and mean inside and outside, log fold change; genes harmonised."
     X = adata.layers[layer] if layer else adata.X
     cl = adata.obs[groupby].astype('category')
-    codes = cl.cat.codes.to_numpy(); K, n = len(cl.cat.categories), adata.n_obs
-    nz, sm = np.zeros((K, adata.n_vars)), np.zeros((K, adata.n_vars))
+    codes = cl.cat.codes.to_numpy(); n_clusters, n = len(cl.cat.categories), adata.n_obs
+    nz, sm = np.zeros((n_clusters, adata.n_vars)), np.zeros((n_clusters, adata.n_vars))
     for s0, b in _row_blocks(X):
         m = b.shape[0]
-        G = sp.csr_matrix((np.ones(m, np.float32), (codes[s0:s0 + m], np.arange(m))), shape=(K, m))
-        sm += np.asarray((G @ b).todense())
-        b = b.copy(); b.data = (b.data > 0).astype(np.float32); nz += np.asarray((G @ b).todense())
-    size = np.bincount(codes, minlength=K).astype(float)
+        member = sp.csr_matrix((np.ones(m, np.float32), (codes[s0:s0 + m], np.arange(m))), shape=(n_clusters, m))
+        sm += np.asarray((member @ b).todense())
+        b = b.copy(); b.data = (b.data > 0).astype(np.float32); nz += np.asarray((member @ b).todense())
+    size = np.bincount(codes, minlength=n_clusters).astype(float)
     out = np.maximum(n - size, 1)[:, None]
     st = dict(clusters=[str(c) for c in cl.cat.categories], size=size, frac_in=nz/np.maximum(size, 1)[:, None],
               frac_out=(nz.sum(0) - nz)/out, mean_in=sm/np.maximum(size, 1)[:, None], mean_out=(sm.sum(0) - sm)/out,
@@ -154,7 +179,7 @@ def gene_evidence(frac_in:np.ndarray, # fraction expressing inside (clusters × 
 
 # %% ../nbs/04a_celltyping.ipynb #68633658
 class MarkerNetwork:
-    "Candidate types (lineages + database types under the CL) with weighted positive and negative markers over the data's genes."
+    "Candidate types (lineages + database types under the CL), weighted +/- markers over the data's genes."
     def __init__(self, species:str, tissue:str|None, genes:np.ndarray):
         ix = kb_index(species); gpos = {}
         for i, g in enumerate(genes): gpos.setdefault(g, i)
@@ -166,14 +191,17 @@ class MarkerNetwork:
             elif src == 'kb' and len(pw) < MIN_MARKERS: return  # a lineage stays even unmeasured: its types inherit 0
             mw = np.mean(list(pos.values())) if pos else 1.0
             self.ids.append(cid); self.names.append(name); self.source.append(src)
-            read.append(len(pw)/len(pos) if pos and src != 'group' else 1.0)  # share of its listed markers the data measures
+            # share of its listed markers the data measures
+            read.append(len(pw) / len(pos) if pos and src != 'group' else 1.0)
             self.antigens.append(tuple(sorted({gpos[g] for g in x if g in gpos}) for x in ag))  # CL-named, measured
             rows.append(({k: v/mw for k, v in pw.items()}, sorted({gpos[g] for g in neg if g in gpos}), prior))
-        for cid, (name, pos, neg) in lin.items(): add(cid, name, dict.fromkeys(pos, 1.0), neg, 'lineage' if pos else 'group')
-        M = ix.M.tocsc()
+
+        for cid, (name, pos, neg) in lin.items():
+            add(cid, name, dict.fromkeys(pos, 1.0), neg, 'lineage' if pos else 'group')
+        by_type = ix.M.tocsc()
         for j, k in enumerate(ix.keys):
             if not k.startswith('CL:') or k in lin or k in general or _SPECIES_TAG.search(ix.cl_name[k] or ''): continue
-            col = M[:, j]; w = col.data*ix.idf[col.indices]
+            col = by_type[:, j]; w = col.data*ix.idf[col.indices]
             pos = {ix.genes[col.indices[i]]: w[i] for i in np.argsort(-w)[:TOP_MARKERS]}
             lp, ln = label_markers(k); mw = np.mean(list(pos.values())) if pos else 1.0
             for g in lp: pos[g] = LABEL_WEIGHT*mw
@@ -184,10 +212,11 @@ class MarkerNetwork:
             prior = OUT_OF_TISSUE if out else 1.0
             add(k, ix.cl_name[k], pos, set(ix.neg.get(k, ())) | set(ln), 'kb', prior, defining_antigens(k))
             if len(self.ids) and self.ids[-1] == k: nsrc[len(self.ids) - 1] = len(set().union(*ix.sources[k].values()))
-        n, G = len(self.ids), len(genes)
+        n, n_genes = len(self.ids), len(genes)
         tri = lambda f: ([i for i, r in enumerate(rows) for _ in f(r)], [g for r in rows for g in f(r)])
-        r, c = tri(lambda r: r[0]); self.W = sp.csr_matrix(([w for x in rows for w in x[0].values()], (r, c)), shape=(n, G))
-        r, c = tri(lambda r: r[1]); self.Wn = sp.csr_matrix((np.ones(len(r)), (r, c)), shape=(n, G))
+        r, c = tri(lambda r: r[0])
+        self.W = sp.csr_matrix(([w for x in rows for w in x[0].values()], (r, c)), shape=(n, n_genes))
+        r, c = tri(lambda r: r[1]); self.Wn = sp.csr_matrix((np.ones(len(r)), (r, c)), shape=(n, n_genes))
         self.prior, self.genes, self.readable = np.array([x[2] for x in rows]), genes, np.array(read)
         self.n_sources = np.array([nsrc.get(i, 3) for i in range(n)])  # databases listing a type (lineages: all)
         self._hierarchy()
@@ -197,45 +226,48 @@ class MarkerNetwork:
         idx = {c: i for i, c in enumerate(self.ids)}
         self.anc = [{idx[a] for a in ancestors(c) if a in idx} for c in self.ids]
         self.sub = [set() for _ in self.ids]
-        for i, A in enumerate(self.anc):
-            for a in A: self.sub[a].add(i)
-        parents = [{a for a in A if not any(a in self.anc[b] for b in A)} for A in self.anc]
+        for i, above in enumerate(self.anc):
+            for a in above: self.sub[a].add(i)
+        parents = [{a for a in above if not any(a in self.anc[b] for b in above)} for above in self.anc]
         # the nearest lineage (a curated node with markers) above each candidate: its evidence is inherited
         lin = [i for i, s in enumerate(self.source) if s == 'lineage']
-        self.lineage = [min((a for a in A if a in lin), key=lambda a: ancestors(self.ids[i]).get(self.ids[a], 99), default=-1)
-                        for i, A in enumerate(self.anc)]
+        self.lineage = [
+            min((a for a in above if a in lin), key=lambda a: ancestors(self.ids[i]).get(self.ids[a], 99), default=-1)
+            for i, above in enumerate(self.anc)
+        ]
         self.group = np.array([s == 'group' for s in self.source])
         r = [n for n in range(len(self.ids)) for _ in range(len(self.sub[n]) + 1)]
         c = [m for n in range(len(self.ids)) for m in [n] + sorted(self.sub[n])]
         self.D = sp.csr_matrix((np.ones(len(r)), (r, c)), shape=(len(self.ids),)*2)  # subtree membership, self included
         self.children = {None: [i for i, p in enumerate(parents) if not p]}
-        for i, P in enumerate(parents):
-            for p in P: self.children.setdefault(p, []).append(i)
+        for i, direct in enumerate(parents):
+            for p in direct: self.children.setdefault(p, []).append(i)
 
 # %% ../nbs/04a_celltyping.ipynb #90a16c9f
 def own_scores(net:MarkerNetwork, # candidate network
-               S:np.ndarray, # gene evidence, clusters × genes
+               evidence:np.ndarray, # gene evidence, clusters × genes
               )->np.ndarray:
     "Clusters × candidates: weighted mean marker evidence (shrunk, tissue prior) minus evidence of negative markers."
-    pos = np.asarray(net.W @ S.T).T/(np.asarray(net.W.sum(1)).ravel() + SHRINK)
+    pos = np.asarray(net.W @ evidence.T).T/(np.asarray(net.W.sum(1)).ravel() + SHRINK)
     pos = np.where(pos > 0, pos*net.prior, pos)
-    neg = np.asarray(net.Wn @ np.maximum(S, 0).T).T/np.maximum(np.asarray(net.Wn.sum(1)).ravel(), 1)
-    P = pos - neg
-    L = np.array(net.lineage); has = L >= 0
-    r = net.readable[L[has]]  # share of the lineage's markers the data measures
-    w = INHERIT*{'share': r, 'any': (r > 0).astype(float), 'off': np.ones_like(r)}[UNREAD]  # unmeasured markers are no evidence of absence
-    P[:, has] = w*P[:, L[has]] + (1 - w)*P[:, has]  # a type is only as good as its lineage's evidence
-    P[:, net.group] = -1.0  # grouping nodes are never an answer by themselves
-    return P
+    neg = np.asarray(net.Wn @ np.maximum(evidence, 0).T).T/np.maximum(np.asarray(net.Wn.sum(1)).ravel(), 1)
+    own = pos - neg
+    lineage = np.array(net.lineage); has = lineage >= 0
+    r = net.readable[lineage[has]]  # share of the lineage's markers the data measures
+    # unmeasured markers are no evidence of absence
+    w = INHERIT * {'share': r, 'any': (r > 0).astype(float), 'off': np.ones_like(r)}[UNREAD]
+    own[:, has] = w*own[:, lineage[has]] + (1 - w)*own[:, has]  # a type is only as good as its lineage's evidence
+    own[:, net.group] = -1.0  # grouping nodes are never an answer by themselves
+    return own
 
-def subtree_best(net:MarkerNetwork, P:np.ndarray)->tuple:
-    "(A, arg): the best own score in each candidate's subtree (itself included) and the candidate giving it."
-    A, arg = np.empty_like(P), np.empty(P.shape, int)
-    for k, p in enumerate(P):  # one sparse (candidates × subtree) product per cluster: max and argmax per row
+def subtree_best(net:MarkerNetwork, own:np.ndarray)->tuple:
+    "(best, arg): the best own score in each candidate's subtree (itself included) and the candidate giving it."
+    best, arg = np.empty_like(own), np.empty(own.shape, int)
+    for k, p in enumerate(own):  # one sparse (candidates × subtree) product per cluster: max and argmax per row
         c = 1.0 - p.min()
-        M = net.D.multiply(p + c).tocsr()
-        A[k] = M.max(axis=1).toarray().ravel() - c; arg[k] = np.asarray(M.argmax(axis=1)).ravel()
-    return A, arg
+        shifted = net.D.multiply(p + c).tocsr()
+        best[k] = shifted.max(axis=1).toarray().ravel() - c; arg[k] = np.asarray(shifted.argmax(axis=1)).ravel()
+    return best, arg
 
 def pairwise(net:MarkerNetwork, s:np.ndarray, i:int, j:int)->float:
     "Evidence for candidate i over j from the genes that tell them apart (markers of one, not of the other)."
@@ -246,15 +278,18 @@ def pairwise(net:MarkerNetwork, s:np.ndarray, i:int, j:int)->float:
 
 # %% ../nbs/04a_celltyping.ipynb #937495f9
 def _compatible(net:MarkerNetwork, i:int, j:int)->bool:
-    "Candidates i and j share a type below them (naive T cell, CD4-positive T cell): taking one does not rule out the other."
+    "Candidates i and j share a type below them (naive T cell, CD4-positive T cell): one does not rule out the other."
     return bool((net.sub[i] | {i}) & (net.sub[j] | {j}))
 
-def antigen_scores(net:MarkerNetwork, # candidate network
-                   frac:np.ndarray, # fraction expressing in the cluster (one row over genes)
-                   ref:np.ndarray, # fraction expressing in each cluster at the node, the cluster included (clusters × genes)
-                  )->np.ndarray:
-    "Per candidate: worst of its CL-stated antigens, as detection relative to the brightest reference cluster minus `GATE` (sign flipped for absent ones)."
-    top = ref.max(0); ok = top >= MIN_DETECT  # an antigen nobody at the node shows cannot be read (3' dropout, unmeasured)
+def antigen_scores(
+    net: MarkerNetwork,  # candidate network
+    frac: np.ndarray,  # fraction expressing in the cluster (one row over genes)
+    ref: np.ndarray,  # fraction expressing in each cluster at the node, the cluster included (clusters × genes)
+) -> np.ndarray:
+    "Per candidate: its worst CL-stated antigen, detection relative to the brightest reference cluster minus `GATE`."
+    # (the sign is flipped for antigens the CL states absent)
+    top = ref.max(0)
+    ok = top >= MIN_DETECT  # an antigen nobody at the node shows cannot be read (3' dropout, unmeasured)
     r = np.where(ok, frac/np.maximum(top, 1e-9), np.nan) - GATE
     out = np.zeros(len(net.ids))
     for i, (pos, neg) in enumerate(net.antigens):
@@ -262,36 +297,51 @@ def antigen_scores(net:MarkerNetwork, # candidate network
         if v: out[i] = float(min(v))  # a gate is a conjunction: the worst antigen decides
     return out
 
-def _step(net, P, A, arg, node, s, ag=None)->tuple:
+def _step(net, own, best, arg, node, s, ag=None)->tuple:
     "One decision at `node`: (next candidate or None, record)."
     kids = net.children.get(node, [])
     if not kids: return None, None
     top = []
-    for i in sorted(kids, key=lambda i: -A[i])[:TOP]:
+    for i in sorted(kids, key=lambda i: -best[i])[:TOP]:
         if arg[i] not in [arg[x] for x in top]: top.append(i)
-    b, r, d = top[0], None, float(A[top[0]])
+    b, r, d = top[0], None, float(best[top[0]])
     if len(top) > 1:
-        L = lambda i: P[net.lineage[arg[i]]] if net.lineage[arg[i]] >= 0 else 0.0
-        G = lambda i: ANTIGEN*(min(ag[arg[i]], 0.0) if GATE_MODE == 'penalty' else ag[arg[i]]) if ag is not None else 0.0
-        same = lambda i, j: net.lineage[arg[i]] >= 0 and net.lineage[arg[i]] == net.lineage[arg[j]]  # gate siblings of one lineage only
-        d_ = lambda i, j: (1 - INHERIT)*pairwise(net, s, arg[i], arg[j]) + INHERIT*(L(i) - L(j)) + (G(i) - G(j) if same(i, j) else 0.0)
+        lineage_score = lambda i: own[net.lineage[arg[i]]] if net.lineage[arg[i]] >= 0 else 0.0
+        gate_score = lambda i: (
+            ANTIGEN * (min(ag[arg[i]], 0.0) if GATE_MODE == 'penalty' else ag[arg[i]]) if ag is not None else 0.0
+        )
+        # gate siblings of one lineage only
+        same = lambda i, j: (net.lineage[arg[i]] >= 0 and net.lineage[arg[i]] == net.lineage[arg[j]])
+        d_ = lambda i, j: (
+            (1 - INHERIT) * pairwise(net, s, arg[i], arg[j])
+            + INHERIT * (lineage_score(i) - lineage_score(j))
+            + (gate_score(i) - gate_score(j) if same(i, j) else 0.0)
+        )
         riv = lambda i: [j for j in top if j != i and not _compatible(net, i, j)]  # rivals exclude each other
-        wins = {i: min(((A[i] - A[j] + d_(i, j))/2 for j in riv(i)), default=float(A[i])) for i in top}
+        wins = {i: min(((best[i] - best[j] + d_(i, j))/2 for j in riv(i)), default=float(best[i])) for i in top}
         b = max(top, key=lambda i: wins[i]); d = wins[b]
-        r = max(riv(b), key=lambda j: A[j], default=None)
-    gap = float(A[b] - (A[r] if r is not None else 0.0))
+        r = max(riv(b), key=lambda j: best[j], default=None)
+    gap = float(best[b] - (best[r] if r is not None else 0.0))
     leaf = arg[b]
-    nxt = b if NEXT == 'winner' else max((i for i in kids if i == leaf or leaf in net.sub[i]), key=lambda i: P[i])
+    nxt = b if NEXT == 'winner' else max((i for i in kids if i == leaf or leaf in net.sub[i]), key=lambda i: own[i])
     need = MARGIN*(NICHE if net.n_sources[nxt] < 2 else 1.0)
-    clear = max(d, gap) >= need or (node is None and A[b] >= ROOT_RATIO*max(A[r] if r is not None else 0.0, 0.0))
-    failed = ag is not None and ANTIGEN > 0 and ag[nxt] < -GATE/2  # its own CL-stated antigen clearly absent: not entered
-    ok = A[b] >= FLOOR and d > 0 and clear and not failed
-    rec = dict(at=node, best=b, rival=r, best_score=float(A[b]), rival_score=float(A[r]) if r is not None else 0.0,
-               margin=float(max(d, gap)), descended=bool(ok))
+    clear = max(d, gap) >= need or (node is None and best[b] >= ROOT_RATIO*max(best[r] if r is not None else 0.0, 0.0))
+    # its own CL-stated antigen clearly absent: not entered
+    failed = ag is not None and ANTIGEN > 0 and ag[nxt] < -GATE / 2
+    ok = best[b] >= FLOOR and d > 0 and clear and not failed
+    rec = dict(
+        at=node,
+        best=b,
+        rival=r,
+        best_score=float(best[b]),
+        rival_score=float(best[r]) if r is not None else 0.0,
+        margin=float(max(d, gap)),
+        descended=bool(ok),
+    )
     return (nxt if ok else None), rec
 
 def _gate_ref(net, path, k)->list:
-    "Clusters that share cluster k's deepest lineage so far (at least two), else all clusters: the reference of the antigen gate."
+    "Clusters sharing cluster k's deepest lineage so far (at least two), else all: the antigen gate's reference."
     lin = next((n for n in reversed(path[k]) if net.source[n] == 'lineage'), None)
     ref = [j for j, p in enumerate(path) if lin is not None and lin in p]
     return ref if len(ref) >= 2 else list(range(len(path)))
@@ -300,21 +350,27 @@ def descend(net:MarkerNetwork, # candidate network
             st:dict, # `cluster_stats`
            )->tuple:
     "Paths from the root and decision records for every cluster; peers at a node are each other's reference."
-    K = len(st['clusters'])
-    S = gene_evidence(st['frac_in'], st['frac_out'])
-    P0 = own_scores(net, S); A0, arg0 = subtree_best(net, P0)
+    n_clusters = len(st['clusters'])
+    evidence = gene_evidence(st['frac_in'], st['frac_out'])
+    own_all = own_scores(net, evidence); best_all, arg0 = subtree_best(net, own_all)
     nz, size = st['frac_in']*st['size'][:, None], st['size']
-    node, path, steps, active = [None]*K, [[] for _ in range(K)], [[] for _ in range(K)], set(range(K))
+    node, path, steps, active = (
+        [None] * n_clusters,
+        [[] for _ in range(n_clusters)],
+        [[] for _ in range(n_clusters)],
+        set(range(n_clusters)),
+    )
     while active:
         level = list(node)
         for k in sorted(active):
-            peers = [j for j in range(K) if j != k and level[j] == level[k]] if level[k] is not None else []
+            peers = [j for j in range(n_clusters) if j != k and level[j] == level[k]] if level[k] is not None else []
             if peers:
                 s = gene_evidence(st['frac_in'][k], nz[peers].sum(0)/size[peers].sum())
-                s = PEERS*s + (1 - PEERS)*S[k]  # peers of one type alone would show only noise
+                s = PEERS*s + (1 - PEERS)*evidence[k]  # peers of one type alone would show only noise
                 p = own_scores(net, s[None]); a, g = subtree_best(net, p); p, a, g = p[0], a[0], g[0]
-            else: s, p, a, g = S[k], P0[k], A0[k], arg0[k]
-            ref = _gate_ref(net, path, k)  # antigens are gated within the cluster's lineage, as CD4/CD8 within CD3+ cells
+            else: s, p, a, g = evidence[k], own_all[k], best_all[k], arg0[k]
+            # antigens are gated within the cluster's lineage, as CD4/CD8 within CD3+ cells
+            ref = _gate_ref(net, path, k)
             ag = antigen_scores(net, st['frac_in'][k], st['frac_in'][ref])
             nxt, rec = _step(net, p, a, g, level[k], s, ag)
             if rec: steps[k].append(rec)
@@ -378,7 +434,7 @@ def celltype(adata:ad.AnnData, # cells × genes (counts or log-normalised), clus
     st = cluster_stats(adata, groupby, layer)
     net = MarkerNetwork(species, tissue, st['genes'])
     paths, steps = descend(net, st)
-    S = gene_evidence(st['frac_in'], st['frac_out'])
+    evidence = gene_evidence(st['frac_in'], st['frac_out'])
     rows, ev = [], []
     for k, c in enumerate(st['clusters']):
         path, rec = paths[k], steps[k]
@@ -392,21 +448,47 @@ def celltype(adata:ad.AnnData, # cells × genes (counts or log-normalised), clus
                              path='', confidence=0.0, stop=why)); continue
         n = path[-1]; cid = net.ids[n]
         ok = [r for r in rec if r['descended']]
-        conf = float(np.clip(min(1.0, max(P := ok[-1]['best_score'], 0))*ok[-1]['margin']/(ok[-1]['margin'] + MARGIN), 0, 1))
+        conf = float(
+            np.clip(min(1.0, max(ok[-1]['best_score'], 0)) * ok[-1]['margin'] / (ok[-1]['margin'] + MARGIN), 0, 1)
+        )
         nm = short_name(net.names[n]) if net.source[n] == 'kb' else net.names[n]
-        rows.append(dict(cluster=c, label=cl_name(cid), name=nm, cl_id=cid, broad=broad_type(cid) or net.names[path[0]],
-                         lineage=net.names[path[0]], path=' > '.join(net.names[i] for i in path), confidence=conf, stop=why,
-                         tied=';'.join(net.ids[i] for i in (last['best'], last['rival']) if i is not None) if not last['descended'] else ''))
+        rows.append(
+            dict(
+                cluster=c,
+                label=cl_name(cid),
+                name=nm,
+                cl_id=cid,
+                broad=broad_type(cid) or net.names[path[0]],
+                lineage=net.names[path[0]],
+                path=' > '.join(net.names[i] for i in path),
+                confidence=conf,
+                stop=why,
+                tied=';'.join(net.ids[i] for i in (last['best'], last['rival']) if i is not None)
+                if not last['descended']
+                else '',
+            )
+        )
         for r in rec:
             for role, i in (('chosen' if r['descended'] else 'best (not taken)', r['best']), ('rival', r['rival'])):
                 if i is None: continue
-                pro, con = _genes_for(net, S[k], i)
-                ev.append(dict(cluster=c, at=net.names[r['at']] if r['at'] is not None else 'root', role=role,
-                               candidate=net.names[i], cl_id=net.ids[i], score=r['best_score'] if role != 'rival' else r['rival_score'],
-                               genes_for=', '.join(pro), genes_against=', '.join(con)))
+                pro, con = _genes_for(net, evidence[k], i)
+                ev.append(
+                    dict(
+                        cluster=c,
+                        at=net.names[r['at']] if r['at'] is not None else 'root',
+                        role=role,
+                        candidate=net.names[i],
+                        cl_id=net.ids[i],
+                        score=r['best_score'] if role != 'rival' else r['rival_score'],
+                        genes_for=', '.join(pro),
+                        genes_against=', '.join(con),
+                    )
+                )
     tab = pd.DataFrame(rows).set_index('cluster')
     tab['n_cells'] = st['size'].astype(int)
-    return tab, pd.DataFrame(ev, columns=['cluster', 'at', 'role', 'candidate', 'cl_id', 'score', 'genes_for', 'genes_against'])
+    return tab, pd.DataFrame(
+        ev, columns=['cluster', 'at', 'role', 'candidate', 'cl_id', 'score', 'genes_for', 'genes_against']
+    )
 
 # %% ../nbs/04a_celltyping.ipynb #9627317d
 def panglao_network(species:str='human')->pd.DataFrame:
@@ -414,7 +496,11 @@ def panglao_network(species:str='human')->pd.DataFrame:
     from deepseq_nb.knowledge import load_kb
     kb = load_kb(species)
     kb = kb[(kb.source == 'PanglaoDB') & kb.canonical]
-    return pd.DataFrame({'source': kb.cell_type.values, 'target': kb.gene_raw.values}).drop_duplicates().reset_index(drop=True)
+    return (
+        pd.DataFrame({'source': kb.cell_type.values, 'target': kb.gene_raw.values})
+        .drop_duplicates()
+        .reset_index(drop=True)
+    )
 
 def ora_labels(adata:ad.AnnData, # log-normalised cells × genes, clustered
                groupby:str='leiden', # obs column of clusters
@@ -451,8 +537,13 @@ def score_annotation(truth, # true label per cell
     bt = lambda x: broad_type(getattr(to_cl(x, tissue=tissue), 'id', None)) if x not in ('Unknown', 'nan', '') else None
     pairs['lin'] = [float(bt(a) is not None and bt(a) == bt(b)) for a, b in zip(pairs.t, pairs.p)]
     w = pairs.n/pairs.n.sum()
-    return dict(mean_agreement=float((w*pairs.ag.fillna(0)).sum()), exact=float((w*(pairs.ag == 1)).sum()),
-                macro_f1=float(evaluate_labels(t, p)['macro_f1']), lineage=float((w*pairs.lin).sum()), n_cells=int(len(t)))
+    return dict(
+        mean_agreement=float((w * pairs.ag.fillna(0)).sum()),
+        exact=float((w * (pairs.ag == 1)).sum()),
+        macro_f1=float(evaluate_labels(t, p)['macro_f1']),
+        lineage=float((w * pairs.lin).sum()),
+        n_cells=int(len(t)),
+    )
 
 # %% ../nbs/04a_celltyping.ipynb #1315939b
 @contextmanager
@@ -471,23 +562,30 @@ def knobs(module, # module whose constants are set (e.g. `deepseq_nb.celltyping`
 def lodo(scores:pd.DataFrame, # settings × datasets: one score per dataset, higher is better
          tol:float=1e-9, # settings within `tol` of the best mean count as tied
         )->pd.DataFrame:
-    "Per dataset: in-sample score (setting best on all datasets) and leave-one-dataset-out score (best on the others; ties averaged)."
+    "Per dataset: in-sample score (best on all datasets), leave-one-dataset-out score (best on the rest, ties avg.)."
     def best(cols):
         m = scores[cols].mean(1); return scores.index[m >= m.max() - tol]
     ins, rows = best(list(scores.columns)), []
     for d in scores.columns:
         ch = best([c for c in scores.columns if c != d])
-        rows.append(dict(dataset=d, in_sample=float(scores.loc[ins, d].mean()), out_of_sample=float(scores.loc[ch, d].mean()),
-                         chosen_in_sample=' | '.join(map(str, ins)), chosen_out_of_sample=' | '.join(map(str, ch))))
+        rows.append(
+            dict(
+                dataset=d,
+                in_sample=float(scores.loc[ins, d].mean()),
+                out_of_sample=float(scores.loc[ch, d].mean()),
+                chosen_in_sample=' | '.join(map(str, ins)),
+                chosen_out_of_sample=' | '.join(map(str, ch)),
+            )
+        )
     return pd.DataFrame(rows)
 
 # %% ../nbs/04a_celltyping.ipynb #b0dd4084
 def _to_1e4(X)->sp.csr_matrix:
     "log1p of expression rescaled to 10,000 per cell, from log1p values on any per-cell scale."
-    E = sp.csr_matrix(X, dtype=np.float64); E.data = np.expm1(E.data)
-    tot = np.asarray(E.sum(1)).ravel(); tot[tot == 0] = 1
-    E = sp.csr_matrix(sp.diags(1e4/tot) @ E); E.data = np.log1p(E.data)
-    return E
+    expr = sp.csr_matrix(X, dtype=np.float64); expr.data = np.expm1(expr.data)
+    tot = np.asarray(expr.sum(1)).ravel(); tot[tot == 0] = 1
+    expr = sp.csr_matrix(sp.diags(1e4/tot) @ expr); expr.data = np.log1p(expr.data)
+    return expr
 
 def celltypist_labels(query:ad.AnnData, # log-normalised cells × genes to label
                       reference:ad.AnnData, # log-normalised, labelled study of the same tissue
@@ -501,11 +599,21 @@ def celltypist_labels(query:ad.AnnData, # log-normalised cells × genes to label
     up = lambda a: pd.Index([g.upper() for g in a.var_names])
     qi, ri = up(query), up(reference)
     genes = qi[~qi.duplicated()].intersection(ri[~ri.duplicated()])
-    q = ad.AnnData(_to_1e4(query.X[:, qi.get_indexer(genes)]), obs=pd.DataFrame(index=query.obs_names), var=pd.DataFrame(index=genes))
-    r = ad.AnnData(_to_1e4(reference.X[:, ri.get_indexer(genes)]), obs=pd.DataFrame(index=reference.obs_names), var=pd.DataFrame(index=genes))
+    q = ad.AnnData(
+        _to_1e4(query.X[:, qi.get_indexer(genes)]),
+        obs=pd.DataFrame(index=query.obs_names),
+        var=pd.DataFrame(index=genes),
+    )
+    r = ad.AnnData(
+        _to_1e4(reference.X[:, ri.get_indexer(genes)]),
+        obs=pd.DataFrame(index=reference.obs_names),
+        var=pd.DataFrame(index=genes),
+    )
     np.random.seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        m = celltypist.train(r, labels=reference.obs[label_key].astype(str).values, feature_selection=False, max_iter=max_iter, n_jobs=1)
+        m = celltypist.train(
+            r, labels=reference.obs[label_key].astype(str).values, feature_selection=False, max_iter=max_iter, n_jobs=1
+        )
         res = celltypist.annotate(q, model=m, majority_voting=False)
     return res.predicted_labels['predicted_labels'].astype(str).reindex(query.obs_names)

@@ -6,7 +6,7 @@ Docs: https://deepseq-nb.github.io/deepseq_nb/cluster.html.md"""
 
 # %% ../nbs/02_cluster.ipynb #143c8c8a
 from __future__ import annotations
-import re, time
+import time
 
 import anndata as ad
 import matplotlib.pyplot as plt
@@ -18,13 +18,16 @@ import scipy.sparse as sp
 from .data import _resolve_x_is, check_nonempty, load_dataset
 
 # %% auto #0
-__all__ = ['MARKER_COLUMNS', 'normalize', 'leiden', 'cluster', 'top_markers', 'markers_by_cluster', 'plot_clusters',
-           'plot_marker_dotplot', 'qc_from_settings', 'cluster_from_settings', 'markers_from_settings', 'run_pipeline']
+__all__ = ['MARKER_COLUMNS', 'NON_MARKERS', 'normalize', 'leiden', 'cluster', 'top_markers', 'markers_by_cluster',
+           'plot_clusters', 'plot_marker_dotplot', 'qc_from_settings', 'cluster_from_settings', 'markers_from_settings',
+           'run_pipeline']
 
 # %% ../nbs/02_cluster.ipynb #8c3ed009
-def normalize(adata:ad.AnnData, target_sum:float=1e4, # counts per cell after scaling
-              x_is:str='auto', # 'counts', 'lognorm' or 'auto' (from uns['x_is'] or the values)
-             )->None:
+def normalize(
+    adata: ad.AnnData,
+    target_sum: float = 1e4,  # counts per cell after scaling
+    x_is: str = 'auto',  # 'counts', 'lognorm' or 'auto' (from uns['x_is'] or the values)
+) -> None:
     "Log-normalise counts in place, keeping them in `layers['counts']`; a no-op on log-normalised data."
     x_is = _resolve_x_is(adata, x_is)
     if x_is == 'lognorm' or adata.uns.get('log1p') is not None: adata.uns['x_is'] = 'lognorm'; return
@@ -45,25 +48,60 @@ def _pca_on_hvg(adata:ad.AnnData, n_pcs:int, seed:int, scale:bool)->None:
     adata.uns['pca'] = sub.uns['pca']
 
 # %% ../nbs/02_cluster.ipynb #39a94afa
-def leiden(adata:ad.AnnData, resolution:float=1.0, flavor:str='igraph', # 'igraph' (scanpy) or 'leidenalg'
-           n_iterations:int=2, seed:int=0, key_added:str='leiden')->None:
+def leiden(
+    adata: ad.AnnData,
+    resolution: float = 1.0,
+    flavor: str = 'igraph',  # 'igraph' (scanpy) or 'leidenalg'
+    n_iterations: int = 2,
+    seed: int = 0,
+    key_added: str = 'leiden',
+) -> None:
     "Leiden clustering of the neighbour graph with a fixed seed; clusters are numbered by size."
-    if flavor not in ('igraph', 'leidenalg'): raise ValueError(f"leiden flavor must be 'igraph' or 'leidenalg', not {flavor!r}.")
+    if flavor not in ('igraph', 'leidenalg'):
+        raise ValueError(f"leiden flavor must be 'igraph' or 'leidenalg', not {flavor!r}.")
     kw = dict(directed=False) if flavor == 'igraph' else {}
-    sc.tl.leiden(adata, resolution=resolution, flavor=flavor, n_iterations=n_iterations, random_state=seed, key_added=key_added, **kw)
+    sc.tl.leiden(
+        adata,
+        resolution=resolution,
+        flavor=flavor,
+        n_iterations=n_iterations,
+        random_state=seed,
+        key_added=key_added,
+        **kw,
+    )
 
 # %% ../nbs/02_cluster.ipynb #08f42cc0
-def cluster(adata:ad.AnnData, target_sum:float=1e4, n_top_genes:int=2000, # 0 = use every gene
-            n_pcs:int=40, n_neighbors:int=15, resolution:float=1.0,
-            leiden_flavor:str='igraph', n_iterations:int=2, seed:int=0,
-            scale:bool=True, # scale genes before PCA
-            umap:bool=True, # compute a UMAP embedding
-            x_is:str='auto', key_added:str='leiden', copy:bool=False, **kwargs)->ad.AnnData|None:
+def cluster(
+    adata: ad.AnnData,
+    target_sum: float = 1e4,
+    n_top_genes: int = 2000,  # 0 = use every gene
+    n_pcs: int = 40,
+    n_neighbors: int = 15,
+    resolution: float = 1.0,
+    leiden_flavor: str = 'igraph',
+    n_iterations: int = 2,
+    seed: int = 0,
+    scale: bool = True,  # scale genes before PCA
+    umap: bool = True,  # compute a UMAP embedding
+    x_is: str = 'auto',
+    key_added: str = 'leiden',
+    copy: bool = False,
+    **kwargs,
+) -> ad.AnnData | None:
     "Normalise, HVG, PCA, neighbours, Leiden and UMAP, recording parameters in `uns[key_added]['params']`."
     a = adata.copy() if copy else adata
     check_nonempty(a)
-    params = dict(target_sum=target_sum, n_top_genes=n_top_genes, n_pcs=n_pcs, n_neighbors=n_neighbors, resolution=resolution,
-                  leiden_flavor=leiden_flavor, n_iterations=n_iterations, seed=seed, scale=scale)
+    params = dict(
+        target_sum=target_sum,
+        n_top_genes=n_top_genes,
+        n_pcs=n_pcs,
+        n_neighbors=n_neighbors,
+        resolution=resolution,
+        leiden_flavor=leiden_flavor,
+        n_iterations=n_iterations,
+        seed=seed,
+        scale=scale,
+    )
     t0 = time.perf_counter()
     normalize(a, target_sum=target_sum, x_is=x_is)
     if n_top_genes and n_top_genes < a.n_vars: sc.pp.highly_variable_genes(a, n_top_genes=n_top_genes, flavor='seurat')
@@ -104,34 +142,68 @@ def _mean_markers(adata:ad.AnnData, groupby:str, n_genes:int, mask:np.ndarray)->
     return pd.DataFrame(rows)
 
 # %% ../nbs/02_cluster.ipynb #73965f2e
-def _de_markers(adata:ad.AnnData, groupby:str, n_genes:int, method:str, mask:np.ndarray, only_positive:bool, seed:int)->pd.DataFrame:
+def _de_markers(
+    adata: ad.AnnData, groupby: str, n_genes: int, method: str, mask: np.ndarray, only_positive: bool, seed: int
+) -> pd.DataFrame:
     "Markers by differential expression (`sc.tl.rank_genes_groups`), as a tidy table."
     key = f'rank_genes_{groupby}'
-    sc.tl.rank_genes_groups(adata, groupby, method=method, use_raw=False, mask_var=mask, key_added=key,
-                            n_genes=min(int(mask.sum()), max(n_genes*5, 100)), **({'random_state': seed} if method=='logreg' else {}))
+    sc.tl.rank_genes_groups(
+        adata,
+        groupby,
+        method=method,
+        use_raw=False,
+        mask_var=mask,
+        key_added=key,
+        n_genes=min(int(mask.sum()), max(n_genes * 5, 100)),
+        **({'random_state': seed} if method == 'logreg' else {}),
+    )
     df = sc.get.rank_genes_groups_df(adata, group=None, key=key)
     if 'group' not in df: df.insert(0, 'group', adata.obs[groupby].astype(str).unique()[0])
-    df = df.rename(columns={'group': 'cluster', 'names': 'gene', 'logfoldchanges': 'logfoldchange', 'pvals_adj': 'pval_adj', 'scores': 'score'})
+    df = df.rename(
+        columns={
+            'group': 'cluster',
+            'names': 'gene',
+            'logfoldchanges': 'logfoldchange',
+            'pvals_adj': 'pval_adj',
+            'scores': 'score',
+        }
+    )
     if only_positive and 'logfoldchange' in df: df = df[df['logfoldchange'] > 0]
     df = df.groupby('cluster', observed=True, sort=False).head(n_genes).copy()
     df['rank'] = df.groupby('cluster', observed=True).cumcount() + 1
     return df
 
 # %% ../nbs/02_cluster.ipynb #8cc7c045
-def top_markers(adata:ad.AnnData, groupby:str='leiden', n_genes:int=10,
-                method:str='wilcoxon', # 'wilcoxon', 't-test', 'logreg', or 'mean' (DeepSeq's original ranking)
-                only_positive:bool=True, # keep only genes up in the cluster
-                exclude_pattern:str|None=r'^(MT-|mt-|RP[SL]\d+[A-Z]?\d*$|RPLP\d$|RPSA$|Rp[sl]\d+[a-z]?\d*$|Rplp\d$|Rpsa$)', # gene names never used as markers
-                seed:int=0, key_added:str|None='markers', # uns key for the table (None: don't store)
-               )->pd.DataFrame:
+# mitochondrial and ribosomal gene names: never used as markers
+NON_MARKERS = r'^(MT-|mt-|RP[SL]\d+[A-Z]?\d*$|RPLP\d$|RPSA$|Rp[sl]\d+[a-z]?\d*$|Rplp\d$|Rpsa$)'
+
+def top_markers(
+    adata: ad.AnnData,
+    groupby: str = 'leiden',
+    n_genes: int = 10,
+    method: str = 'wilcoxon',  # 'wilcoxon', 't-test', 'logreg', or 'mean' (DeepSeq's original ranking)
+    only_positive: bool = True,  # keep only genes up in the cluster
+    exclude_pattern: str | None = NON_MARKERS,  # gene names never used as markers
+    seed: int = 0,
+    key_added: str | None = 'markers',  # uns key for the table (None: don't store)
+) -> pd.DataFrame:
     "Top `n_genes` marker genes per group as a tidy table: cluster, rank, gene, logFC, adjusted p, % in/out."
-    if groupby not in adata.obs: raise KeyError(f"obs has no column {groupby!r}; run cluster() first or pass groupby=<a column of obs>.")
+    if groupby not in adata.obs:
+        raise KeyError(f"obs has no column {groupby!r}; run cluster() first or pass groupby=<a column of obs>.")
     n_groups = adata.obs[groupby].nunique()
-    if n_groups < 2: raise ValueError(f"Marker genes need at least 2 groups in obs[{groupby!r}], but its {adata.n_obs} cells form "
-                                      f"{n_groups}: markers are genes up in one group against the others. Give more cells, or "
-                                      "raise the Leiden resolution (--set cluster.resolution=2).")
-    if adata.uns.get('x_is') == 'counts': raise ValueError("X holds counts: run cluster() or normalize() first so markers are ranked on log-normalised values.")
-    mask = np.ones(adata.n_vars, bool) if not exclude_pattern else ~adata.var_names.astype(str).str.match(exclude_pattern)
+    if n_groups < 2:
+        raise ValueError(
+            f"Marker genes need at least 2 groups in obs[{groupby!r}], but its {adata.n_obs} cells form "
+            f"{n_groups}: markers are genes up in one group against the others. Give more cells, or "
+            "raise the Leiden resolution (--set cluster.resolution=2)."
+        )
+    if adata.uns.get('x_is') == 'counts':
+        raise ValueError(
+            "X holds counts: run cluster() or normalize() first so markers are ranked on log-normalised values."
+        )
+    mask = (
+        np.ones(adata.n_vars, bool) if not exclude_pattern else ~adata.var_names.astype(str).str.match(exclude_pattern)
+    )
     if method == 'mean': df = _mean_markers(adata, groupby, n_genes, mask)
     else: df = _de_markers(adata, groupby, n_genes, method, mask, only_positive, seed)
     stats = _pct_and_mean(adata, groupby, df['gene'].unique())
@@ -140,9 +212,18 @@ def top_markers(adata:ad.AnnData, groupby:str='leiden', n_genes:int=10,
         df[c] = [float(stats[str(cl)][j][gi[g]]) for cl, g in zip(df['cluster'], df['gene'])]
     for c in MARKER_COLUMNS:
         if c not in df: df[c] = np.nan
-    order = {c: i for i, c in enumerate(adata.obs[groupby].cat.categories if hasattr(adata.obs[groupby], 'cat') else sorted(df['cluster'].unique()))}
+    order = {
+        c: i
+        for i, c in enumerate(
+            adata.obs[groupby].cat.categories if hasattr(adata.obs[groupby], 'cat') else sorted(df['cluster'].unique())
+        )
+    }
     df['cluster'] = df['cluster'].astype(str)
-    df = df[MARKER_COLUMNS].sort_values(['cluster', 'rank'], key=lambda s: s.map(order) if s.name == 'cluster' else s).reset_index(drop=True)
+    df = (
+        df[MARKER_COLUMNS]
+        .sort_values(['cluster', 'rank'], key=lambda s: s.map(order) if s.name == 'cluster' else s)
+        .reset_index(drop=True)
+    )
     if key_added: adata.uns[key_added] = {'table': df, 'params': dict(groupby=groupby, n_genes=n_genes, method=method,
                                            only_positive=only_positive, exclude_pattern=exclude_pattern or '')}
     return df
@@ -156,7 +237,8 @@ def markers_by_cluster(markers:pd.DataFrame)->dict:
 def plot_clusters(adata:ad.AnnData, color:str|list='leiden', axs=None, show:bool|None=None, **kwargs)->plt.Figure:
     "UMAP coloured by one or more obs columns (one panel each)."
     cols = [color] if isinstance(color, str) else list(color)
-    if axs is None: _, axs = plt.subplots(1, len(cols), figsize=(4.2*len(cols), 3.8), constrained_layout=True, squeeze=False)
+    if axs is None:
+        _, axs = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 3.8), constrained_layout=True, squeeze=False)
     axs = np.ravel(axs)
     for c, ax in zip(cols, axs):
         sc.pl.umap(adata, color=c, ax=ax, show=False, legend_loc='on data' if c == 'leiden' else 'right margin',
@@ -176,42 +258,76 @@ def plot_marker_dotplot(adata:ad.AnnData, markers:pd.DataFrame, n_per_cluster:in
     return dp['mainplot_ax']
 
 # %% ../nbs/02_cluster.ipynb #976fc02f
-def qc_from_settings(adata:ad.AnnData, settings, strategy:str|None=None, # QC strategy (default: qc.strategy)
-                     min_genes:int|None=None, # threshold strategy cutoff (default: qc.min_genes)
-                    )->ad.AnnData:
-    "Flag cells (`obs['qc_pass']`) by the settings' filter; return the kept cells and genes when `qc.drop` (else `adata`)."
+def qc_from_settings(
+    adata: ad.AnnData,
+    settings,
+    strategy: str | None = None,  # QC strategy (default: qc.strategy)
+    min_genes: int | None = None,  # threshold strategy cutoff (default: qc.min_genes)
+) -> ad.AnnData:
+    "Flag cells (`obs['qc_pass']`) by the settings' filter; the kept cells and genes when `qc.drop`, else `adata`."
     from deepseq_nb.qc import filter_cells
     if adata.uns.get('x_is') != 'counts': return adata
-    Q = settings.section('qc')
-    filter_cells(adata, strategy=strategy or Q['strategy'], min_genes=min_genes or Q['min_genes'],
-                 smooth_frac=Q['smooth_frac'], sensitivity=Q['knee_sensitivity'], key_added='qc_pass')
-    if not Q['drop']: return adata
+    qc_settings = settings.section('qc')
+    filter_cells(
+        adata,
+        strategy=strategy or qc_settings['strategy'],
+        min_genes=min_genes or qc_settings['min_genes'],
+        smooth_frac=qc_settings['smooth_frac'],
+        sensitivity=qc_settings['knee_sensitivity'],
+        key_added='qc_pass',
+    )
+    if not qc_settings['drop']: return adata
     a = adata[adata.obs['qc_pass'].to_numpy()].copy()
-    if Q['min_cells']: sc.pp.filter_genes(a, min_cells=Q['min_cells'])
+    if qc_settings['min_cells']: sc.pp.filter_genes(a, min_cells=qc_settings['min_cells'])
     return a
 
 # %% ../nbs/02_cluster.ipynb #f64e1982
-_CLUSTER_KEYS = ('target_sum', 'n_top_genes', 'n_pcs', 'n_neighbors', 'resolution', 'leiden_flavor', 'n_iterations', 'seed')
+_CLUSTER_KEYS = (
+    'target_sum',
+    'n_top_genes',
+    'n_pcs',
+    'n_neighbors',
+    'resolution',
+    'leiden_flavor',
+    'n_iterations',
+    'seed',
+)
 
 def cluster_from_settings(adata:ad.AnnData, settings, umap:bool=True, **overrides)->None:
     "`cluster` with the `[cluster]` settings (keyword `overrides` win)."
     from deepseq_nb.config import set_seed
-    C = settings.section('cluster')
-    set_seed(C['seed'], C['n_threads'])
-    cluster(adata, umap=umap, **{**{k: C[k] for k in _CLUSTER_KEYS}, **{k: v for k, v in overrides.items() if v is not None}})
+    cluster_settings = settings.section('cluster')
+    set_seed(cluster_settings['seed'], cluster_settings['n_threads'])
+    cluster(
+        adata,
+        umap=umap,
+        **{**{k: cluster_settings[k] for k in _CLUSTER_KEYS}, **{k: v for k, v in overrides.items() if v is not None}},
+    )
 
-def markers_from_settings(adata:ad.AnnData, settings, groupby:str='leiden', n_genes:int|None=None, method:str|None=None)->pd.DataFrame:
+def markers_from_settings(
+    adata: ad.AnnData, settings, groupby: str = 'leiden', n_genes: int | None = None, method: str | None = None
+) -> pd.DataFrame:
     "`top_markers` with the `[markers]` settings (arguments given win)."
-    M = settings.section('markers')
-    return top_markers(adata, groupby=groupby, n_genes=n_genes or M['n_genes'], method=method or M['method'],
-                       only_positive=M['only_positive'], exclude_pattern=M['exclude_pattern'] or None,
-                       seed=settings.get('cluster.seed'))
+    marker_settings = settings.section('markers')
+    return top_markers(
+        adata,
+        groupby=groupby,
+        n_genes=n_genes or marker_settings['n_genes'],
+        method=method or marker_settings['method'],
+        only_positive=marker_settings['only_positive'],
+        exclude_pattern=marker_settings['exclude_pattern'] or None,
+        seed=settings.get('cluster.seed'),
+    )
 
 # %% ../nbs/02_cluster.ipynb #99721ea8
-def run_pipeline(adata:ad.AnnData, settings=None, # `Settings` (default: settings.ini)
-                 strategy:str|None=None, # QC strategy (default: qc.strategy)
-                 min_genes:int|None=None, # threshold strategy cutoff (default: qc.min_genes)
-                 umap:bool=True, **cluster_overrides)->ad.AnnData:
+def run_pipeline(
+    adata: ad.AnnData,
+    settings=None,  # `Settings` (default: settings.ini)
+    strategy: str | None = None,  # QC strategy (default: qc.strategy)
+    min_genes: int | None = None,  # threshold strategy cutoff (default: qc.min_genes)
+    umap: bool = True,
+    **cluster_overrides,
+) -> ad.AnnData:
     "QC → clusters → markers with the settings; returns the (filtered) AnnData with `uns['markers']`."
     from deepseq_nb.config import load_settings
     S = settings or load_settings()

@@ -6,7 +6,7 @@ Docs: https://deepseq-nb.github.io/deepseq_nb/data.html.md"""
 
 # %% ../nbs/00_data.ipynb #9a00f71a
 from __future__ import annotations
-import gzip, os, re, warnings
+import os, re, warnings
 from importlib import resources
 from pathlib import Path
 
@@ -91,13 +91,18 @@ def read_10x_mtx(path:str|Path, # a Cell Ranger matrix directory (v2 or v3)
     d = Path(path)
     mtx, bc = _find(d, 'matrix.mtx'), _find(d, 'barcodes.tsv')
     feats = _find(d, 'features.tsv', 'genes.tsv')
-    missing = [n for n, f in [('matrix.mtx', mtx), ('barcodes.tsv', bc), ('features.tsv or genes.tsv', feats)] if f is None]
-    if missing: raise FileNotFoundError(f"{d} is not a 10x matrix directory: missing {', '.join(missing)} (.gz accepted).")
+    missing = [
+        n for n, f in [('matrix.mtx', mtx), ('barcodes.tsv', bc), ('features.tsv or genes.tsv', feats)] if f is None
+    ]
+    if missing:
+        raise FileNotFoundError(f"{d} is not a 10x matrix directory: missing {', '.join(missing)} (.gz accepted).")
     X = sp.csr_matrix(scipy.io.mmread(str(mtx)).T, dtype=np.float32)
     genes, barcodes = _read_lines_table(feats), _read_lines_table(bc)[0].values
     if X.shape != (len(barcodes), len(genes)):
-        raise ValueError(f"{mtx.name} is {X.shape[1]} genes x {X.shape[0]} barcodes but {feats.name} has {len(genes)} rows "
-                         f"and {bc.name} {len(barcodes)}: the files do not belong together.")
+        raise ValueError(
+            f"{mtx.name} is {X.shape[1]} genes x {X.shape[0]} barcodes but {feats.name} has {len(genes)} rows "
+            f"and {bc.name} {len(barcodes)}: the files do not belong together."
+        )
     var = pd.DataFrame({'gene_ids': genes[0].values,
                         'gene_symbols': genes[1].values if genes.shape[1] > 1 else genes[0].values,
                         'feature_types': genes[2].values if genes.shape[1] > 2 else 'Gene Expression'})
@@ -151,18 +156,23 @@ def check_values(adata:ad.AnnData, layer:str|None=None)->None:
     bad = _bad_values(adata.layers[layer] if layer else adata.X)
     if bad: raise InputError(f"{'Layer ' + repr(layer) if layer else 'X'} holds {bad}.")
 
-def check_counts(adata:ad.AnnData, layer:str|None=None, # layer to check instead of X
-                 what:str='this step')->None:
+def check_counts(
+    adata: ad.AnnData,
+    layer: str | None = None,  # layer to check instead of X
+    what: str = 'this step',
+) -> None:
     "Raise `InputError` unless `adata.X` (or `layer`) holds raw counts."
     X = adata.layers[layer] if layer else adata.X
     bad = _bad_values(X)
     if bad: raise InputError(f"{what} needs raw counts, but {'layer ' + repr(layer) if layer else 'X'} holds {bad}.")
     if looks_like_counts(X): return
     v = _sample_values(X)
-    raise InputError(f"{what} needs raw counts, but {'layer ' + repr(layer) if layer else 'X'} holds non-integer values "
-                     f"(min {v.min():.3g}, max {v.max():.3g}): it looks log-normalised. Give the raw count matrix; data "
-                     "that is already filtered and log-normalised can skip QC and go straight to clustering "
-                     "(x_is='lognorm'; CLI: `deepseq cluster INPUT --x-is lognorm`).")
+    raise InputError(
+        f"{what} needs raw counts, but {'layer ' + repr(layer) if layer else 'X'} holds non-integer values "
+        f"(min {v.min():.3g}, max {v.max():.3g}): it looks log-normalised. Give the raw count matrix; data "
+        "that is already filtered and log-normalised can skip QC and go straight to clustering "
+        "(x_is='lognorm'; CLI: `deepseq cluster INPUT --x-is lognorm`)."
+    )
 
 # %% ../nbs/00_data.ipynb #4a70a55d
 def check_nonempty(adata:ad.AnnData)->None:
@@ -176,18 +186,25 @@ def check_nonempty(adata:ad.AnnData)->None:
 # %% ../nbs/00_data.ipynb #af8dc242
 _ENSEMBL = re.compile(r'^ENS[A-Z]*G\d{6,}(\.\d+)?$')
 
-def fix_gene_names(adata:ad.AnnData, symbol_col:str|None=None, # var column holding symbols, if var_names are IDs
-                  )->None:
+def fix_gene_names(
+    adata: ad.AnnData,
+    symbol_col: str | None = None,  # var column holding symbols, if var_names are IDs
+) -> None:
     "Switch Ensembl IDs to symbols when available, then make duplicate symbols unique with a warning."
     names = adata.var_names.astype(str)
     if np.mean([bool(_ENSEMBL.match(n)) for n in names[:2000]]) > 0.5:
-        cands = [symbol_col] if symbol_col else [c for c in ('gene_symbols','feature_name','gene_name','symbol','gene_symbol')
-                                                 if c in adata.var]
+        cands = (
+            [symbol_col]
+            if symbol_col
+            else [c for c in ('gene_symbols', 'feature_name', 'gene_name', 'symbol', 'gene_symbol') if c in adata.var]
+        )
         good = [c for c in cands if c in adata.var and not adata.var[c].astype(str).str.match(_ENSEMBL).mean() > 0.5]
         if not good:
-            raise InputError("var_names are Ensembl gene IDs and no column of gene symbols was found in var. Marker "
-                             "databases and prompts need symbols: add a symbol column and pass symbol_col=NAME, or read "
-                             "the 10x directory with var_names='gene_symbols'.")
+            raise InputError(
+                "var_names are Ensembl gene IDs and no column of gene symbols was found in var. Marker "
+                "databases and prompts need symbols: add a symbol column and pass symbol_col=NAME, or read "
+                "the 10x directory with var_names='gene_symbols'."
+            )
         adata.var['gene_ids'] = names.values
         adata.var_names = adata.var[good[0]].astype(str).values
     if not adata.var_names.is_unique:
@@ -204,14 +221,18 @@ _BARCODE_LIKE = re.compile(r'^([A-Za-z0-9_]*[_:-])?[ACGTN]{10,}([_.:-][A-Za-z0-9
 def _geneness(names)->float:
     "Share of `names` that look like gene symbols/IDs minus the share that look like cell barcodes."
     names = pd.Index(names).astype(str)[:2000]
-    return float(np.mean([bool(_GENE_LIKE.match(n)) for n in names]) - np.mean([bool(_BARCODE_LIKE.match(n)) for n in names]))
+    return float(
+        np.mean([bool(_GENE_LIKE.match(n)) for n in names]) - np.mean([bool(_BARCODE_LIKE.match(n)) for n in names])
+    )
 
 # %% ../nbs/00_data.ipynb #790e4596
-def read_table(path:str|Path, orientation:str='cells_x_genes', # 'cells_x_genes' (cells in rows) or 'genes_x_cells'
-               sep:str|None=None, # column separator; None guesses from the extension (.tsv/.txt: tab, else comma)
-               check_orientation:bool=True, # stop when the names suggest the other orientation
-               encoding:str|None=None, # text encoding (None: UTF-8)
-              )->ad.AnnData:
+def read_table(
+    path: str | Path,
+    orientation: str = 'cells_x_genes',  # 'cells_x_genes' (cells in rows) or 'genes_x_cells'
+    sep: str | None = None,  # column separator; None guesses from the extension (.tsv/.txt: tab, else comma)
+    check_orientation: bool = True,  # stop when the names suggest the other orientation
+    encoding: str | None = None,  # text encoding (None: UTF-8)
+) -> ad.AnnData:
     "Read a dense CSV/TSV matrix with row and column names into a cells x genes AnnData."
     if orientation not in ('cells_x_genes', 'genes_x_cells'):
         raise ValueError(f"orientation must be 'cells_x_genes' or 'genes_x_cells', not {orientation!r}.")
@@ -227,11 +248,16 @@ def read_table(path:str|Path, orientation:str='cells_x_genes', # 'cells_x_genes'
         g_rows, g_cols = _geneness(df.index), _geneness(df.columns)
         if g_rows > g_cols + 0.3:
             other = 'genes_x_cells' if orientation == 'cells_x_genes' else 'cells_x_genes'
-            raise InputError(f"{p.name} read as {orientation}, but its {'row' if orientation=='cells_x_genes' else 'column'} "
-                             f"names look like genes and the others like cells. Pass orientation='{other}' (CLI: --orientation "
-                             f"{other}), or check_orientation=False if you are sure.")
+            raise InputError(
+                f"{p.name} read as {orientation}, but its {'row' if orientation == 'cells_x_genes' else 'column'} "
+                f"names look like genes and the others like cells. Pass orientation='{other}' (CLI: --orientation "
+                f"{other}), or check_orientation=False if you are sure."
+            )
     non_num = [c for c, t in df.dtypes.items() if not np.issubdtype(t, np.number)]
-    if non_num: raise InputError(f"{p.name}: columns {non_num[:5]} are not numeric; the table must hold only expression values.")
+    if non_num:
+        raise InputError(
+            f"{p.name}: columns {non_num[:5]} are not numeric; the table must hold only expression values."
+        )
     return ad.AnnData(sp.csr_matrix(df.values.astype(np.float32)), obs=pd.DataFrame(index=df.index.astype(str)),
                       var=pd.DataFrame(index=df.columns.astype(str)))
 
@@ -246,7 +272,9 @@ def _detect_format(p:Path)->str:
     if name.endswith('.h5'): return '10x_h5'
     if re.search(r'\.(csv|tsv|txt|tab)(\.gz)?$', name): return 'table'
     if name.startswith('matrix.mtx'): return '10x_mtx'
-    raise InputError(f"Cannot tell the format of {p.name}: use a 10x matrix directory, a 10x .h5, an .h5ad, or a .csv/.tsv table.")
+    raise InputError(
+        f"Cannot tell the format of {p.name}: use a 10x matrix directory, a 10x .h5, an .h5ad, or a .csv/.tsv table."
+    )
 
 # %% ../nbs/00_data.ipynb #685f727f
 def _resolve_x_is(adata:ad.AnnData, x_is:str)->str:
@@ -267,7 +295,10 @@ def read(path:str|Path, # 10x mtx directory, 10x .h5, .h5ad, or .csv/.tsv
         )->ad.AnnData:
     "Read single-cell data from any supported format and check it."
     p = Path(path).expanduser()
-    if not p.exists(): raise FileNotFoundError(f"No such file or directory: {p}. Give a path to a 10x directory, .h5, .h5ad or .csv/.tsv.")
+    if not p.exists():
+        raise FileNotFoundError(
+            f"No such file or directory: {p}. Give a path to a 10x directory, .h5, .h5ad or .csv/.tsv."
+        )
     fmt = _detect_format(p)
     try:
         if fmt == '10x_mtx': a = read_10x_mtx(p if p.is_dir() else p.parent, var_names=var_names)
@@ -321,8 +352,14 @@ def load_dataset(name:str, # a name from `list_datasets()`
     for k in ('tissue', 'species'):
         if k not in a.obs: a.obs[k] = info[k]
     a.uns['x_is'] = info['x_is']
-    a.uns['dataset'] = {'name': name, **{k: info[k] for k in ('tissue','species','licence','source','citation','label_key')
-                                          if info.get(k) is not None}}
+    a.uns['dataset'] = {
+        'name': name,
+        **{
+            k: info[k]
+            for k in ('tissue', 'species', 'licence', 'source', 'citation', 'label_key')
+            if info.get(k) is not None
+        },
+    }
     return a
 
 # %% ../nbs/00_data.ipynb #59a196ac

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from rapidfuzz import fuzz
 
-from .ontology import to_cl, to_cl_all, normalize_label, ancestors, descendants, broad_type, cl_name
+from .ontology import to_cl, to_cl_all, normalize_label, ancestors, descendants, broad_type
 
 # %% auto #0
 __all__ = ['RELATED_LINEAGES', 'RULE', 'RULE_GRID', 'GPTCELLTYPE_METHODS', 'PBMC_MARKERS', 'Rule', 'agreement_detail',
@@ -52,7 +52,8 @@ def _relation(p, t)->tuple:
     if p.id in ancestors(t.id) and bp: return 'prediction is an ancestor of truth', p.id
     if bp is not None and bp == bt: return f'same broad type ({bp})', None
     for name, root in RELATED_LINEAGES.items():
-        if root in {p.id, *ancestors(p.id)} and root in {t.id, *ancestors(t.id)}: return f'related lineages ({name})', None
+        if root in {p.id, *ancestors(p.id)} and root in {t.id, *ancestors(t.id)}:
+            return f'related lineages ({name})', None
     if t.id in ancestors(p.id): return 'prediction is a subtype of a generic truth', t.id
     if p.id in ancestors(t.id): return 'prediction is a generic ancestor of truth', p.id
     common = set(ancestors(p.id)) & set(ancestors(t.id))
@@ -76,19 +77,31 @@ def _score(rel:str, general:str|None, rule:Rule)->float:
 # %% ../nbs/08_evaluate.ipynb #0f221992
 @lru_cache(maxsize=50000)
 def _pairs(pred:str, truth:str, tissue:str|None)->tuple:
-    "Rule-free facts of two labels: (CL summary, same normalised name, [(relation, general term)], several types named)."
+    "Rule-free facts of two labels: (CL summary, same normalised name, [(relation, general term)], several types?)."
     pm, tm = to_cl_all(pred, tissue), to_cl_all(truth, tissue)
     ids = lambda ms: ','.join(str(m.id) for m in ms)
-    base = dict(pred_cl=ids(pm), truth_cl=ids(tm), pred_name=','.join(str(m.name) for m in pm),
-                truth_name=','.join(str(m.name) for m in tm), pred_how=','.join(m.how for m in pm), truth_how=','.join(m.how for m in tm))
-    return base, normalize_label(pred) == normalize_label(truth), [_relation(p, t) for p in pm for t in tm], len(pm) > 1 or len(tm) > 1
+    base = dict(
+        pred_cl=ids(pm),
+        truth_cl=ids(tm),
+        pred_name=','.join(str(m.name) for m in pm),
+        truth_name=','.join(str(m.name) for m in tm),
+        pred_how=','.join(m.how for m in pm),
+        truth_how=','.join(m.how for m in tm),
+    )
+    return (
+        base,
+        normalize_label(pred) == normalize_label(truth),
+        [_relation(p, t) for p in pm for t in tm],
+        len(pm) > 1 or len(tm) > 1,
+    )
 
 def _apply(facts:tuple, rule:Rule)->tuple:
     "(score, reason) of `_pairs` facts under `rule`."
     _, same_name, rels, several = facts
     if same_name: return 1.0, 'same normalised name'
     score, reason = max(((_score(r, g, rule), r) for r, g in rels), key=lambda x: x[0])
-    if several and rule.alternatives == 'partial' and score > 0.5: score, reason = 0.5, reason + ' (one of several types)'
+    if several and rule.alternatives == 'partial' and score > 0.5:
+        score, reason = 0.5, reason + ' (one of several types)'
     return score, reason
 
 def agreement_detail(pred:str, # predicted label (free text)
@@ -98,7 +111,9 @@ def agreement_detail(pred:str, # predicted label (free text)
                     )->dict:
     "Agreement score with the CL terms and the reason it was given; score is NaN when a label is missing."
     if _isna(pred) or _isna(truth):
-        return dict(score=np.nan, reason=f"missing {'prediction' if _isna(pred) else 'truth'}", pred_cl=None, truth_cl=None)
+        return dict(
+            score=np.nan, reason=f"missing {'prediction' if _isna(pred) else 'truth'}", pred_cl=None, truth_cl=None
+        )
     facts = _pairs(str(pred), str(truth), None if _isna(tissue) else str(tissue))
     score, reason = _apply(facts, rule or RULE)
     return dict(score=score, reason=reason, **facts[0])
@@ -144,7 +159,8 @@ def score_benchmark(df:pd.DataFrame, # one row per cluster
                    )->BenchmarkResult:
     "Agreement of `pred_col` with `truth_col` per row, with a per-dataset summary."
     for c in [pred_col, truth_col]:
-        if c not in df.columns: raise KeyError(f"Column {c!r} not in the table; columns are: {', '.join(map(str, df.columns))}.")
+        if c not in df.columns:
+            raise KeyError(f"Column {c!r} not in the table; columns are: {', '.join(map(str, df.columns))}.")
     tis = df[tissue_col] if tissue_col and tissue_col in df.columns else pd.Series([None]*len(df), index=df.index)
     det = [agreement_detail(p, t, ti, rule) for p, t, ti in zip(df[pred_col], df[truth_col], tis)]
     rows = pd.DataFrame(det, index=df.index)
@@ -154,10 +170,16 @@ def score_benchmark(df:pd.DataFrame, # one row per cluster
     if missing_pred is not None: rows.loc[nopred, 'score'] = missing_pred
     rows['soft'] = [soft_score(p, t) for p, t in zip(df[pred_col], df[truth_col])]
     g = rows.groupby('dataset', sort=False)
-    summary = pd.DataFrame({'n': g['score'].count(), 'n_unscored': g['score'].apply(lambda s: int(s.isna().sum())),
-                            'n_no_prediction': g['reason'].apply(lambda s: int(s.eq('missing prediction').sum())),
-                            'mean_agreement': g['score'].mean().round(3), 'full': g['score'].apply(lambda s: (s == 1).mean()).round(3),
-                            'partial': g['score'].apply(lambda s: (s == 0.5).mean()).round(3)}).reset_index()
+    summary = pd.DataFrame(
+        {
+            'n': g['score'].count(),
+            'n_unscored': g['score'].apply(lambda s: int(s.isna().sum())),
+            'n_no_prediction': g['reason'].apply(lambda s: int(s.eq('missing prediction').sum())),
+            'mean_agreement': g['score'].mean().round(3),
+            'full': g['score'].apply(lambda s: (s == 1).mean()).round(3),
+            'partial': g['score'].apply(lambda s: (s == 0.5).mean()).round(3),
+        }
+    ).reset_index()
     return BenchmarkResult(rows, summary)
 
 def _na_series(s:pd.Series)->pd.Series: return s.map(_isna)
@@ -226,23 +248,50 @@ def loso_validation(df:pd.DataFrame|None=None, # GPTCelltype table (default: bun
         for s, r in folds.items():
             w = src[keep] == s
             oos[w] = sc[r][w]
-            if w.any(): per.append(dict(method=m, held_out=s, n=int(w.sum()), published_mean=pub[w].mean(), our_mean=np.nanmean(oos[w]),
-                                        gap=np.nanmean(oos[w]) - pub[w].mean(), identical_share=(oos[w] == pub[w]).mean()))
-        rows.append(dict(method=m, n=len(pub), published_mean=pub.mean(),
-                         in_sample_mean=np.nanmean(ins), in_sample_gap=np.nanmean(ins) - pub.mean(), in_sample_identical=(ins == pub).mean(),
-                         out_of_sample_mean=np.nanmean(oos), out_of_sample_gap=np.nanmean(oos) - pub.mean(),
-                         out_of_sample_identical=(oos == pub).mean()))
-    picks = pd.DataFrame([dict(held_out=s, **vars(r)) for s, r in folds.items()] + [dict(held_out='(none: in-sample)', **vars(whole))])
+            if w.any():
+                per.append(
+                    dict(
+                        method=m,
+                        held_out=s,
+                        n=int(w.sum()),
+                        published_mean=pub[w].mean(),
+                        our_mean=np.nanmean(oos[w]),
+                        gap=np.nanmean(oos[w]) - pub[w].mean(),
+                        identical_share=(oos[w] == pub[w]).mean(),
+                    )
+                )
+        rows.append(
+            dict(
+                method=m,
+                n=len(pub),
+                published_mean=pub.mean(),
+                in_sample_mean=np.nanmean(ins),
+                in_sample_gap=np.nanmean(ins) - pub.mean(),
+                in_sample_identical=(ins == pub).mean(),
+                out_of_sample_mean=np.nanmean(oos),
+                out_of_sample_gap=np.nanmean(oos) - pub.mean(),
+                out_of_sample_identical=(oos == pub).mean(),
+            )
+        )
+    picks = pd.DataFrame(
+        [dict(held_out=s, **vars(r)) for s, r in folds.items()] + [dict(held_out='(none: in-sample)', **vars(whole))]
+    )
     return pd.DataFrame(rows).round(3), pd.DataFrame(per).round(3), picks
 
 # %% ../nbs/08_evaluate.ipynb #6b3d0e8c
 PBMC_MARKERS = {
-    'T cell': ['CD3D', 'CD3E', 'CD2', 'IL7R', 'TRAC'], 'CD4-positive, alpha-beta T cell': ['CD3D', 'CD4', 'IL7R', 'CCR7', 'LDHB'],
-    'CD8-positive, alpha-beta T cell': ['CD3D', 'CD8A', 'CD8B', 'GZMK', 'CCL5'], 'natural killer cell': ['GNLY', 'NKG7', 'KLRD1', 'GZMB', 'PRF1'],
-    'B cell': ['MS4A1', 'CD79A', 'CD79B', 'CD19', 'BANK1'], 'plasma cell': ['JCHAIN', 'MZB1', 'XBP1', 'IGHG1'],
-    'monocyte': ['CD14', 'LYZ', 'S100A8', 'S100A9', 'FCN1'], 'non-classical monocyte': ['FCGR3A', 'MS4A7', 'LST1', 'IFITM3'],
-    'dendritic cell': ['FCER1A', 'CST3', 'CLEC10A', 'CD1C'], 'plasmacytoid dendritic cell': ['LILRA4', 'IL3RA', 'CLEC4C', 'IRF7'],
-    'platelet': ['PPBP', 'PF4', 'GP9', 'ITGA2B'], 'erythrocyte': ['HBB', 'HBA1', 'HBA2'],
+    'T cell': ['CD3D', 'CD3E', 'CD2', 'IL7R', 'TRAC'],
+    'CD4-positive, alpha-beta T cell': ['CD3D', 'CD4', 'IL7R', 'CCR7', 'LDHB'],
+    'CD8-positive, alpha-beta T cell': ['CD3D', 'CD8A', 'CD8B', 'GZMK', 'CCL5'],
+    'natural killer cell': ['GNLY', 'NKG7', 'KLRD1', 'GZMB', 'PRF1'],
+    'B cell': ['MS4A1', 'CD79A', 'CD79B', 'CD19', 'BANK1'],
+    'plasma cell': ['JCHAIN', 'MZB1', 'XBP1', 'IGHG1'],
+    'monocyte': ['CD14', 'LYZ', 'S100A8', 'S100A9', 'FCN1'],
+    'non-classical monocyte': ['FCGR3A', 'MS4A7', 'LST1', 'IFITM3'],
+    'dendritic cell': ['FCER1A', 'CST3', 'CLEC10A', 'CD1C'],
+    'plasmacytoid dendritic cell': ['LILRA4', 'IL3RA', 'CLEC4C', 'IRF7'],
+    'platelet': ['PPBP', 'PF4', 'GP9', 'ITGA2B'],
+    'erythrocyte': ['HBB', 'HBA1', 'HBA2'],
 }
 
 def _canonical(label, markers)->list:
@@ -265,14 +314,23 @@ def marker_support(markers:pd.DataFrame, # tidy marker table: cluster, rank, gen
                   )->pd.DataFrame:
     "Per cluster: canonical markers of its label found among its top markers, and whether they support the label."
     need = {'cluster', 'rank', 'gene'}
-    if not need <= set(markers.columns): raise KeyError(f"marker table needs columns {sorted(need)}; it has {list(markers.columns)}.")
+    if not need <= set(markers.columns):
+        raise KeyError(f"marker table needs columns {sorted(need)}; it has {list(markers.columns)}.")
     canonical = PBMC_MARKERS if canonical is None else canonical
     top = markers.sort_values(['cluster', 'rank']).groupby('cluster')['gene'].apply(lambda g: list(g)[:n_top])
     rows = []
     for cl, lab in labels.items():
         genes, canon = top.get(cl, top.get(str(cl), [])), _canonical(lab, canonical) if not _isna(lab) else []
         found = [g for g in canon if g in set(genes)]
-        reason = 'no label' if _isna(lab) else 'no top markers' if not len(genes) else 'no canonical markers known' if not canon else ''
+        reason = (
+            'no label'
+            if _isna(lab)
+            else 'no top markers'
+            if not len(genes)
+            else 'no canonical markers known'
+            if not canon
+            else ''
+        )
         rows.append(dict(cluster=cl, label=lab, n_canonical=len(canon), n_found=len(found), found=found,
                          supported=(len(found) >= min_hits) if canon and len(genes) else np.nan, reason=reason))
     return pd.DataFrame(rows)
@@ -300,15 +358,22 @@ def evaluate_labels(truth, # true labels, one per cell
     "Accuracy, mean agreement, macro-F1, CL-normalised confusion matrix (and cluster agreement) of two label vectors."
     from sklearn.metrics import f1_score
     truth, pred = pd.Series(list(truth), dtype=object), pd.Series(list(pred), dtype=object)
-    if len(truth) != len(pred): raise ValueError(f'truth has {len(truth)} labels but pred has {len(pred)}; give one of each per cell.')
+    if len(truth) != len(pred):
+        raise ValueError(f'truth has {len(truth)} labels but pred has {len(pred)}; give one of each per cell.')
     tis = pd.Series(_per_cell(tissue, len(truth), 'tissue'), dtype=object)
     trip = pd.DataFrame({'t': truth, 'p': pred, 'ti': tis})
     sc = {k: agreement(k[1], k[0], k[2], rule) for k in set(zip(trip.t, trip.p, trip.ti))}
     s = pd.Series([sc[k] for k in zip(trip.t, trip.p, trip.ti)])
-    tc = pd.Series([_class(t, ti) for t, ti in zip(truth, tis)]); pc = pd.Series([_class(p, ti) for p, ti in zip(pred, tis)])
-    out = dict(n_cells=len(truth), n_unscored=int(s.isna().sum()), accuracy=float((s == 1).sum() / max(s.notna().sum(), 1)),
-               mean_agreement=float(s.mean()), macro_f1=float(f1_score(tc, pc, labels=sorted(set(tc)), average='macro', zero_division=0)),
-               confusion=pd.crosstab(tc.rename('truth'), pc.rename('pred'), normalize='index'))
+    tc = pd.Series([_class(t, ti) for t, ti in zip(truth, tis)])
+    pc = pd.Series([_class(p, ti) for p, ti in zip(pred, tis)])
+    out = dict(
+        n_cells=len(truth),
+        n_unscored=int(s.isna().sum()),
+        accuracy=float((s == 1).sum() / max(s.notna().sum(), 1)),
+        mean_agreement=float(s.mean()),
+        macro_f1=float(f1_score(tc, pc, labels=sorted(set(tc)), average='macro', zero_division=0)),
+        confusion=pd.crosstab(tc.rename('truth'), pc.rename('pred'), normalize='index'),
+    )
     if clusters is not None:
         c = pd.Series(list(clusters))
         mode = lambda x: x.mode().iloc[0] if x.notna().any() else np.nan
@@ -319,7 +384,7 @@ def evaluate_labels(truth, # true labels, one per cell
 
 # %% ../nbs/08_evaluate.ipynb #d2d3f93d
 def _tissue_of(adata, tissue)->tuple:
-    "(tissue per cell or one string or None, where it came from): the parameter, obs['tissue'], uns['dataset']['tissue']."
+    "(tissue per cell, one string or None; its source): the parameter, obs['tissue'], uns['dataset']['tissue']."
     if tissue is not None: return tissue, 'parameter'
     if 'tissue' in adata.obs: return adata.obs['tissue'].astype(object).tolist(), "obs['tissue']"
     ds = adata.uns.get('dataset')

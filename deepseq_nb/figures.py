@@ -38,16 +38,31 @@ FIGURES = {
     'fig_qc_knee': ("DeepSeq's three QC filters on barcode-rank (knee) plots", ('counts',)),
     'fig_clusters': ('Leiden clusters on a UMAP and the top markers of each cluster', ()),
     'tab_deepseq_models': ("DeepSeq's model table: every backend on the clusters of each QC strategy", ('labels?',)),
-    'tab_annotation_e2e': ('From expression to labels: the celltyping kb vs top-10 kb, decoupler and CellTypist per dataset', ('labels',)),
-    'tab_gptcelltype': ('GPTCelltype benchmark: agreement per method and dataset, and vs the number of top genes', ('bundled',)),
-    'tab_cross_tissue': ('scAgent cross-tissue annotation: memory kNN, tissue plugins, router, baselines', ('bundled',)),
+    'tab_annotation_e2e': (
+        'From expression to labels: the celltyping kb vs top-10 kb, decoupler and CellTypist per dataset',
+        ('labels',),
+    ),
+    'tab_gptcelltype': (
+        'GPTCelltype benchmark: agreement per method and dataset, and vs the number of top genes',
+        ('bundled',),
+    ),
+    'tab_cross_tissue': (
+        'scAgent cross-tissue annotation: memory kNN, tissue plugins, router, baselines',
+        ('bundled',),
+    ),
     'fig_embeddings': ('UMAPs of the frozen and tuned scGPT embeddings beside PCA', ('bundled',)),
-    'fig_novelty_curves': ('Novel-type detection relative to the query: ROC and AUROC per space (3 seeds), false-novel vs detection across studies', ('bundled',)),
+    'fig_novelty_curves': (
+        'Novel-type detection relative to the query: ROC and AUROC per space (3 seeds), false-novel vs detection '
+        'across studies',
+        ('bundled',),
+    ),
     'fig_incremental': ('Adding a cell type from k labelled cells; the forgetting curve', ('labels',)),
 }
 _BUNDLED_WHY = {
-    'tab_gptcelltype': "it scores the GPTCelltype benchmark's marker tables, not a dataset; score your own marker table "
-                       "with `deepseq benchmark YOUR.csv --backend kb`",
+    'tab_gptcelltype': (
+        "it scores the GPTCelltype benchmark's marker tables, not a dataset; score your own marker table "
+        "with `deepseq benchmark YOUR.csv --backend kb`"
+    ),
     'tab_cross_tissue': "it compares the bundled blood and pancreas studies named in [crosstissue]",
     'fig_embeddings': "it embeds the bundled blood and pancreas studies named in [crosstissue]",
     'fig_novelty_curves': "it holds types out of the bundled studies named in [novelty]",
@@ -78,19 +93,31 @@ def applies(name:str, # figure notebook name
     "Whether figure `name` runs on this dataset, and a note: why not, or what it leaves out."
     needs = FIGURES.get(name, ('', ()))[1]
     if info is None: return True, ''
-    if 'bundled' in needs: return False, f"does not apply to a user's dataset: {_BUNDLED_WHY.get(name, 'it uses the bundled studies')}"
+    if 'bundled' in needs:
+        return False, f"does not apply to a user's dataset: {_BUNDLED_WHY.get(name, 'it uses the bundled studies')}"
     if 'counts' in needs and info['x_is'] != 'counts':
-        return False, "needs raw counts, and the dataset holds log-normalised values (the knee filters rank barcodes by total counts)"
+        return (
+            False,
+            "needs raw counts, and the dataset holds log-normalised values (the knee filters rank barcodes by total "
+            "counts)",
+        )
     if 'labels' in needs and not info['label_key']:
         return False, "needs a ground-truth column: none found (set data.label_key=COLUMN)"
     if 'labels?' in needs and not info['label_key']:
-        return True, "runs without agreement columns: the dataset has no ground-truth column (set data.label_key=COLUMN)"
+        return (
+            True,
+            "runs without agreement columns: the dataset has no ground-truth column (set data.label_key=COLUMN)",
+        )
     return True, ''
 
 # %% ../nbs/90_figures.ipynb #d562e332
 def dataset_overrides(dataset:str, info:dict)->list[str]:
     "Settings overrides that point every applicable figure at a user's `dataset`."
-    o = [f'data.dataset={dataset}', 'data.tissue=', 'data.species=']  # the bundled run's tissue is not the user's: the data or --set decides
+    o = [
+        f'data.dataset={dataset}',
+        'data.tissue=',
+        'data.species=',
+    ]  # the bundled run's tissue is not the user's: the data or --set decides
     if info.get('label_key'): o += [f'incremental.dataset={dataset}', f"incremental.label_key={info['label_key']}"]
     return o
 
@@ -103,7 +130,11 @@ def dataset_name(dataset:str|Path, # bundled name or a path
 def run_dir(dataset:str|None=None, root=None)->Path:
     "Where a run writes: `paper_figures/out` for bundled defaults, `paper_figures/runs/<name>` for a user's dataset."
     if not dataset: return figures_dir(root)/'out'
-    return figures_dir(root)/'runs'/re.sub(r'[^A-Za-z0-9_.-]+', '_', dataset_name(dataset).removesuffix('.h5ad').removesuffix('.h5'))
+    return (
+        figures_dir(root)
+        / 'runs'
+        / re.sub(r'[^A-Za-z0-9_.-]+', '_', dataset_name(dataset).removesuffix('.h5ad').removesuffix('.h5'))
+    )
 
 # %% ../nbs/90_figures.ipynb #faa5e6f8
 def sha256(path:str|Path, chunk:int=1<<20)->str:
@@ -117,9 +148,29 @@ def sha256(path:str|Path, chunk:int=1<<20)->str:
     return h.hexdigest()
 
 # %% ../nbs/90_figures.ipynb #82b2600c
-PACKAGES = ('deepseq_nb', 'scanpy', 'anndata', 'numpy', 'scipy', 'pandas', 'scikit-learn', 'leidenalg', 'igraph', 'kneed',
-            'rapidfuzz', 'cellxgene-ontology-guide', 'torch', 'scgpt', 'peft', 'faiss-cpu', 'celltypist', 'matplotlib',
-            'papermill', 'ollama', 'openai')
+PACKAGES = (
+    'deepseq_nb',
+    'scanpy',
+    'anndata',
+    'numpy',
+    'scipy',
+    'pandas',
+    'scikit-learn',
+    'leidenalg',
+    'igraph',
+    'kneed',
+    'rapidfuzz',
+    'cellxgene-ontology-guide',
+    'torch',
+    'scgpt',
+    'peft',
+    'faiss-cpu',
+    'celltypist',
+    'matplotlib',
+    'papermill',
+    'ollama',
+    'openai',
+)
 
 def versions()->dict:
     "Python, platform and the versions of the packages that compute the figures (None when not installed)."
@@ -144,8 +195,13 @@ def read_ledger(path:str|Path)->list[dict]:
     if not p.exists(): return []
     tot = {}
     for line in p.read_text().splitlines():
-        r = json.loads(line); t = tot.setdefault(r['backend'], dict(backend=r['backend'], model=r.get('model'), runs=0, calls=0,
-                                                                    hits=0, tokens_in=0, tokens_out=0, cost=0.0))
+        r = json.loads(line)
+        t = tot.setdefault(
+            r['backend'],
+            dict(
+                backend=r['backend'], model=r.get('model'), runs=0, calls=0, hits=0, tokens_in=0, tokens_out=0, cost=0.0
+            ),
+        )
         t['runs'] += 1
         for k in ('calls', 'hits', 'tokens_in', 'tokens_out'): t[k] += r.get(k) or 0
         t['cost'] = None if (t['cost'] is None or r.get('cost') is None) else t['cost'] + r['cost']
@@ -221,7 +277,11 @@ def figure_of(fname:str, # a file name in a run or results directory
               names:list|None=None, # figure names (default: `list_figures()`)
              )->str|None:
     "The figure that file `fname` belongs to, or None."
-    hits = [n for n in (names if names is not None else list_figures()) if fname.startswith(n) and fname[len(n):len(n)+1] in ('.', '_')]
+    hits = [
+        n
+        for n in (names if names is not None else list_figures())
+        if fname.startswith(n) and fname[len(n) : len(n) + 1] in ('.', '_')
+    ]
     return max(hits, key=len) if hits else None
 
 # %% ../nbs/90_figures.ipynb #69468640
@@ -250,7 +310,7 @@ def _select(only, names:list)->list:
     return [n for n in names if n in only]
 
 def _run_one(n:str, fdir:Path, out:Path, overrides:list, user:bool, html:bool, env:dict)->dict:
-    "Execute one figure notebook with papermill, with its own LLM ledger and pinned environment; its record for the manifest."
+    "Execute one figure notebook with papermill, its own LLM ledger and a pinned environment; its manifest record."
     pm = require('papermill')   # the [figures] extra
     ledger = out/f'.{n}.ledger.jsonl'; ledger.unlink(missing_ok=True)
     env = dict(env, DEEPSEQ_LEDGER=str(ledger))
@@ -273,16 +333,21 @@ def _run_one(n:str, fdir:Path, out:Path, overrides:list, user:bool, html:bool, e
     return rec
 
 # %% ../nbs/90_figures.ipynb #a337961a
-def run_figures(only:list|str|None=None, # figure names to run (default: all)
-                overrides:list|None=None, # `section.key=value` settings overrides
-                dataset:str|None=None, # a user's dataset path (sets data.dataset)
-                out_dir:str|Path|None=None, # default: see `run_dir`
-                html:bool=True, # export each executed notebook to HTML
-                update_results:bool|str|Path=False, # copy the run into paper_figures/results; a path: that run, not rerun
-                check:bool|str|Path=False, # compare the run's tables with the committed ones; a path: that run, not rerun
-                root=None, log=print)->dict:
+def run_figures(
+    only: list | str | None = None,  # figure names to run (default: all)
+    overrides: list | None = None,  # `section.key=value` settings overrides
+    dataset: str | None = None,  # a user's dataset path (sets data.dataset)
+    out_dir: str | Path | None = None,  # default: see `run_dir`
+    html: bool = True,  # export each executed notebook to HTML
+    update_results: bool | str | Path = False,  # copy the run into paper_figures/results; a path: that run, not rerun
+    check: bool | str | Path = False,  # compare the run's tables with the committed ones; a path: that run, not rerun
+    root=None,
+    log=print,
+) -> dict:
     "Execute the figure notebooks with papermill; return the run's manifest (one record per figure, and `check`)."
-    given = next((Path(a) for a in (check, update_results) if isinstance(a, (str, Path)) and not isinstance(a, bool)), None)
+    given = next(
+        (Path(a) for a in (check, update_results) if isinstance(a, (str, Path)) and not isinstance(a, bool)), None
+    )
     if given is not None:
         if not (given/'manifest.json').exists():
             raise FileNotFoundError(f"{given}/manifest.json not found: give the directory of a `deepseq figures` run.")
@@ -307,7 +372,9 @@ def _run(only, overrides, dataset, out_dir, html, root, log)->tuple[dict, Path, 
     names = _select(only, list_figures(root))
     info = None
     if dataset:
-        info = dataset_info(dataset, S, label_named=any(o.split('=', 1)[0].strip() == 'data.label_key' for o in overrides))
+        info = dataset_info(
+            dataset, S, label_named=any(o.split('=', 1)[0].strip() == 'data.label_key' for o in overrides)
+        )
         overrides = dataset_overrides(dataset, info) + overrides
         S = load_settings(overrides=overrides)
     out = Path(out_dir) if out_dir else run_dir(dataset, root)
@@ -321,7 +388,10 @@ def _run(only, overrides, dataset, out_dir, html, root, log)->tuple[dict, Path, 
         try: records[n] = rec = _run_one(n, fdir, out, overrides, bool(dataset), html, env)
         except Exception as e:
             msg = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
-            log(f"[figures] {n} FAILED: {msg}"); records[n] = dict(status='failed', error=msg); failed.append(n); continue
+            log(f"[figures] {n} FAILED: {msg}")
+            records[n] = dict(status='failed', error=msg)
+            failed.append(n)
+            continue
         if note: rec['note'] = note
         hits = sum(r['hits'] for r in rec['llm']); calls = sum(r['calls'] for r in rec['llm'])
         log(f"[figures] {n} done in {rec['seconds']} s ({calls} LLM requests, {hits} cache hits): "
@@ -338,13 +408,15 @@ def publish_results(out:Path, # a run directory of the bundled defaults
                     fdir:Path, # paper_figures/
                     names:list|None=None, # figures to publish (default: every figure that ran in `out`)
                     log=print)->Path:
-    "Copy the figures that ran in `out` into `fdir/results`, merge their records into its manifest, rewrite the gallery."
+    "Copy the figures run in `out` into `fdir/results`, merge their records into its manifest; rewrite the gallery."
     out, fdir = Path(out), Path(fdir)
     run = _load_manifest(out)
     if not run: raise FileNotFoundError(f"{out}/manifest.json not found: run `deepseq figures` first.")
     if run.get('dataset') or run.get('overrides'):
-        raise ValueError(f"{out} is a run on {run.get('dataset') and run['dataset']['dataset'] or 'overridden settings'}, "
-                         "not the bundled defaults: it cannot become the committed record.")
+        raise ValueError(
+            f"{out} is a run on {run.get('dataset') and run['dataset']['dataset'] or 'overridden settings'}, "
+            "not the bundled defaults: it cannot become the committed record."
+        )
     names = [n for n in (names or run['figures']) if run['figures'].get(n, {}).get('status') == 'ran']
     res = fdir/'results'; res.mkdir(exist_ok=True)
     figs = list_figures(fdir.parent)
@@ -367,29 +439,43 @@ def results_readme(m:dict, # a manifest
                   )->str:
     "The Markdown gallery of `paper_figures/README.md` from a manifest."
     v = m['versions']
-    L = ['# Paper figures', '',
-         'Every figure and table of the two papers, regenerated by `make figures` (= `deepseq figures`) from `settings.ini`',
-         'on the bundled data, offline, on CPU, into `out/`. The committed record is in `results/`: each notebook executed is in',
-         '`results/<name>.html`, and `results/manifest.json` records the inputs with checksums, the package versions, the',
-         'settings, the LLM requests and cache hits, and the time per notebook. `make results` (= `deepseq figures',
-         '--update-results`) replaces it; `make check-figures` (= `deepseq figures --check`) reruns the figures and compares',
-         'every table with the committed one under the tolerances in `<name>.tolerances.json`.', '',
-         f"Last update: {m['created']} · deepseq_nb {v.get('deepseq_nb')} · Python {v.get('python')} · scanpy {v.get('scanpy')} · "
-         f"torch {v.get('torch')} · {v.get('platform')}", '',
-         '| notebook | what it shows | status | run on | seconds |', '|---|---|---|---|---|']
+    lines = [
+        '# Paper figures',
+        '',
+        # one element per line of the README (the longer ones in two literals)
+        ('Every figure and table of the two papers, regenerated by `make figures` (= `deepseq figures`) from '
+         '`settings.ini`'),
+        ('on the bundled data, offline, on CPU, into `out/`. The committed record is in `results/`: each notebook '
+         'executed is in'),
+        ('`results/<name>.html`, and `results/manifest.json` records the inputs with checksums, the package versions, '
+         'the'),
+        'settings, the LLM requests and cache hits, and the time per notebook. `make results` (= `deepseq figures',
+        ('--update-results`) replaces it; `make check-figures` (= `deepseq figures --check`) reruns the figures and '
+         'compares'),
+        'every table with the committed one under the tolerances in `<name>.tolerances.json`.',
+        '',
+        (f"Last update: {m['created']} · deepseq_nb {v.get('deepseq_nb')} · Python {v.get('python')} · "
+         f"scanpy {v.get('scanpy')} · torch {v.get('torch')} · {v.get('platform')}"),
+        '',
+        '| notebook | what it shows | status | run on | seconds |',
+        '|---|---|---|---|---|',
+    ]
     for n, r in m['figures'].items():
-        L.append(f"| [{n}]({n}.ipynb) | {FIGURES.get(n, ('',))[0]} | {r['status']} | {(r.get('created') or '')[:10]} | {r.get('seconds', '')} |")
+        lines.append(
+            f"| [{n}]({n}.ipynb) | {FIGURES.get(n, ('',))[0]} | {r['status']} | {(r.get('created') or '')[:10]} | "
+            f"{r.get('seconds', '')} |"
+        )
     total = sum(r.get('seconds', 0) for r in m['figures'].values())
-    L += ['', f'Total: {total/60:.1f} min on the machines that made them.', '']
+    lines += ['', f'Total: {total/60:.1f} min on the machines that made them.', '']
     for n in m['figures']:
         files = sorted(p.name for p in res.iterdir() if figure_of(p.name, list(m['figures'])) == n)
         pngs, csvs = [f for f in files if f.endswith('.png')], [f for f in files if f.endswith('.csv')]
         if not pngs and not csvs: continue
-        L += [f'## {n}', '', FIGURES.get(n, ('',))[0] + '.', '']
-        L += [f'![{p}](results/{p})' for p in pngs] + ([''] if pngs else [])
-        if csvs: L += ['Tables: ' + ', '.join(f'[{c}](results/{c})' for c in csvs), '']
-        if f'{n}.html' in files: L += [f'Executed notebook: [results/{n}.html](results/{n}.html)', '']
-    return '\n'.join(L)
+        lines += [f'## {n}', '', FIGURES.get(n, ('',))[0] + '.', '']
+        lines += [f'![{p}](results/{p})' for p in pngs] + ([''] if pngs else [])
+        if csvs: lines += ['Tables: ' + ', '.join(f'[{c}](results/{c})' for c in csvs), '']
+        if f'{n}.html' in files: lines += [f'Executed notebook: [results/{n}.html](results/{n}.html)', '']
+    return '\n'.join(lines)
 
 # %% ../nbs/90_figures.ipynb #e3ffecfe
 _PUBLISHED_COLS = ('source', 'kind', 'method')
@@ -426,7 +512,7 @@ def compare_tables(old:pd.DataFrame, # the committed table
                    ignore:list|tuple=(), # columns (or regexes) not compared
                    row_tolerance:dict|None=None, # regex on a row's first key -> absolute tolerance (wide tables)
                   )->pd.DataFrame:
-    "What moved between two tables: one row per changed value, missing/extra row or column, with `diff`, `tol` and `ok`."
+    "What moved between two tables: a row per changed value, missing/extra row or column, with `diff`, `tol` and `ok`."
     key, tolerance, row_tolerance = list(key or old.columns[:1]), dict(tolerance or {}), dict(row_tolerance or {})
     rows = []
     def add(row, col, what, a=None, b=None, diff=None, tol=0.0, ok=False):
@@ -449,7 +535,16 @@ def compare_tables(old:pd.DataFrame, # the committed table
                 if x == y: continue
                 tol = 0.0 if pub else _tol(c, str(k[0]), tolerance, row_tolerance)
                 d = y - x
-                add(fmt(k), c, 'published value' if pub else 'value', a, b, d, tol, abs(d) <= tol + 1e-9*max(1.0, abs(x)))
+                add(
+                    fmt(k),
+                    c,
+                    'published value' if pub else 'value',
+                    a,
+                    b,
+                    d,
+                    tol,
+                    abs(d) <= tol + 1e-9 * max(1.0, abs(x)),
+                )
             elif str(a) != str(b): add(fmt(k), c, 'published text' if pub else 'text', a, b)
     return pd.DataFrame(rows, columns=['row', 'column', 'what', 'committed', 'rerun', 'diff', 'tol', 'ok'])
 
@@ -457,7 +552,7 @@ def compare_tables(old:pd.DataFrame, # the committed table
 def load_tolerances(name:str, # figure notebook name
                     fdir:Path, # paper_figures/
                    )->dict:
-    "The tolerances of figure `name`: `fdir/<name>.tolerances.json` (table -> key, abs, abs_rows, ignore), or {} (all exact)."
+    "Tolerances of figure `name`: `fdir/<name>.tolerances.json` (table -> key, abs, abs_rows, ignore), or {} (exact)."
     p = Path(fdir)/f'{name}.tolerances.json'
     return json.loads(p.read_text()).get('tables', {}) if p.exists() else {}
 
@@ -465,7 +560,7 @@ def check_run(out:Path, # a run directory
               fdir:Path, # paper_figures/ (its results/ is the committed record)
               names:list|None=None, # figures to check (default: every figure of the committed record)
              )->pd.DataFrame:
-    "Every difference between the tables (CSV) of run `out` and of the committed record, with its tolerance and verdict."
+    "Every difference between the tables (CSV) of run `out` and the committed record, with its tolerance and verdict."
     out, fdir = Path(out), Path(fdir); res = fdir/'results'
     run, rec = _load_manifest(out), _load_manifest(res)
     names = names or list(rec.get('figures', {}))
@@ -474,14 +569,19 @@ def check_run(out:Path, # a run directory
         r = run.get('figures', {}).get(n, {})
         tabs = sorted(p.name for p in res.glob('*.csv') if figure_of(p.name, figs) == n)
         if r.get('status') != 'ran':
-            parts.append(pd.DataFrame([dict(figure=n, table='', what=f"did not run ({r.get('status', 'not in the run')})", ok=False)])); continue
+            parts.append(
+                pd.DataFrame(
+                    [dict(figure=n, table='', what=f"did not run ({r.get('status', 'not in the run')})", ok=False)]
+                )
+            )
+            continue
         tols = load_tolerances(n, fdir)
         for t in tabs:
             if not (out/t).exists():
                 parts.append(pd.DataFrame([dict(figure=n, table=t, what='table missing in rerun', ok=False)])); continue
-            T = tols.get(t, {})
-            d = compare_tables(pd.read_csv(res/t), pd.read_csv(out/t), key=T.get('key'), tolerance=T.get('abs'),
-                               ignore=T.get('ignore', ()), row_tolerance=T.get('abs_rows'))
+            tol = tols.get(t, {})
+            d = compare_tables(pd.read_csv(res/t), pd.read_csv(out/t), key=tol.get('key'), tolerance=tol.get('abs'),
+                               ignore=tol.get('ignore', ()), row_tolerance=tol.get('abs_rows'))
             parts.append(d.assign(figure=n, table=t))
         for t in sorted(p.name for p in out.glob('*.csv') if figure_of(p.name, figs) == n and p.name not in tabs):
             parts.append(pd.DataFrame([dict(figure=n, table=t, what='table not in the committed record', ok=False)]))
@@ -493,22 +593,25 @@ def check_run(out:Path, # a run directory
 def format_check(rep:pd.DataFrame, # `check_run`'s report
                  max_lines:int=40, # failures listed one by one at most
                 )->str:
-    "Failures one by one; values that moved within tolerance summed up per table and column (count, largest move); a verdict."
+    "Failures one by one; moves within tolerance summed up per table and column (count, largest move); a verdict."
     if not len(rep): return 'check: every table equals the committed one.'
     rep = rep.assign(ok=rep['ok'].astype(bool))
-    bad, good, L = rep[~rep['ok']], rep[rep['ok']], []
+    bad, good, lines = rep[~rep['ok']], rep[rep['ok']], []
     for r in bad.head(max_lines).itertuples():
         where = ' · '.join(str(x) for x in (r.table, r.row, r.column) if isinstance(x, str) and x)
         if isinstance(r.diff, (int, float)) and not pd.isna(r.diff):
             what = f'{r.committed} -> {r.rerun} (moved {r.diff:+.4g}, tolerance {r.tol:g})'
         elif not (pd.isna(r.committed) and pd.isna(r.rerun)): what = f'{r.committed!r} -> {r.rerun!r}'
         else: what = ''
-        L.append(f"FAIL {r.figure}: {where}: {r.what} {what}".rstrip())
-    if len(bad) > max_lines: L.append(f'FAIL ... and {len(bad)-max_lines} more')
+        lines.append(f"FAIL {r.figure}: {where}: {r.what} {what}".rstrip())
+    if len(bad) > max_lines: lines.append(f'FAIL ... and {len(bad)-max_lines} more')
     for (f, t, c), g in good.groupby(['figure', 'table', 'column'], sort=False):
         i = g['diff'].abs().idxmax()
-        L.append(f"ok   {f}: {t} · {c}: {len(g)} value(s) moved, most {g.loc[i, 'diff']:+.4g} ({g.loc[i, 'row']}: "
+        lines.append(f"ok   {f}: {t} · {c}: {len(g)} value(s) moved, most {g.loc[i, 'diff']:+.4g} ({g.loc[i, 'row']}: "
                  f"{g.loc[i, 'committed']} -> {g.loc[i, 'rerun']}), tolerance {g['tol'].max():g}")
     where = sorted(set(t or f for t, f in zip(bad['table'].fillna(''), bad['figure'])))
-    L.append(f"check: {len(rep)} difference(s), {len(bad)} outside tolerance" + (f" in {', '.join(where)}" if len(bad) else ': every table within tolerance.'))
-    return '\n'.join(L)
+    lines.append(
+        f"check: {len(rep)} difference(s), {len(bad)} outside tolerance"
+        + (f" in {', '.join(where)}" if len(bad) else ': every table within tolerance.')
+    )
+    return '\n'.join(lines)

@@ -6,8 +6,8 @@ Docs: https://deepseq-nb.github.io/deepseq_nb/knowledge.html.md"""
 
 # %% ../nbs/04_knowledge.ipynb #7f943b68
 from __future__ import annotations
-import functools, hashlib, io, json, math, os, pickle, re, warnings
-from collections import Counter, defaultdict
+import functools, hashlib, json, math, os, pickle, re
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,9 @@ def _mdir()->Path: return data_dir()/'markers'
 
 def cache_dir()->Path:
     "Per-user cache directory (`$DEEPSEQ_CACHE` or `~/.cache/deepseq_nb`), never inside the repo."
-    from deepseq_nb.config import cache_dir as user_cache_dir; return user_cache_dir()   # one per-user cache (platformdirs)
+    from deepseq_nb.config import cache_dir as user_cache_dir
+
+    return user_cache_dir()  # one per-user cache (platformdirs)
 
 # %% ../nbs/04_knowledge.ipynb #df15648b
 def _split_genes(s)->list[str]:
@@ -67,8 +69,12 @@ def _read_cellmarker()->pd.DataFrame:
 def _read_sctype()->pd.DataFrame:
     "ScType positive (`geneSymbolmore1`) and negative (`geneSymbolmore2`) markers; ScType is a human DB."
     s = pd.read_excel(_mdir()/'ScTypeDB_full.xlsx')
-    rows = [(r.tissueType, r.cellName.strip(), g, neg) for r in s.itertuples()
-            for neg, col in ((False, 'geneSymbolmore1'), (True, 'geneSymbolmore2')) for g in _split_genes(getattr(r, col))]
+    rows = [
+        (r.tissueType, r.cellName.strip(), g, neg)
+        for r in s.itertuples()
+        for neg, col in ((False, 'geneSymbolmore1'), (True, 'geneSymbolmore2'))
+        for g in _split_genes(getattr(r, col))
+    ]
     e = pd.DataFrame(rows, columns=['tissue', 'cell_type', 'gene', 'negative']).drop_duplicates()
     return e.assign(species='human', source='ScType', sensitivity=np.nan, specificity=np.nan, n_refs=1, canonical=False)
 
@@ -94,8 +100,12 @@ def _cached(name:str, key:str, build):
 def cellmarker_curation()->dict:
     "From CellMarker 2.0's full mouse table: curated `cell name -> CL id` and `marker alias -> symbol` maps."
     def build():
-        m = pd.read_excel(_mdir()/'Cell_marker_Mouse.xlsx', usecols=['cell_name', 'cellontology_id', 'marker', 'Symbol'])
-        cl = m.dropna(subset=['cellontology_id']).groupby('cell_name')['cellontology_id'].agg(lambda s: s.mode().iloc[0])
+        m = pd.read_excel(
+            _mdir() / 'Cell_marker_Mouse.xlsx', usecols=['cell_name', 'cellontology_id', 'marker', 'Symbol']
+        )
+        cl = (
+            m.dropna(subset=['cellontology_id']).groupby('cell_name')['cellontology_id'].agg(lambda s: s.mode().iloc[0])
+        )
         cl = {k.strip(): v.replace('_', ':') for k, v in cl.items()}
         a = m.dropna(subset=['marker', 'Symbol'])
         a = a[a.marker.map(_upper) != a.Symbol.map(_upper)]
@@ -106,8 +116,10 @@ def cellmarker_curation()->dict:
 # %% ../nbs/04_knowledge.ipynb #80b7880d
 @functools.cache
 def gene_aliases()->dict:
-    "Upper-case alias -> official symbol, from PanglaoDB nicknames and CellMarker's marker/symbol pairs; ambiguous aliases dropped."
-    p = pd.read_csv(_mdir()/'PanglaoDB_markers_27_Mar_2020.tsv', sep='\t', usecols=['official gene symbol', 'nicknames'])
+    "Upper-case alias -> symbol, from PanglaoDB nicknames and CellMarker's marker/symbol pairs; ambiguous ones dropped."
+    p = pd.read_csv(
+        _mdir() / 'PanglaoDB_markers_27_Mar_2020.tsv', sep='\t', usecols=['official gene symbol', 'nicknames']
+    )
     official = set(p['official gene symbol'].map(_upper))
     for fn in ('CellMarker2_Human_Aug.csv', 'CellMarker2_Mouse_Aug.csv'):
         official |= {_upper(g) for gs in pd.read_csv(_mdir()/fn).Gene for g in _split_genes(gs)}
@@ -124,13 +136,13 @@ _CD_NAMES = {'CD16': 'FCGR3A', 'CD16A': 'FCGR3A', 'CD16B': 'FCGR3B', 'CD45RA': '
 
 def norm_gene(g:str, # a gene symbol or alias, any species' case (`Cd3e`, `CD3E`, `CD20`)
              )->str:
-    "Harmonised upper-case symbol: mouse and human orthologues with the same name meet, known aliases map to the symbol."
+    "Harmonised upper-case symbol: same-named mouse and human orthologues meet, known aliases map to the symbol."
     u = _upper(g)
     return gene_aliases().get(u, u)
 
 # %% ../nbs/04_knowledge.ipynb #397b6c68
 def _norm_name(s:str)->str:
-    "Lower-case cell-type name with abbreviations in brackets dropped, `+` spelled `-positive` and plurals made singular."
+    "Lower-case cell-type name: bracketed abbreviations dropped, `+` spelled `-positive`, plurals made singular."
     s = re.sub(r'\([^)]*\)', ' ', str(s)).replace('+', '-positive ').lower()
     s = re.sub(r'\bcells\b', 'cell', s)
     s = re.sub(r'[^a-z0-9\-αβγδ ]+', ' ', s)
@@ -191,13 +203,64 @@ def map_cl(label:str, # a cell-type name as a marker database writes it
 # tissue group -> words that name it (matched as whole words in lower case). Broad anatomy, not benchmark rows.
 TISSUE_GROUPS = {
     'blood': ['blood', 'pbmc', 'peripheral blood', 'umbilical cord blood'],
-    'immune': ['immune system', 'immune', 'lymphoma', 'leukemia', 'lymph', 'lymph node', 'lymphoid tissue', 'tonsil', 'palatine tonsil', 'spleen', 'thymus'],
+    'immune': [
+        'immune system',
+        'immune',
+        'lymphoma',
+        'leukemia',
+        'lymph',
+        'lymph node',
+        'lymphoid tissue',
+        'tonsil',
+        'palatine tonsil',
+        'spleen',
+        'thymus',
+    ],
     'bone marrow': ['bone marrow', 'marrow'],
-    'brain': ['brain', 'cortex', 'motor cortex', 'hippocampus', 'cerebellum', 'cerebral', 'striatum', 'spinal cord', 'nerve',
-              'olfactory system', 'nervous', 'retina'],
-    'lung': ['lung', 'lungs', 'airway', 'trachea', 'bronchi', 'bronchus', 'alveolus', 'nasal', 'nose', 'sputum', 'pleura'],
-    'gut': ['gi tract', 'gastrointestinal tract', 'gut', 'intestine', 'small intestine', 'large intestine', 'colon', 'rectum',
-            'stomach', 'esophagus', 'duodenum', 'ileum', 'jejunum', 'anorectal junction', 'colorectum'],
+    'brain': [
+        'brain',
+        'cortex',
+        'motor cortex',
+        'hippocampus',
+        'cerebellum',
+        'cerebral',
+        'striatum',
+        'spinal cord',
+        'nerve',
+        'olfactory system',
+        'nervous',
+        'retina',
+    ],
+    'lung': [
+        'lung',
+        'lungs',
+        'airway',
+        'trachea',
+        'bronchi',
+        'bronchus',
+        'alveolus',
+        'nasal',
+        'nose',
+        'sputum',
+        'pleura',
+    ],
+    'gut': [
+        'gi tract',
+        'gastrointestinal tract',
+        'gut',
+        'intestine',
+        'small intestine',
+        'large intestine',
+        'colon',
+        'rectum',
+        'stomach',
+        'esophagus',
+        'duodenum',
+        'ileum',
+        'jejunum',
+        'anorectal junction',
+        'colorectum',
+    ],
     'liver': ['liver', 'bile duct', 'biliary tract', 'gall bladder', 'gallbladder', 'hepatic'],
     'kidney': ['kidney', 'renal tubule', 'renal', 'nephron'],
     'heart': ['heart', 'cardiac', 'myocardium'],
@@ -256,7 +319,9 @@ def _kb_key()->str:
     k = _file_key('PanglaoDB_markers_27_Mar_2020.tsv', 'CellMarker2_Human_Aug.csv', 'CellMarker2_Mouse_Aug.csv',
                   'ScTypeDB_full.xlsx', 'Cell_marker_Mouse.xlsx')
     from deepseq_nb import knowledge, ontology
-    src = Path(knowledge.__file__).read_bytes() + Path(ontology.__file__).read_bytes()  # a parsing change without a KB_VERSION bump rebuilds too
+
+    # a parsing change without a KB_VERSION bump rebuilds too
+    src = Path(knowledge.__file__).read_bytes() + Path(ontology.__file__).read_bytes()
     return k + hashlib.sha1(src).hexdigest()[:8]
 
 @functools.cache
@@ -342,7 +407,7 @@ def rank_weight(r:int, # 1-based rank of a marker in the query list
     return 1/math.log2(r + 1)
 
 def _score(genes:list[str], tissue:str|None, species:str):
-    "BM25 scores of every type for a ranked gene list: (index, scores, per-gene query weights, known genes, tissue groups)."
+    "BM25 scores of every type for a ranked gene list: (index, scores, per-gene weights, known genes, tissue groups)."
     ix = kb_index(species)
     known = [(r, g) for r, g in enumerate(genes, 1) if g in ix.gene_index]
     q = np.zeros(len(ix.genes))
@@ -359,7 +424,17 @@ def _score(genes:list[str], tissue:str|None, species:str):
     return ix, s, qw, known, groups
 
 # %% ../nbs/04_knowledge.ipynb #6c4708fd
-CAND_COLS = ['cell_type', 'cl_id', 'cl_name', 'score', 'confidence', 'evidence', 'negative_evidence', 'source', 'reason']
+CAND_COLS = [
+    'cell_type',
+    'cl_id',
+    'cl_name',
+    'score',
+    'confidence',
+    'evidence',
+    'negative_evidence',
+    'source',
+    'reason',
+]
 
 def _unknown(reason:str)->pd.DataFrame:
     return pd.DataFrame([dict(cell_type='Unknown', cl_id=None, cl_name=None, score=0.0, confidence=0.0, evidence=[],
@@ -372,7 +447,11 @@ def _candidates(genes, tissue, species, top):
     if tissue is not None and isinstance(tissue, str) and tissue.strip() and not groups:
         notes.append(f'tissue {tissue!r} not recognised, no tissue prior used')
     unknown = [g for g in genes if g not in ix.gene_index]
-    if unknown: notes.append(f'{len(unknown)} of {len(genes)} genes not in the knowledge base ({", ".join(unknown[:5])}{"…" if len(unknown) > 5 else ""})')
+    if unknown:
+        notes.append(
+            f'{len(unknown)} of {len(genes)} genes not in the knowledge base '
+            f'({", ".join(unknown[:5])}{"…" if len(unknown) > 5 else ""})'
+        )
     qmax = sum(qw.values())*(BM25_K1 + 1)
     order = np.argsort(-s)[:max(top, 10)]
     rows = []
@@ -380,9 +459,18 @@ def _candidates(genes, tissue, species, top):
         if s[i] <= 0: break
         k = ix.keys[i]; src = ix.sources.get(k, {})
         ev = [g for _, g in known if g in src]
-        rows.append(dict(cell_type=ix.name[k], cl_id=ix.cl_id[k], cl_name=ix.cl_name[k], score=float(s[i]),
-                         evidence=ev, negative_evidence=[g for _, g in known if g in ix.neg.get(k, ())],
-                         source=','.join(sorted(set().union(*(src[g] for g in ev)))) if ev else '', explained=float(s[i]/qmax)))
+        rows.append(
+            dict(
+                cell_type=ix.name[k],
+                cl_id=ix.cl_id[k],
+                cl_name=ix.cl_name[k],
+                score=float(s[i]),
+                evidence=ev,
+                negative_evidence=[g for _, g in known if g in ix.neg.get(k, ())],
+                source=','.join(sorted(set().union(*(src[g] for g in ev)))) if ev else '',
+                explained=float(s[i] / qmax),
+            )
+        )
     return _prefer_specific(rows), notes, len(known)
 
 # %% ../nbs/04_knowledge.ipynb #332d3f21
@@ -400,7 +488,11 @@ def _prefer_specific(rows:list)->list:
     if not rows or SPECIFIC_RATIO <= 0: return rows
     best = rows[0]
     while True:
-        sub = [r for r in rows if _is_descendant(r['cl_id'], best['cl_id']) and r['score'] >= SPECIFIC_RATIO*best['score']]
+        sub = [
+            r
+            for r in rows
+            if _is_descendant(r['cl_id'], best['cl_id']) and r['score'] >= SPECIFIC_RATIO * best['score']
+        ]
         if not sub: break
         best = max(sub, key=lambda r: r['score'])
     return [best] + [r for r in rows if r is not best]
@@ -409,7 +501,7 @@ def _prefer_specific(rows:list)->list:
 MIN_EXPLAINED = 0.05  # below 5 % of the best attainable score the evidence is too weak to name a type
 
 def _confidence(rows)->None:
-    "confidence = sqrt(explained * share): `explained` = score / best attainable, `share` = s1/(s1+s2) for each row vs the next."
+    "confidence = sqrt(explained * share): `explained` = score / best attainable, `share` = s1/(s1+s2) vs the next row."
     for i, r in enumerate(rows):
         nxt = rows[i + 1]['score'] if i + 1 < len(rows) else 0.0
         share = r['score']/(r['score'] + max(nxt, 0.0))
@@ -442,14 +534,17 @@ def kb_annotate_table(df:pd.DataFrame, # benchmark-style table, one marker list 
                       species:str='human', # species for every row when `species_col` is None
                      )->pd.DataFrame:
     "One `kb` prediction per row: prediction, cl_id, confidence, evidence, reason (index kept)."
-    if marker_col not in df.columns: raise KeyError(f'no column {marker_col!r} in the table; columns are {list(df.columns)}')
+    if marker_col not in df.columns:
+        raise KeyError(f'no column {marker_col!r} in the table; columns are {list(df.columns)}')
     out = []
     for i, r in df.iterrows():
         t = r[tissue_col] if tissue_col and tissue_col in df.columns else None
         t = t if isinstance(t, str) else None
         sp = r[species_col] if species_col else species
         c = kb_annotate(r[marker_col], tissue=t, species=sp, top=1).iloc[0]
-        out.append(dict(prediction=c.cell_type, cl_id=c.cl_id, confidence=c.confidence, evidence=c.evidence, reason=c.reason))
+        out.append(
+            dict(prediction=c.cell_type, cl_id=c.cl_id, confidence=c.confidence, evidence=c.evidence, reason=c.reason)
+        )
     return pd.DataFrame(out, index=df.index)
 
 # %% ../nbs/04_knowledge.ipynb #3b8e90bf
@@ -461,7 +556,8 @@ def retrieve(genes:list[str], # marker genes, best first
     """Search the marker databases (PanglaoDB, CellMarker 2.0, ScType) for cell types that these genes mark.
     Returns up to k candidates, best first, each a dict: cell_type, cl_id (Cell Ontology id or null), score,
     confidence (0-1), evidence (query genes listed as markers of the type), negative_evidence (query genes
-    the type should NOT express), sources (databases listing the evidence). An empty list means no gene is a known marker."""
+    the type should NOT express), sources (databases listing the evidence).
+    An empty list means no gene is a known marker."""
     c = kb_annotate(genes, tissue=tissue, species=species, top=k)
     if (c.cell_type == 'Unknown').all(): return []
     return [dict(cell_type=r.cell_type, cl_id=r.cl_id, cl_name=r.cl_name, score=round(float(r.score), 4),

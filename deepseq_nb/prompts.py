@@ -7,7 +7,7 @@ Docs: https://deepseq-nb.github.io/deepseq_nb/prompts.html.md"""
 # %% ../nbs/05_prompts.ipynb #22880fbe
 from __future__ import annotations
 import json, re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # %% auto #0
 __all__ = ['TEMPLATE_VERSION', 'MAX_ROWS', 'ANSWER_SCHEMA', 'ClusterQuery', 'make_queries', 'batch_prompt', 'cluster_prompt',
@@ -52,7 +52,8 @@ def batch_prompt(queries:list[ClusterQuery], # clusters to annotate; all of one 
                 )->str:
     "The batched plain-text prompt: one numbered row of comma-separated markers per cluster."
     if not queries: raise ValueError("batch_prompt needs at least one cluster query.")
-    if len(queries) > MAX_ROWS: raise ValueError(f"{len(queries)} rows exceed MAX_ROWS={MAX_ROWS}; split with `batches`.")
+    if len(queries) > MAX_ROWS:
+        raise ValueError(f"{len(queries)} rows exceed MAX_ROWS={MAX_ROWS}; split with `batches`.")
     rows = '\n'.join(f"{i}. {', '.join(q.markers)}" for i, q in enumerate(queries, 1))
     return (f"Name the cell type of each cluster of {_context(queries[0])}. Each numbered row below lists a cluster's "
             f"marker genes, strongest first.\n\n{rows}\n\n"
@@ -103,16 +104,20 @@ def make_prompt(queries:list[ClusterQuery], # one or more clusters
 
 # %% ../nbs/05_prompts.ipynb #7ff66f0e
 _FENCE = re.compile(r'```[a-zA-Z]*\n?|```')
-_NUM = re.compile(r'^\s*(?:[-*•]\s*)?(?:\*\*)?\s*(?:(?:row|cluster)\s*)?(\d+)\s*(?:\*\*)?\s*[.):\-–]\s*(?:\*\*)?\s*(.*)$', re.I)
+_NUM = re.compile(
+    r'^\s*(?:[-*•]\s*)?(?:\*\*)?\s*(?:(?:row|cluster)\s*)?(\d+)\s*(?:\*\*)?\s*[.):\-–]\s*(?:\*\*)?\s*(.*)$', re.I
+)
 _BULLET = re.compile(r'^\s*[-*•]\s+(.*)$')
-_CHATTER = re.compile(r'(^(here|sure|certainly|based on|these|the following|note|i hope|let me|in summary)\b)|:\s*$', re.I)
+_CHATTER = re.compile(
+    r'(^(here|sure|certainly|based on|these|the following|note|i hope|let me|in summary)\b)|:\s*$', re.I
+)
 
 # %% ../nbs/05_prompts.ipynb #1ac0987d
 _GENES = r'[A-Z0-9][A-Za-z0-9.\-]*'   # one gene symbol as models write it (`CD3D`, `HLA-DRA`, `Cd3e`)
 _GENE_LIST = re.compile(rf'\s*\(\s*(?:markers?\s*:?\s*)?{_GENES}(?:\s*,\s*{_GENES})+\s*\)', re.I)
 
 def clean_label(s:str)->str:
-    "The answer's label: markdown, quotes, a trailing explanation and a parenthesised gene list removed; qualifiers kept."
+    "The answer's label: markdown, quotes, a trailing explanation, a parenthesised gene list removed; qualifiers kept."
     s = re.sub(r'\*\*|__|[*`"]', '', s).replace('_', ' ').strip()
     s = _GENE_LIST.sub(' ', s)                                     # "(CD3D, IL7R)": evidence, not the type
     s = re.split(r'\s+[—–-]\s+|\s*:\s+|\s+—', s, maxsplit=1)[0]     # "— because ...", "- MS4A1", ": high LYZ"
@@ -127,9 +132,12 @@ def _raw_rows(text:str, # the model's answer
     numbered = {}
     for l in lines:
         m = _NUM.match(l)
-        if m and 1 <= int(m.group(1)) <= n and clean_label(m.group(2)): numbered.setdefault(int(m.group(1)), m.group(2).strip())
+        if m and 1 <= int(m.group(1)) <= n and clean_label(m.group(2)):
+            numbered.setdefault(int(m.group(1)), m.group(2).strip())
     if numbered: return numbered
-    plain = [(_BULLET.match(l).group(1) if _BULLET.match(l) else l).strip() for l in lines if not _CHATTER.search(l.strip())]
+    plain = [
+        (_BULLET.match(l).group(1) if _BULLET.match(l) else l).strip() for l in lines if not _CHATTER.search(l.strip())
+    ]
     plain = [p for p in plain if clean_label(p)]
     if n == 1 and plain: return {1: plain[0]}
     return {i: p for i, p in enumerate(plain, 1)} if len(plain) == n else {}   # unnumbered: only a full, exact list
@@ -165,7 +173,12 @@ def parse_json(text:str, # the model's answer, expected to hold a JSON object fo
         if not 1 <= row <= n: continue
         c = it.get('confidence')
         c = min(max(float(c), 0.0), 1.0) if isinstance(c, (int, float)) else None
-        out[row] = {'label': clean_label(str(it['label'])), 'label_raw': str(it['label']), 'confidence': c, 'reason': str(it.get('reason', ''))}
+        out[row] = {
+            'label': clean_label(str(it['label'])),
+            'label_raw': str(it['label']),
+            'confidence': c,
+            'reason': str(it.get('reason', '')),
+        }
     return out
 
 # %% ../nbs/05_prompts.ipynb #63eb1add
@@ -173,6 +186,9 @@ def parse_answer(text:str, # the model's answer
                  n:int, # rows asked
                  structured:bool=False, # the prompt asked for JSON
                 )->dict[int,dict]:
-    "Row → {'label', 'label_raw', 'confidence', 'reason'}, from JSON when `structured` (falling back to numbered lines)."
+    "Row → {'label', 'label_raw', 'confidence', 'reason'}, from JSON when `structured` (else numbered lines)."
     if structured and (js := parse_json(text, n)): return js
-    return {i: {'label': clean_label(r), 'label_raw': r, 'confidence': None, 'reason': ''} for i, r in _raw_rows(text, n).items()}
+    return {
+        i: {'label': clean_label(r), 'label_raw': r, 'confidence': None, 'reason': ''}
+        for i, r in _raw_rows(text, n).items()
+    }

@@ -6,14 +6,13 @@ Docs: https://deepseq-nb.github.io/deepseq_nb/qc.html.md"""
 
 # %% ../nbs/01_qc.ipynb #93c744d9
 from __future__ import annotations
-import re, warnings
+import warnings
 
 import anndata as ad
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import scanpy as sc
-import scipy.sparse as sp
 from kneed import KneeLocator
 from scipy.signal import savgol_filter
 
@@ -24,12 +23,15 @@ __all__ = ['STRATEGIES', 'qc_metrics', 'barcode_ranks', 'find_knee', 'filter_cel
            'plot_qc_metrics']
 
 # %% ../nbs/01_qc.ipynb #1588f9cb
-def qc_metrics(adata:ad.AnnData, species:str|None=None, # 'human' or 'mouse'; None guesses from gene-name case
-              )->None:
+def qc_metrics(
+    adata: ad.AnnData,
+    species: str | None = None,  # 'human' or 'mouse'; None guesses from gene-name case
+) -> None:
     "Add `total_counts`, `n_genes_by_counts`, `pct_counts_mt` and `pct_counts_ribo` to obs (in place)."
     check_counts(adata, what='qc_metrics')
     names = adata.var_names.astype(str)
-    if species is None: species = 'mouse' if np.mean([n[:1].isupper() and n[1:].islower() for n in names[:500]]) > 0.5 else 'human'
+    if species is None:
+        species = 'mouse' if np.mean([n[:1].isupper() and n[1:].islower() for n in names[:500]]) > 0.5 else 'human'
     adata.var['mt'] = names.str.match(r'^MT-' if species == 'human' else r'^mt-')
     adata.var['ribo'] = names.str.match(r'^RP[SL]\d' if species == 'human' else r'^Rp[sl]\d')
     sc.pp.calculate_qc_metrics(adata, qc_vars=['mt', 'ribo'], percent_top=None, log1p=False, inplace=True)
@@ -41,11 +43,17 @@ def _totals(adata:ad.AnnData)->np.ndarray:
     return np.asarray(adata.X.sum(1)).ravel().astype(float)
 
 def barcode_ranks(adata:ad.AnnData)->pd.DataFrame:
-    "Barcodes sorted by total counts: rank (1 = largest), barcode, total counts and genes (from obs when `qc_metrics` ran)."
+    "Barcodes by total counts: rank (1 = largest), barcode, total counts and genes (from obs when `qc_metrics` ran)."
     t = _totals(adata)
-    ng = adata.obs['n_genes_by_counts'].to_numpy() if 'n_genes_by_counts' in adata.obs else np.asarray((adata.X > 0).sum(1)).ravel()
+    ng = (
+        adata.obs['n_genes_by_counts'].to_numpy()
+        if 'n_genes_by_counts' in adata.obs
+        else np.asarray((adata.X > 0).sum(1)).ravel()
+    )
     o = np.argsort(-t, kind='stable')
-    return pd.DataFrame({'rank': np.arange(1, len(t)+1), 'barcode': adata.obs_names[o], 'total_counts': t[o], 'n_genes': ng[o]})
+    return pd.DataFrame(
+        {'rank': np.arange(1, len(t) + 1), 'barcode': adata.obs_names[o], 'total_counts': t[o], 'n_genes': ng[o]}
+    )
 
 # %% ../nbs/01_qc.ipynb #851a165e
 def _loglog(t:np.ndarray, n_grid:int=256, smooth_frac:float=0.1):
@@ -70,7 +78,11 @@ def find_knee(totals:np.ndarray, # total counts per barcode
     if len(t) < 10: raise ValueError(f"A knee needs a barcode-rank curve; got only {len(t)} barcodes.")
     o, g, ys, d = _loglog(t, smooth_frac=smooth_frac)
     i = int(np.argmin(d))
-    res = dict(cliff_rank=int(round(10**g[i])), tail_decades=float(g[-1]-g[i]), empty_tail=bool(g[-1]-g[i] >= min_tail_decades))
+    res = dict(
+        cliff_rank=int(round(10 ** g[i])),
+        tail_decades=float(g[-1] - g[i]),
+        empty_tail=bool(g[-1] - g[i] >= min_tail_decades),
+    )
     if not res['empty_tail']:
         return {**res, 'knee_rank': None, 'threshold': 0.0, 'n_kept': int((t > 0).sum()),
                 'reason': 'no background tail below the steepest drop: every barcode looks like a cell'}
@@ -81,22 +93,37 @@ def find_knee(totals:np.ndarray, # total counts per barcode
         r = np.arange(1, len(o)+1)
         rank = KneeLocator(r, o, curve='convex', direction='decreasing', S=sensitivity).knee
     if rank is None:
-        return {**res, 'knee_rank': None, 'threshold': 0.0, 'n_kept': int((t > 0).sum()), 'reason': 'kneed found no knee'}
+        return {
+            **res,
+            'knee_rank': None,
+            'threshold': 0.0,
+            'n_kept': int((t > 0).sum()),
+            'reason': 'kneed found no knee',
+        }
     thr = float(o[min(int(rank), len(o)) - 1])
-    return {**res, 'knee_rank': int(rank), 'threshold': thr, 'n_kept': int((t > thr).sum()), 'reason': 'knee below the cliff'}
+    return {
+        **res,
+        'knee_rank': int(rank),
+        'threshold': thr,
+        'n_kept': int((t > thr).sum()),
+        'reason': 'knee below the cliff',
+    }
 
 # %% ../nbs/01_qc.ipynb #3c12e080
 STRATEGIES = ('threshold', 'knee', 'smoothed_knee')
 
-def filter_cells(adata:ad.AnnData, strategy:str='threshold', # one of `STRATEGIES`
-                 min_genes:int=200, # threshold: minimum detected genes per cell
-                 smooth_frac:float=0.1, # smoothed_knee: smoothing window (fraction of the log-rank span)
-                 sensitivity:float=1.0, # knee strategies: kneed's S
-                 key_added:str|None=None, # obs column for the flag (default `qc_{strategy}`)
-                 copy:bool=False, # return a copy instead of writing in place
-                )->ad.AnnData|None:
+def filter_cells(
+    adata: ad.AnnData,
+    strategy: str = 'threshold',  # one of `STRATEGIES`
+    min_genes: int = 200,  # threshold: minimum detected genes per cell
+    smooth_frac: float = 0.1,  # smoothed_knee: smoothing window (fraction of the log-rank span)
+    sensitivity: float = 1.0,  # knee strategies: kneed's S
+    key_added: str | None = None,  # obs column for the flag (default `qc_{strategy}`)
+    copy: bool = False,  # return a copy instead of writing in place
+) -> ad.AnnData | None:
     "Flag cells by one of DeepSeq's three filters: writes a boolean obs column and `uns[key_added]`."
-    if strategy not in STRATEGIES: raise ValueError(f"Unknown QC strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}.")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"Unknown QC strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}.")
     a = adata.copy() if copy else adata
     key = key_added or f'qc_{strategy}'
     if 'total_counts' not in a.obs: qc_metrics(a)
@@ -105,12 +132,22 @@ def filter_cells(adata:ad.AnnData, strategy:str='threshold', # one of `STRATEGIE
         keep = ng >= min_genes
         info = dict(threshold=float(min_genes), metric='n_genes_by_counts')
         if keep.mean() < 0.01:
-            warnings.warn(f"min_genes={min_genes} keeps {keep.sum()} of {a.n_obs} barcodes: this matrix measures {a.n_vars} genes "
-                          f"(at most {ng.max()} per barcode), so a whole-transcriptome cutoff does not apply. Use strategy='knee' "
-                          "or 'smoothed_knee', or a smaller min_genes.", stacklevel=2)
+            warnings.warn(
+                f"min_genes={min_genes} keeps {keep.sum()} of {a.n_obs} barcodes: this matrix measures {a.n_vars} "
+                "genes "
+                f"(at most {ng.max()} per barcode), so a whole-transcriptome cutoff does not apply. Use "
+                "strategy='knee' "
+                "or 'smoothed_knee', or a smaller min_genes.",
+                stacklevel=2,
+            )
             info['warning'] = 'cutoff above the genes measured'
     else:
-        k = find_knee(a.obs['total_counts'].to_numpy(float), smooth=strategy == 'smoothed_knee', smooth_frac=smooth_frac, sensitivity=sensitivity)
+        k = find_knee(
+            a.obs['total_counts'].to_numpy(float),
+            smooth=strategy == 'smoothed_knee',
+            smooth_frac=smooth_frac,
+            sensitivity=sensitivity,
+        )
         keep = a.obs['total_counts'].to_numpy(float) > k['threshold']
         info = dict(metric='total_counts', **{k_: v for k_, v in k.items() if k_ != 'n_kept'})
     a.obs[key] = keep
@@ -119,18 +156,24 @@ def filter_cells(adata:ad.AnnData, strategy:str='threshold', # one of `STRATEGIE
     return a if copy else None
 
 # %% ../nbs/01_qc.ipynb #ff0cc90d
-def recovery(adata:ad.AnnData, key:str, # obs column of flags
-             truth, # the barcodes known to be cells
-            )->dict:
+def recovery(
+    adata: ad.AnnData,
+    key: str,  # obs column of flags
+    truth,  # the barcodes known to be cells
+) -> dict:
     "Precision and recall of the barcodes flagged in `obs[key]` against `truth`."
     kept, truth = set(adata.obs_names[adata.obs[key].to_numpy(bool)]), set(truth)
     tp = len(kept & truth)
-    return dict(n_kept=len(kept), n_true=len(truth), precision=tp/len(kept) if kept else float('nan'), recall=tp/len(truth))
+    return dict(
+        n_kept=len(kept), n_true=len(truth), precision=tp / len(kept) if kept else float('nan'), recall=tp / len(truth)
+    )
 
 # %% ../nbs/01_qc.ipynb #5e0124eb
-def compare_filters(adata:ad.AnnData, truth=None, # barcodes known to be cells, for precision/recall
-                    **kwargs, # passed to `filter_cells`
-                   )->pd.DataFrame:
+def compare_filters(
+    adata: ad.AnnData,
+    truth=None,  # barcodes known to be cells, for precision/recall
+    **kwargs,  # passed to `filter_cells`
+) -> pd.DataFrame:
     "Run all three filters on `adata` (in place) and tabulate threshold, cells kept and, with `truth`, recovery."
     rows = []
     with warnings.catch_warnings():
@@ -140,13 +183,19 @@ def compare_filters(adata:ad.AnnData, truth=None, # barcodes known to be cells, 
             u = adata.uns[f'qc_{s}']
             r = dict(strategy=s, metric=u['metric'], threshold=u['threshold'], n_kept=u['n_kept'], n_total=u['n_total'],
                      empty_tail=u.get('empty_tail'), knee_rank=u.get('knee_rank'))
-            if truth is not None: r.update({k: v for k, v in recovery(adata, f'qc_{s}', truth).items() if k in ('precision','recall')})
+            if truth is not None:
+                r.update({k: v for k, v in recovery(adata, f'qc_{s}', truth).items() if k in ('precision', 'recall')})
             rows.append(r)
     return pd.DataFrame(rows)
 
 # %% ../nbs/01_qc.ipynb #4a1ee615
-def plot_knee(adata:ad.AnnData, strategy:str='smoothed_knee', # which filter's threshold to draw
-              ax:plt.Axes|None=None, show:bool|None=None, title:str|None=None)->plt.Axes:
+def plot_knee(
+    adata: ad.AnnData,
+    strategy: str = 'smoothed_knee',  # which filter's threshold to draw
+    ax: plt.Axes | None = None,
+    show: bool | None = None,
+    title: str | None = None,
+) -> plt.Axes:
     "Barcode-rank curve (log-log) with the cells kept by `strategy` highlighted and its threshold drawn."
     key = f'qc_{strategy}'
     if key not in adata.uns: filter_cells(adata, strategy=strategy)
@@ -158,7 +207,8 @@ def plot_knee(adata:ad.AnnData, strategy:str='smoothed_knee', # which filter's t
     if strategy == 'threshold':
         ax.set_title(title or f"threshold: ≥ {u['threshold']:.0f} genes")
     else:
-        if u['threshold'] > 0: ax.axhline(u['threshold'], color='C0', ls='--', lw=1, label=f"threshold {u['threshold']:.0f}")
+        if u['threshold'] > 0:
+            ax.axhline(u['threshold'], color='C0', ls='--', lw=1, label=f"threshold {u['threshold']:.0f}")
         ax.set_title(title or strategy.replace('_', ' ') + ('' if u['empty_tail'] else ' (no background tail)'))
     ax.set(xlabel='barcode rank', ylabel='total counts'); ax.legend(fontsize=7, frameon=False)
     if show: plt.show()
@@ -169,7 +219,14 @@ def plot_qc_metrics(adata:ad.AnnData, axs=None, show:bool|None=None)->plt.Figure
     "Histograms of total counts, genes per cell and mitochondrial percentage."
     if 'total_counts' not in adata.obs: qc_metrics(adata)
     if axs is None: _, axs = plt.subplots(1, 3, figsize=(10, 2.8), constrained_layout=True)
-    for ax, (c, lab) in zip(axs, [('total_counts', 'total counts'), ('n_genes_by_counts', 'genes per cell'), ('pct_counts_mt', '% mitochondrial')]):
+    for ax, (c, lab) in zip(
+        axs,
+        [
+            ('total_counts', 'total counts'),
+            ('n_genes_by_counts', 'genes per cell'),
+            ('pct_counts_mt', '% mitochondrial'),
+        ],
+    ):
         ax.hist(adata.obs[c], bins=50, color='0.4'); ax.set(xlabel=lab, ylabel='cells')
     if show: plt.show()
     return axs[0].figure

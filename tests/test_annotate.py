@@ -1,7 +1,7 @@
-"annotate() end to end through a real client against the loopback stand-in server: labels on the AnnData, a cached rerun."
+"annotate() end to end, a real client against the loopback stand-in server: labels on the AnnData, a cached rerun."
 import numpy as np, pandas as pd, pytest, scipy.sparse as sp, anndata as ad
 
-from standin_server import StandinServer, Reply, ollama_chat, openai_chat, label_by_first_marker, last_user_text
+from standin_server import Reply, ollama_chat, openai_chat, label_by_first_marker, last_user_text
 from deepseq_nb.annotate import annotate
 
 TABLE = {'CD3D': 'CD4+ T cell', 'MS4A1': 'B cells', 'LYZ': 'CD14+ monocyte'}
@@ -24,7 +24,9 @@ def server(server):
 
 def test_annotate_ollama_then_cached(server, tmp_path):
     a = _adata()
-    kw = dict(backend='ollama:llama3.2:1b', tissue='PBMC', n_genes=2, host=server.url, cache=tmp_path/'c', progress=False)
+    kw = dict(
+        backend='ollama:llama3.2:1b', tissue='PBMC', n_genes=2, host=server.url, cache=tmp_path / 'c', progress=False
+    )
     annotate(a, **kw)
     assert list(a.obs['deepseq_label']) == ['CD4+ T cell']*4 + ['B cells']*3 + ['CD14+ monocyte']*2
     assert a.obs.loc[a.obs.leiden == '1', 'deepseq_cl_id'].iloc[0] == 'CL:0000236'  # "B cells" mapped to the CL B cell

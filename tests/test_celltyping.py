@@ -1,4 +1,4 @@
-"celltyping and annotate(backend='kb') on expression: lineages from planted markers, obs/uns outputs, species inference, h5ad round trip."
+"celltyping, annotate(backend='kb') on expression: planted-marker lineages, obs/uns outputs, species, h5ad round trip."
 import warnings
 import numpy as np, pandas as pd, pytest, scipy.sparse as sp, anndata as ad
 
@@ -55,7 +55,11 @@ def test_annotate_writes_obs_and_uns(tmp_path):
     a = _toy(); a.obs['species'] = 'human'; a.obs['tissue'] = 'blood'
     annotate(a, backend='kb')
     for c in ('label', 'name', 'broad', 'cl_id', 'cl_name', 'confidence'): assert f'deepseq_{c}' in a.obs
-    assert a.obs.groupby('leiden', observed=True)['deepseq_broad'].first().tolist() == ['T/NK cell', 'B cell', 'monocyte/macrophage']
+    assert a.obs.groupby('leiden', observed=True)['deepseq_broad'].first().tolist() == [
+        'T/NK cell',
+        'B cell',
+        'monocyte/macrophage',
+    ]
     u = a.uns['deepseq']
     assert u['engine'] == 'celltyping' and u['params']['species'] == 'human' and u['params']['tissue'] == 'blood'
     assert {'genes_for', 'genes_against', 'candidate'} <= set(u['evidence'].columns) and len(u['evidence']) >= 3
@@ -80,8 +84,13 @@ def test_obs_species_beats_settings_and_no_warning():
 
 def test_marker_list_path_kept():
     a = ad.AnnData(obs=pd.DataFrame({'leiden': pd.Categorical(['0', '0', '1'])}, index=['a', 'b', 'c']))
-    tab = pd.DataFrame([dict(cluster=c, rank=i + 1, gene=g) for c, gs in {'0': ['MS4A1', 'CD79A', 'CD19'], '1': ['CD3E', 'CD3D', 'CD2']}.items()
-                        for i, g in enumerate(gs)])
+    tab = pd.DataFrame(
+        [
+            dict(cluster=c, rank=i + 1, gene=g)
+            for c, gs in {'0': ['MS4A1', 'CD79A', 'CD19'], '1': ['CD3E', 'CD3D', 'CD2']}.items()
+            for i, g in enumerate(gs)
+        ]
+    )
     a.uns['markers'] = {'table': tab, 'params': {'groupby': 'leiden', 'n_genes': 3}}
     annotate(a, backend='kb', n_genes=3)  # no genes in X: the marker-list path
     assert 'evidence' not in a.uns['deepseq'] and a.obs['deepseq_label'].iloc[0] != 'Unknown'
@@ -93,7 +102,11 @@ def test_hybrid_refines_only_within_the_lineage():
     a = _toy(); a.obs['species'] = 'human'
     annotate(a, backend='kb')  # default: hybrid
     t = a.uns['deepseq']['table'].set_index('cluster')
-    assert a.uns['deepseq']['params']['kb_mode'] == 'hybrid' and set(t['source']) <= {'expression', 'markers within the expression lineage', 'markers (expression found no lineage)'}
+    assert a.uns['deepseq']['params']['kb_mode'] == 'hybrid' and set(t['source']) <= {
+        'expression',
+        'markers within the expression lineage',
+        'markers (expression found no lineage)',
+    }
     b = _toy(); b.obs['species'] = 'human'; annotate(b, backend='kb', kb_mode='expression')
     e = b.uns['deepseq']['table'].set_index('cluster')
     assert (t['broad'] == e['broad']).all()  # refinement never leaves the lineage the expression chose
@@ -143,14 +156,24 @@ def test_defining_antigen_must_be_readable(monkeypatch):
 
 def test_refine_only_breaks_the_tie(monkeypatch):
     import deepseq_nb.annotate as A
-    e = pd.DataFrame({'label': ['monocyte', 'B cell', 'Unknown'], 'cl_id': ['CL:0000576', 'CL:0000236', None],
-                      'name': ['monocyte', 'B cell', 'Unknown'], 'broad': ['m', 'b', 'Unknown'], 'confidence': [0.3, 0.3, 0.0],
-                      'tied': ['CL:0000875;CL:0000860', '', None]}, index=['0', '1', '2'])
+    e = pd.DataFrame(
+        {
+            'label': ['monocyte', 'B cell', 'Unknown'],
+            'cl_id': ['CL:0000576', 'CL:0000236', None],
+            'name': ['monocyte', 'B cell', 'Unknown'],
+            'broad': ['m', 'b', 'Unknown'],
+            'confidence': [0.3, 0.3, 0.0],
+            'tied': ['CL:0000875;CL:0000860', '', None],
+        },
+        index=['0', '1', '2'],
+    )
     m = pd.DataFrame({'cl_id': ['CL:0002057', 'CL:0000788', 'CL:0000236'], 'cl_name': ['x', 'naive B cell', 'B cell'],
                       'confidence': [0.9, 0.9, 0.9]}, index=['0', '1', '2'])
     r = A._refine(e, m)
-    assert r.at['0', 'cl_id'] == 'CL:0000860'  # CD14+CD16- classical monocyte lies under the tied 'classical monocyte': that child, no deeper
-    assert r.at['1', 'cl_id'] == 'CL:0000236' and r.at['1', 'source'] == 'expression'  # no tie at B cell: the markers add no level
+    # CD14+CD16- classical monocyte lies under the tied 'classical monocyte': that child, no deeper
+    assert (r.at['0', 'cl_id'] == 'CL:0000860')
+    # no tie at B cell: the markers add no level
+    assert (r.at['1', 'cl_id'] == 'CL:0000236' and r.at['1', 'source'] == 'expression')
     assert r.at['2', 'cl_id'] == 'CL:0000236'  # expression found no lineage: the marker answer
     monkeypatch.setattr(A, 'REFINE', 'all')
     r = A._refine(e, m)
@@ -179,7 +202,9 @@ def test_antigen_gate_within_reference_clusters():
 def test_unmeasured_lineage_passes_no_evidence():
     import deepseq_nb.celltyping as ct
     from deepseq_nb.celltyping import knobs, own_scores
-    genes = np.array(['INS', 'IAPP', 'GCG', 'TTR', 'PCSK1', 'NPTX2', 'HADH', 'MAFA', 'G6PC2', 'ADCYAP1'])  # no epithelial/endocrine marker
+
+    # no epithelial/endocrine marker
+    genes = np.array(['INS', 'IAPP', 'GCG', 'TTR', 'PCSK1', 'NPTX2', 'HADH', 'MAFA', 'G6PC2', 'ADCYAP1'])
     net = MarkerNetwork('human', 'pancreas', genes)
     b = net.ids.index('CL:0000169')  # type B pancreatic cell
     S = np.zeros((1, len(genes))); S[0, :2] = 1.0

@@ -1,7 +1,7 @@
 "Readers and input checks: every bad input gets an error that says what to do."
-import gzip, shutil, warnings
+import gzip, shutil
 import numpy as np, pandas as pd, pytest, scipy.io, scipy.sparse as sp, anndata as ad
-from deepseq_nb.data import data_dir, read, read_10x_mtx, load, load_dataset, InputError, DATASETS
+from deepseq_nb.data import data_dir, read, read_10x_mtx, load_dataset, InputError, DATASETS
 
 RAW = data_dir()/'tenx_toy/raw_gene_bc_matrices/GRCh38'
 FILT = data_dir()/'tenx_toy/filtered_gene_bc_matrices/GRCh38'
@@ -10,7 +10,9 @@ def _write_v3(src, dst, ids=True):
     "Rewrite a v2 mtx dir as Cell Ranger v3: gzipped, features.tsv.gz with 3 columns."
     dst.mkdir(parents=True)
     genes = pd.read_csv(src/'genes.tsv', sep='\t', header=None)
-    feats = pd.DataFrame({0: [f'ENSG{i:011d}' for i in range(len(genes))] if ids else genes[0], 1: genes[1], 2: 'Gene Expression'})
+    feats = pd.DataFrame(
+        {0: [f'ENSG{i:011d}' for i in range(len(genes))] if ids else genes[0], 1: genes[1], 2: 'Gene Expression'}
+    )
     feats.loc[len(feats)] = ['ab1', 'CD3_TotalSeqB', 'Antibody Capture']
     m = scipy.io.mmread(str(src/'matrix.mtx')).tocsr()
     m = sp.vstack([m, sp.csr_matrix(np.ones((1, m.shape[1])))]).tocoo()
@@ -32,7 +34,10 @@ def test_read_10x_v3_gz_drops_antibody_capture(tmp_path):
     assert 'MS4A1' in b.var_names
 
 def test_ensembl_ids_without_symbols(tmp_path):
-    a = ad.AnnData(sp.csr_matrix(np.ones((5, 3), np.float32)), var=pd.DataFrame(index=['ENSG00000000001', 'ENSG00000000002', 'ENSG00000000003']))
+    a = ad.AnnData(
+        sp.csr_matrix(np.ones((5, 3), np.float32)),
+        var=pd.DataFrame(index=['ENSG00000000001', 'ENSG00000000002', 'ENSG00000000003']),
+    )
     a.write_h5ad(tmp_path/'ids.h5ad')
     with pytest.raises(InputError, match='Ensembl gene IDs.*symbol'): read(tmp_path/'ids.h5ad')
 
@@ -59,7 +64,9 @@ def test_unreadable_h5ad(tmp_path):
     with pytest.raises(InputError, match='Could not read .*bad.h5ad as h5ad'): read(tmp_path/'bad.h5ad')
 
 def test_empty_matrix(tmp_path):
-    ad.AnnData(sp.csr_matrix((3, 4), dtype=np.float32), var=pd.DataFrame(index=list('ABCD'))).write_h5ad(tmp_path/'e.h5ad')
+    ad.AnnData(sp.csr_matrix((3, 4), dtype=np.float32), var=pd.DataFrame(index=list('ABCD'))).write_h5ad(
+        tmp_path / 'e.h5ad'
+    )
     with pytest.raises(InputError, match='empty'): read(tmp_path/'e.h5ad')
 
 def test_lognorm_where_counts_needed(tmp_path):
@@ -78,7 +85,8 @@ def test_csv_orientation(tmp_path):
     assert read(tmp_path/'cells.csv').shape == (30, 100)
     assert read(tmp_path/'genes.tsv', orientation='genes_x_cells').shape == (30, 100)
     with pytest.raises(InputError, match="orientation='genes_x_cells'"): read(tmp_path/'genes.tsv')
-    with pytest.raises(InputError, match="orientation='cells_x_genes'"): read(tmp_path/'cells.csv', orientation='genes_x_cells')
+    with pytest.raises(InputError, match="orientation='cells_x_genes'"):
+        read(tmp_path / 'cells.csv', orientation='genes_x_cells')
 
 def test_every_bundled_dataset_loads():
     for name in DATASETS:

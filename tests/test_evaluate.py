@@ -53,27 +53,33 @@ def test_validation_against_published_scores():
 
 
 def test_true_labels_round_trip_through_ollama(tmp_path):
-    "Every bundled benchmark row's true label, answered by a stand-in Ollama server, parsed by the real client and scored."
+    "Each bundled benchmark row's true label, answered by a stand-in Ollama server, parsed by the real client, scored."
     from standin_server import StandinServer, Reply, ollama_chat, last_user_text, numbered_rows
     from deepseq_nb.data import data_dir
-    from deepseq_nb.cli import annotate_marker_table
     df = pd.read_csv(data_dir()/'benchmarks/gptcelltype_dev.csv')
     df = df[df['manual_annotation'].notna()]
     truth = {}
-    for m, t in zip(df['marker'], df['manual_annotation']): truth.setdefault(', '.join(g.strip() for g in m.split(',')), t)
+    for m, t in zip(df['marker'], df['manual_annotation']):
+        truth.setdefault(', '.join(g.strip() for g in m.split(',')), t)
     # the true label as written, and in forms models write it: bold, underscores, a trailing explanation, its markers
     forms = [lambda t, r: t, lambda t, r: f'**{t}**', lambda t, r: t.replace(' ', '_'),
              lambda t, r: f'{t} - based on {r.split(",")[0]}', lambda t, r: f'{t} ({", ".join(r.split(", ")[:3])})']
     def script(path, body):
         rows = numbered_rows(last_user_text(body))
-        text = '\n'.join(f'{i}. {forms[sum(map(ord, r)) % len(forms)](truth[r.strip()], r.strip())}' for i, r in enumerate(rows, 1))
+        text = '\n'.join(
+            f'{i}. {forms[sum(map(ord, r)) % len(forms)](truth[r.strip()], r.strip())}' for i, r in enumerate(rows, 1)
+        )
         return Reply(200, ollama_chat(text))
     with StandinServer(models=['m']) as srv:
         srv.script = script
         from deepseq_nb.backends import get_backend
         be = get_backend('ollama:m', host=srv.url, cache=tmp_path/'cache', progress=False, timeout=10)
         from deepseq_nb.prompts import ClusterQuery
-        qs = [ClusterQuery(str(i), m, t if isinstance(t, str) else None) for i, m, t in zip(df.index, df['marker'], df['tissue'])]
+
+        qs = [
+            ClusterQuery(str(i), m, t if isinstance(t, str) else None)
+            for i, m, t in zip(df.index, df['marker'], df['tissue'])
+        ]
         ans = be.annotate(qs)
     pred = pd.Series({int(a.cluster): a.label for a in ans})
     assert (pred != 'Unknown').all()
@@ -89,7 +95,12 @@ def test_evaluate_adata_reads_the_tissue():
     from deepseq_nb.data import data_dir
     from deepseq_nb.evaluate import evaluate_adata
     a = ad.read_h5ad(data_dir()/'pancreas_human_xin.h5ad')
-    names = {'alpha': 'pancreatic A cell', 'beta': 'type B pancreatic cell', 'gamma': 'pancreatic PP cell', 'delta': 'pancreatic D cell'}
+    names = {
+        'alpha': 'pancreatic A cell',
+        'beta': 'type B pancreatic cell',
+        'gamma': 'pancreatic PP cell',
+        'delta': 'pancreatic D cell',
+    }
     a.obs['pred'] = a.obs['cell_type'].astype(str).map(names)
     assert set(a.obs['tissue'].astype(str)) == {'Pancreas'}
     assert evaluate_adata(a, truth='cell_type', pred='pred', copy=True)['mean_agreement'] == 1
@@ -102,6 +113,14 @@ def test_out_of_sample_targets():
     "Leave one source out on the dev split: every method within 0.03 of the published mean and >= 0.85 identical."
     from deepseq_nb.evaluate import loso_validation
     tab, by_source, picks = loso_validation()
-    assert len(tab) == 6 and set(by_source.held_out) == {'tabulasapiens', 'Azimuth', 'MCA', 'HCL', 'lungcancer', 'BCL', 'coloncancer'}
+    assert len(tab) == 6 and set(by_source.held_out) == {
+        'tabulasapiens',
+        'Azimuth',
+        'MCA',
+        'HCL',
+        'lungcancer',
+        'BCL',
+        'coloncancer',
+    }
     assert tab.out_of_sample_gap.abs().max() <= 0.03, tab
     assert tab.out_of_sample_identical.min() >= 0.85, tab

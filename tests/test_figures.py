@@ -1,8 +1,8 @@
-"The figures driver: runs never touch the committed record, `--update-results` merges, `--check` compares under tolerances."
+"The figures driver: runs never touch the committed record, `--update-results` merges, `--check` uses tolerances."
 import hashlib, json, re, shutil, subprocess, sys
 from pathlib import Path
 import pandas as pd, pytest
-from deepseq_nb.figures import compare_tables, check_run, format_check, publish_results, list_figures
+from deepseq_nb.figures import compare_tables, publish_results, list_figures
 
 ROOT = Path(__file__).resolve().parents[1]
 FIG = ROOT/'paper_figures'
@@ -29,10 +29,14 @@ def test_counts_are_exact_unless_a_tolerance_is_stated():
     assert r[['row', 'column', 'diff', 'tol', 'ok']].values.tolist() == [['leiden=0', 'n_cells', -10, 0.0, False]]
     r = compare_tables(OLD, new, key=['leiden'], tolerance={'n_cells': 20})
     assert r['ok'].tolist() == [True] and r['tol'].tolist() == [20.0]
-    assert not compare_tables(OLD, OLD.assign(n_cells=[570, 571, 341]), key=['leiden'], tolerance={'n_cells': 20})['ok'].any()
+    assert not compare_tables(OLD, OLD.assign(n_cells=[570, 571, 341]), key=['leiden'], tolerance={'n_cells': 20})[
+        'ok'
+    ].any()
 
 def test_published_rows_are_exact_whatever_the_tolerance():
-    t = pd.DataFrame(dict(method=['kb', 'GPT-4'], source=['measured', 'published (arXiv 2506.13817)'], value=[0.5, 0.825]))
+    t = pd.DataFrame(
+        dict(method=['kb', 'GPT-4'], source=['measured', 'published (arXiv 2506.13817)'], value=[0.5, 0.825])
+    )
     r = compare_tables(t, t.assign(value=[0.51, 0.826]), key=['method'], tolerance={'value': 0.05})
     assert r.set_index('row')['ok'].to_dict() == {'method=kb': True, 'method=GPT-4': False}
     assert r.set_index('row').loc['method=GPT-4', 'what'] == 'published value'
@@ -47,10 +51,15 @@ def test_text_rows_and_columns_must_match():
     assert not r['ok'].any()
 
 def test_regex_columns_row_tolerances_and_ignored_columns():
-    t = pd.DataFrame(dict(held_out=['NK', 'B'], auroc_frozen=[0.70, 0.80], auroc_tuned=[0.6, 0.9], seconds=[10.0, 12.0]))
+    t = pd.DataFrame(
+        dict(held_out=['NK', 'B'], auroc_frozen=[0.70, 0.80], auroc_tuned=[0.6, 0.9], seconds=[10.0, 12.0])
+    )
     r = compare_tables(t, t.assign(auroc_frozen=[0.714, 0.80], auroc_tuned=[0.6, 0.95], seconds=[99.0, 1.0]),
                        key=['held_out'], tolerance={'auroc_.*': 0.03}, ignore=['seconds'])
-    assert r[['row', 'column', 'ok']].values.tolist() == [['held_out=NK', 'auroc_frozen', True], ['held_out=B', 'auroc_tuned', False]]
+    assert r[['row', 'column', 'ok']].values.tolist() == [
+        ['held_out=NK', 'auroc_frozen', True],
+        ['held_out=B', 'auroc_tuned', False],
+    ]
     wide = pd.DataFrame({'Unnamed: 0': ['auroc_a', 'detection_a'], 'pbmc3k': [0.6, 0.2]})
     r = compare_tables(wide, wide.assign(pbmc3k=[0.62, 0.32]), row_tolerance={'auroc_.*': 0.03, 'detection_.*': 0.1})
     assert r['ok'].tolist() == [True, False]
@@ -94,11 +103,15 @@ def test_update_results_keeps_the_other_figures(tmp_path):
     (tmp_path/'settings.ini').write_text(''); (tmp_path/'pyproject.toml').write_text('')
     before = json.loads((fd/'results/manifest.json').read_text())['figures']
     csv = (fd/'results/fig_qc_knee.csv').read_text()
-    fake_run(tmp_path/'run', {'fig_qc_knee': {'fig_qc_knee.csv': csv.replace('2638', '2637', 1), 'fig_qc_knee.png': 'png'}})
+    fake_run(
+        tmp_path / 'run', {'fig_qc_knee': {'fig_qc_knee.csv': csv.replace('2638', '2637', 1), 'fig_qc_knee.png': 'png'}}
+    )
     publish_results(tmp_path/'run', fd, log=lambda *a: None)
     after = json.loads((fd/'results/manifest.json').read_text())['figures']
     assert set(after) == set(before) and after['fig_qc_knee']['created'] == '2030-01-01'
-    assert {k: v for k, v in after.items() if k != 'fig_qc_knee'} == {k: v for k, v in before.items() if k != 'fig_qc_knee'}
+    assert {k: v for k, v in after.items() if k != 'fig_qc_knee'} == {
+        k: v for k, v in before.items() if k != 'fig_qc_knee'
+    }
     heads = lambda p: [l for l in p.read_text().splitlines() if l.startswith('## ')]
     assert heads(fd/'README.md') == heads(FIG/'README.md') and len(heads(FIG/'README.md')) == len(before)
     assert not (fd/'results/fig_qc_knee.html').exists()  # the run wrote no HTML: the stale copy is gone
@@ -123,7 +136,10 @@ def test_check_of_a_run_dir_fails_outside_tolerance_and_says_by_how_much(tmp_pat
         n_cells=sizes.n_cells + ([-50] + [0]*(len(sizes)-1))).to_csv(index=False)})})
     r = run('figures', '--check', tmp_path/'far', '-q')
     assert r.returncode == 1
-    assert re.search(r'FAIL fig_clusters: fig_clusters_sizes.csv · leiden=0 · n_cells: value \d+ -> \d+ \(moved -50, tolerance 20\)', r.stdout)
+    assert re.search(
+        r'FAIL fig_clusters: fig_clusters_sizes.csv · leiden=0 · n_cells: value \d+ -> \d+ \(moved -50, tolerance 20\)',
+        r.stdout,
+    )
 
 def test_a_figure_run_leaves_the_committed_record_alone():
     "`deepseq figures --only fig_qc_knee --check` in the checkout: writes paper_figures/out only, and passes the check."
@@ -154,7 +170,9 @@ def test_readme_quick_start_is_the_tested_cell_of_index():
     assert f"```python\n{qs}\n```" in (ROOT/'README.md').read_text()
     assert any('assert' in c and 'labels' in c for c in code)  # the quick start is checked, not only run
 
-@pytest.mark.parametrize('nb', sorted(str(p.relative_to(ROOT)) for p in [*FIG.glob('*.ipynb'), *(ROOT/'nbs/tutorials').glob('*.ipynb')]))
+@pytest.mark.parametrize(
+    'nb', sorted(str(p.relative_to(ROOT)) for p in [*FIG.glob('*.ipynb'), *(ROOT / 'nbs/tutorials').glob('*.ipynb')])
+)
 def test_papermill_reads_every_parameter(nb, caplog):
     "papermill parses each line of a parameters cell (a second `=` in a comment hides the parameter from it)."
     import nbformat
@@ -165,5 +183,8 @@ def test_papermill_reads_every_parameter(nb, caplog):
     names = [l.split('=')[0].split(':')[0].strip() for l in ''.join(cells[0]['source']).splitlines()
              if '=' in l and not l.lstrip().startswith('#')]
     with caplog.at_level('WARNING', logger='papermill'):
-        got = [p.name for p in PythonTranslator.inspect(nbformat.from_dict(dict(cells[0], source=''.join(cells[0]['source']))))]
+        got = [
+            p.name
+            for p in PythonTranslator.inspect(nbformat.from_dict(dict(cells[0], source=''.join(cells[0]['source']))))
+        ]
     assert got == names and 'Unable to parse' not in caplog.text

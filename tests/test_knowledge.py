@@ -1,5 +1,5 @@
 "Tests of the offline `kb` annotator (deepseq_nb.knowledge) on textbook marker lists and bad input."
-import json, math
+import json
 import pandas as pd
 import pytest
 
@@ -83,7 +83,9 @@ def test_retrieve_json():
 
 
 def test_annotate_table_with_na_row():
-    t = pd.DataFrame(dict(marker=['MS4A1, CD79A, CD79B', None, 'PPBP, PF4'], tissue=['PBMC', None, 'PBMC']), index=[5, 6, 7])
+    t = pd.DataFrame(
+        dict(marker=['MS4A1, CD79A, CD79B', None, 'PPBP, PF4'], tissue=['PBMC', None, 'PBMC']), index=[5, 6, 7]
+    )
     r = kb_annotate_table(t)
     assert list(r.index) == [5, 6, 7]
     assert {'prediction', 'cl_id', 'confidence', 'evidence', 'reason'} <= set(r.columns)

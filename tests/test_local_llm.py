@@ -6,7 +6,7 @@ import json, socket
 import pytest
 
 from deepseq_nb.backends import get_backend, AnswerCache, ReplayMiss
-from deepseq_nb.local_llm import server_python, model_path, LlamaServer, FEWSHOT_VERSION
+from deepseq_nb.local_llm import server_python, LlamaServer, FEWSHOT_VERSION
 from deepseq_nb.prompts import ClusterQuery
 
 pytestmark = pytest.mark.slow
@@ -42,15 +42,22 @@ def test_round_trip_cache_and_ledger(server, tmp_path, monkeypatch):
     row = c._db.execute('SELECT request, raw FROM answers').fetchall()
     assert all(str(server.port) not in r[0] and '127.0.0.1' not in r[0] for r in row)
     assert all(json.loads(r[0])['fewshot'] == FEWSHOT_VERSION for r in row)
-    again = get_backend('llamacpp:gemma-3-270m', base_url=server.base_url, cache=tmp_path/'c', progress=False).annotate(QUERIES)
+    again = get_backend(
+        'llamacpp:gemma-3-270m', base_url=server.base_url, cache=tmp_path / 'c', progress=False
+    ).annotate(QUERIES)
     assert again.stats.calls == 0 and again.stats.hits == 3 and [a.label for a in again] == [a.label for a in ans]
 
 
 def test_replay_needs_no_server_and_misses_loudly(server, tmp_path):
     get_backend('llamacpp:gemma-3-270m', base_url=server.base_url, cache=tmp_path, progress=False).annotate(QUERIES[:1])
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); dead = s.getsockname()[1]
-    rp = get_backend('llamacpp:gemma-3-270m', base_url=f'http://127.0.0.1:{dead}/v1', cache=tmp_path, cache_mode='replay',
-                     progress=False)
+    rp = get_backend(
+        'llamacpp:gemma-3-270m',
+        base_url=f'http://127.0.0.1:{dead}/v1',
+        cache=tmp_path,
+        cache_mode='replay',
+        progress=False,
+    )
     assert rp.annotate(QUERIES[:1]).stats.hits == 1
     with pytest.raises(ReplayMiss): rp.annotate(QUERIES[1:2])
 

@@ -1,5 +1,4 @@
 "Filters on the toy 10x data, cluster reproducibility, markers that recover known biology."
-import warnings
 import numpy as np, pytest
 from deepseq_nb.data import load_dataset
 from deepseq_nb.qc import filter_cells, find_knee, recovery, compare_filters
@@ -41,7 +40,8 @@ def test_knee_on_synthetic_cliff():
     assert k['empty_tail'] and kept[:500].mean() > 0.99 and kept[500:].mean() < 0.02
 
 def test_bad_strategy():
-    with pytest.raises(ValueError, match='choose one of threshold, knee, smoothed_knee'): filter_cells(load_dataset('pbmc3k'), strategy='otsu')
+    with pytest.raises(ValueError, match='choose one of threshold, knee, smoothed_knee'):
+        filter_cells(load_dataset('pbmc3k'), strategy='otsu')
 
 @pytest.fixture(scope='module')
 def clustered():
@@ -61,8 +61,15 @@ def test_clusters_match_labels(clustered):
     purity = (ct.max(1).sum() / ct.values.sum())
     assert purity > 0.8, purity
 
-CANONICAL = {'B': ['MS4A1', 'CD79A', 'CD79B'], 'CD14+ Mono': ['LYZ', 'S100A8', 'CD14'], 'NK': ['GNLY', 'NKG7'],
-             'FCGR3A+ Mono': ['FCGR3A', 'MS4A7'], 'Platelet': ['PPBP', 'PF4'], 'DC': ['FCER1A', 'CST3'], 'CD8 T': ['CD8A', 'CD8B']}
+CANONICAL = {
+    'B': ['MS4A1', 'CD79A', 'CD79B'],
+    'CD14+ Mono': ['LYZ', 'S100A8', 'CD14'],
+    'NK': ['GNLY', 'NKG7'],
+    'FCGR3A+ Mono': ['FCGR3A', 'MS4A7'],
+    'Platelet': ['PPBP', 'PF4'],
+    'DC': ['FCER1A', 'CST3'],
+    'CD8 T': ['CD8A', 'CD8B'],
+}
 
 def test_markers_contain_canonical_genes(clustered):
     mk = top_markers(clustered, groupby='cell_type', n_genes=25, key_added=None)
@@ -77,7 +84,9 @@ def test_markers_contain_canonical_genes(clustered):
 
 def test_mean_markers_differ(clustered):
     de = markers_by_cluster(top_markers(clustered, groupby='cell_type', key_added=None))
-    mean = markers_by_cluster(top_markers(clustered, groupby='cell_type', method='mean', exclude_pattern=None, key_added=None))
+    mean = markers_by_cluster(
+        top_markers(clustered, groupby='cell_type', method='mean', exclude_pattern=None, key_added=None)
+    )
     assert de['B'] != mean['B'] and len(mean['B']) == 10
 
 def test_cluster_above_4096_cells():

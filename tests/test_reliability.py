@@ -9,7 +9,14 @@ from pathlib import Path
 
 import numpy as np, pandas as pd, pytest
 
-from standin_server import StandinServer, Reply, ollama_chat, openai_chat, label_by_first_marker, last_user_text, numbered_rows
+from standin_server import (
+    Reply,
+    ollama_chat,
+    openai_chat,
+    label_by_first_marker,
+    last_user_text,
+    numbered_rows,
+)
 from deepseq_nb.cli import main
 from deepseq_nb.backends import get_backend, AnswerCache
 from deepseq_nb.prompts import make_queries
@@ -44,11 +51,18 @@ def chat_reply(path, body):
 
 
 def ollama_args(server, *extra):
-    return ['--backend', 'ollama:llama3.2:1b', '--set', f'annotate.ollama_host={server.url}', '--set', 'annotate.timeout=5',
-            *extra]
+    return [
+        '--backend',
+        'ollama:llama3.2:1b',
+        '--set',
+        f'annotate.ollama_host={server.url}',
+        '--set',
+        'annotate.timeout=5',
+        *extra,
+    ]
 
 
-# ---------------------------------------------------------------- 1. a kill while an output is overwritten loses nothing
+# ------------------------------------------------------------ 1. a kill while an output is overwritten loses nothing
 KILLER = textwrap.dedent("""
     import os, signal, sys, anndata, pandas
     def die_halfway(self, path, *a, **k):   # write a few bytes where the output goes, then get killed
@@ -64,13 +78,23 @@ KILLER = textwrap.dedent("""
 def test_kill_during_overwrite_keeps_the_old_file(tmp_path, cmd):
     out = tmp_path/('old.h5ad' if cmd == 'qc' else 'old.csv')
     out.write_bytes(b'the good file from an earlier run')
-    if cmd == 'qc': args = ['qc', 'tenx_toy_raw', '--strategy', 'knee', '--out', out, '-q']
-    elif cmd == 'annotate': args = ['annotate', marker_csv(tmp_path/'m.csv', 3), '--markers', '--backend', 'kb', '--out', out, '-q']
+    if cmd == 'qc':
+        args = ['qc', 'tenx_toy_raw', '--strategy', 'knee', '--out', out, '-q']
+    elif cmd == 'annotate':
+        args = ['annotate', marker_csv(tmp_path / 'm.csv', 3), '--markers', '--backend', 'kb', '--out', out, '-q']
     else:
-        pd.DataFrame({'tissue': ['PBMC'], 'marker': ['MS4A1, CD79A'], 'manual_annotation': ['B cell']}).to_csv(tmp_path/'b.csv', index=False)
+        pd.DataFrame({'tissue': ['PBMC'], 'marker': ['MS4A1, CD79A'], 'manual_annotation': ['B cell']}).to_csv(
+            tmp_path / 'b.csv', index=False
+        )
         args = ['benchmark', tmp_path/'b.csv', '--out', out, '-q']
-    r = subprocess.run([sys.executable, '-c', KILLER, *map(str, args)], capture_output=True, text=True, cwd=tmp_path,
-                       env=env(tmp_path, private_cache=False), timeout=120)   # the kb's parsed marker tables: the user's cache
+    r = subprocess.run(
+        [sys.executable, '-c', KILLER, *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env(tmp_path, private_cache=False),
+        timeout=120,
+    )  # the kb's parsed marker tables: the user's cache
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     assert out.read_bytes() == b'the good file from an earlier run'
 
@@ -88,7 +112,9 @@ def test_one_sigint_stops_the_run_and_a_rerun_resumes(tmp_path, server):
     csv, out, n = marker_csv(tmp_path/'m.csv', 12), tmp_path/'labels.csv', 12
     cmd = [DEEPSEQ, 'annotate', str(csv), '--markers', *ollama_args(server), '--set', 'annotate.batch_size=1',
            '--set', 'annotate.concurrency=1', '--out', str(out)]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(tmp_path), cwd=tmp_path)
+    p = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(tmp_path), cwd=tmp_path
+    )
     t_end = time.monotonic() + 90
     while len(server.calls('/api/chat')) < 3 and time.monotonic() < t_end and p.poll() is None: time.sleep(0.05)
     assert p.poll() is None, p.communicate()[1][-2000:]
@@ -118,7 +144,9 @@ def drop_lines_with(gene):
     "A broken model: answers every row except those whose markers contain `gene`."
     def script(path, body):
         p = last_user_text(body); rows = numbered_rows(p)
-        text = '\n'.join(f"{i}. {TABLE.get(r.split(',')[0].strip(), 'x')}" for i, r in enumerate(rows, 1) if gene not in r)
+        text = '\n'.join(
+            f"{i}. {TABLE.get(r.split(',')[0].strip(), 'x')}" for i, r in enumerate(rows, 1) if gene not in r
+        )
         return Reply(200, ollama_chat(text))
     return script
 
@@ -199,12 +227,16 @@ def test_failures_are_one_line(tmp_path, capsys, monkeypatch):
     url = f'http://127.0.0.1:{closed_port()}/v1'
     monkeypatch.setenv('OPENAI_API_KEY', 'sk-test-not-a-key')
     monkeypatch.setenv('OPENAI_BASE_URL', url)
-    msg = one_error(capsys, ['annotate', csv, '--markers', '--backend', 'openai:gpt-4o', '--set', 'annotate.max_retries=0', '-q'])
+    msg = one_error(
+        capsys, ['annotate', csv, '--markers', '--backend', 'openai:gpt-4o', '--set', 'annotate.max_retries=0', '-q']
+    )
     assert url in msg and 'Cannot reach' in msg                               # a closed base URL is named
     assert 'sk-test-not-a-key' not in msg
     msg = one_error(capsys, ['qc', 'tenx_toy_raw', '--out', '/proc/x.h5ad', '-q'])  # OSError
     assert '/proc' in msg
-    rc = main(['--debug', 'cluster', 'tenx_toy_raw', '--out', str(tmp_path/'x.h5ad'), '--set', 'cluster.resolution=abc'])
+    rc = main(
+        ['--debug', 'cluster', 'tenx_toy_raw', '--out', str(tmp_path / 'x.h5ad'), '--set', 'cluster.resolution=abc']
+    )
     err = capsys.readouterr().err
     assert rc == 2 and 'Traceback' in err and 'cluster.resolution' in err  # --debug shows the traceback
 
@@ -223,12 +255,18 @@ def test_malformed_json_answer_is_retried(tmp_path, server, monkeypatch):
 
 
 # ---------------------------------------------------------------- 6. checks before work
-@pytest.mark.parametrize('argv, want', [
-    (['cluster', 'tenx_toy_filtered', '--out', 'OUT', '--set', 'cluster.resolution=abc'], 'cluster.resolution must be a number'),
-    (['annotate', 'tenx_toy_filtered', '--set', 'annotate.timeout=abc'], 'annotate.timeout must be a number'),
-    (['annotate', 'tenx_toy_filtered', '--backend', 'olama:llama3'], "Unknown backend 'olama:llama3'"),
-    (['cluster', 'tenx_toy_filtered', '--out', 'NODIR/x.h5ad'], 'does not exist'),
-])
+@pytest.mark.parametrize(
+    'argv, want',
+    [
+        (
+            ['cluster', 'tenx_toy_filtered', '--out', 'OUT', '--set', 'cluster.resolution=abc'],
+            'cluster.resolution must be a number',
+        ),
+        (['annotate', 'tenx_toy_filtered', '--set', 'annotate.timeout=abc'], 'annotate.timeout must be a number'),
+        (['annotate', 'tenx_toy_filtered', '--backend', 'olama:llama3'], "Unknown backend 'olama:llama3'"),
+        (['cluster', 'tenx_toy_filtered', '--out', 'NODIR/x.h5ad'], 'does not exist'),
+    ],
+)
 def test_bad_settings_fail_before_any_work(tmp_path, capsys, argv, want):
     argv = [a.replace('OUT', str(tmp_path/'x.h5ad')).replace('NODIR', str(tmp_path/'nodir')) for a in argv]
     t0 = time.monotonic()

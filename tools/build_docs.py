@@ -6,7 +6,8 @@
 
 A notebook committed with its outputs is copied as it is; one without outputs is executed (nbclient, in its own
 directory, cells flagged `#| slow` or `#| eval: false` left out, as nbdev-test does). Outputs are made deterministic:
-no execution timings, execution counts renumbered, the paths of this machine scrubbed (`deepseq_nb.figures.scrub_paths`).
+no execution timings, execution counts renumbered, the paths of this machine scrubbed
+(`deepseq_nb.figures.scrub_paths`).
 The site (`_docs/site`) is built by mkdocs with mkdocs-jupyter from `mkdocs.yml`; it needs no network.
 """
 from __future__ import annotations
@@ -39,7 +40,8 @@ def execute(nb, cwd:Path, timeout:int)->str|None:
         NotebookClient(nb, timeout=timeout, kernel_name='python3', resources={'metadata': {'path': str(cwd)}},
                        allow_errors=False).execute()
         err = None
-    except Exception as e: err = f'{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ""}'
+    except Exception as e:
+        err = f'{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ""}'
     finally:
         for k, v in old.items():
             if v is None: os.environ.pop(k, None)
@@ -60,7 +62,9 @@ def deterministic(nb):
             if o.output_type == 'execute_result': o.execution_count = n
     for c in nb.cells:  # progress bars (carriage-return redraws) say nothing once the cell has finished
         if c.cell_type == 'code':
-            c.outputs = [o for o in c.get('outputs', []) if not (o.output_type == 'stream' and '\r' in o.get('text', ''))]
+            c.outputs = [
+                o for o in c.get('outputs', []) if not (o.output_type == 'stream' and '\r' in o.get('text', ''))
+            ]
     nb = nbformat.reads(scrub_paths(nbformat.writes(nb), ROOT), as_version=4)
     for c in nb.cells:  # outputs only: the notebook's own text stays as written
         for o in c.get('outputs', []) if c.cell_type == 'code' else []:
