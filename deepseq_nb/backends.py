@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 __all__ = ['log', 'KINDS', 'CACHE_MODES', 'RETRIEVE_TOOL', 'Answer', 'RunStats', 'Answers', 'record_run', 'BackendError',
            'BackendUnavailable', 'ModelNotFound', 'MissingKey', 'ContextTooLong', 'ReplayMiss', 'CacheError',
            'Cancelled', 'Interrupted', 'parse_spec', 'cache_key', 'default_cache_path', 'AnswerCache', 'transient',
-           'retry_call', 'RateLimiter', 'call_cost', 'Reply', 'LLMBackend', 'OllamaBackend', 'OpenAIBackend',
-           'KBBackend', 'vote', 'ConsensusBackend', 'get_backend', 'backend_options']
+           'retry_call', 'RateLimiter', 'call_cost', 'Reply', 'LLMBackend', 'OllamaBackend', 'OpenAIBackend', 'Turn',
+           'to_ollama', 'to_openai', 'KBBackend', 'vote', 'ConsensusBackend', 'get_backend', 'backend_options']
 
 # %% ../nbs/06_backends.ipynb #97f8d0d3
 @dataclass
@@ -661,6 +661,97 @@ def _web_sources(r)->tuple[list, int, int]:
                     if getattr(a, 'type', '') == 'url_citation': sources.append({'type': 'url', 'url': a.url, 'title': a.title})
     return sources, 1, searches
 OpenAIBackend._call = _openai_call
+
+# %% ../nbs/06_backends.ipynb #e08f168d
+@dataclass
+class Turn:
+    "One chat reply: its text and its tool calls."
+    content: str = '' # the reply's text
+    calls: list = field(default_factory=list) # tool calls, each `{id, name, arguments}`
+    tokens_in: int = 0 # prompt tokens
+    tokens_out: int = 0 # completion tokens
+    cached: bool = False # whether it came from the answer cache
+
+# %% ../nbs/06_backends.ipynb #2596cc06
+def _as_dict(a)->dict:
+    "Tool-call arguments as a dict (JSON text parsed; anything else is `{}`)."
+    if isinstance(a, dict): return a
+    try: v = json.loads(a) if isinstance(a, str) and a.strip() else {}
+    except json.JSONDecodeError: return {}
+    return v if isinstance(v, dict) else {}
+
+def to_ollama(m:dict)->dict:
+    "A neutral chat message in Ollama's `/api/chat` format."
+    if m['role'] == 'assistant':
+        out = {'role': 'assistant', 'content': m.get('content') or ''}
+        if m.get('tool_calls'):
+            out['tool_calls'] = [{'function': {'name': c['name'], 'arguments': _as_dict(c['arguments'])}} for c in m['tool_calls']]
+        return out
+    if m['role'] == 'tool': return {'role': 'tool', 'content': m['content'], 'tool_name': m['name']}
+    return {'role': m['role'], 'content': m['content']}
+
+def to_openai(m:dict)->dict:
+    "A neutral chat message in OpenAI's Chat Completions format."
+    if m['role'] == 'assistant':
+        out = {'role': 'assistant', 'content': m.get('content') or None}
+        if m.get('tool_calls'):
+            out['tool_calls'] = [{'id': c['id'], 'type': 'function', 'function': {'name': c['name'], 'arguments':
+                                  c['arguments'] if isinstance(c['arguments'], str) else json.dumps(c['arguments'])}}
+                                 for c in m['tool_calls']]
+        return out
+    if m['role'] == 'tool': return {'role': 'tool', 'tool_call_id': m['tool_call_id'], 'content': m['content']}
+    return {'role': m['role'], 'content': m['content']}
+
+# %% ../nbs/06_backends.ipynb #290dbf56
+def _ollama_chat_call(self:OllamaBackend, messages:list, tools:list|None)->Turn:
+    "One `/api/chat` request with tools."
+    r = self._client.chat(self.model, messages=[to_ollama(m) for m in messages], tools=tools,
+                          options=dict(temperature=self.temperature, seed=self.seed))
+    calls = [dict(id=f'call_{len(messages)}_{j}', name=t.function.name, arguments=dict(t.function.arguments or {}))
+             for j, t in enumerate(r.message.tool_calls or [])]
+    return Turn(r.message.content or '', calls, r.prompt_eval_count or 0, r.eval_count or 0)
+
+def _openai_chat_call(self:OpenAIBackend, messages:list, tools:list|None)->Turn:
+    "One Chat Completions request with tools."
+    openai = require('openai')
+    kw = {'tools': tools} if tools else {}
+    try: r = self._client.chat.completions.create(model=self.model, messages=[to_openai(m) for m in messages],
+                                                  temperature=self.temperature, seed=self.seed, **kw)
+    except openai.AuthenticationError: raise MissingKey("The server refused the API key (401). Check OPENAI_API_KEY.") from None
+    m, u = r.choices[0].message, r.usage
+    calls = [dict(id=t.id, name=t.function.name, arguments=t.function.arguments) for t in (m.tool_calls or [])]
+    return Turn(m.content or '', calls, u.prompt_tokens if u else 0, u.completion_tokens if u else 0)
+OllamaBackend._chat_call, OpenAIBackend._chat_call = _ollama_chat_call, _openai_chat_call
+
+# %% ../nbs/06_backends.ipynb #90eff7b0
+def _chat(self:LLMBackend, messages:list, # the conversation (role, content, tool_calls, tool_call_id, name)
+          tools:list|None=None, # tool descriptions in the OpenAI format (None: the model must answer)
+          task:str='chat', # what the conversation is for; enters the cache key
+         )->Turn:
+    "The model's next turn: from the cache, else from the server (rate-limited, with retries), then cached."
+    parts = dict(task=task, backend=self.kind, model=self.model, messages=messages, tools=tools or [],
+                 temperature=self.temperature, seed=self.seed)
+    key = cache_key(parts) if self.cache is not None else None
+    if key is not None and self.cache.mode != 'refresh' and (rec := self.cache.get(key)) is not None:
+        with self._connect_lock: self.stats.hits += 1
+        return Turn(**json.loads(rec['raw']), cached=True)
+    if key is not None and self.cache.mode == 'replay':
+        raise ReplayMiss(f"No cached {task} turn from {self.spec} for this conversation and cache mode is 'replay' "
+                         f"({self.cache.path}).")
+    self.connect(); self.limiter.wait()
+    t0 = time.perf_counter()
+    t = retry_call(lambda: self._chat_call(messages, tools), **self.retry)
+    cost = 0.0 if self.kind == 'ollama' else call_cost(self.model, t.tokens_in, t.tokens_out, self.prices)
+    with self._connect_lock:
+        self.stats.calls += 1; self.stats.tokens_in += t.tokens_in; self.stats.tokens_out += t.tokens_out
+        self.stats.add_cost(cost)
+    if key is not None:
+        raw = json.dumps(dict(content=t.content, calls=t.calls, tokens_in=t.tokens_in, tokens_out=t.tokens_out))
+        self.cache.put(key, dict(backend=self.kind, model=self.model, request=parts, raw=raw,
+                                 parsed=dict(content=t.content, calls=t.calls), tokens_in=t.tokens_in,
+                                 tokens_out=t.tokens_out, latency=time.perf_counter() - t0, cost=cost, sources=[], requests=1))
+    return t
+LLMBackend.chat = _chat
 
 # %% ../nbs/06_backends.ipynb #3f87a970
 class KBBackend:
