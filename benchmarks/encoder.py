@@ -41,7 +41,7 @@ def bench_embedding(encoder, datasets=BUNDLED, *, batch_size: int = 64, n_thread
     "Throughput of `embed` per dataset (best of `repeats`), with tokenising and the model timed apart."
     import torch
     from deepseq_nb.data import load_dataset
-    from deepseq_nb.encoder import embed, tokenize, cell_embeddings, _threads
+    from deepseq_nb.encoder import embed, tokenize, cell_embeddings, torch_threads
     rows = []
     for name in datasets:
         a = load_dataset(name)
@@ -49,7 +49,7 @@ def bench_embedding(encoder, datasets=BUNDLED, *, batch_size: int = 64, n_thread
         for _ in range(repeats):
             t0 = time.perf_counter(); tok = tokenize(a, encoder); t1 = time.perf_counter()
             encoder.model.eval()
-            with _threads(n_threads): cell_embeddings(encoder, tok, batch_size=batch_size)
+            with torch_threads(n_threads): cell_embeddings(encoder, tok, batch_size=batch_size)
             t2 = time.perf_counter(); embed(a, encoder, batch_size=batch_size, n_threads=n_threads, progress=False); t3 = time.perf_counter()
             r = dict(dataset=name, cells=a.n_obs, genes=a.n_vars, mean_tokens=round(float(tok.lengths.float().mean()), 1),
                      tokenise_s=round(t1 - t0, 2), model_s=round(t2 - t1, 2), embed_s=round(t3 - t2, 2), cells_per_s=round(a.n_obs / (t3 - t2), 1))

@@ -19,8 +19,8 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from .data import InputError
 from .encoder import Encoder, Tokens, tokenize
-from .plugins import (PluginSet, fit_plugin, lora_parameters, plugin_outputs, plugin_settings, stratified_split,
-                                train_plugin)
+from .plugins import (PluginSet, fit_plugin, lora_parameters, plugin_kwargs, plugin_outputs, train_plugin)
+from .utils import stratified_split, subsample_types
 
 # %% auto #0
 __all__ = ['INCREMENTAL_DEFAULTS', 'ADD_KEYS', 'LIST_KEYS', 'VARIANTS', 'VARIANT_NAMES', 'incremental_settings',
@@ -213,13 +213,6 @@ VARIANT_NAMES = {'lora_rehearsal': 'LoRA + head, rehearsal', 'lora': 'LoRA + hea
                  'frozen_rehearsal': 'head only (old slots frozen), rehearsal', 'frozen': 'head only (old slots frozen), no rehearsal',
                  'scratch': 'retrained from scratch'}
 
-def _plugin_kwargs(params:dict|None)->dict:
-    "`train_plugin` arguments from plugin settings (default: `plugin_settings()`)."
-    p = plugin_settings() if params is None else {**plugin_settings(), **params}
-    keys = ('lora_r', 'lora_alpha', 'lora_dropout', 'extra_slots', 'pooling', 'epochs', 'lr', 'batch_size', 'patience', 'val_fraction',
-            'weight_decay', 'balance', 'seed', 'n_threads')
-    return {k: p[k] for k in keys} | dict(targets=tuple(p['targets']))
-
 def _add_kwargs(params:dict|None, variant:str)->dict:
     "`add_cell_type` arguments: the `[incremental]` defaults, then `params`, then the variant's switches."
     if variant not in VARIANTS: raise InputError(f"Unknown variant {variant!r}; variants are {list(VARIANTS)}.")
@@ -231,7 +224,6 @@ def _prepare(adata:ad.AnnData, label_key:str, test_frac:float, max_cells:int|Non
     if label_key not in adata.obs: raise InputError(f"obs has no column {label_key!r}; columns: {', '.join(map(str, adata.obs.columns))}.")
     a = adata[adata.obs[label_key].notna().to_numpy()]
     if max_cells and a.n_obs > max_cells:
-        from deepseq_nb.crosstissue import subsample_types
         a = a[subsample_types(a.obs[label_key], max_cells, seed=seed)]
     a = a.copy(); a.obs[label_key] = a.obs[label_key].astype(str)
     return a, stratified_split(a.obs[label_key], test_frac, seed=seed)
@@ -261,7 +253,7 @@ def new_type_curve(adata:ad.AnnData, encoder:Encoder|None=None, # labelled cells
     held_out = [str(t) for t in held_out] if held_out else _pick_types(y, ~test, n_held_out, min_cells, seed)
     bad = sorted(set(held_out) - set(y))
     if bad: raise InputError(f"Held-out types {bad} are not in obs[{label_key!r}]; types: {sorted(set(y))}.")
-    kw_plugin, tok = _plugin_kwargs(plugin_params) | dict(seed=seed), tokenize(a[np.flatnonzero(test)], enc, seed=seed)
+    kw_plugin, tok = plugin_kwargs(plugin_params)[0] | dict(seed=seed), tokenize(a[np.flatnonzero(test)], enc, seed=seed)
     ks, rows = [int(k) for k in ks], []
     for t in held_out:
         t0 = time.perf_counter()
@@ -319,7 +311,7 @@ def forgetting_curve(adata:ad.AnnData, encoder:Encoder|None=None, # labelled cel
     rng = np.random.default_rng(seed)
     picked = {t: np.sort(rng.permutation(np.flatnonzero(~test & (y == t)))[:k]) for t in seq}
     base_idx = np.flatnonzero(~test & np.isin(y, base))
-    kw_plugin, tok = _plugin_kwargs(plugin_params) | dict(seed=seed), tokenize(a[np.flatnonzero(test)], enc, seed=seed)
+    kw_plugin, tok = plugin_kwargs(plugin_params)[0] | dict(seed=seed), tokenize(a[np.flatnonzero(test)], enc, seed=seed)
     yt = y[test]
     t0 = time.perf_counter()
     ps = train_plugin(a[base_idx], enc, tissue=tissue, label_key=label_key, **kw_plugin)

@@ -8,9 +8,12 @@ Docs: https://deepseq-nb.github.io/deepseq_nb/utils.html.md"""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
+
+from .data import InputError
 
 # %% auto #0
-__all__ = ['jsonable']
+__all__ = ['jsonable', 'stratified_split', 'train_test_labels', 'subsample_types']
 
 # %% ../nbs/00_utils.ipynb #d87bae26
 def jsonable(o, # any value
@@ -24,3 +27,50 @@ def jsonable(o, # any value
     if isinstance(o, (str, int, float, bool)) or o is None: return o
     return str(o)
 
+
+# %% ../nbs/00_utils.ipynb #c58cb416
+def stratified_split(labels, # one label per cell
+                     fraction:float=0.15, # share of each type held out
+                     *, seed:int=0, # seed of the draw
+                    )->np.ndarray:
+    "Boolean mask of held-out cells: `fraction` of each type (≥ 1 of every type with ≥ 2 cells), seeded."
+    if not 0 <= fraction < 1: raise InputError(f"fraction must be in [0, 1); got {fraction}.")
+    y = pd.Series(np.asarray(labels)).astype(str).to_numpy()
+    rng, out = np.random.default_rng(seed), np.zeros(len(y), bool)
+    if fraction == 0: return out
+    for c in sorted(set(y)):
+        idx = np.flatnonzero(y == c)
+        if len(idx) < 2: continue
+        k = min(len(idx) - 1, max(1, int(round(fraction * len(idx)))))
+        out[rng.choice(idx, k, replace=False)] = True
+    return out
+
+# %% ../nbs/00_utils.ipynb #e7dc0696
+def train_test_labels(labels, # one label per cell
+                      test_frac:float=0.3, # share of each label's cells held out
+                      seed:int=0, # seed of the draw
+                     )->np.ndarray:
+    "'train'/'test' per cell: round(test_frac·n) of each label's n cells held out, at least one on each side."
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels).astype(str)
+    split = np.full(len(labels), 'train', dtype=object)
+    for l in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == l))
+        if len(idx) < 2: raise InputError(f"label {l!r} has {len(idx)} cell: at least 2 are needed to split it (drop it first)")
+        split[idx[:min(max(1, round(test_frac*len(idx))), len(idx) - 1)]] = 'test'
+    return split
+
+# %% ../nbs/00_utils.ipynb #c5dfb772
+def subsample_types(labels, # one label per cell
+                    max_cells:int, # cells wanted in all
+                    seed:int=0, # seed of the draw
+                   )->np.ndarray:
+    "Sorted indices of about `max_cells` cells drawn per label in proportion to its size, at least 2 per label (all if fewer)."
+    labels = np.asarray(labels).astype(str)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for l in np.unique(labels):
+        idx = np.flatnonzero(labels == l)
+        n = min(len(idx), max(2, round(max_cells*len(idx)/len(labels))))
+        keep.append(rng.choice(idx, n, replace=False))
+    return np.sort(np.concatenate(keep))

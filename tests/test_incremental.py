@@ -5,13 +5,14 @@ import pytest
 import torch
 
 import deepseq_nb.plugins as plugins_mod
-from deepseq_nb.crosstissue import subsample_types
+from deepseq_nb.utils import subsample_types
 from deepseq_nb.data import InputError, load_dataset
 from deepseq_nb.encoder import make_vocab, new_encoder, tokenize
 from deepseq_nb.incremental import (add_cell_type, forgetting_curve, incremental_settings, new_type_curve, plugin_state,
                                     rehearsal_sample, restore_plugin, same_state, type_scores)
 from deepseq_nb.memory import CellMemory
-from deepseq_nb.plugins import load_plugins, lora_parameters, plugin_outputs, save_plugins, train_plugin
+from deepseq_nb.plugins import lora_parameters, plugin_outputs, train_plugin
+from deepseq_nb.plugin_store import load_plugins, save_plugins
 
 torch.set_num_threads(1)
 FAST = dict(epochs=2, seed=0)      # plugin training: these tests check behaviour, not accuracy

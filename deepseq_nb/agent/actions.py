@@ -163,11 +163,11 @@ def act_evaluate(st:AgentState, pred:str='deepseq_label', # obs column of predic
 def _encoder_missing(st:AgentState)->str:
     "Why getting the encoder is slow ('' when it is ready)."
     if st.encoder is not None: return ''
-    from deepseq_nb.encoder import encoder_settings, pretrained_dir, PRETRAIN_KEYS, _complete
+    from deepseq_nb.encoder import encoder_settings, pretrained_dir, PRETRAIN_KEYS, is_complete
     s = encoder_settings(st.settings)
     if s.get('checkpoint'): return ''
     d = pretrained_dir({k: s[k] for k in PRETRAIN_KEYS if k in s and s[k] != ''}, s.get('cache_dir') or None)
-    return '' if _complete(d) else 'pretrains the small scGPT encoder on the bundled data first (minutes on 2 cores)'
+    return '' if is_complete(d) else 'pretrains the small scGPT encoder on the bundled data first (minutes on 2 cores)'
 
 def _encoder(st:AgentState):
     if st.encoder is None:
@@ -231,7 +231,7 @@ def act_build_reference(st:AgentState, dataset:str|None=None, # bundled name or 
     held = sorted(set(match_types(hold_out or [], types).values()))
     ref = ref[ref.obs[lk].notna().to_numpy() & ~ref.obs[lk].astype(str).isin(held).to_numpy()].copy()
     ref.obs[lk] = ref.obs[lk].astype(str)
-    from deepseq_nb.plugins import stratified_split
+    from deepseq_nb.utils import stratified_split
     cal = stratified_split(ref.obs[lk].to_numpy(), cfg['calib_frac'], seed=cfg['seed'])
     P = PCASpace.fit(ref[~cal], seed=cfg['seed'])
     ref.obsm['X_pca_ref'] = P.transform(ref)
@@ -302,11 +302,10 @@ def act_train_plugin(st:AgentState, tissue:str|None=None, # the plugin's tissue 
                 )->dict:
     "Train a tissue plugin (LoRA adapter and classifier head) on the labelled reference cells."
     from deepseq_nb.plugins import train_plugin as _train
-    from deepseq_nb.plugins import plugin_settings
-    from deepseq_nb.novelty import _plugin_kw
+    from deepseq_nb.plugins import plugin_settings, plugin_kwargs
     ref, lk = _ref_cells(st)
     tissue = _tissue(st, tissue)
-    kw = _plugin_kw(plugin_settings(st.settings)) | ({'epochs': epochs} if epochs else {})
+    kw = plugin_kwargs(plugin_settings(st.settings))[0] | ({'epochs': epochs} if epochs else {})
     st.plugins = _train(ref, st.plugins if st.plugins is not None else _encoder(st), tissue=tissue, label_key=lk, **kw)
     st.tissue, st.label_key = tissue, lk
     if st.reference is None: st.reference = ref
