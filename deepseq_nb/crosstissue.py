@@ -15,16 +15,17 @@ import pandas as pd
 import scipy.sparse as sp
 import scanpy as sc
 
+from .config import read_section
 from .data import load_dataset, InputError
 from .utils import train_test_labels, subsample_types
 from .cluster import normalize
 from .ontology import to_cl, ancestors, cl_name
 
 # %% auto #0
-__all__ = ['CROSS_TISSUE', 'PUBLISHED', 'CT_DEFAULTS', 'METHOD_NAMES', 'PLUGIN_METHODS', 'TABLE_COLUMNS', 'label_term',
-           'harmonise_label', 'merge_to_shared', 'cross_tissue_reference', 'shared_genes', 'logreg_baseline',
-           'celltypist_baseline', 'score_methods', 'embed_reference', 'reference_memory', 'memory_knn',
-           'plugin_methods', 'validation_mask', 'plugin_heads', 'head_predictions', 'ct_settings', 'summarise_seeds',
+__all__ = ['CROSS_TISSUE', 'PUBLISHED', 'METHOD_NAMES', 'PLUGIN_METHODS', 'TABLE_COLUMNS', 'label_term', 'harmonise_label',
+           'merge_to_shared', 'cross_tissue_reference', 'shared_genes', 'logreg_baseline', 'celltypist_baseline',
+           'score_methods', 'embed_reference', 'reference_memory', 'memory_knn', 'plugin_methods', 'validation_mask',
+           'plugin_heads', 'head_predictions', 'CrossTissueConfig', 'ct_settings', 'summarise_seeds',
            'run_cross_tissue']
 
 # %% ../nbs/16_crosstissue.ipynb #e4b53ad5
@@ -345,16 +346,26 @@ def head_predictions(ref:ad.AnnData, # as for `plugin_heads`
     return dict(plugin=pd.Series(told, index=idx).astype(str), router=pd.Series(np.asarray(union, dtype=object)[mix.argmax(1)], index=idx).astype(str))
 
 # %% ../nbs/16_crosstissue.ipynb #919b9f54
-CT_DEFAULTS = dict(test_frac=0.3, seed=0, seeds=[0, 1, 2], min_cells=10, max_cells=0, k=15, n_hvg=2000, plugin_max_cells=600, plugin_epochs=20, plugin_val_fraction=0.0,
-                   head_cs=[0.1, 1.0], methods='knn,knn_tuned,plugin,router,plugin_sel,router_sel,logreg,celltypist')
+@dataclass
+class CrossTissueConfig:
+    "The `[crosstissue]` section: the experiment's splits, seeds, methods and plugin training."
+    test_frac:float=0.3 # share of each study's cells per type held out for testing
+    seed:int=0 # seed of the UMAPs
+    seeds:list=field(default_factory=lambda: [0, 1, 2]) # seeds of the repeated experiment (learned numbers: mean ± sd over them)
+    min_cells:int=10 # types with fewer cells in a study are dropped (too few to split)
+    max_cells:int=0 # at most this many cells per study (a stratified draw); 0 keeps every cell
+    k:int=15 # neighbours that vote in the memory kNN
+    n_hvg:int=2000 # highly variable genes of the logistic-regression baseline and the chosen heads
+    plugin_max_cells:int=600 # training cells per tissue of the plugin methods (a stratified draw; 0: all)
+    plugin_epochs:int=20 # epochs of the cross-tissue LoRA plugins (overriding [plugins] epochs)
+    plugin_val_fraction:float=0.0 # validation share of the plugins' own early stopping (overriding [plugins] val_fraction)
+    head_cs:list=field(default_factory=lambda: [0.1, 1.0]) # strengths of the logistic heads chosen on validation
+    methods:str='knn,knn_tuned,plugin,router,plugin_sel,router_sel,logreg,celltypist' # methods run, comma-separated (`METHOD_NAMES`)
 
-def ct_settings(settings=None)->dict:
-    "The `[crosstissue]` settings with defaults for keys the file does not set."
-    from deepseq_nb.config import load_settings
-    S = settings if settings is not None else load_settings()
-    try: sec = dict(S.section('crosstissue'))
-    except Exception: sec = {}
-    out = {k: sec.get(k, v) for k, v in CT_DEFAULTS.items()}
+def ct_settings(settings=None, # a `Settings` (default: `load_settings()`)
+               )->dict:
+    "The `[crosstissue]` settings over `CrossTissueConfig`'s defaults; methods and seeds as lists."
+    out = read_section(CrossTissueConfig, settings, 'crosstissue')
     out['methods'] = [m.strip() for m in (out['methods'] if isinstance(out['methods'], str) else ','.join(out['methods'])).split(',') if m.strip()]
     out['seeds'] = [int(s) for s in (out['seeds'] if isinstance(out['seeds'], (list, tuple)) else [out['seeds']])] or [int(out['seed'])]
     return out
@@ -377,9 +388,8 @@ def summarise_seeds(per_seed:pd.DataFrame, # `score_methods` rows with a `seed` 
 # %% ../nbs/16_crosstissue.ipynb #f6e544a6
 def _memory_kwargs(settings)->dict:
     "CellMemory arguments from the `[memory]` settings (defaults for missing keys)."
-    from deepseq_nb.memory import MEMORY_DEFAULTS
-    sec = settings.section('memory') if settings is not None else {}
-    return {k: sec.get(k, v) for k, v in MEMORY_DEFAULTS.items()}
+    from deepseq_nb.memory import MemoryConfig
+    return read_section(MemoryConfig, settings if settings is not None else {}, 'memory')
 
 def _cached_run(cache, key:str):
     "The cached result of a run with this key, or None."

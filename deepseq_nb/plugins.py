@@ -18,12 +18,13 @@ except ModuleNotFoundError as e:   # the [scagent] extra: name it rather than a 
     raise ModuleNotFoundError(missing_extra(e) or str(e), name=e.name) from None
 from sklearn.metrics import accuracy_score, f1_score
 
+from .config import read_section
 from .data import InputError
 from .utils import stratified_split
 from .encoder import Encoder, Tokens, cell_embeddings, tokenize
 
 # %% auto #0
-__all__ = ['PLUGIN_FORMAT', 'PLUGIN_DEFAULTS', 'PLUGIN_TRAIN_KEYS', 'LORA_TARGETS', 'plugin_settings', 'plugin_kwargs',
+__all__ = ['PLUGIN_FORMAT', 'PLUGIN_TRAIN_KEYS', 'LORA_TARGETS', 'PluginConfig', 'plugin_settings', 'plugin_kwargs',
            'lora_target_regex', 'SlotHead', 'encoder_fingerprint', 'adapter_name', 'PluginSet', 'add_plugin',
            'remove_plugin', 'lora_parameters', 'tuned_embeddings', 'PluginOutput', 'plugin_outputs', 'fit_plugin',
            'train_plugin', 'base_weights_changed', 'Router', 'frozen_embeddings', 'train_router', 'route', 'predict',
@@ -31,23 +32,34 @@ __all__ = ['PLUGIN_FORMAT', 'PLUGIN_DEFAULTS', 'PLUGIN_TRAIN_KEYS', 'LORA_TARGET
 
 # %% ../nbs/11_plugins.ipynb #37075c30
 PLUGIN_FORMAT = 1  # version of the on-disk layout written by `save_plugins`
-PLUGIN_DEFAULTS = dict(
-    lora_r=8, lora_alpha=16, lora_dropout=0.1, targets=('linear1', 'linear2'), # LoRA rank, scale numerator, dropout, layers
-    extra_slots=8, pooling='mean', # free head slots beyond the known types; 'cls' or 'mean' pooling
-    epochs=40, lr=5e-3, batch_size=32, patience=8, val_fraction=0.15, weight_decay=0.01, balance=True, # plugin training
-    router_top_k=2, router_hidden=64, router_epochs=60, router_lr=3e-3, router_patience=8, # router
-    seed=0, n_threads=1)
+@dataclass
+class PluginConfig:
+    "The `[plugins]` section: LoRA adapters, their training, and the router."
+    lora_r:int=8 # LoRA rank
+    lora_alpha:float=16 # LoRA scale numerator (the update is scaled by lora_alpha / lora_r)
+    lora_dropout:float=0.1 # dropout on the LoRA path
+    targets:tuple=('linear1', 'linear2') # module kinds of each transformer layer that get LoRA (`LORA_TARGETS`)
+    extra_slots:int=8 # head outputs beyond the tissue's known types, reserved for types added later
+    pooling:str='mean' # cell embedding: mean of the gene tokens ('mean') or the <cls> token ('cls')
+    epochs:int=40 # most passes over the training cells
+    lr:float=5e-3 # AdamW learning rate
+    batch_size:int=32 # cells per step
+    patience:int=8 # epochs without a better validation loss before stopping
+    val_fraction:float=0.15 # stratified share of the training cells kept for validation (0: no early stopping)
+    weight_decay:float=0.01 # AdamW weight decay
+    balance:bool=True # inverse-frequency class weights
+    router_top_k:int=2 # plugins the router mixes per cell
+    router_hidden:int=64 # hidden units of the router (0: linear)
+    router_epochs:int=60 # most passes of router training
+    router_lr:float=3e-3 # router learning rate
+    router_patience:int=8 # router epochs without improvement before stopping
+    seed:int=0 # seed of splits, weights, batches and dropout
+    n_threads:int=1 # torch threads (1 is fastest for models this small on 2 cores)
 
 def plugin_settings(settings=None, # a `Settings` (default: `load_settings()`)
                    )->dict:
-    "`PLUGIN_DEFAULTS` overlaid with the `[plugins]` section of the settings (missing keys keep their default)."
-    if settings is None:
-        from deepseq_nb.config import load_settings
-        settings = load_settings()
-    sec = settings.section('plugins') if hasattr(settings, 'section') else dict(settings.get('plugins', {}) or {})
-    out = dict(PLUGIN_DEFAULTS)
-    out.update({k: v for k, v in sec.items() if k in PLUGIN_DEFAULTS and v != ''})
-    return out
+    "The `[plugins]` settings over `PluginConfig`'s defaults."
+    return read_section(PluginConfig, settings, 'plugins')
 
 PLUGIN_TRAIN_KEYS = ('lora_r', 'lora_alpha', 'lora_dropout', 'extra_slots', 'pooling', 'epochs', 'lr', 'batch_size', 'patience',
                      'val_fraction', 'weight_decay', 'balance')

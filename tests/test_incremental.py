@@ -232,8 +232,13 @@ def test_type_scores():
 def test_settings_overlay():
     s = incremental_settings({'incremental': {'rehearsal': 3, 'ks': [5], 'bogus': 1}})
     assert s['rehearsal'] == 3 and s['ks'] == [5] and 'bogus' not in s and s['steps'] == 5
-    s = incremental_settings({'incremental': {'held_out': 'NK, B', 'variants': None, 'ks': (5, 30)}})
-    assert s['held_out'] == ['NK', 'B'] and s['variants'] == [] and s['ks'] == [5, 30]
+    s = incremental_settings({'incremental': {'held_out': ['NK', 'B'], 'variants': None, 'ks': (5, 30), 'tissue': ''}})
+    assert s['held_out'] == ['NK', 'B'] and s['ks'] == [5, 30]
+    assert s['variants'] == ['lora_rehearsal', 'lora', 'frozen_rehearsal', 'frozen'] and s['tissue'] == 'blood'  # None, '': the default
+    with pytest.raises(ValueError, match=r"incremental.held_out must be a list"):   # one list syntax, as in settings files
+        incremental_settings({'incremental': {'held_out': 'NK, B'}})
+    with pytest.raises(ValueError, match=r"incremental.rehearsal must be an integer"):
+        incremental_settings({'incremental': {'rehearsal': 'ten'}})
 
 
 # --- protocols -------------------------------------------------------------------------------------------------------------
@@ -280,6 +285,6 @@ def test_forgetting_curve_scratch_last_only(cells, enc):
 
 
 def test_settings_seeds_and_scratch():
-    s = incremental_settings({'incremental': {'seeds': '0, 1, 2', 'scratch': 'last'}})
-    assert s['seeds'] == ['0', '1', '2'] and s['scratch'] == 'last'
+    s = incremental_settings({'incremental': {'seeds': [0, 1, 2], 'scratch': 'last'}})
+    assert s['seeds'] == [0, 1, 2] and s['scratch'] == 'last'
     assert incremental_settings({'incremental': {}})['seeds'] == [0]

@@ -12,23 +12,30 @@ from dataclasses import dataclass, field
 import anndata as ad
 from fastcore.docments import docments
 
-from ..config import load_settings
+from ..config import load_settings, read_section
 from ..utils import jsonable
 
 # %% auto #0
-__all__ = ['AGENT_DEFAULTS', 'ACTIONS', 'agent_settings', 'AgentState', 'type_schema', 'Action', 'action_schema', 'action',
+__all__ = ['ACTIONS', 'AgentConfig', 'agent_settings', 'AgentState', 'type_schema', 'Action', 'action_schema', 'action',
            'ArgumentError', 'validate_args', 'terminal_ask', 'run_step']
 
 # %% ../../nbs/15a_agent_registry.ipynb #d840a59a
-AGENT_DEFAULTS = dict(planner='offline', max_steps=12, max_cells=0, reference='', calib_frac=0.2, false_novel_rate=0.05,
-                      seed=0, plot_dir='agent_plots')
+@dataclass
+class AgentConfig:
+    "The `[agent]` section: the planner, the step bound, the cells a session loads and the novelty check's reference."
+    planner:str='offline' # 'offline' (rules, no LLM), 'ollama:MODEL' or 'openai:MODEL'
+    max_steps:int=12 # most actions (tool calls) in one session
+    max_cells:int=0 # cells kept when a dataset is loaded (a seeded random draw); 0 keeps every cell
+    reference:str='' # labelled reference of the novelty check and the plugins: a bundled name or a path ('': the session's cells)
+    calib_frac:float=0.2 # share of the reference held out to calibrate the novelty score
+    false_novel_rate:float=0.05 # share of known cells allowed above the novelty threshold
+    seed:int=0 # seed of the cell draw and the calibration split
+    plot_dir:str='agent_plots' # directory of the figures the plot action writes
 
 def agent_settings(settings=None, # a `Settings` (default: `load_settings()`)
                   )->dict:
-    "`AGENT_DEFAULTS` overlaid with the `[agent]` section of the settings."
-    S = settings if settings is not None else load_settings()
-    sec = S.section('agent') if hasattr(S, 'section') else dict(S.get('agent', {}) or {})
-    return {k: sec[k] if sec.get(k) not in (None, '') else v for k, v in AGENT_DEFAULTS.items()}
+    "The `[agent]` settings over `AgentConfig`'s defaults."
+    return read_section(AgentConfig, settings, 'agent')
 
 # %% ../../nbs/15a_agent_registry.ipynb #bfaa2335
 @dataclass

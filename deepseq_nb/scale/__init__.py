@@ -7,7 +7,7 @@ Docs: https://deepseq-nb.github.io/deepseq_nb/scale.html.md"""
 # %% auto #0
 __all__ = ['synthetic_counts', 'read_lazy', 'dask_client', 'is_dask', 'as_dask', 'qc_flags', 'drop_failed', 'normalise',
            'highly_variable', 'gene_moments', 'scaled_for_pca', 'blockwise_pca', 'sparse_pca', 'KNNGraph',
-           'SCALE_DEFAULTS', 'STAGES', 'scale_settings', 'sample_indices', 'rank_genes_sampled', 'marker_agreement',
+           'ScaleConfig', 'STAGES', 'scale_settings', 'sample_indices', 'rank_genes_sampled', 'marker_agreement',
            'embed_batched', 'run_scaled']
 
 # %% ../../nbs/17_scale.ipynb #c36c0b7b
@@ -15,10 +15,10 @@ from .io import synthetic_counts, read_lazy, dask_client
 from .preprocessing import (is_dask, as_dask, qc_flags, drop_failed, normalise, highly_variable,
                                             gene_moments, scaled_for_pca, blockwise_pca, sparse_pca)
 from .neighbours import KNNGraph
-from .pipeline import (SCALE_DEFAULTS, STAGES, scale_settings, sample_indices, rank_genes_sampled,
+from .pipeline import (ScaleConfig, STAGES, scale_settings, sample_indices, rank_genes_sampled,
                                        marker_agreement, embed_batched, run_scaled)
 
 _all_ = ['synthetic_counts', 'read_lazy', 'dask_client', 'is_dask', 'as_dask', 'qc_flags', 'drop_failed',
          'normalise', 'highly_variable', 'gene_moments', 'scaled_for_pca', 'blockwise_pca', 'sparse_pca', 'KNNGraph',
-         'SCALE_DEFAULTS', 'STAGES', 'scale_settings', 'sample_indices', 'rank_genes_sampled', 'marker_agreement',
+         'ScaleConfig', 'STAGES', 'scale_settings', 'sample_indices', 'rank_genes_sampled', 'marker_agreement',
          'embed_batched', 'run_scaled']

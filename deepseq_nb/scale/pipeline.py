@@ -7,6 +7,7 @@ Docs: https://deepseq-nb.github.io/deepseq_nb/scale_pipeline.html.md"""
 # %% ../../nbs/17d_scale_pipeline.ipynb #3992e573
 from __future__ import annotations
 import contextlib, time, warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
@@ -15,6 +16,7 @@ import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 
+from ..config import read_section
 from ..data import read
 from ..cluster import leiden, top_markers, markers_by_cluster
 from .io import read_lazy, dask_client
@@ -23,21 +25,28 @@ from .preprocessing import (is_dask, as_dask, qc_flags, drop_failed, normalise, 
 from .neighbours import KNNGraph
 
 # %% auto #0
-__all__ = ['SCALE_DEFAULTS', 'STAGES', 'scale_settings', 'sample_indices', 'rank_genes_sampled', 'marker_agreement',
-           'embed_batched', 'run_scaled']
+__all__ = ['STAGES', 'ScaleConfig', 'scale_settings', 'sample_indices', 'rank_genes_sampled', 'marker_agreement', 'embed_batched',
+           'run_scaled']
 
 # %% ../../nbs/17d_scale_pipeline.ipynb #76ef8ba9
-SCALE_DEFAULTS = dict(chunk_cells=50_000, address='', n_workers=2, threads_per_worker=1, memory_limit='6GiB',
-                      marker_cells=50_000, marker_min_cells=200, embed_batch_cells=10_000, knn_method='auto', knn_exact_max=200_000)
+@dataclass
+class ScaleConfig:
+    "The `[scale]` section: blocks, the Dask cluster, sampled markers, batched embedding and the neighbour search."
+    chunk_cells:int=50_000 # rows per block of a lazily read file, of `synthetic_counts` and of the chunked HVG and PCA
+    address:str='' # Dask scheduler address for `run_scaled(dask=True)` ('': a LocalCluster on this machine)
+    n_workers:int=2 # LocalCluster worker processes
+    threads_per_worker:int=1 # threads of each worker
+    memory_limit:str='6GiB' # memory limit of each worker
+    marker_cells:int=50_000 # markers are ranked on a uniform sample of this many cells (0: every cell)
+    marker_min_cells:int=200 # at least this many cells of each cluster in the sample (all of a smaller one)
+    embed_batch_cells:int=10_000 # cells tokenised and embedded at a time by `embed_batched`
+    knn_method:str='auto' # 'auto' (exact below knn_exact_max cells, NN-descent from it), 'exact' or 'nndescent'
+    knn_exact_max:int=200_000 # cells from which 'auto' uses NN-descent
 
 def scale_settings(settings=None, # a `Settings` (default: `load_settings()`)
                   )->dict:
-    "The `[scale]` settings, with `SCALE_DEFAULTS` for missing keys."
-    if settings is None:
-        from deepseq_nb.config import load_settings
-        settings = load_settings()
-    s = settings.section('scale') if hasattr(settings, 'section') else dict(settings.get('scale', {}))
-    return {k: (s.get(k, v) if s.get(k) is not None else v) for k, v in SCALE_DEFAULTS.items()}
+    "The `[scale]` settings over `ScaleConfig`'s defaults."
+    return read_section(ScaleConfig, settings, 'scale')
 
 # %% ../../nbs/17d_scale_pipeline.ipynb #4e9fce32
 def sample_indices(labels, # cluster of each cell
