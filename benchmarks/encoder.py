@@ -56,7 +56,7 @@ def bench_embedding(
 ) -> list[dict]:
     "Throughput of `embed` per dataset (best of `repeats`), with tokenising and the model timed apart."
     from deepseq_nb.data import load_dataset
-    from deepseq_nb.encoder import embed, tokenize, cell_embeddings, _threads
+    from deepseq_nb.encoder import embed, tokenize, cell_embeddings, torch_threads
     rows = []
     for name in datasets:
         a = load_dataset(name)
@@ -64,7 +64,7 @@ def bench_embedding(
         for _ in range(repeats):
             t0 = time.perf_counter(); tok = tokenize(a, encoder); t1 = time.perf_counter()
             encoder.model.eval()
-            with _threads(n_threads): cell_embeddings(encoder, tok, batch_size=batch_size)
+            with torch_threads(n_threads): cell_embeddings(encoder, tok, batch_size=batch_size)
             t2 = time.perf_counter()
             embed(a, encoder, batch_size=batch_size, n_threads=n_threads, progress=False)
             t3 = time.perf_counter()

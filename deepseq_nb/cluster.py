@@ -15,7 +15,7 @@ import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 
-from .data import _resolve_x_is, check_nonempty, load_dataset
+from .data import resolve_x_is, check_nonempty, load_dataset
 
 # %% auto #0
 __all__ = ['MARKER_COLUMNS', 'NON_MARKERS', 'normalize', 'leiden', 'cluster', 'top_markers', 'markers_by_cluster',
@@ -29,7 +29,7 @@ def normalize(
     x_is: str = 'auto',  # 'counts', 'lognorm' or 'auto' (from uns['x_is'] or the values)
 ) -> None:
     "Log-normalise counts in place, keeping them in `layers['counts']`; a no-op on log-normalised data."
-    x_is = _resolve_x_is(adata, x_is)
+    x_is = resolve_x_is(adata, x_is)
     if x_is == 'lognorm' or adata.uns.get('log1p') is not None: adata.uns['x_is'] = 'lognorm'; return
     counts = (adata.X if sp.issparse(adata.X) else sp.csr_matrix(adata.X)).astype(np.float32, copy=False)
     adata.layers['counts'], adata.X = counts, counts.copy()  # the one copy: counts stay as they came, X is normalised

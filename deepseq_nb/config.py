@@ -6,7 +6,7 @@ Docs: https://deepseq-nb.github.io/deepseq_nb/config.html.md"""
 
 # %% ../nbs/00_config.ipynb #03548142
 from __future__ import annotations
-import ast, configparser, importlib, os, random, tempfile
+import ast, configparser, dataclasses, importlib, os, random, tempfile
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
@@ -17,7 +17,7 @@ import platformdirs
 # %% auto #0
 __all__ = ['SETTING_TYPES', 'OPEN_SECTIONS', 'EXTRAS', 'project_root', 'packaged_settings', 'user_settings_path', 'settings_path',
            'parse_value', 'Settings', 'check_type', 'apply_overrides', 'read_ini', 'overlay', 'load_settings',
-           'missing_extra', 'require', 'set_seed', 'cache_dir', 'atomic_write', 'check_out_path']
+           'read_section', 'missing_extra', 'require', 'set_seed', 'cache_dir', 'atomic_write', 'check_out_path']
 
 # %% ../nbs/00_config.ipynb #ffcebab0
 def project_root(start:str|Path|None=None, # directory to search upwards from (default: cwd)
@@ -178,6 +178,22 @@ def load_settings(path:str|Path|None=None, # the user's settings file (default: 
         sec, _, key = k.partition('.')
         if key in s.get(sec, {}): check_type(k, s[sec][key])
     return apply_overrides(s, overrides)
+
+# %% ../nbs/00_config.ipynb #3ef75507
+def read_section(config, # a dataclass: its fields are the section's keys, their defaults the defaults
+                 settings=None, # a `Settings`, a plain dict of sections, or None (`load_settings()`)
+                 section:str|None=None, # the section's name (default: `config.section`)
+                )->dict:
+    "The section's values over `config`'s defaults, as a dict: missing, None or '' keeps the default; types checked."
+    if settings is None: settings = load_settings()
+    name = section or config.section
+    sec = settings.section(name) if hasattr(settings, 'section') else dict(settings.get(name) or {})
+    out = {}
+    for f in dataclasses.fields(config):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        v = sec.get(f.name)
+        out[f.name] = default if v is None or v == '' else check_type(f'{name}.{f.name}', v, default)
+    return out
 
 # %% ../nbs/00_config.ipynb #33c66045
 EXTRAS = {'ollama': 'llm', 'openai': 'llm', 'torch': 'scagent', 'peft': 'scagent', 'faiss': 'scagent',

@@ -15,16 +15,18 @@ import pandas as pd
 import scipy.sparse as sp
 import scanpy as sc
 
+from .config import read_section
 from .data import load_dataset, InputError
+from .utils import train_test_labels, subsample_types
 from .cluster import normalize
 from .ontology import to_cl, ancestors, cl_name
 
 # %% auto #0
-__all__ = ['CROSS_TISSUE', 'PUBLISHED', 'CT_DEFAULTS', 'METHOD_NAMES', 'PLUGIN_METHODS', 'TABLE_COLUMNS', 'label_term',
-           'harmonise_label', 'merge_to_shared', 'stratified_split', 'subsample_types', 'cross_tissue_reference',
-           'shared_genes', 'logreg_baseline', 'celltypist_baseline', 'score_methods', 'embed_reference',
-           'reference_memory', 'memory_knn', 'plugin_methods', 'validation_mask', 'plugin_heads', 'head_predictions',
-           'ct_settings', 'summarise_seeds', 'run_cross_tissue']
+__all__ = ['CROSS_TISSUE', 'PUBLISHED', 'METHOD_NAMES', 'PLUGIN_METHODS', 'TABLE_COLUMNS', 'label_term', 'harmonise_label',
+           'merge_to_shared', 'cross_tissue_reference', 'shared_genes', 'logreg_baseline', 'celltypist_baseline',
+           'score_methods', 'embed_reference', 'reference_memory', 'memory_knn', 'plugin_methods', 'validation_mask',
+           'plugin_heads', 'head_predictions', 'CrossTissueConfig', 'ct_settings', 'summarise_seeds',
+           'run_cross_tissue']
 
 # %% ../nbs/16_crosstissue.ipynb #e4b53ad5
 CROSS_TISSUE = {'blood': ('pbmc3k', 'pbmc68k_reduced'), 'pancreas': ('pancreas_xin', 'pancreas_wang')}
@@ -73,34 +75,6 @@ def _study(name:str, label_key:str, tissue:str)->ad.AnnData:
     out.obs_names = [f'{name}:{c}' for c in a.obs_names]
     return out
 
-def stratified_split(labels, # one label per cell
-                     test_frac:float=0.3, # share of each label's cells held out
-                     seed:int=0, # seed of the draw
-                    )->np.ndarray:
-    "'train'/'test' per cell: round(test_frac·n) of each label's n cells held out, at least one on each side."
-    rng = np.random.default_rng(seed)
-    labels = np.asarray(labels).astype(str)
-    split = np.full(len(labels), 'train', dtype=object)
-    for l in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == l))
-        if len(idx) < 2: raise InputError(f"label {l!r} has {len(idx)} cell: at least 2 are needed to split it (drop it first)")
-        split[idx[:min(max(1, round(test_frac*len(idx))), len(idx) - 1)]] = 'test'
-    return split
-
-# %% ../nbs/16_crosstissue.ipynb #ff242044
-def subsample_types(labels, # one label per cell
-                    max_cells:int, # cells wanted in all
-                    seed:int=0, # seed of the draw
-                   )->np.ndarray:
-    "Sorted indices of about `max_cells` cells drawn per label in proportion to its size, at least 2 per label (all if fewer)."
-    labels = np.asarray(labels).astype(str)
-    rng = np.random.default_rng(seed)
-    keep = []
-    for l in np.unique(labels):
-        idx = np.flatnonzero(labels == l)
-        n = min(len(idx), max(2, round(max_cells*len(idx)/len(labels))))
-        keep.append(rng.choice(idx, n, replace=False))
-    return np.sort(np.concatenate(keep))
 
 # %% ../nbs/16_crosstissue.ipynb #0b81b886
 def cross_tissue_reference(datasets:dict=CROSS_TISSUE, # tissue -> bundled study names
@@ -108,7 +82,7 @@ def cross_tissue_reference(datasets:dict=CROSS_TISSUE, # tissue -> bundled study
                            min_cells:int=10, # types with fewer cells in a study are dropped (too few to split)
                            test_frac:float=0.3, # share of each type's cells held out for testing
                            seed:int=0, # seed of the splits
-                           max_cells:int|None=None, # about this many cells per study (see `subsample_types`; None: all)
+                           max_cells:int|None=None, # about this many cells per study (see `utils.subsample_types`; None: all)
                           )->ad.AnnData:
     "All studies in one AnnData: log-normalised X, obs dataset / tissue / label / label_orig / split; the label map in uns."
     if min_cells < 2: raise InputError(f"min_cells={min_cells}: a type needs at least 2 cells to have both training and test cells.")
@@ -125,7 +99,7 @@ def cross_tissue_reference(datasets:dict=CROSS_TISSUE, # tissue -> bundled study
             dropped += [dict(dataset=n, label=l, n_cells=int(c)) for l, c in small.items()]
             a = a[~a.obs.label.isin(small.index)].copy()
             if max_cells and a.n_obs > max_cells: a = a[subsample_types(a.obs.label, max_cells, seed)].copy()
-            a.obs['split'] = stratified_split(a.obs.label, test_frac, seed)
+            a.obs['split'] = train_test_labels(a.obs.label, test_frac, seed)
             parts.append(a)
     ref = ad.concat(parts, join='outer', fill_value=0, index_unique=None)
     ref.X = sp.csr_matrix(ref.X, dtype=np.float32)
@@ -260,15 +234,6 @@ def memory_knn(ref:ad.AnnData, # with obs split/label/tissue/dataset and the emb
     return pd.Series(res['label'].values, index=te.obs_names), mem
 
 # %% ../nbs/16_crosstissue.ipynb #2ef129f5
-def _plugin_kwargs(p:dict)->tuple[dict, dict]:
-    "Split `plugin_settings()` into `train_plugin` and `train_router` arguments."
-    common = dict(seed=p['seed'], n_threads=p['n_threads'])
-    plug = {k: p[k] for k in ('lora_r', 'lora_alpha', 'lora_dropout', 'extra_slots', 'pooling', 'epochs', 'lr', 'batch_size',
-                              'patience', 'val_fraction', 'weight_decay', 'balance')} | dict(targets=tuple(p['targets'])) | common
-    router = dict(top_k=p['router_top_k'], hidden=p['router_hidden'], epochs=p['router_epochs'], lr=p['router_lr'],
-                  patience=p['router_patience'], val_fraction=p['val_fraction'], balance=p['balance']) | common
-    return plug, router
-
 def plugin_methods(ref:ad.AnnData, # from `cross_tissue_reference`
                    encoder=None, # an `encoder.Encoder` (default: `encoder.default_encoder()`)
                    *, params:dict|None=None, # plugin settings (default: `plugins.plugin_settings()`, i.e. `[plugins]`)
@@ -276,9 +241,9 @@ def plugin_methods(ref:ad.AnnData, # from `cross_tissue_reference`
                   ):
     "Train a plugin per tissue and the router on the training cells; returns ({'plugin': (b), 'router': (c)} test labels and the router's test weights, PluginSet)."
     from deepseq_nb.encoder import default_encoder
-    from deepseq_nb.plugins import plugin_settings, train_plugin, train_router, predict
+    from deepseq_nb.plugins import plugin_settings, plugin_kwargs, train_plugin, train_router, predict
     p = plugin_settings() if params is None else params
-    kw_plugin, kw_router = _plugin_kwargs(p)
+    kw_plugin, kw_router = plugin_kwargs(p)
     if 'stop_on' in p: kw_plugin['stop_on'] = p['stop_on']   # early-stopping criterion (`plugins.fit_plugin`)
     ps = encoder if encoder is not None else default_encoder()
     tr = ref[ref.obs.split == 'train']
@@ -308,7 +273,7 @@ def validation_mask(ref:ad.AnnData, # from `cross_tissue_reference`, with obs sp
                     seed:int=0, # seed of the draw
                    )->np.ndarray:
     "True for the validation cells: a stratified share of each tissue's training cells (never a test cell)."
-    from deepseq_nb.plugins import stratified_split as val_split
+    from deepseq_nb.utils import stratified_split as val_split
     out = np.zeros(ref.n_obs, bool)
     train = (ref.obs.split == 'train').to_numpy()
     for t in ref.obs.tissue.cat.categories:
@@ -381,16 +346,26 @@ def head_predictions(ref:ad.AnnData, # as for `plugin_heads`
     return dict(plugin=pd.Series(told, index=idx).astype(str), router=pd.Series(np.asarray(union, dtype=object)[mix.argmax(1)], index=idx).astype(str))
 
 # %% ../nbs/16_crosstissue.ipynb #919b9f54
-CT_DEFAULTS = dict(test_frac=0.3, seed=0, seeds=[0, 1, 2], min_cells=10, max_cells=0, k=15, n_hvg=2000, plugin_max_cells=600, plugin_epochs=20, plugin_val_fraction=0.0,
-                   head_cs=[0.1, 1.0], methods='knn,knn_tuned,plugin,router,plugin_sel,router_sel,logreg,celltypist')
+@dataclass
+class CrossTissueConfig:
+    "The `[crosstissue]` section: the experiment's splits, seeds, methods and plugin training."
+    test_frac:float=0.3 # share of each study's cells per type held out for testing
+    seed:int=0 # seed of the UMAPs
+    seeds:list=field(default_factory=lambda: [0, 1, 2]) # seeds of the repeated experiment (learned numbers: mean ± sd over them)
+    min_cells:int=10 # types with fewer cells in a study are dropped (too few to split)
+    max_cells:int=0 # at most this many cells per study (a stratified draw); 0 keeps every cell
+    k:int=15 # neighbours that vote in the memory kNN
+    n_hvg:int=2000 # highly variable genes of the logistic-regression baseline and the chosen heads
+    plugin_max_cells:int=600 # training cells per tissue of the plugin methods (a stratified draw; 0: all)
+    plugin_epochs:int=20 # epochs of the cross-tissue LoRA plugins (overriding [plugins] epochs)
+    plugin_val_fraction:float=0.0 # validation share of the plugins' own early stopping (overriding [plugins] val_fraction)
+    head_cs:list=field(default_factory=lambda: [0.1, 1.0]) # strengths of the logistic heads chosen on validation
+    methods:str='knn,knn_tuned,plugin,router,plugin_sel,router_sel,logreg,celltypist' # methods run, comma-separated (`METHOD_NAMES`)
 
-def ct_settings(settings=None)->dict:
-    "The `[crosstissue]` settings with defaults for keys the file does not set."
-    from deepseq_nb.config import load_settings
-    S = settings if settings is not None else load_settings()
-    try: sec = dict(S.section('crosstissue'))
-    except Exception: sec = {}
-    out = {k: sec.get(k, v) for k, v in CT_DEFAULTS.items()}
+def ct_settings(settings=None, # a `Settings` (default: `load_settings()`)
+               )->dict:
+    "The `[crosstissue]` settings over `CrossTissueConfig`'s defaults; methods and seeds as lists."
+    out = read_section(CrossTissueConfig, settings, 'crosstissue')
     out['methods'] = [m.strip() for m in (out['methods'] if isinstance(out['methods'], str) else ','.join(out['methods'])).split(',') if m.strip()]
     out['seeds'] = [int(s) for s in (out['seeds'] if isinstance(out['seeds'], (list, tuple)) else [out['seeds']])] or [int(out['seed'])]
     return out
@@ -413,9 +388,8 @@ def summarise_seeds(per_seed:pd.DataFrame, # `score_methods` rows with a `seed` 
 # %% ../nbs/16_crosstissue.ipynb #f6e544a6
 def _memory_kwargs(settings)->dict:
     "CellMemory arguments from the `[memory]` settings (defaults for missing keys)."
-    from deepseq_nb.memory import MEMORY_DEFAULTS
-    sec = settings.section('memory') if settings is not None else {}
-    return {k: sec.get(k, v) for k, v in MEMORY_DEFAULTS.items()}
+    from deepseq_nb.memory import MemoryConfig
+    return read_section(MemoryConfig, settings if settings is not None else {}, 'memory')
 
 def _cached_run(cache, key:str):
     "The cached result of a run with this key, or None."
@@ -436,7 +410,7 @@ def _resplit(ref:ad.AnnData, test_frac:float, seed:int)->None:
     split = pd.Series('train', index=ref.obs_names, dtype=object)
     for d in ref.obs.dataset.cat.categories:
         m = (ref.obs.dataset == d).to_numpy()
-        split[m] = stratified_split(ref.obs.label.to_numpy()[m], test_frac, seed)
+        split[m] = train_test_labels(ref.obs.label.to_numpy()[m], test_frac, seed)
     ref.obs['split'] = pd.Categorical(split.to_numpy(), categories=['test', 'train'])
 
 def _plugin_view(ref:ad.AnnData, val:np.ndarray, max_cells:int, seed:int)->ad.AnnData:
@@ -489,7 +463,8 @@ def run_cross_tissue(settings=None, # `Settings` (default: settings.ini)
     from pathlib import Path
     from deepseq_nb.config import load_settings
     from deepseq_nb.encoder import encoder_settings, default_encoder
-    from deepseq_nb.plugins import plugin_settings, save_plugins
+    from deepseq_nb.plugins import plugin_settings
+    from deepseq_nb.plugin_store import save_plugins
     S = settings if settings is not None else load_settings()
     P, PP, MK = ct_settings(S), plugin_settings(S), _memory_kwargs(S)
     unknown = [m for m in P['methods'] if m not in METHOD_NAMES]

@@ -18,7 +18,8 @@ import scipy.sparse as sp
 
 # %% auto #0
 __all__ = ['DATASETS', 'data_dir', 'list_datasets', 'read_10x_mtx', 'looks_like_counts', 'InputError', 'check_values',
-           'check_counts', 'check_nonempty', 'fix_gene_names', 'read_table', 'read', 'load_dataset', 'load']
+           'check_counts', 'check_nonempty', 'fix_gene_names', 'read_table', 'resolve_x_is', 'read', 'load_dataset',
+           'load']
 
 # %% ../nbs/00_data.ipynb #85212e30
 def data_dir()->Path:
@@ -277,7 +278,7 @@ def _detect_format(p:Path)->str:
     )
 
 # %% ../nbs/00_data.ipynb #685f727f
-def _resolve_x_is(adata:ad.AnnData, x_is:str)->str:
+def resolve_x_is(adata:ad.AnnData, x_is:str)->str:
     "Decide what X holds: the caller's word, else the file's `uns['x_is']`, else a check of the values."
     if x_is not in ('auto', 'counts', 'lognorm'):
         raise ValueError(f"x_is must be 'auto', 'counts' or 'lognorm', not {x_is!r}.")
@@ -314,7 +315,7 @@ def read(path:str|Path, # 10x mtx directory, 10x .h5, .h5ad, or .csv/.tsv
     check_nonempty(a)
     check_values(a)
     fix_gene_names(a, symbol_col=symbol_col)
-    a.uns['x_is'] = _resolve_x_is(a, x_is)
+    a.uns['x_is'] = resolve_x_is(a, x_is)
     return a
 
 # %% ../nbs/00_data.ipynb #e61b149e

@@ -29,9 +29,9 @@ from .torchtext_compat import install_torchtext, torchtext_status
 __all__ = ['PAD', 'CLS', 'EOC', 'SPECIAL_TOKENS', 'PAD_VALUE', 'MASK_VALUE', 'FILES', 'PRETRAIN_DATASETS', 'ENCODER_VERSION',
            'PRETRAIN_KEYS', 'scgpt_classes', 'make_vocab', 'scgpt_vocab', 'match_genes', 'gene_coverage', 'bin_values',
            'Encoder', 'new_encoder', 'bin_cells', 'Tokens', 'pack_tokens', 'tokenize', 'no_fastpath', 'cell_embeddings',
-           'flash_to_torch_names', 'torch_to_flash_names', 'save_scgpt', 'load_scgpt', 'embed', 'pretrain_vocab',
-           'mask_values', 'pretrain_loss', 'pretrain_encoder', 'encoder_settings', 'pretrained_dir',
-           'pretrained_encoder', 'default_encoder']
+           'flash_to_torch_names', 'torch_to_flash_names', 'save_scgpt', 'load_scgpt', 'torch_threads', 'embed',
+           'pretrain_vocab', 'mask_values', 'pretrain_loss', 'pretrain_encoder', 'encoder_settings', 'pretrained_dir',
+           'is_complete', 'pretrained_encoder', 'default_encoder']
 
 # %% ../nbs/10_encoder.ipynb #001850e9
 def _scgpt_package()->types.ModuleType:
@@ -407,7 +407,7 @@ def load_scgpt(directory:str|Path, # a checkpoint directory in the official layo
 
 # %% ../nbs/10_encoder.ipynb #217e9459
 @contextlib.contextmanager
-def _threads(n:int|None):
+def torch_threads(n:int|None):
     "Run with `n` torch threads (None: leave as is), restoring the previous number after."
     old = torch.get_num_threads()
     if n: torch.set_num_threads(int(n))
@@ -432,7 +432,7 @@ def embed(adata:ad.AnnData, encoder:Encoder|None=None, # the cells; the encoder 
     was = enc.model.training
     enc.model.eval()
     try:
-        with _threads(n_threads): E = cell_embeddings(enc, tok, pooling=pooling, batch_size=batch_size, progress=progress)
+        with torch_threads(n_threads): E = cell_embeddings(enc, tok, pooling=pooling, batch_size=batch_size, progress=progress)
     finally: enc.model.train(was)
     if normalize: E = F.normalize(E, dim=1)
     adata.obsm[key_added] = E.numpy().astype(np.float32)
@@ -514,7 +514,7 @@ def pretrain_encoder(datasets:tuple|list=PRETRAIN_DATASETS, # bundled dataset na
     gene_mean = _gene_mean_bins(pack_tokens(Btr, enc, seed=seed + 1, select=select), len(vocab))
     steps_per_epoch = math.ceil(Btr.shape[0] / batch_size); n_steps = epochs * steps_per_epoch
     warm = max(1, n_steps // 20)
-    with _threads(n_threads), torch.random.fork_rng(devices=[]):
+    with torch_threads(n_threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         opt = torch.optim.AdamW(enc.model.parameters(), lr=lr, weight_decay=0.01)
@@ -564,7 +564,10 @@ def pretrained_dir(params:dict, # pretraining parameters (keys of `PRETRAIN_KEYS
     h = hashlib.sha256(json.dumps(dict(p, version=ENCODER_VERSION), sort_keys=True).encode()).hexdigest()[:12]
     return (Path(root).expanduser() if root else cache_dir()/'encoders')/f"scgpt_small-{h}"
 
-def _complete(d:Path)->bool: return all((d/f).is_file() for f in FILES)
+def is_complete(d:Path, # a pretrained encoder's directory
+               )->bool:
+    "Whether `d` holds every file of a pretrained encoder."
+    return all((d/f).is_file() for f in FILES)
 
 def pretrained_encoder(root:str|Path|None=None, # cache root (default: cache_dir()/'encoders')
                        *, progress:bool=True, **params, # pretraining parameters (see `pretrain_encoder`)
@@ -574,11 +577,11 @@ def pretrained_encoder(root:str|Path|None=None, # cache root (default: cache_dir
     if bad: raise TypeError(f"Unknown pretraining parameters {sorted(bad)}; valid: {', '.join(PRETRAIN_KEYS)}.")
     d = pretrained_dir(params, root)
     base, name = d.parent, d.name
-    if not _complete(d):
+    if not is_complete(d):
         base.mkdir(parents=True, exist_ok=True)
         with open(base/f'{name}.lock', 'w') as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if not _complete(d):
+            if not is_complete(d):
                 tmp = base/f'{name}.tmp{os.getpid()}'
                 shutil.rmtree(tmp, ignore_errors=True); shutil.rmtree(d, ignore_errors=True)
                 pretrain_encoder(**params, out_dir=tmp, progress=progress)

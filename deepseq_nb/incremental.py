@@ -7,6 +7,7 @@ Docs: https://deepseq-nb.github.io/deepseq_nb/incremental.html.md"""
 # %% ../nbs/14_incremental.ipynb #9e294830
 from __future__ import annotations
 import contextlib, copy, time, warnings
+from dataclasses import dataclass, field
 
 import anndata as ad
 import numpy as np
@@ -17,47 +18,59 @@ except ModuleNotFoundError as e:   # the [scagent] extra: name it rather than a 
     raise ModuleNotFoundError(missing_extra(e) or str(e), name=e.name) from None
 from sklearn.metrics import accuracy_score, f1_score
 
+from .config import read_section
 from .data import InputError
 from .encoder import Encoder, Tokens, tokenize
-from .plugins import (PluginSet, fit_plugin, lora_parameters, plugin_outputs, plugin_settings, stratified_split,
-                                train_plugin)
+from .plugins import (PluginSet, fit_plugin, lora_parameters, plugin_kwargs, plugin_outputs, train_plugin)
+from .utils import stratified_split, subsample_types
 
 # %% auto #0
-__all__ = ['INCREMENTAL_DEFAULTS', 'ADD_KEYS', 'LIST_KEYS', 'VARIANTS', 'VARIANT_NAMES', 'incremental_settings',
-           'rehearsal_sample', 'plugin_state', 'restore_plugin', 'rollback', 'same_state', 'add_cell_type',
-           'plugin_labels', 'type_scores', 'new_type_curve', 'forgetting_curve']
+__all__ = ['ADD_KEYS', 'LIST_KEYS', 'VARIANTS', 'VARIANT_NAMES', 'IncrementalConfig', 'incremental_settings', 'rehearsal_sample',
+           'plugin_state', 'restore_plugin', 'rollback', 'same_state', 'add_cell_type', 'plugin_labels', 'type_scores',
+           'new_type_curve', 'forgetting_curve']
 
 # %% ../nbs/14_incremental.ipynb #ca3b86dc
-INCREMENTAL_DEFAULTS = dict(
-    rehearsal=10, train_lora=True, freeze_old=False, # old cells replayed per type; train LoRA; hold old head slots fixed
-    epochs=30, lr=5e-3, batch_size=32, patience=8, val_fraction=0.0, weight_decay=0.01, balance=True, # training of an addition
-    seed=0, n_threads=1,
-    dataset='pbmc3k', label_key='cell_type', tissue='blood', max_cells=1500, test_frac=0.3, # protocols: data and split
-    held_out=[], n_held_out=3, min_cells=30, ks=[5, 10, 30, 100], repeats=1, # new-type curve ([] held_out: a seeded draw)
-    variants=['lora_rehearsal', 'lora', 'frozen_rehearsal', 'frozen'],
-    steps=5, k=30, forgetting_variants=['lora_rehearsal', 'frozen_rehearsal'], scratch='every', # forgetting curve; scratch: every step, last, none
-    seeds=[0]) # seeds of the protocols in the paper figure: each its own split, draws, plugins and additions
+@dataclass
+class IncrementalConfig:
+    "The `[incremental]` section: how an addition trains, and the protocols of the paper figure."
+    rehearsal:int=10 # old cells replayed per old type (0: none)
+    train_lora:bool=True # train the LoRA adapter with the head
+    freeze_old:bool=False # hold every old head slot exactly
+    epochs:int=30 # epochs of an addition
+    lr:float=5e-3 # AdamW learning rate
+    batch_size:int=32 # cells per step
+    patience:int=8 # epochs without improvement before stopping (only with val_fraction > 0)
+    val_fraction:float=0.0 # share held out for early stopping (0: none, a few labelled cells leave nothing to hold out)
+    weight_decay:float=0.01 # AdamW weight decay
+    balance:bool=True # inverse-frequency class weights
+    seed:int=0 # seed of the rehearsal draw, the new slot's weights, batches and dropout (and the protocols' splits)
+    n_threads:int=1 # torch threads
+    dataset:str='pbmc3k' # protocols: a labelled dataset (bundled name or path)
+    label_key:str='cell_type' # protocols: its obs column of labels
+    tissue:str='blood' # protocols: the plugin's tissue name
+    max_cells:int=1500 # protocols: at most this many cells, drawn per type in proportion (0: all)
+    test_frac:float=0.3 # protocols: test share of each type
+    held_out:list=field(default_factory=list) # new-type curve: types added in turn ([]: a seeded draw of n_held_out types)
+    n_held_out:int=3 # new-type curve: types drawn when held_out is []
+    min_cells:int=30 # new-type curve: training cells a drawn type needs
+    ks:list=field(default_factory=lambda: [5, 10, 30, 100]) # new-type curve: labelled cells per addition
+    repeats:int=1 # new-type curve: draws of those cells
+    variants:list=field(default_factory=lambda: ['lora_rehearsal', 'lora', 'frozen_rehearsal', 'frozen']) # new-type curve: variants compared
+    steps:int=5 # forgetting curve: types added one after another
+    k:int=30 # forgetting curve: labelled cells of each
+    forgetting_variants:list=field(default_factory=lambda: ['lora_rehearsal', 'frozen_rehearsal']) # forgetting curve: variants compared
+    scratch:str='every' # forgetting curve: a plugin retrained from scratch at 'every' step, the 'last' one, or 'none'
+    seeds:list=field(default_factory=lambda: [0]) # seeds of the protocols in the paper figure (each its own split, draws, plugins)
 ADD_KEYS = ('rehearsal', 'train_lora', 'freeze_old', 'epochs', 'lr', 'batch_size', 'patience', 'val_fraction', 'weight_decay',
             'balance', 'seed', 'n_threads') # the defaults that are `add_cell_type` arguments
 
 LIST_KEYS = ('held_out', 'ks', 'variants', 'forgetting_variants', 'seeds') # settings that are lists
 
-def _as_list(v)->list:
-    "A list from a list or tuple, a comma-separated string ('a, b'), one value, or None (empty)."
-    if v is None: return []
-    if isinstance(v, str): return [x.strip() for x in v.split(',') if x.strip()]
-    return list(v) if isinstance(v, (list, tuple)) else [v]
-
 def incremental_settings(settings=None, # a `Settings` (default: `load_settings()`)
                         )->dict:
-    "`INCREMENTAL_DEFAULTS` overlaid with the `[incremental]` section of the settings (missing keys keep their default)."
-    if settings is None:
-        from deepseq_nb.config import load_settings
-        settings = load_settings()
-    sec = settings.section('incremental') if hasattr(settings, 'section') else dict(settings.get('incremental', {}) or {})
-    out = dict(INCREMENTAL_DEFAULTS)
-    out.update({k: v for k, v in sec.items() if k in INCREMENTAL_DEFAULTS and v != ''})
-    for k in LIST_KEYS: out[k] = _as_list(out[k])
+    "The `[incremental]` settings over `IncrementalConfig`'s defaults."
+    out = read_section(IncrementalConfig, settings, 'incremental')
+    for k in LIST_KEYS: out[k] = list(out[k])
     return out
 
 # %% ../nbs/14_incremental.ipynb #74219c5a
@@ -213,13 +226,6 @@ VARIANT_NAMES = {'lora_rehearsal': 'LoRA + head, rehearsal', 'lora': 'LoRA + hea
                  'frozen_rehearsal': 'head only (old slots frozen), rehearsal', 'frozen': 'head only (old slots frozen), no rehearsal',
                  'scratch': 'retrained from scratch'}
 
-def _plugin_kwargs(params:dict|None)->dict:
-    "`train_plugin` arguments from plugin settings (default: `plugin_settings()`)."
-    p = plugin_settings() if params is None else {**plugin_settings(), **params}
-    keys = ('lora_r', 'lora_alpha', 'lora_dropout', 'extra_slots', 'pooling', 'epochs', 'lr', 'batch_size', 'patience', 'val_fraction',
-            'weight_decay', 'balance', 'seed', 'n_threads')
-    return {k: p[k] for k in keys} | dict(targets=tuple(p['targets']))
-
 def _add_kwargs(params:dict|None, variant:str)->dict:
     "`add_cell_type` arguments: the `[incremental]` defaults, then `params`, then the variant's switches."
     if variant not in VARIANTS: raise InputError(f"Unknown variant {variant!r}; variants are {list(VARIANTS)}.")
@@ -231,7 +237,6 @@ def _prepare(adata:ad.AnnData, label_key:str, test_frac:float, max_cells:int|Non
     if label_key not in adata.obs: raise InputError(f"obs has no column {label_key!r}; columns: {', '.join(map(str, adata.obs.columns))}.")
     a = adata[adata.obs[label_key].notna().to_numpy()]
     if max_cells and a.n_obs > max_cells:
-        from deepseq_nb.crosstissue import subsample_types
         a = a[subsample_types(a.obs[label_key], max_cells, seed=seed)]
     a = a.copy(); a.obs[label_key] = a.obs[label_key].astype(str)
     return a, stratified_split(a.obs[label_key], test_frac, seed=seed)
@@ -261,7 +266,7 @@ def new_type_curve(adata:ad.AnnData, encoder:Encoder|None=None, # labelled cells
     held_out = [str(t) for t in held_out] if held_out else _pick_types(y, ~test, n_held_out, min_cells, seed)
     bad = sorted(set(held_out) - set(y))
     if bad: raise InputError(f"Held-out types {bad} are not in obs[{label_key!r}]; types: {sorted(set(y))}.")
-    kw_plugin, tok = _plugin_kwargs(plugin_params) | dict(seed=seed), tokenize(a[np.flatnonzero(test)], enc, seed=seed)
+    kw_plugin, tok = plugin_kwargs(plugin_params)[0] | dict(seed=seed), tokenize(a[np.flatnonzero(test)], enc, seed=seed)
     ks, rows = [int(k) for k in ks], []
     for t in held_out:
         t0 = time.perf_counter()
@@ -319,7 +324,7 @@ def forgetting_curve(adata:ad.AnnData, encoder:Encoder|None=None, # labelled cel
     rng = np.random.default_rng(seed)
     picked = {t: np.sort(rng.permutation(np.flatnonzero(~test & (y == t)))[:k]) for t in seq}
     base_idx = np.flatnonzero(~test & np.isin(y, base))
-    kw_plugin, tok = _plugin_kwargs(plugin_params) | dict(seed=seed), tokenize(a[np.flatnonzero(test)], enc, seed=seed)
+    kw_plugin, tok = plugin_kwargs(plugin_params)[0] | dict(seed=seed), tokenize(a[np.flatnonzero(test)], enc, seed=seed)
     yt = y[test]
     t0 = time.perf_counter()
     ps = train_plugin(a[base_idx], enc, tissue=tissue, label_key=label_key, **kw_plugin)

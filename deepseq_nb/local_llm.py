@@ -309,9 +309,7 @@ LlamaCppBackend._call = _llamacpp_call
 # %% ../nbs/06a_local_llm.ipynb #271b6a97
 def register():
     "Make `llamacpp:MODEL` a backend spec of `deepseq_nb.backends`."
-    if 'llamacpp' not in _be.KINDS: _be.KINDS = _be.KINDS + ('llamacpp',)
-    _be._CLASSES['llamacpp'] = LlamaCppBackend
-    _be._OWN['llamacpp'] = {'base_url', 'prompting', 'threads', 'max_tokens'}
+    _be.register_backend('llamacpp', LlamaCppBackend, {'base_url', 'prompting', 'threads', 'max_tokens'})
 register()
 
 # %% ../nbs/06a_local_llm.ipynb #aec53846

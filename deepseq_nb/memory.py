@@ -16,15 +16,15 @@ import pandas as pd
 import scipy.sparse as sp
 from fastcore.basics import patch
 
-from .config import missing_extra
+from .config import missing_extra, read_section
 try: import faiss
 except ModuleNotFoundError as e: raise ModuleNotFoundError(missing_extra(e), name=e.name) from None
 
 from .data import InputError
 
 # %% auto #0
-__all__ = ['MEMORY_FORMAT', 'METRICS', 'INDEX_KINDS', 'BASE_COLUMNS', 'MEMORY_DEFAULTS', 'set_threads', 'as_vectors', 'ivf_nlist',
-           'Neighbours', 'CellMemory', 'vote_weights', 'knn_annotate', 'memory_from_settings', 'synthetic_embeddings']
+__all__ = ['MEMORY_FORMAT', 'METRICS', 'INDEX_KINDS', 'BASE_COLUMNS', 'set_threads', 'as_vectors', 'ivf_nlist', 'Neighbours',
+           'CellMemory', 'vote_weights', 'knn_annotate', 'MemoryConfig', 'memory_from_settings', 'synthetic_embeddings']
 
 # %% ../nbs/12_memory.ipynb #d9513b57
 MEMORY_FORMAT = 1  # version of the on-disk layout written by `CellMemory.save`
@@ -549,18 +549,22 @@ def knn_annotate(adata:ad.AnnData, memory:CellMemory, # query cells; the referen
     return adata if copy else None
 
 # %% ../nbs/12_memory.ipynb #56cd67a5
-MEMORY_DEFAULTS = dict(metric='cosine', index='auto', ivf_threshold=100_000, nprobe=16, nlist_max=1024, seed=0, n_threads=2)
+@dataclass
+class MemoryConfig:
+    "The `[memory]` section: the defaults of a `CellMemory`."
+    metric:str='cosine' # 'cosine' or 'l2'
+    index:str='auto' # 'flat', 'ivf', or 'auto' (IVF-Flat from ivf_threshold entries, exact Flat below)
+    ivf_threshold:int=100_000 # entries from which 'auto' builds an IVF-Flat index
+    nprobe:int=16 # IVF lists probed per query
+    nlist_max:int=1024 # most IVF lists
+    seed:int=0 # seed of the IVF training
+    n_threads:int=2 # faiss threads
 
 def memory_from_settings(settings=None, # a `Settings` (default: `load_settings()`)
                          **overrides, # CellMemory arguments that win over the settings
                         )->CellMemory:
-    "A `CellMemory` configured by the `[memory]` settings (missing keys take `MEMORY_DEFAULTS`)."
-    if settings is None:
-        from deepseq_nb.config import load_settings
-        settings = load_settings()
-    s = settings.section('memory') if hasattr(settings, 'section') else dict(settings.get('memory', {}))
-    kw = {k: s.get(k, v) for k, v in MEMORY_DEFAULTS.items()} | overrides
-    return CellMemory(**kw)
+    "A `CellMemory` configured by the `[memory]` settings (over `MemoryConfig`'s defaults)."
+    return CellMemory(**read_section(MemoryConfig, settings, 'memory') | overrides)
 
 # %% ../nbs/12_memory.ipynb #ce4235dd
 def synthetic_embeddings(n:int, # number of cells

@@ -282,7 +282,7 @@ def novelty_settings(settings=None)->dict:
 
 def _plugin_kw(params:dict|None)->dict:
     from deepseq_nb.plugins import plugin_settings
-    from deepseq_nb.crosstissue import _plugin_kwargs
+    from deepseq_nb.plugins import plugin_kwargs as _plugin_kwargs
     return _plugin_kwargs(params if params is not None else plugin_settings())[0]
 
 def _dense(X)->np.ndarray: return np.asarray(X.toarray() if hasattr(X, 'toarray') else X, np.float32)

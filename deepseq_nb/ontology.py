@@ -1,4 +1,4 @@
-"""Cell Ontology (CL) terms, synonyms and ancestry; free-text cell-type labels → CL terms; broad lineage classes.
+"""Free-text cell-type labels → Cell Ontology (CL) terms: normalisation, the name index, tissue context, marker phrases, labels naming several types.
 
 Docs: https://deepseq-nb.github.io/deepseq_nb/ontology.html.md"""
 
@@ -6,101 +6,21 @@ Docs: https://deepseq-nb.github.io/deepseq_nb/ontology.html.md"""
 
 # %% ../nbs/03_ontology.ipynb #9e031a40
 from __future__ import annotations
-import io, json, re, unicodedata
+import re, unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
 
-import zstandard
 from rapidfuzz import fuzz, process
 
+from .cell_ontology import (CL_FILE, BROAD_TYPES, cl_terms, resolve_id, cl_name, ancestors, descendants,
+                                      broad_type)  # CL itself; importable from here as before
+_all_ = ['CL_FILE', 'BROAD_TYPES', 'cl_terms', 'resolve_id', 'cl_name', 'ancestors', 'descendants', 'broad_type']
+
 # %% auto #0
-__all__ = ['CL_FILE', 'BROAD_TYPES', 'MARKER_GENES', 'ABBREVIATIONS', 'GENERAL_SYNONYMS', 'TISSUE_ADJECTIVES', 'cl_terms',
-           'resolve_id', 'cl_name', 'ancestors', 'descendants', 'broad_type', 'normalize_label', 'cl_index',
+__all__ = ['MARKER_GENES', 'ABBREVIATIONS', 'GENERAL_SYNONYMS', 'TISSUE_ADJECTIVES', 'normalize_label', 'cl_index',
            'taxon_synonyms', 'shared_synonyms', 'CLMatch', 'tissue_words', 'context_match', 'organ_words',
-           'relaxed_context', 'marker_match', 'to_cl', 'split_label', 'to_cl_all', 'LabelParts', 'parse_label']
-
-# %% ../nbs/03_ontology.ipynb #0bb276bf
-CL_FILE = 'CL-ontology-v2026-03-26.json.zst'
-
-@lru_cache(maxsize=None)
-def cl_terms(fname:str=CL_FILE, # file name inside `cellxgene_ontology_guide/data`
-            )->dict:
-    "All CL terms, keyed by CL id, as shipped by `cellxgene-ontology-guide`."
-    path = resources.files('cellxgene_ontology_guide')/'data'/fname
-    if not path.is_file():
-        raise FileNotFoundError(f"{fname} is not in cellxgene_ontology_guide/data; install cellxgene-ontology-guide>=1.11 "
-                                f"or pass one of the CL-ontology-*.json.zst files that it ships.")
-    with path.open('rb') as f:
-        return json.load(io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f), encoding='utf-8'))
-
-# %% ../nbs/03_ontology.ipynb #0ebd5d6f
-def resolve_id(cl_id:str)->str|None:
-    "`cl_id` itself, or its replacement when deprecated; None if unknown."
-    t = cl_terms().get(cl_id)
-    if t is None: return None
-    if t.get('deprecated'): return resolve_id(t['replaced_by']) if t.get('replaced_by') else None
-    return cl_id
-
-def cl_name(cl_id:str)->str|None:
-    "The CL label of `cl_id` (None if unknown)."
-    t = cl_terms().get(cl_id)
-    return t['label'] if t else None
-
-def ancestors(cl_id:str)->dict:
-    "Ancestors of `cl_id` as {id: distance in is_a steps} (the term itself excluded)."
-    t = cl_terms().get(cl_id)
-    return dict(t.get('ancestors', {})) if t else {}
-
-@lru_cache(maxsize=1)
-def _children()->dict:
-    kids = {}
-    for k, t in cl_terms().items():
-        for a in t.get('ancestors', {}): kids.setdefault(a, set()).add(k)
-    return kids
-
-def descendants(cl_id:str)->set:
-    "All live terms that have `cl_id` among their ancestors."
-    return set(_children().get(cl_id, ()))
-
-# %% ../nbs/03_ontology.ipynb #f78031de
-BROAD_TYPES = [  # (class, CL roots), first match wins
-    ('T/NK cell', ['CL:0000084', 'CL:0000623', 'CL:0000893', 'CL:0000814']),  # T cell, NK cell, thymocyte, NKT
-    ('innate lymphoid cell', ['CL:0001065']),
-    ('B cell', ['CL:0000236', 'CL:0000945', 'CL:0000786']),  # B cell, B-lineage lymphocyte, plasma cell
-    ('dendritic cell', ['CL:0000451']),
-    ('monocyte/macrophage', ['CL:0000576', 'CL:0000235', 'CL:0000129']),  # monocyte, macrophage, microglia
-    ('granulocyte', ['CL:0000094', 'CL:0000097', 'CL:0000775', 'CL:0000767', 'CL:0000771']),  # + mast cell
-    ('erythroid cell', ['CL:0000764', 'CL:0000232']),
-    ('megakaryocyte/platelet', ['CL:0000233', 'CL:0000556']),
-    ('stem cell', ['CL:0000034']),
-    ('epithelial cell', ['CL:0000066', 'CL:0000163', 'CL:0000501']),  # + endocrine cell, granulosa cell (see below)
-    ('progenitor cell', ['CL:0011026', 'CL:0011115']),
-    ('neuron', ['CL:0000540']),
-    ('oligodendrocyte', ['CL:0000128', 'CL:0002453']),
-    ('astrocyte', ['CL:0000127']),
-    ('glial cell', ['CL:0000125', 'CL:0000243']),
-    ('endothelial cell', ['CL:0000115']),
-    ('pericyte', ['CL:0000669']),
-    ('myofibroblast', ['CL:0000186']),
-    ('muscle cell', ['CL:0000187', 'CL:0000188']),  # muscle cell, cell of skeletal muscle
-    ('fibroblast', ['CL:0000057']),
-    ('fat cell', ['CL:0000136']),
-    ('germ cell', ['CL:0000586', 'CL:0000039']),  # germ cell, germ line cell (primordial germ cells)
-    ('extraembryonic cell', ['CL:0000349', 'CL:0000351']),
-    ('melanocyte', ['CL:0000148']),
-    ('stromal cell', ['CL:0000499', 'CL:0002320']),
-]
-
-@lru_cache(maxsize=None)
-def broad_type(cl_id:str|None, # a CL id
-              )->str|None:
-    "The broad lineage class of a CL term (see `BROAD_TYPES`), or None for unknown or generic terms."
-    if not cl_id: return None
-    lineage = {cl_id, *ancestors(cl_id)}
-    for name, roots in BROAD_TYPES:
-        if lineage.intersection(roots): return name
-    return None
+           'relaxed_context', 'marker_match', 'to_cl', 'split_label', 'to_cl_all', 'LabelParts', 'parse_label',
+           'CL_FILE', 'BROAD_TYPES', 'cl_terms', 'resolve_id', 'cl_name', 'ancestors', 'descendants', 'broad_type']
 
 # %% ../nbs/03_ontology.ipynb #a8f4f8a7
 _GREEK = {'α':'alpha','β':'beta','γ':'gamma','δ':'delta','ε':'epsilon','κ':'kappa','λ':'lambda','μ':'mu','ϵ':'epsilon'}

@@ -6,9 +6,8 @@ Docs: https://deepseq-nb.github.io/deepseq_nb/plugins.html.md"""
 
 # %% ../nbs/11_plugins.ipynb #d229cbb4
 from __future__ import annotations
-import contextlib, copy, hashlib, json, math, re, time, warnings
-from dataclasses import dataclass, field
-from pathlib import Path
+import copy, hashlib, json, math, re, time, warnings
+from dataclasses import dataclass
 
 import anndata as ad
 import numpy as np
@@ -17,38 +16,63 @@ from .config import missing_extra
 try: import peft, torch, torch.nn.functional as F
 except ModuleNotFoundError as e:   # the [scagent] extra: name it rather than a bare ModuleNotFoundError
     raise ModuleNotFoundError(missing_extra(e) or str(e), name=e.name) from None
-from safetensors.torch import load_file, save_file
 from sklearn.metrics import accuracy_score, f1_score
 
+from .config import read_section
 from .data import InputError
+from .utils import stratified_split
 from .encoder import Encoder, Tokens, cell_embeddings, tokenize
 
 # %% auto #0
-__all__ = ['PLUGIN_FORMAT', 'PLUGIN_DEFAULTS', 'LORA_TARGETS', 'plugin_settings', 'lora_target_regex', 'SlotHead',
-           'encoder_fingerprint', 'adapter_name', 'PluginSet', 'add_plugin', 'remove_plugin', 'lora_parameters',
-           'tuned_embeddings', 'PluginOutput', 'plugin_outputs', 'stratified_split', 'fit_plugin', 'train_plugin',
-           'base_weights_changed', 'Router', 'frozen_embeddings', 'train_router', 'route', 'predict', 'plugin_metrics',
-           'save_plugins', 'load_plugins']
+__all__ = ['PLUGIN_FORMAT', 'PLUGIN_TRAIN_KEYS', 'LORA_TARGETS', 'PluginConfig', 'plugin_settings', 'plugin_kwargs',
+           'lora_target_regex', 'SlotHead', 'encoder_fingerprint', 'adapter_name', 'PluginSet', 'add_plugin',
+           'remove_plugin', 'lora_parameters', 'tuned_embeddings', 'PluginOutput', 'plugin_outputs', 'fit_plugin',
+           'train_plugin', 'base_weights_changed', 'Router', 'frozen_embeddings', 'train_router', 'route', 'predict',
+           'plugin_metrics']
 
 # %% ../nbs/11_plugins.ipynb #37075c30
 PLUGIN_FORMAT = 1  # version of the on-disk layout written by `save_plugins`
-PLUGIN_DEFAULTS = dict(
-    lora_r=8, lora_alpha=16, lora_dropout=0.1, targets=('linear1', 'linear2'), # LoRA rank, scale numerator, dropout, layers
-    extra_slots=8, pooling='mean', # free head slots beyond the known types; 'cls' or 'mean' pooling
-    epochs=40, lr=5e-3, batch_size=32, patience=8, val_fraction=0.15, weight_decay=0.01, balance=True, # plugin training
-    router_top_k=2, router_hidden=64, router_epochs=60, router_lr=3e-3, router_patience=8, # router
-    seed=0, n_threads=1)
+@dataclass
+class PluginConfig:
+    "The `[plugins]` section: LoRA adapters, their training, and the router."
+    lora_r:int=8 # LoRA rank
+    lora_alpha:float=16 # LoRA scale numerator (the update is scaled by lora_alpha / lora_r)
+    lora_dropout:float=0.1 # dropout on the LoRA path
+    targets:tuple=('linear1', 'linear2') # module kinds of each transformer layer that get LoRA (`LORA_TARGETS`)
+    extra_slots:int=8 # head outputs beyond the tissue's known types, reserved for types added later
+    pooling:str='mean' # cell embedding: mean of the gene tokens ('mean') or the <cls> token ('cls')
+    epochs:int=40 # most passes over the training cells
+    lr:float=5e-3 # AdamW learning rate
+    batch_size:int=32 # cells per step
+    patience:int=8 # epochs without a better validation loss before stopping
+    val_fraction:float=0.15 # stratified share of the training cells kept for validation (0: no early stopping)
+    weight_decay:float=0.01 # AdamW weight decay
+    balance:bool=True # inverse-frequency class weights
+    router_top_k:int=2 # plugins the router mixes per cell
+    router_hidden:int=64 # hidden units of the router (0: linear)
+    router_epochs:int=60 # most passes of router training
+    router_lr:float=3e-3 # router learning rate
+    router_patience:int=8 # router epochs without improvement before stopping
+    seed:int=0 # seed of splits, weights, batches and dropout
+    n_threads:int=1 # torch threads (1 is fastest for models this small on 2 cores)
 
 def plugin_settings(settings=None, # a `Settings` (default: `load_settings()`)
                    )->dict:
-    "`PLUGIN_DEFAULTS` overlaid with the `[plugins]` section of the settings (missing keys keep their default)."
-    if settings is None:
-        from deepseq_nb.config import load_settings
-        settings = load_settings()
-    sec = settings.section('plugins') if hasattr(settings, 'section') else dict(settings.get('plugins', {}) or {})
-    out = dict(PLUGIN_DEFAULTS)
-    out.update({k: v for k, v in sec.items() if k in PLUGIN_DEFAULTS and v != ''})
-    return out
+    "The `[plugins]` settings over `PluginConfig`'s defaults."
+    return read_section(PluginConfig, settings, 'plugins')
+
+PLUGIN_TRAIN_KEYS = ('lora_r', 'lora_alpha', 'lora_dropout', 'extra_slots', 'pooling', 'epochs', 'lr', 'batch_size', 'patience',
+                     'val_fraction', 'weight_decay', 'balance')
+
+def plugin_kwargs(params:dict|None=None, # plugin settings over `plugin_settings()` (None: the settings as they are)
+                 )->tuple[dict, dict]:
+    "(`train_plugin` arguments, `train_router` arguments) from the plugin settings."
+    p = plugin_settings() | dict(params or {})
+    common = dict(seed=p['seed'], n_threads=p['n_threads'])
+    plug = {k: p[k] for k in PLUGIN_TRAIN_KEYS} | dict(targets=tuple(p['targets'])) | common
+    router = dict(top_k=p['router_top_k'], hidden=p['router_hidden'], epochs=p['router_epochs'], lr=p['router_lr'],
+                  patience=p['router_patience'], val_fraction=p['val_fraction'], balance=p['balance']) | common
+    return plug, router
 
 # %% ../nbs/11_plugins.ipynb #edcdce63
 LORA_TARGETS = ('linear1', 'linear2', 'self_attn')
@@ -65,15 +89,7 @@ def lora_target_regex(targets=('linear1', 'linear2'), # module kinds of each tra
     return r'transformer_encoder\.layers\.\d+\.(' + '|'.join(sorted(set(targets))) + r')'
 
 # %% ../nbs/11_plugins.ipynb #e167fb1c
-from .encoder import no_fastpath  # the encoder's switch: the fast path ignores LoRA in eval mode
-
-@contextlib.contextmanager
-def _torch_threads(n:int|None):
-    "Run with `n` torch threads (None: leave as is), restoring the previous number after."
-    old = torch.get_num_threads()
-    if n: torch.set_num_threads(int(n))
-    try: yield
-    finally: torch.set_num_threads(old)
+from .encoder import no_fastpath, torch_threads  # the fast path ignores LoRA in eval mode; torch's threads
 
 # %% ../nbs/11_plugins.ipynb #deb51b17
 class SlotHead(torch.nn.Module):
@@ -268,28 +284,11 @@ def plugin_outputs(plugins:PluginSet, tokens:Tokens|ad.AnnData, # the plugins; c
     was = plugins.model.training, head.training
     plugins.model.eval(); head.eval()
     try:
-        with _torch_threads(n_threads), torch.no_grad():
+        with torch_threads(n_threads), torch.no_grad():
             E = tuned_embeddings(plugins, tokens, tissue, batch_size=batch_size) if len(tokens) else torch.zeros(0, plugins.encoder.d_model)
             L = head(E.to(plugins.device))
     finally: plugins.model.train(was[0]); head.train(was[1])
     return PluginOutput(tissue, L.cpu().numpy(), L.softmax(1).cpu().numpy(), E.cpu().numpy(), list(head.labels))
-
-# %% ../nbs/11_plugins.ipynb #559a4738
-def stratified_split(labels, # one label per cell
-                     fraction:float=0.15, # share of each type held out
-                     *, seed:int=0, # seed of the draw
-                    )->np.ndarray:
-    "Boolean mask of held-out cells: `fraction` of each type (≥ 1 of every type with ≥ 2 cells), seeded."
-    if not 0 <= fraction < 1: raise InputError(f"fraction must be in [0, 1); got {fraction}.")
-    y = pd.Series(np.asarray(labels)).astype(str).to_numpy()
-    rng, out = np.random.default_rng(seed), np.zeros(len(y), bool)
-    if fraction == 0: return out
-    for c in sorted(set(y)):
-        idx = np.flatnonzero(y == c)
-        if len(idx) < 2: continue
-        k = min(len(idx) - 1, max(1, int(round(fraction * len(idx)))))
-        out[rng.choice(idx, k, replace=False)] = True
-    return out
 
 # %% ../nbs/11_plugins.ipynb #076a2104
 def _class_weights(y:np.ndarray, n_slots:int)->torch.Tensor:
@@ -355,7 +354,7 @@ def fit_plugin(plugins:PluginSet, tissue:str, # the plugins; the tissue whose pl
     has_val = val_tokens is not None and val_y is not None and len(val_y) > 0
     vy = np.asarray(val_y, np.int64) if has_val else None
     log, best, bad, snap = [], math.inf, 0, None
-    with _torch_threads(n_threads), no_fastpath(), torch.random.fork_rng(devices=[]):
+    with torch_threads(n_threads), no_fastpath(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(epochs * math.ceil(len(y) / batch_size), math.ceil(len(y) / batch_size)))
@@ -480,7 +479,7 @@ def frozen_embeddings(plugins:PluginSet, tokens:Tokens, # the plugins; cells tok
     enc = plugins.encoder
     was = enc.model.training; enc.model.eval()
     try:
-        with _torch_threads(n_threads), no_fastpath():
+        with torch_threads(n_threads), no_fastpath():
             E = cell_embeddings(enc, tokens, pooling=plugins.pooling, batch_size=batch_size) if len(tokens) else torch.zeros(0, enc.d_model)
     finally: enc.model.train(was)
     return F.normalize(E, dim=1)
@@ -518,7 +517,7 @@ def train_router(adata:ad.AnnData|dict, plugins:PluginSet, # reference cells (ob
     weight = _class_weights(y[~val], len(tissues)) if balance else None
     Xtr, ytr, Xv, yv = X[~val], torch.from_numpy(y[~val]), X[val], torch.from_numpy(y[val])
     log, best, bad, snap = [], math.inf, 0, None
-    with _torch_threads(n_threads), torch.random.fork_rng(devices=[]):
+    with torch_threads(n_threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         router = Router(X.shape[1], tissues, hidden=hidden, top_k=top_k).to(X.device)
         router.center.copy_(Xtr.mean(0)); router.scale.copy_(Xtr.std(0).clamp(min=1e-6))
@@ -612,67 +611,3 @@ def plugin_metrics(adata:ad.AnnData, # annotated cells
     y, p = _labels(adata, label_key).astype(str).to_numpy(), adata.obs[f'{key_added}_label'].astype(str).to_numpy()
     return dict(n_cells=len(y), accuracy=round(float(accuracy_score(y, p)), 4),
                 macro_f1=round(float(f1_score(y, p, average='macro', labels=np.unique(y), zero_division=0)), 4))
-
-# %% ../nbs/11_plugins.ipynb #eddcc5ab
-def _jsonable(o):
-    if isinstance(o, dict): return {str(k): _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)): return [_jsonable(v) for v in o]
-    if isinstance(o, (np.integer, np.floating, np.bool_)): return o.item()
-    return o
-
-def save_plugins(plugins:PluginSet, directory:str|Path, # the plugins; the directory to write (created)
-                )->Path:
-    "Write adapters, heads, router and metadata of `plugins` to `directory`."
-    if not plugins.tissues: raise InputError("The PluginSet has no plugin to save.")
-    d = Path(directory); (d/'adapters').mkdir(parents=True, exist_ok=True); (d/'heads').mkdir(exist_ok=True)
-    meta = dict(format=PLUGIN_FORMAT, encoder=plugins.encoder.name, fingerprint=plugins.fingerprint, pooling=plugins.pooling,
-                d_model=plugins.encoder.d_model, n_tokens=len(plugins.encoder.vocab), tissues={}, router=None, peft=peft.__version__)
-    for t in plugins.tissues:
-        name, head = adapter_name(t), plugins.heads[t]
-        sd = peft.get_peft_model_state_dict(plugins.peft, adapter_name=name)
-        save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, d/'adapters'/f'{name}.safetensors')
-        save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, d/'heads'/f'{name}.safetensors')
-        meta['tissues'][t] = dict(adapter=name, lora=plugins.lora[t], slots=head.labels, dropout=head.drop.p, info=plugins.info[t])
-    if plugins.router is not None:
-        r = plugins.router
-        save_file({k: v.detach().cpu().contiguous() for k, v in r.state_dict().items()}, d/'router.safetensors')
-        meta['router'] = dict(tissues=r.tissues, hidden=r.hidden, top_k=r.top_k, info=plugins.info.get('_router', {}))
-    elif (d/'router.safetensors').exists(): (d/'router.safetensors').unlink()
-    (d/'plugins.json').write_text(json.dumps(_jsonable(meta), indent=1))
-    return d
-
-# %% ../nbs/11_plugins.ipynb #8a0d4338
-def load_plugins(directory:str|Path, encoder:Encoder, # a directory written by `save_plugins`; the encoder they were trained on
-                 *, strict:bool=True, # refuse an encoder with another fingerprint (False: warn and load)
-                )->PluginSet:
-    "Load plugins (adapters, heads, router) saved by `save_plugins` onto `encoder`."
-    d = Path(directory)
-    if not (d/'plugins.json').is_file(): raise FileNotFoundError(f"{d} holds no plugins.json; it was not written by save_plugins().")
-    meta = json.loads((d/'plugins.json').read_text())
-    if meta.get('format') != PLUGIN_FORMAT: raise InputError(f"{d} has plugin format {meta.get('format')}; this version reads {PLUGIN_FORMAT}.")
-    ps = PluginSet(encoder, pooling=meta['pooling'])
-    if ps.fingerprint != meta['fingerprint']:
-        msg = (f"The plugins in {d} were trained on encoder {meta['encoder']!r} (fingerprint {meta['fingerprint']}, {meta['d_model']} dims, "
-               f"{meta['n_tokens']:,} tokens), not on this one ({encoder.name!r}, fingerprint {ps.fingerprint}, {encoder.d_model} dims, "
-               f"{len(encoder.vocab):,} tokens): LoRA weights only fit the weights they were trained with.")
-        if strict or meta['d_model'] != encoder.d_model: raise InputError(msg + " Load with that encoder (or strict=False if you know they match).")
-        warnings.warn(msg)
-    for t, m in meta['tissues'].items():
-        lo = m['lora']
-        head = add_plugin(ps, t, [l for l in m['slots'] if l is not None], n_slots=len(m['slots']), lora_r=lo['r'], lora_alpha=lo['alpha'],
-                          lora_dropout=lo['dropout'], targets=lo['targets'])
-        try: res = peft.set_peft_model_state_dict(ps.peft, load_file(d/'adapters'/f"{m['adapter']}.safetensors"), adapter_name=m['adapter'])
-        except RuntimeError as err:
-            raise InputError(f"Adapter {t!r} in {d} does not fit its settings in plugins.json: {str(err)[:300]}") from None
-        lost = [k for k in res.missing_keys if 'lora_' in k and f".{m['adapter']}." in k]
-        if res.unexpected_keys or lost:
-            raise InputError(f"Adapter {t!r} in {d} does not fit the model: unexpected {res.unexpected_keys[:3]}, missing {lost[:3]}.")
-        head.labels = list(m['slots'])
-        head.load_state_dict(load_file(d/'heads'/f"{m['adapter']}.safetensors"))
-        ps.info[t] = m['info']
-    if meta.get('router'):
-        r = meta['router']
-        ps.router = Router(encoder.d_model, r['tissues'], hidden=r['hidden'], top_k=r['top_k'])
-        ps.router.load_state_dict(load_file(d/'router.safetensors')); ps.router.eval()
-        ps.info['_router'] = r['info']
-    return ps

@@ -8,7 +8,8 @@ import deepseq_nb.crosstissue as ct
 from deepseq_nb.config import load_settings
 from deepseq_nb.data import InputError
 from deepseq_nb.encoder import make_vocab, new_encoder
-from deepseq_nb.plugins import load_plugins, predict
+from deepseq_nb.plugins import predict
+from deepseq_nb.plugin_store import load_plugins
 
 torch.set_num_threads(1)
 SMALL = ['crosstissue.max_cells=60', 'crosstissue.n_hvg=200', 'crosstissue.plugin_epochs=3', 'plugins.router_epochs=3', 'crosstissue.seeds=[0, 1]',

@@ -5,13 +5,14 @@ import pytest
 import torch
 
 import deepseq_nb.plugins as plugins_mod
-from deepseq_nb.crosstissue import subsample_types
+from deepseq_nb.utils import subsample_types
 from deepseq_nb.data import InputError, load_dataset
 from deepseq_nb.encoder import make_vocab, new_encoder, tokenize
 from deepseq_nb.incremental import (add_cell_type, forgetting_curve, incremental_settings, new_type_curve, plugin_state,
                                     rehearsal_sample, restore_plugin, same_state, type_scores)
 from deepseq_nb.memory import CellMemory
-from deepseq_nb.plugins import load_plugins, lora_parameters, plugin_outputs, save_plugins, train_plugin
+from deepseq_nb.plugins import lora_parameters, plugin_outputs, train_plugin
+from deepseq_nb.plugin_store import load_plugins, save_plugins
 
 torch.set_num_threads(1)
 FAST = dict(epochs=2, seed=0)      # plugin training: these tests check behaviour, not accuracy
@@ -231,8 +232,13 @@ def test_type_scores():
 def test_settings_overlay():
     s = incremental_settings({'incremental': {'rehearsal': 3, 'ks': [5], 'bogus': 1}})
     assert s['rehearsal'] == 3 and s['ks'] == [5] and 'bogus' not in s and s['steps'] == 5
-    s = incremental_settings({'incremental': {'held_out': 'NK, B', 'variants': None, 'ks': (5, 30)}})
-    assert s['held_out'] == ['NK', 'B'] and s['variants'] == [] and s['ks'] == [5, 30]
+    s = incremental_settings({'incremental': {'held_out': ['NK', 'B'], 'variants': None, 'ks': (5, 30), 'tissue': ''}})
+    assert s['held_out'] == ['NK', 'B'] and s['ks'] == [5, 30]
+    assert s['variants'] == ['lora_rehearsal', 'lora', 'frozen_rehearsal', 'frozen'] and s['tissue'] == 'blood'  # None, '': the default
+    with pytest.raises(ValueError, match=r"incremental.held_out must be a list"):   # one list syntax, as in settings files
+        incremental_settings({'incremental': {'held_out': 'NK, B'}})
+    with pytest.raises(ValueError, match=r"incremental.rehearsal must be an integer"):
+        incremental_settings({'incremental': {'rehearsal': 'ten'}})
 
 
 # --- protocols -------------------------------------------------------------------------------------------------------------
@@ -279,6 +285,6 @@ def test_forgetting_curve_scratch_last_only(cells, enc):
 
 
 def test_settings_seeds_and_scratch():
-    s = incremental_settings({'incremental': {'seeds': '0, 1, 2', 'scratch': 'last'}})
-    assert s['seeds'] == ['0', '1', '2'] and s['scratch'] == 'last'
+    s = incremental_settings({'incremental': {'seeds': [0, 1, 2], 'scratch': 'last'}})
+    assert s['seeds'] == [0, 1, 2] and s['scratch'] == 'last'
     assert incremental_settings({'incremental': {}})['seeds'] == [0]

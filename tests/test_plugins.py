@@ -8,8 +8,10 @@ import torch
 from deepseq_nb.data import InputError, load_dataset
 from deepseq_nb.encoder import make_vocab, new_encoder, tokenize
 from deepseq_nb.plugins import (PluginSet, Router, SlotHead, add_plugin, base_weights_changed, encoder_fingerprint, fit_plugin,
-                                load_plugins, lora_parameters, lora_target_regex, plugin_outputs, plugin_settings, predict,
-                                save_plugins, stratified_split, train_plugin, train_router)
+                                lora_parameters, lora_target_regex, plugin_outputs, plugin_settings, predict, train_plugin,
+                                train_router)
+from deepseq_nb.plugin_store import load_plugins, save_plugins
+from deepseq_nb.utils import stratified_split
 
 torch.set_num_threads(1)
 FAST = dict(epochs=2, batch_size=32, seed=0)  # a couple of epochs: these tests check behaviour, not accuracy

@@ -3,6 +3,7 @@ import warnings
 import numpy as np, pandas as pd, pytest, scipy.sparse as sp, h5py
 import anndata as ad, scanpy as sc, dask, dask.array as da
 import deepseq_nb.scale as S
+import deepseq_nb.scale.io as scale_io
 from deepseq_nb.scale import (synthetic_counts, read_lazy, dask_client, qc_flags, drop_failed, normalise, highly_variable,
                               sparse_pca, rank_genes_sampled, marker_agreement, sample_indices, embed_batched, run_scaled, KNNGraph)
 from deepseq_nb.data import load_dataset
@@ -44,8 +45,8 @@ def test_synthetic_counts_resample_the_base(h5):
 def test_read_lazy_reads_no_matrix_until_computed(h5, monkeypatch):
     _, p = h5
     calls = []
-    real = S._read_rows
-    monkeypatch.setattr(S, '_read_rows', lambda *a: calls.append(a[2:4]) or real(*a))
+    real = scale_io._read_rows
+    monkeypatch.setattr(scale_io, '_read_rows', lambda *a: calls.append(a[2:4]) or real(*a))
     a = read_lazy(p, chunk_cells=400, x_is='counts')
     assert calls == [] and isinstance(a.X, da.Array) and a.X.numblocks == (4, 1) and a.shape == (1500, 13714)
     b = a.X.blocks[2].compute()
