@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .knowledge import kb_index, norm_gene, tissue_groups, OUT_OF_TISSUE, _check_species
+from .knowledge import kb_index, norm_gene, tissue_groups, OUT_OF_TISSUE, check_species
 from .ontology import ancestors, cl_name, broad_type
 
 # %% auto #0
@@ -408,9 +408,9 @@ def infer_species(adata:ad.AnnData, # cells × genes
                   warn:bool=True, # warn when the species is read from the gene names
                  )->str:
     "Species: the argument, else obs['species']/uns['dataset'], else the case of the gene names (warns)."
-    if species: return _check_species(species)
+    if species: return check_species(species)
     s = _one(adata, 'species')
-    if s: return _check_species(s)
+    if s: return check_species(s)
     names = [g for g in adata.var_names[:5000] if re.search('[A-Za-z]', g)]
     mouse = np.mean([g[:1].isupper() and g[1:] != g[1:].upper() for g in names]) if names else 0.0
     sp_ = 'mouse' if mouse > 0.5 else 'human'

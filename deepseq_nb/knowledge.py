@@ -18,8 +18,8 @@ from .data import data_dir
 # %% auto #0
 __all__ = ['KB_VERSION', 'SOURCES', 'STRONG_HOW', 'TISSUE_GROUPS', 'UBIQUITOUS', 'KB_COLUMNS', 'BM25_K1', 'BM25_B',
            'OUT_OF_TISSUE', 'CL_NAMES', 'CAND_COLS', 'SPECIFIC_RATIO', 'MIN_EXPLAINED', 'cache_dir',
-           'cellmarker_curation', 'gene_aliases', 'norm_gene', 'map_cl', 'tissue_groups', 'load_kb', 'KBIndex',
-           'kb_index', 'rank_weight', 'kb_annotate', 'kb_annotate_table', 'retrieve', 'canonical_markers']
+           'cellmarker_curation', 'gene_aliases', 'norm_gene', 'map_cl', 'tissue_groups', 'load_kb', 'check_species',
+           'KBIndex', 'kb_index', 'rank_weight', 'kb_annotate', 'kb_annotate_table', 'retrieve', 'canonical_markers']
 
 # %% ../nbs/04_knowledge.ipynb #79c96213
 KB_VERSION = 3  # bump when the parsing rules change: invalidates the on-disk cache
@@ -332,10 +332,10 @@ def load_kb(species:str|None=None, # 'human', 'mouse' or None for both
     "The marker knowledge base as one tidy table (PanglaoDB, CellMarker 2.0, ScType), cached in memory and on disk."
     kb = _kb_all()
     if species is None: return kb
-    sp = _check_species(species)
+    sp = check_species(species)
     return kb[kb.species == sp].reset_index(drop=True)
 
-def _check_species(species)->str:
+def check_species(species)->str:
     s = str(species).strip().lower()
     s = {'hs': 'human', 'homo sapiens': 'human', 'mm': 'mouse', 'mus musculus': 'mouse'}.get(s, s)
     if s not in ('human', 'mouse'): raise ValueError(f"species must be 'human' or 'mouse', got {species!r}")
@@ -513,7 +513,7 @@ def kb_annotate(markers:list[str], # marker genes, best first (a comma-separated
                 top:int=3, # number of candidates to return
                )->pd.DataFrame:
     "Ranked candidate cell types for a ranked marker list, with score, CL id, evidence genes and confidence."
-    sp = _check_species(species)
+    sp = check_species(species)
     genes = _clean_markers(markers)
     if not genes: return _unknown('empty marker list')
     rows, notes, nk = _candidates(genes, tissue, sp, top)
@@ -571,7 +571,7 @@ def canonical_markers(cell_type:str, # a cell-type name (any database's wording)
                       n:int=10, # number of genes
                      )->list[str]:
     "The n best-supported marker genes of a cell type: most databases/records first, then the most specific (IDF)."
-    ix = kb_index(_check_species(species))
+    ix = kb_index(check_species(species))
     key = cell_type if cell_type in ix.keys else None
     if key is None:
         cid, _ = map_cl(cell_type)

@@ -16,11 +16,12 @@ import pandas as pd
 from .data import InputError
 
 # %% auto #0
-__all__ = ['SPACES', 'SCORE_GROUPS', 'COMBINED', 'JUDGE_KEYS', 'JUDGE_TEMPLATE', 'NOVELTY_DEFAULTS', 'ADAPTERS',
-           'novelty_features', 'NoveltyCalibration', 'calibrate_novelty', 'cluster_novelty', 'assess_novelty',
-           'known_match', 'parse_judgement', 'judge_prompt', 'judge_novelty', 'novelty_settings', 'PCASpace',
-           'fit_reference', 'score_cells', 'mnn_adapt', 'adapt_query', 'joint_space', 'reference_share',
-           'query_clusters', 'relative_scores', 'kb_reading', 'relative_novelty', 'rates']
+__all__ = ['SPACES', 'SCORE_GROUPS', 'COMBINED', 'JUDGE_KEYS', 'JUDGE_TEMPLATE', 'ADAPTERS', 'novelty_features',
+           'NoveltyCalibration', 'calibrate_novelty', 'cluster_novelty', 'assess_novelty', 'known_match',
+           'parse_judgement', 'judge_prompt', 'judge_novelty', 'NoveltyConfig', 'novelty_settings', 'PCASpace',
+           'fit_reference', 'score_cells', 'own_genes', 'calibration_split', 'measured_genes', 'mnn_adapt',
+           'adapt_query', 'joint_space', 'reference_share', 'query_clusters', 'relative_scores', 'kb_reading',
+           'upper_quantile', 'relative_novelty', 'rates']
 
 # %% ../nbs/13_novelty.ipynb #619fb54e
 SPACES = {'frozen': 'X_scgpt', 'tuned': 'X_scgpt_tuned', 'pca': 'X_pca_ref'}  # memory space -> obsm key of the query vectors
@@ -268,18 +269,32 @@ def judge_novelty(adata:ad.AnnData, markers:dict, # assessed cells (`assess_nove
     U['judge'] = out.reset_index().astype({'cached': str} if 'cached' in out else {}).to_dict('list')
     return out
 
+# %% ../nbs/13_novelty.ipynb #725dd6c7
+@dataclass
+class NoveltyConfig:
+    "The `[novelty]` section: the studies, the calibration and the query-relative decision of the novelty experiments."
+    datasets:list=field(default_factory=lambda: ['pbmc3k', 'pancreas_xin']) # studies whose types are left out in turn
+    batch_pairs:list=field(default_factory=lambda: [['pbmc3k', 'pbmc68k_reduced'],
+                                                    ['pancreas_xin', 'pancreas_wang']]) # reference -> query study pairs
+    max_cells:int=600 # at most about this many cells per study (0: all)
+    min_cells:int=30 # a type with fewer cells is never held out
+    max_types:int=0 # > 0: only that many of the largest types are held out
+    calib_frac:float=0.2 # share of the training cells held out to calibrate the scores
+    k:int=15 # neighbours whose mean distance is the kNN evidence
+    false_novel_rate:float=0.05 # share of known cells allowed above the threshold (the nominal rate)
+    seed:int=0 # seed of the splits
+    seeds:list=field(default_factory=lambda: [0, 1, 2]) # seeds of the experiments: numbers are their mean and spread
+    resolution:float=1.0 # Leiden resolution of the query's clusters
+    adapter:str='none' # adapter of the joint space: 'none' or 'mnn'
+    kb:bool=True # read the query clusters' markers with the kb (query-side calibration, veto)
+
+def novelty_settings(settings=None, # a `Settings`, a dict of sections, or None (`load_settings()`)
+                    )->dict:
+    "The `[novelty]` settings over `NoveltyConfig`'s defaults (one reader for every section: `config.read_section`)."
+    from deepseq_nb.config import read_section
+    return read_section(NoveltyConfig, settings, 'novelty')
+
 # %% ../nbs/13_novelty.ipynb #3933097a
-NOVELTY_DEFAULTS = dict(datasets=['pbmc3k', 'pancreas_xin'], batch_pairs=[['pbmc3k', 'pbmc68k_reduced'], ['pancreas_xin', 'pancreas_wang']],
-                        max_cells=600, min_cells=30, max_types=0, calib_frac=0.2, k=15, false_novel_rate=0.05, seed=0,
-                        seeds=[0, 1, 2], resolution=1.0, adapter='none', kb=True)
-
-def novelty_settings(settings=None)->dict:
-    "The `[novelty]` settings, with `NOVELTY_DEFAULTS` for keys the file does not set."
-    from deepseq_nb.config import load_settings
-    S = settings if settings is not None else load_settings()
-    sec = S.section('novelty') if hasattr(S, 'section') else dict(S.get('novelty', {}))
-    return {k: sec.get(k, v) if sec.get(k, '') != '' else v for k, v in NOVELTY_DEFAULTS.items()}
-
 def _plugin_kw(params:dict|None)->dict:
     from deepseq_nb.plugins import plugin_settings
     from deepseq_nb.plugins import plugin_kwargs as _plugin_kwargs
@@ -333,21 +348,21 @@ def score_cells(cells:ad.AnnData, plugins, memory, pca:PCASpace|None=None, *, ti
     if pca is not None: cells.obsm['X_pca_ref'] = pca.transform(cells)
     return novelty_features(cells, memory, k=k)
 
-def _own_genes(cells:ad.AnnData)->ad.AnnData:
+def own_genes(cells:ad.AnnData)->ad.AnnData:
     "A copy of a study's cells on the genes that study measured (the reference is the union of all studies' genes)."
     d = cells.obs.dataset.astype(str).iloc[0]
     return cells[:, cells.var[f'in_{d}'].to_numpy()].copy() if f'in_{d}' in cells.var else cells.copy()
 
-def _calib_split(obs:pd.DataFrame, frac:float, seed:int)->np.ndarray:
+def calibration_split(obs:pd.DataFrame, frac:float, seed:int)->np.ndarray:
     "True for a stratified `frac` of the training cells (the calibration cells)."
-    from deepseq_nb.plugins import stratified_split
+    from deepseq_nb.utils import stratified_split
     tr = (obs.split == 'train').to_numpy()
     cal = np.zeros(len(obs), bool)
     cal[np.flatnonzero(tr)] = stratified_split(obs.label[tr].astype(str).to_numpy(), frac, seed=seed)
     return cal
 
 # %% ../nbs/13_novelty.ipynb #268ddbc4
-def _measured(cells:ad.AnnData)->pd.Index:
+def measured_genes(cells:ad.AnnData)->pd.Index:
     "Genes the cells' study measured (var `in_{dataset}` of the cross-tissue reference), else all of them."
     d = str(cells.obs['dataset'].iloc[0]) if 'dataset' in cells.obs and cells.n_obs else None
     return cells.var_names[cells.var[f'in_{d}'].to_numpy()] if d is not None and f'in_{d}' in cells.var else cells.var_names
@@ -395,7 +410,7 @@ def joint_space(reference:ad.AnnData, query:ad.AnnData, # log-normalised cells o
                )->tuple[np.ndarray, np.ndarray]:
     "Reference and query coordinates in one PCA fitted on both, on the genes both studies measured."
     from sklearn.decomposition import PCA
-    genes = _measured(reference).intersection(_measured(query))
+    genes = measured_genes(reference).intersection(measured_genes(query))
     if len(genes) < 10: raise InputError(f"Reference and query share {len(genes)} measured genes; at least 10 are needed.")
     XR, XQ = _dense(reference[:, genes].X), _dense(query[:, genes].X)
     if renorm: XR, XQ = _renorm(XR), _renorm(XQ)
@@ -448,7 +463,7 @@ def kb_reading(query:ad.AnnData, # log-normalised query cells
     "Per cluster: the `kb` annotator's reading of its top genes, and the reference type it names (`known_match`; '' if none)."
     import scanpy as sc
     from deepseq_nb.knowledge import kb_annotate
-    genes = _measured(query)
+    genes = measured_genes(query)
     a = ad.AnnData(_dense(query[:, genes].X), var=pd.DataFrame(index=genes))
     a.obs['cl'] = pd.Categorical(np.asarray(clusters).astype(str))
     if a.obs.cl.nunique() < 2: return pd.DataFrame(dict(kb_type='Unknown', kb_known_type=''), index=pd.Index(a.obs.cl.cat.categories, name='cluster'))
@@ -462,7 +477,7 @@ def kb_reading(query:ad.AnnData, # log-normalised query cells
         rows.append(dict(cluster=str(c), kb_type=t, kb_known_type=(known_match(t, reference_types, tissue) if t != 'Unknown' else None) or ''))
     return pd.DataFrame(rows).set_index('cluster')
 
-def _upper(x:np.ndarray, rate:float)->float:
+def upper_quantile(x:np.ndarray, rate:float)->float:
     "The value that a share `rate` of `x` exceeds (-inf for no values)."
     return float(np.quantile(x, 1 - rate, method='higher')) if len(x) else -np.inf
 
@@ -493,10 +508,10 @@ def relative_novelty(reference:ad.AnnData, # labelled reference cells (obs `labe
                                        "overlap there (embed both from their shared genes), so every score ties at 1 and none is called novel.")
     cell, clus = relative_scores(share, cl)
     YR2, YC = _coords(reference, calibration, space, use_rep, adapter, seed)
-    thr_ref = _upper(relative_scores(reference_share(YR2, YC, k), query_clusters(YC, resolution, k, seed))[1], false_novel_rate)
+    thr_ref = upper_quantile(relative_scores(reference_share(YR2, YC, k), query_clusters(YC, resolution, k, seed))[1], false_novel_rate)
     K = kb_reading(query, cl, types, tissue=tissue) if kb else None
     known = np.isin(cl, K.index[K.kb_known_type != '']) if kb else np.zeros(len(cl), bool)
-    thr_query = _upper(clus[known], false_novel_rate)
+    thr_query = upper_quantile(clus[known], false_novel_rate)
     thr = max(thr_ref, thr_query)
     flag = (clus > thr) & ~known
     cells = pd.DataFrame(dict(cluster=cl, cell_score=cell, score=clus, kb_known=known, is_novel=flag), index=query.obs_names)

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .data import InputError
-from .novelty import PCASpace, relative_novelty, novelty_settings, _measured, _own_genes, _calib_split, _upper
+from .novelty import PCASpace, relative_novelty, novelty_settings, measured_genes, own_genes, calibration_split, upper_quantile
 
 # %% auto #0
 __all__ = ['RELATIVE_SPACES', 'shared_embedding', 'leave_one_type_out', 'batch_effect', 'run_novelty']
@@ -25,7 +25,7 @@ def shared_embedding(reference:ad.AnnData, query:ad.AnnData, # cells of two stud
                     )->int:
     "Frozen embeddings of both studies from the genes both measured, in place (`obsm[key_added]`); the number of those genes."
     from deepseq_nb.encoder import embed, default_encoder
-    genes = _measured(reference).intersection(_measured(query))
+    genes = measured_genes(reference).intersection(measured_genes(query))
     if len(genes) < 10: raise InputError(f"Reference and query share {len(genes)} measured genes; at least 10 are needed.")
     enc = encoder if encoder is not None else default_encoder(progress=False)
     for a in (reference, query):
@@ -37,7 +37,7 @@ def _ref_distance(R:np.ndarray, C:np.ndarray, Q:np.ndarray, k:int, rate:float)->
     "Reference-only baseline: mean distance of query cells to their k nearest reference cells, and its threshold on calibration cells."
     from sklearn.neighbors import NearestNeighbors
     nn = NearestNeighbors(n_neighbors=min(k, len(R))).fit(R)
-    return nn.kneighbors(Q)[0].mean(1), _upper(nn.kneighbors(C)[0].mean(1), rate)
+    return nn.kneighbors(Q)[0].mean(1), upper_quantile(nn.kneighbors(C)[0].mean(1), rate)
 
 RELATIVE_SPACES = {'pca': None, 'frozen': 'X_scgpt'}  # query-relative scores: joint PCA, frozen encoder embedding
 
@@ -85,12 +85,12 @@ def leave_one_type_out(ref:ad.AnnData, dataset:str, # reference with X_scgpt (`c
     tissue, lab = str(d.obs.tissue.iloc[0]), d.obs.label.astype(str).to_numpy()
     vc = pd.Series(lab).value_counts()
     types = list(types) if types is not None else [t for t, n in vc.items() if n >= min_cells][:max_types or None]
-    cal, test = _calib_split(d.obs, calib_frac, seed), (d.obs.split == 'test').to_numpy()
+    cal, test = calibration_split(d.obs, calib_frac, seed), (d.obs.split == 'test').to_numpy()
     rows, cells = [], []
     for h in types:
         t0, new = time.perf_counter(), lab == h
-        Q = _own_genes(d[test | new])
-        S, F, CL = _fold(_own_genes(d[~cal & ~test & ~new]), _own_genes(d[cal & ~new]), Q, tissue=tissue, k=k, resolution=resolution,
+        Q = own_genes(d[test | new])
+        S, F, CL = _fold(own_genes(d[~cal & ~test & ~new]), own_genes(d[cal & ~new]), Q, tissue=tissue, k=k, resolution=resolution,
                          adapter=adapter, false_novel_rate=false_novel_rate, kb=kb, seed=seed)
         y = new[test | new]
         rows.append(dict(dataset=dataset, seed=seed, held_out=h, n_new=int(y.sum()), n_known=int((~y).sum()), **_fold_rates(S, F, y, ~y, CL),
@@ -111,12 +111,12 @@ def batch_effect(ref:ad.AnnData, reference:str, query:str, # reference with X_sc
     tissue, rl, ql = str(r.obs.tissue.iloc[0]), r.obs.label.astype(str).to_numpy(), q.obs.label.astype(str).to_numpy()
     if encoder is not None: shared_embedding(r, q, encoder)   # the frozen spaces on the genes both studies measured
     r.obs['split'] = 'train'
-    cal = _calib_split(r.obs, calib_frac, seed)
+    cal = calibration_split(r.obs, calib_frac, seed)
     vc = pd.Series(rl).value_counts()
     types = list(types) if types is not None else [t for t, n in vc.items() if n >= min_cells and t in set(ql)]
-    Q, rows = _own_genes(q), []
+    Q, rows = own_genes(q), []
     for h in [None] + types:
-        S, F, CL = _fold(_own_genes(r[~cal & (rl != h)]), _own_genes(r[cal & (rl != h)]), Q, tissue=tissue, k=k, resolution=resolution,
+        S, F, CL = _fold(own_genes(r[~cal & (rl != h)]), own_genes(r[cal & (rl != h)]), Q, tissue=tissue, k=k, resolution=resolution,
                          adapter=adapter, false_novel_rate=false_novel_rate, kb=kb, seed=seed)
         new, known = ql == h, np.isin(ql, list(set(rl[rl != h])))
         row = dict(reference=reference, query=query, seed=seed, held_out=h or '(none)', n_known=int(known.sum()), n_new=int(new.sum()),
