@@ -27,7 +27,8 @@ Prints one table per quantity (seconds, peak GiB) with stages as columns, the gr
 per stage over the sizes run (log-log least squares), the ratio memory/plain of the totals, and the agreement.
 """
 import argparse, json, os, subprocess, sys, threading, time
-for v in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS', 'NUMBA_NUM_THREADS'): os.environ.setdefault(v, '2')
+for v in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS', 'NUMBA_NUM_THREADS'):
+    os.environ.setdefault(v, '2')
 import warnings; warnings.filterwarnings('ignore')
 
 STAGES = ('read', 'qc', 'normalise', 'hvg', 'pca', 'neighbours', 'leiden', 'markers', 'annotate', 'encoder', 'embed')
@@ -78,8 +79,12 @@ def agreement(a):
     from deepseq_nb.annotate import annotate
     import anndata as ad
     sampled, P = a.uns['markers'], a.uns['markers']['params']
-    t0 = time.perf_counter(); full = rank_genes_sampled(a, 'leiden', n_cells=0, key_added='markers_full'); t_full = time.perf_counter() - t0
-    seed2 = rank_genes_sampled(a, 'leiden', n_cells=P['n_cells'], min_cells=P['min_cells'], seed=P['seed'] + 1, key_added='markers_seed2')
+    t0 = time.perf_counter()
+    full = rank_genes_sampled(a, 'leiden', n_cells=0, key_added='markers_full')
+    t_full = time.perf_counter() - t0
+    seed2 = rank_genes_sampled(
+        a, 'leiden', n_cells=P['n_cells'], min_cells=P['min_cells'], seed=P['seed'] + 1, key_added='markers_seed2'
+    )
     ag = marker_agreement(full, sampled['table'], n_genes=10)
     mine, size = a.uns['deepseq']['table'].set_index('cluster')['label'], a.obs['leiden'].astype(str).value_counts()
     def same(key):
@@ -115,16 +120,31 @@ def child(n, mode, path, agree):
         from deepseq_nb.scale import run_scaled
         a = run_scaled(path, dask=mode == 'dask', on_stage=tick)
     total = time.perf_counter() - t0
-    out = dict(n=n, mode=mode, n_cells=int(a.n_obs), seconds=t,
-               cells_per_s=a.n_obs / t['embed'] if 'embed' in t else None, peak_gib=S.peak, total_s=total,
-               n_clusters=int(a.obs['leiden'].nunique()) if 'leiden' in a.obs else None, peak_all_gib=max(S.peak.values()))
+    out = dict(
+        n=n,
+        mode=mode,
+        n_cells=int(a.n_obs),
+        seconds=t,
+        cells_per_s=a.n_obs / t['embed'] if 'embed' in t else None,
+        peak_gib=S.peak,
+        total_s=total,
+        n_clusters=int(a.obs['leiden'].nunique()) if 'leiden' in a.obs else None,
+        peak_all_gib=max(S.peak.values()),
+    )
     if agree and mode == 'memory': out['agreement'] = agreement(a)
     print('RESULT ' + json.dumps(out), flush=True)
 
 def ensure_data(n, workdir):
     p = os.path.join(workdir, f'synthetic_{n}.h5ad')
     if not os.path.exists(p):
-        subprocess.run([sys.executable, '-c', f"from deepseq_nb.scale import synthetic_counts; synthetic_counts({n}, path={p!r}, seed=0)"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                '-c',
+                f"from deepseq_nb.scale import synthetic_counts; synthetic_counts({n}, path={p!r}, seed=0)",
+            ],
+            check=True,
+        )
     return p
 
 def exponents(rows, mode):
@@ -144,9 +164,14 @@ def table(rows):
         print(f"\n{what}\n{'cells':>9} {'mode':<7}" + ''.join(f'{s:>11}' for s in stages) + f"{'total':>11}")
         for r in rows:
             tot = r['total_s'] if key == 'seconds' else r['peak_all_gib']
-            print(f"{r['n']:>9,} {r['mode']:<7}" + ''.join(f"{(fmt.format(r[key][s]) if s in r[key] else '-'):>11}" for s in stages)
-                  + f"{fmt.format(tot):>11}")
-    print(f"\ngrowth exponent b (seconds ~ cells^b)\n{'mode':<7}" + ''.join(f'{s:>11}' for s in stages) + f"{'total':>11}")
+            print(
+                f"{r['n']:>9,} {r['mode']:<7}"
+                + ''.join(f"{(fmt.format(r[key][s]) if s in r[key] else '-'):>11}" for s in stages)
+                + f"{fmt.format(tot):>11}"
+            )
+    print(
+        f"\ngrowth exponent b (seconds ~ cells^b)\n{'mode':<7}" + ''.join(f'{s:>11}' for s in stages) + f"{'total':>11}"
+    )
     for m in dict.fromkeys(r['mode'] for r in rows):
         e = exponents(rows, m)
         if e: print(f"{m:<7}" + ''.join(f"{(f'{e[s]:8.2f}' if s in e else '-'):>11}" for s in stages + ['total']))
@@ -156,37 +181,73 @@ def table(rows):
         if (n, 'plain') in by and (n, 'memory') in by:
             p, m = by[n, 'plain'], by[n, 'memory']
             same = ['qc', 'normalise', 'hvg', 'pca', 'neighbours', 'leiden', 'markers']
-            print(f"{n:>9,} cells: total memory/plain = {m['total_s']/p['total_s']:.3f} (memory includes kb annotation; "
-                  f"QC->markers {sum(m['seconds'].get(s, 0) for s in same)/sum(p['seconds'].get(s, 0) for s in same):.3f}), "
-                  f"peak RSS memory/plain = {m['peak_all_gib']/p['peak_all_gib']:.3f}")
+            print(
+                f"{n:>9,} cells: total memory/plain = {m['total_s'] / p['total_s']:.3f} (memory includes kb "
+                "annotation; "
+                "QC->markers "
+                f"{sum(m['seconds'].get(s, 0) for s in same) / sum(p['seconds'].get(s, 0) for s in same):.3f}), "
+                f"peak RSS memory/plain = {m['peak_all_gib'] / p['peak_all_gib']:.3f}"
+            )
         if (n, 'dask') in by and (n, 'memory') in by:
             d, m = by[n, 'dask'], by[n, 'memory']
             pre = ['read', 'qc', 'normalise', 'hvg', 'pca']
-            print(f"{n:>9,} cells: read->PCA dask/memory = {sum(d['seconds'].get(s, 0) for s in pre)/sum(m['seconds'].get(s, 0) for s in pre):.3f}, "
-                  f"peak RSS dask/memory = {max(d['peak_gib'].values())/max(m['peak_gib'][s] for s in pre if s in m['peak_gib']):.3f} (read->PCA)")
+            print(
+                f"{n:>9,} cells: read->PCA dask/memory = "
+                f"{sum(d['seconds'].get(s, 0) for s in pre) / sum(m['seconds'].get(s, 0) for s in pre):.3f}, "
+                "peak RSS dask/memory = "
+                f"{max(d['peak_gib'].values()) / max(m['peak_gib'][s] for s in pre if s in m['peak_gib']):.3f} "
+                "(read->PCA)"
+            )
     for r in rows:
         if r.get('cells_per_s'):
-            print(f"{r['n']:>9,} cells embedded at {r['cells_per_s']:.0f} cells/s, peak RSS while embedding {r['peak_gib']['embed']:.2f} GiB")
+            print(
+                f"{r['n']:>9,} cells embedded at {r['cells_per_s']:.0f} cells/s, peak RSS while embedding "
+                f"{r['peak_gib']['embed']:.2f} GiB"
+            )
         if 'agreement' in r:
             g = r['agreement']
-            used = f"sampled ({g['n_cells_used']:,} cells drawn)" if 'n_cells_used' in g else 'capped per cluster (before 2026-11-23)'
-            print(f"{r['n']:>9,} cells, {r['n_clusters']} clusters: {used} vs full markers: top-10 overlap {g['overlap']:.3f} "
-                  f"(min {g['overlap_min']:.2f}), top gene same {g['top1_same']:.3f}; kb label same in {g['label_same_clusters']:.3f} of clusters, "
-                  f"{g['label_same_cells']:.3f} of cells; full markers took {g['full_markers_s']:.1f} s vs {r['seconds'].get('markers', float('nan')):.1f} s sampled")
+            used = (
+                f"sampled ({g['n_cells_used']:,} cells drawn)"
+                if 'n_cells_used' in g
+                else 'capped per cluster (before 2026-11-23)'
+            )
+            print(
+                f"{r['n']:>9,} cells, {r['n_clusters']} clusters: {used} vs full markers: top-10 overlap "
+                f"{g['overlap']:.3f} "
+                f"(min {g['overlap_min']:.2f}), top gene same {g['top1_same']:.3f}; kb label same in "
+                f"{g['label_same_clusters']:.3f} of clusters, "
+                f"{g['label_same_cells']:.3f} of cells; full markers took {g['full_markers_s']:.1f} s vs "
+                f"{r['seconds'].get('markers', float('nan')):.1f} s sampled"
+            )
             if 'seed_overlap' in g:
-                print(f"{'':>9}  noise floor, a second seed of the sample vs the first: top-10 overlap {g['seed_overlap']:.3f}; kb label same in "
-                      f"{g['seed_label_same_clusters']:.3f} of clusters, {g['seed_label_same_cells']:.3f} of cells")
+                print(
+                    f"{'':>9}  noise floor, a second seed of the sample vs the first: top-10 overlap "
+                    f"{g['seed_overlap']:.3f}; kb label same in "
+                    f"{g['seed_label_same_clusters']:.3f} of clusters, {g['seed_label_same_cells']:.3f} of cells"
+                )
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--sizes', nargs='+', type=int, default=[10**4, 10**5, 10**6])
     p.add_argument('--modes', nargs='+', default=['plain', 'memory'], choices=['plain', 'memory', 'dask', 'embed'])
     p.add_argument('--dask', action='store_true', help='add the dask mode')
-    p.add_argument('--plain-max', type=int, default=10**5, help='largest size run in plain mode (its dense scale needs cells x 2000 x 4 B more)')
-    p.add_argument('--agreement-max', type=int, default=10**5, help='largest size with full-vs-sampled marker agreement')
+    p.add_argument(
+        '--plain-max',
+        type=int,
+        default=10**5,
+        help='largest size run in plain mode (its dense scale needs cells x 2000 x 4 B more)',
+    )
+    p.add_argument(
+        '--agreement-max', type=int, default=10**5, help='largest size with full-vs-sampled marker agreement'
+    )
     p.add_argument('--workdir', default='/tmp/deepseq_scale')
     p.add_argument('--json', help='append each result as a JSON line to this file')
-    p.add_argument('--table', nargs='+', metavar='JSONL', help='print the tables of results saved with --json (several runs together) and exit')
+    p.add_argument(
+        '--table',
+        nargs='+',
+        metavar='JSONL',
+        help='print the tables of results saved with --json (several runs together) and exit',
+    )
     p.add_argument('--child', nargs=4, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child: return child(int(a.child[0]), a.child[1], a.child[2], a.child[3] == '1')
@@ -207,7 +268,11 @@ def main():
                 print(f"{n:,} {m}: failed (exit {r.returncode})\n{r.stderr[-2000:]}", flush=True); continue
             rows.append(json.loads(res[-1][7:]))
             x = rows[-1]
-            print(f"{n:>9,} {m:<7} {x['total_s']:8.1f} s  peak {x['peak_all_gib']:.2f} GiB  cells {x['n_cells']:,}  clusters {x['n_clusters']}", flush=True)
+            print(
+                f"{n:>9,} {m:<7} {x['total_s']:8.1f} s  peak {x['peak_all_gib']:.2f} GiB  cells {x['n_cells']:,}  "
+                f"clusters {x['n_clusters']}",
+                flush=True,
+            )
             if a.json:
                 with open(a.json, 'a') as f: f.write(json.dumps(rows[-1]) + '\n')
     table(rows)

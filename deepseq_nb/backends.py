@@ -14,18 +14,54 @@ import pandas as pd
 
 from .config import parse_value, require
 from .prompts import ClusterQuery, ANSWER_SCHEMA
-from .llm_transport import (BackendError, BackendUnavailable, ModelNotFound, MissingKey, ContextTooLong, ReplayMiss,
-                                      CacheError, Cancelled, Interrupted, last_headers, transient, retry_call, RateLimiter,
-                                      call_cost)
+from deepseq_nb.llm_transport import (
+    BackendError,
+    BackendUnavailable,
+    ModelNotFound,
+    MissingKey,
+    ContextTooLong,
+    ReplayMiss,
+    CacheError,
+    Cancelled,
+    Interrupted,
+    last_headers,
+    transient,
+    retry_call,
+    RateLimiter,
+    call_cost,
+)
 from .llm_cache import CACHE_MODES, cache_key, default_cache_path, AnswerCache
 from .llm_backend import (Answer, RunStats, Answers, record_run, chunk_queries, Reply, LLMBackend, Turn)
 
 log = logging.getLogger(__name__)
 
 # names of the LLM layer's modules, kept importable from here (`from deepseq_nb.backends import AnswerCache`)
-_all_ = ['BackendError', 'BackendUnavailable', 'ModelNotFound', 'MissingKey', 'ContextTooLong', 'ReplayMiss', 'CacheError',
-         'Cancelled', 'Interrupted', 'transient', 'retry_call', 'RateLimiter', 'call_cost', 'CACHE_MODES', 'cache_key',
-         'default_cache_path', 'AnswerCache', 'Answer', 'RunStats', 'Answers', 'record_run', 'Reply', 'LLMBackend', 'Turn']
+_all_ = [
+    'BackendError',
+    'BackendUnavailable',
+    'ModelNotFound',
+    'MissingKey',
+    'ContextTooLong',
+    'ReplayMiss',
+    'CacheError',
+    'Cancelled',
+    'Interrupted',
+    'transient',
+    'retry_call',
+    'RateLimiter',
+    'call_cost',
+    'CACHE_MODES',
+    'cache_key',
+    'default_cache_path',
+    'AnswerCache',
+    'Answer',
+    'RunStats',
+    'Answers',
+    'record_run',
+    'Reply',
+    'LLMBackend',
+    'Turn',
+]
 
 # %% auto #0
 __all__ = ['log', 'KINDS', 'RETRIEVE_TOOL', 'parse_spec', 'OllamaBackend', 'OpenAIBackend', 'to_ollama', 'to_openai', 'KBBackend',
@@ -86,22 +122,36 @@ RETRIEVE_TOOL = {'type': 'function', 'function': {
 
 def _kb_retrieve():
     "deepseq_nb.knowledge.retrieve, imported when first needed."
-    try: from deepseq_nb.knowledge import retrieve
-    except ImportError as e: raise BackendError("search=True needs deepseq_nb.knowledge.retrieve, which is not available "
-                                                f"({e}); pass retrieve=FUNCTION or drop search.") from e
+    try:
+        from deepseq_nb.knowledge import retrieve
+    except ImportError as e:
+        raise BackendError(
+            "search=True needs deepseq_nb.knowledge.retrieve, which is not available "
+            f"({e}); pass retrieve=FUNCTION or drop search."
+        ) from e
     return retrieve
 
 # %% ../nbs/06_backends.ipynb #76a2c49a
 class OllamaBackend(LLMBackend):
     "Annotate through a local Ollama server; optionally with the knowledge-base retrieval as a tool."
     kind = 'ollama'
-    def __init__(self, model:str, host:str|None=None, # server URL (default: OLLAMA_HOST, else 127.0.0.1:11434)
-                 search:bool=False, # offer the knowledge-base retrieval tool
-                 max_steps:int=4, # tool rounds before the model must answer
-                 retrieve=None, # retrieval function (default deepseq_nb.knowledge.retrieve)
-                 **kw):
+
+    def __init__(
+        self,
+        model: str,
+        host: str | None = None,  # server URL (default: OLLAMA_HOST, else 127.0.0.1:11434)
+        search: bool = False,  # offer the knowledge-base retrieval tool
+        max_steps: int = 4,  # tool rounds before the model must answer
+        retrieve=None,  # retrieval function (default deepseq_nb.knowledge.retrieve)
+        **kw,
+    ):
         super().__init__(model, **kw)
-        self.host, self.search, self.max_steps, self._retrieve = host or os.environ.get('OLLAMA_HOST'), search, max_steps, retrieve
+        self.host, self.search, self.max_steps, self._retrieve = (
+            host or os.environ.get('OLLAMA_HOST'),
+            search,
+            max_steps,
+            retrieve,
+        )
 
     @property
     def spec(self): return f"ollama:{self.model}{'?search=true' if self.search else ''}"
@@ -119,8 +169,10 @@ class OllamaBackend(LLMBackend):
                                      f"`ollama pull {self.model}`, or point OLLAMA_HOST at a running server.") from None
         names = [m.model for m in listed.models]
         if self.model not in names and f'{self.model}:latest' not in names:
-            raise ModelNotFound(f"Model {self.model!r} is not on the Ollama server at {where}; it has: "
-                                f"{', '.join(names) or 'no models'}. Run `ollama pull {self.model}` or pick one of those.")
+            raise ModelNotFound(
+                f"Model {self.model!r} is not on the Ollama server at {where}; it has: "
+                f"{', '.join(names) or 'no models'}. Run `ollama pull {self.model}` or pick one of those."
+            )
         return c
 
 # %% ../nbs/06_backends.ipynb #c0d1ab5d
@@ -128,8 +180,13 @@ def _ollama_chat(self:OllamaBackend, msgs:list, tools:list|None):
     "One /api/chat request; a context overflow becomes `ContextTooLong`."
     ollama = require('ollama')
     try:
-        return self._client.chat(self.model, messages=msgs, tools=tools, format=ANSWER_SCHEMA if self.structured else None,
-                                 options={'temperature': self.temperature, 'seed': self.seed})
+        return self._client.chat(
+            self.model,
+            messages=msgs,
+            tools=tools,
+            format=ANSWER_SCHEMA if self.structured else None,
+            options={'temperature': self.temperature, 'seed': self.seed},
+        )
     except ollama.ResponseError as e:
         if 'context' in str(e.error).lower() and (e.status_code or 0) < 500:
             raise ContextTooLong(f"The prompt does not fit {self.model}'s context window ({e.error}); lower batch_size "
@@ -169,10 +226,15 @@ OllamaBackend._chat, OllamaBackend._run_tool, OllamaBackend._call = _ollama_chat
 class OpenAIBackend(LLMBackend):
     "Annotate through the OpenAI API (or any OpenAI-compatible server); optionally with web search."
     kind = 'openai'
-    def __init__(self, model:str, web_search:bool=False, # use the Responses API with the web_search tool
-                 base_url:str|None=None, # server (default: OPENAI_BASE_URL, else api.openai.com)
-                 api_key:str|None=None, # key (default: OPENAI_API_KEY); never stored in cache or params
-                 **kw):
+
+    def __init__(
+        self,
+        model: str,
+        web_search: bool = False,  # use the Responses API with the web_search tool
+        base_url: str | None = None,  # server (default: OPENAI_BASE_URL, else api.openai.com)
+        api_key: str | None = None,  # key (default: OPENAI_API_KEY); never stored in cache or params
+        **kw,
+    ):
         super().__init__(model, **kw)
         self.web_search, self.base_url, self._key = web_search, base_url or os.environ.get('OPENAI_BASE_URL'), api_key
 
@@ -185,8 +247,10 @@ class OpenAIBackend(LLMBackend):
         openai = require('openai')   # the [llm] extra
         key = self._key or os.environ.get('OPENAI_API_KEY')
         if not key:
-            raise MissingKey("OPENAI_API_KEY is not set. Export it (`export OPENAI_API_KEY=...`) before running "
-                             "openai backends; for a local OpenAI-compatible server set OPENAI_BASE_URL and any non-empty key.")
+            raise MissingKey(
+                "OPENAI_API_KEY is not set. Export it (`export OPENAI_API_KEY=...`) before running "
+                "openai backends; for a local OpenAI-compatible server set OPENAI_BASE_URL and any non-empty key."
+            )
         return openai.OpenAI(api_key=key, base_url=self.base_url, timeout=self.timeout, max_retries=0)
 
 # %% ../nbs/06_backends.ipynb #c2d5b106
@@ -227,7 +291,8 @@ def _web_sources(r)->tuple[list, int, int]:
         elif item.type == 'message':
             for c in item.content or []:
                 for a in getattr(c, 'annotations', None) or []:
-                    if getattr(a, 'type', '') == 'url_citation': sources.append({'type': 'url', 'url': a.url, 'title': a.title})
+                    if getattr(a, 'type', '') == 'url_citation':
+                        sources.append({'type': 'url', 'url': a.url, 'title': a.title})
     return sources, 1, searches
 OpenAIBackend._call = _openai_call
 
@@ -244,7 +309,9 @@ def to_ollama(m:dict)->dict:
     if m['role'] == 'assistant':
         out = {'role': 'assistant', 'content': m.get('content') or ''}
         if m.get('tool_calls'):
-            out['tool_calls'] = [{'function': {'name': c['name'], 'arguments': _as_dict(c['arguments'])}} for c in m['tool_calls']]
+            out['tool_calls'] = [
+                {'function': {'name': c['name'], 'arguments': _as_dict(c['arguments'])}} for c in m['tool_calls']
+            ]
         return out
     if m['role'] == 'tool': return {'role': 'tool', 'content': m['content'], 'tool_name': m['name']}
     return {'role': m['role'], 'content': m['content']}
@@ -274,9 +341,16 @@ def _openai_chat_call(self:OpenAIBackend, messages:list, tools:list|None)->Turn:
     "One Chat Completions request with tools."
     openai = require('openai')
     kw = {'tools': tools} if tools else {}
-    try: r = self._client.chat.completions.create(model=self.model, messages=[to_openai(m) for m in messages],
-                                                  temperature=self.temperature, seed=self.seed, **kw)
-    except openai.AuthenticationError: raise MissingKey("The server refused the API key (401). Check OPENAI_API_KEY.") from None
+    try:
+        r = self._client.chat.completions.create(
+            model=self.model,
+            messages=[to_openai(m) for m in messages],
+            temperature=self.temperature,
+            seed=self.seed,
+            **kw,
+        )
+    except openai.AuthenticationError:
+        raise MissingKey("The server refused the API key (401). Check OPENAI_API_KEY.") from None
     m, u = r.choices[0].message, r.usage
     calls = [dict(id=t.id, name=t.function.name, arguments=t.function.arguments) for t in (m.tool_calls or [])]
     return Turn(m.content or '', calls, u.prompt_tokens if u else 0, u.completion_tokens if u else 0)
@@ -286,9 +360,14 @@ OllamaBackend._chat_call, OpenAIBackend._chat_call = _ollama_chat_call, _openai_
 class KBBackend:
     "The offline marker knowledge-base annotator behind the backend interface."
     kind = 'kb'
-    def __init__(self, top:int=3, # candidates the knowledge base ranks per cluster
-                 kb_annotate=None, # annotator (default deepseq_nb.knowledge.kb_annotate)
-                 progress:bool=False, **ignored):
+
+    def __init__(
+        self,
+        top: int = 3,  # candidates the knowledge base ranks per cluster
+        kb_annotate=None,  # annotator (default deepseq_nb.knowledge.kb_annotate)
+        progress: bool = False,
+        **ignored,
+    ):
         self.top, self._fn, self.stats, self.spec = top, kb_annotate, RunStats(), 'kb'
     @property
     def params(self)->dict: return dict(backend='kb', model=None, top=self.top)
@@ -362,9 +441,13 @@ def _member_opts(spec:str, opts:dict)->dict:
 class ConsensusBackend:
     "Majority over several backends after mapping labels to Cell Ontology terms."
     kind = 'consensus'
-    def __init__(self, members:list, # backend specs or backend objects
-                 to_cl=None, # label -> CL term; None: deepseq_nb.ontology.to_cl when available; False: compare text
-                 **opts): # options passed to every member (cache, concurrency, ...)
+
+    def __init__(
+        self,
+        members: list,  # backend specs or backend objects
+        to_cl=None,  # label -> CL term; None: deepseq_nb.ontology.to_cl when available; False: compare text
+        **opts,
+    ):  # options passed to every member (cache, concurrency, ...)
         if len(members) < 2: raise ValueError("A consensus needs at least two member backends.")
         self.members = [get_backend(m, **_member_opts(m, opts)) if isinstance(m, str) else m for m in members]
         self.to_cl = _default_to_cl() if to_cl is None else (to_cl or None)   # False: compare normalised text
@@ -383,19 +466,46 @@ class ConsensusBackend:
         for per in zip(*runs):
             label, key, share, ent = vote([a.label for a in per], self.to_cl)
             costs = [a.cost for a in per]
-            out.append(Answer(per[0].cluster, label, share, f'agreement {share:.2f}, entropy {ent:.2f}, term {key}',
-                              json.dumps([{'backend': a.backend, 'label': a.label} for a in per]),
-                              sum(a.tokens_in for a in per), sum(a.tokens_out for a in per), sum(a.latency for a in per),
-                              None if None in costs else sum(costs),
-                              [{'backend': a.backend, 'label': a.label, 'sources': a.sources} for a in per],
-                              self.spec, '', all(a.cached for a in per)))
+            out.append(
+                Answer(
+                    per[0].cluster,
+                    label,
+                    share,
+                    f'agreement {share:.2f}, entropy {ent:.2f}, term {key}',
+                    json.dumps([{'backend': a.backend, 'label': a.label} for a in per]),
+                    sum(a.tokens_in for a in per),
+                    sum(a.tokens_out for a in per),
+                    sum(a.latency for a in per),
+                    None if None in costs else sum(costs),
+                    [{'backend': a.backend, 'label': a.label, 'sources': a.sources} for a in per],
+                    self.spec,
+                    '',
+                    all(a.cached for a in per),
+                )
+            )
         self.stats = sum((r.stats for r in runs[1:]), runs[0].stats); self.stats.wall = time.perf_counter() - t0
         return Answers(out, self.stats)
 
 # %% ../nbs/06_backends.ipynb #9be4dc12
 _CLASSES = {'kb': KBBackend, 'ollama': OllamaBackend, 'openai': OpenAIBackend, 'consensus': ConsensusBackend}
-_COMMON = {'cache', 'cache_mode', 'batch_size', 'structured', 'temperature', 'seed', 'timeout', 'max_retries', 'backoff',
-           'max_backoff', 'concurrency', 'rate_limit', 'prices', 'max_reasks', 'progress', 'sleep'}
+_COMMON = {
+    'cache',
+    'cache_mode',
+    'batch_size',
+    'structured',
+    'temperature',
+    'seed',
+    'timeout',
+    'max_retries',
+    'backoff',
+    'max_backoff',
+    'concurrency',
+    'rate_limit',
+    'prices',
+    'max_reasks',
+    'progress',
+    'sleep',
+}
 _OWN = {'kb': {'top', 'kb_annotate', 'progress'}, 'ollama': {'host', 'search', 'max_steps', 'retrieve'},
         'openai': {'web_search', 'base_url', 'api_key'}, 'consensus': {'to_cl'}}
 
@@ -422,9 +532,19 @@ def get_backend(spec:str, # 'kb', 'ollama:MODEL[?opts]', 'openai:MODEL[?opts]' o
     return _CLASSES[kind](model, **o)
 
 # %% ../nbs/06_backends.ipynb #aae2d2da
-_SETTING_KEYS = {'ollama_host': 'host', 'timeout': 'timeout', 'max_retries': 'max_retries', 'concurrency': 'concurrency',
-                 'rate_limit': 'rate_limit', 'batch_size': 'batch_size', 'cache': 'cache_mode', 'seed': 'seed',
-                 'temperature': 'temperature', 'structured': 'structured', 'max_reasks': 'max_reasks'}
+_SETTING_KEYS = {
+    'ollama_host': 'host',
+    'timeout': 'timeout',
+    'max_retries': 'max_retries',
+    'concurrency': 'concurrency',
+    'rate_limit': 'rate_limit',
+    'batch_size': 'batch_size',
+    'cache': 'cache_mode',
+    'seed': 'seed',
+    'temperature': 'temperature',
+    'structured': 'structured',
+    'max_reasks': 'max_reasks',
+}
 
 def backend_options(settings=None, # a `Settings` (default: `load_settings()`)
                     spec:str|None=None, # drop options the backend kind does not take

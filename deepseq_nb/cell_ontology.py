@@ -24,8 +24,10 @@ def cl_terms(fname:str=CL_FILE, # file name inside `cellxgene_ontology_guide/dat
     "All CL terms, keyed by CL id, as shipped by `cellxgene-ontology-guide`."
     path = resources.files('cellxgene_ontology_guide')/'data'/fname
     if not path.is_file():
-        raise FileNotFoundError(f"{fname} is not in cellxgene_ontology_guide/data; install cellxgene-ontology-guide>=1.11 "
-                                f"or pass one of the CL-ontology-*.json.zst files that it ships.")
+        raise FileNotFoundError(
+            f"{fname} is not in cellxgene_ontology_guide/data; install cellxgene-ontology-guide>=1.11 "
+            f"or pass one of the CL-ontology-*.json.zst files that it ships."
+        )
     with path.open('rb') as f:
         return json.load(io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f), encoding='utf-8'))
 

@@ -78,13 +78,18 @@ def cmd_qc(args)->int:
     from deepseq_nb.data import InputError
     S = _settings(args); _outputs(args, 'plot', 'out'); a = _load(args, S)
     if a.uns.get('x_is') == 'lognorm':
-        raise InputError(f"qc needs raw counts, but {args.input} holds log-normalised values: the QC filters count genes "
-                         f"and UMIs per barcode. Give the raw count matrix; or, if its cells are already filtered, skip qc "
-                         f"and run `deepseq cluster {args.input} --out OUT.h5ad` (or `deepseq annotate`) on it directly.")
+        raise InputError(
+            f"qc needs raw counts, but {args.input} holds log-normalised values: the QC filters count genes "
+            f"and UMIs per barcode. Give the raw count matrix; or, if its cells are already filtered, skip qc "
+            f"and run `deepseq cluster {args.input} --out OUT.h5ad` (or `deepseq annotate`) on it directly."
+        )
     kw = _qc_kwargs(args, S)
     with step(f"QC ({kw['strategy']})", args.quiet): filter_cells(a, **kw, key_added='qc_pass')
     u = a.uns['qc_pass']
-    print(f"strategy: {u['strategy']}\nmetric: {u['metric']}\nthreshold: {u['threshold']:g}\nkept: {u['n_kept']} of {u['n_total']}")
+    print(
+        f"strategy: {u['strategy']}\nmetric: {u['metric']}\nthreshold: {u['threshold']:g}\nkept: {u['n_kept']} of "
+        f"{u['n_total']}"
+    )
     if u.get('reason'): print(f"note: {u['reason']}")
     if args.plot:
         import matplotlib; matplotlib.use('Agg')
@@ -163,14 +168,23 @@ def cmd_annotate(args)->int:
     if args.markers:
         mk = _read_csv(args.input, getattr(args, 'encoding', None), 'marker table')
         if {'cluster', 'gene', 'rank'} <= set(mk.columns):
-            mk = mk.sort_values(['cluster', 'rank']).groupby('cluster', sort=False)['gene'].apply(', '.join).reset_index(name='marker')
+            mk = (
+                mk.sort_values(['cluster', 'rank'])
+                .groupby('cluster', sort=False)['gene']
+                .apply(', '.join)
+                .reset_index(name='marker')
+            )
         if not {'cluster', 'marker'} <= set(mk.columns):
-            raise KeyError(f"{args.input} needs columns cluster and marker (comma-separated genes), or cluster, rank, gene.")
+            raise KeyError(
+                f"{args.input} needs columns cluster and marker (comma-separated genes), or cluster, rank, gene."
+            )
         mk['tissue'] = args.tissue or S.get('data.tissue'); mk['species'] = args.species or S.get('data.species')
         with step(f'annotating {len(mk)} clusters with {backend}', args.quiet):
             pred = annotate_marker_table(mk.set_index(mk['cluster'].astype(str)), backend=backend, settings=S,
                                          progress=not args.quiet)
-        _print_annotation(mk.assign(label=pred['prediction'].fillna('Unknown').values, confidence=pred['confidence'].values))
+        _print_annotation(
+            mk.assign(label=pred['prediction'].fillna('Unknown').values, confidence=pred['confidence'].values)
+        )
         st = pred.attrs.get('stats')
         if st is not None: print(f"backend {backend}: {st.summary()}")
         if args.out: _write_csv(mk.assign(label=pred['prediction'].values), args.out)
@@ -231,16 +245,24 @@ def cmd_benchmark(args)->int:
     from deepseq_nb.evaluate import score_benchmark
     S = _settings(args); _outputs(args, 'out'); _check_backend(args.backend, S)
     p = Path(args.csv)
-    if not p.exists(): raise FileNotFoundError(f"{p} not found: give a CSV with columns tissue, marker, manual_annotation.")
+    if not p.exists():
+        raise FileNotFoundError(f"{p} not found: give a CSV with columns tissue, marker, manual_annotation.")
     df = _read_csv(p, getattr(args, 'encoding', None))
     miss = [c for c in ('marker', 'manual_annotation') if c not in df.columns]
-    if miss: raise KeyError(f"{p.name} lacks column(s) {', '.join(miss)}; it needs tissue, marker and manual_annotation "
-                            "(optional: dataset, manual_CLID, species).")
+    if miss:
+        raise KeyError(
+            f"{p.name} lacks column(s) {', '.join(miss)}; it needs tissue, marker and manual_annotation "
+            "(optional: dataset, manual_CLID, species)."
+        )
     if 'tissue' not in df: df['tissue'] = None
     with step(f'annotating {len(df):,} rows with {args.backend}', args.quiet):
-        pred = annotate_marker_table(df, backend=args.backend, species=args.species, settings=S, progress=not args.quiet)
+        pred = annotate_marker_table(
+            df, backend=args.backend, species=args.species, settings=S, progress=not args.quiet
+        )
     df = df.assign(prediction=pred['prediction'], confidence=pred['confidence'], annotate_reason=pred['reason'])
-    res = score_benchmark(df, 'prediction', truth_col='manual_annotation', dataset_col='dataset' if 'dataset' in df else None)
+    res = score_benchmark(
+        df, 'prediction', truth_col='manual_annotation', dataset_col='dataset' if 'dataset' in df else None
+    )
     print(res.summary.to_string(index=False))
     bad = res.rows[res.rows['score'].isna() | df['annotate_reason'].ne('').values]
     if len(bad):
@@ -260,15 +282,22 @@ def cmd_evaluate(args)->int:
     p = Path(args.input)
     if not p.exists(): raise FileNotFoundError(f"{p} not found.")
     a = ad.read_h5ad(p)
-    res = evaluate_adata(a, truth=args.truth, pred=args.pred, cluster=args.cluster if args.cluster in a.obs else None, copy=True)
+    res = evaluate_adata(
+        a, truth=args.truth, pred=args.pred, cluster=args.cluster if args.cluster in a.obs else None, copy=True
+    )
     mk = a.uns.get('markers', {}).get('table') if isinstance(a.uns.get('markers'), dict) else None
     if mk is not None and args.cluster in a.obs:
         from deepseq_nb.knowledge import canonical_markers
-        labels = a.obs.groupby(args.cluster, observed=True)[args.pred].agg(lambda s: s.value_counts().index[0]).to_dict()
+
+        labels = (
+            a.obs.groupby(args.cluster, observed=True)[args.pred].agg(lambda s: s.value_counts().index[0]).to_dict()
+        )
         st1 = marker_support(mk, {str(k): v for k, v in labels.items()}, canonical=lambda l: canonical_markers(l, n=10))
         print('stage 1: marker validation (canonical markers of the label among the cluster top markers)')
         print(st1[['cluster', 'label', 'n_found', 'n_canonical', 'supported', 'reason']].to_string(index=False))
-        print(f"clusters whose markers do not support their label: {int((st1['supported'] == False).sum())} of {len(st1)}")
+        print(
+            f"clusters whose markers do not support their label: {int((st1['supported'] == False).sum())} of {len(st1)}"
+        )
     else: print('stage 1: skipped (no marker table in uns["markers"] or no cluster column)')
     print('stage 2: agreement')
     for k in ('n_cells', 'accuracy', 'mean_agreement', 'macro_f1', 'cluster_agreement'):
@@ -296,13 +325,19 @@ with Ctrl-C (exit 130), resumes from the cache. Errors exit with status 2; --deb
 
 _SETTINGS_HELP = 'your settings file, laid over the packaged defaults (default: $DEEPSEQ_SETTINGS, else ./settings.ini)'
 
-def _common(p, input_help='bundled dataset name (pbmc3k, tenx_toy_raw, ...) or a path: 10x mtx dir, 10x .h5, .h5ad, .csv/.tsv'):
+def _common(
+    p, input_help='bundled dataset name (pbmc3k, tenx_toy_raw, ...) or a path: 10x mtx dir, 10x .h5, .h5ad, .csv/.tsv'
+):
     "Options every data command takes."
     if input_help: p.add_argument('input', help=input_help)
-    p.add_argument('--set', action='append', metavar='SECTION.KEY=VALUE', help='override a settings.ini value (repeatable)')
+    p.add_argument(
+        '--set', action='append', metavar='SECTION.KEY=VALUE', help='override a settings.ini value (repeatable)'
+    )
     p.add_argument('--settings', metavar='INI', default=argparse.SUPPRESS, help=_SETTINGS_HELP)
     p.add_argument('-q', '--quiet', action='store_true', help='no progress messages')
-    p.add_argument('--debug', action='store_true', default=argparse.SUPPRESS, help='show the full traceback of an error')
+    p.add_argument(
+        '--debug', action='store_true', default=argparse.SUPPRESS, help='show the full traceback of an error'
+    )
 
 def _table_opts(p, orientation:bool=True):
     "Options for reading a CSV/TSV input."
@@ -313,14 +348,20 @@ def _table_opts(p, orientation:bool=True):
 # %% ../nbs/91_cli.ipynb #9f7c8e26
 def build_parser()->argparse.ArgumentParser:
     "The `deepseq` argument parser."
-    P = argparse.ArgumentParser(prog='deepseq', description='Cell-type annotation of scRNA-seq: QC, clusters, markers, paper figures.',
-                                epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    P = argparse.ArgumentParser(
+        prog='deepseq',
+        description='Cell-type annotation of scRNA-seq: QC, clusters, markers, paper figures.',
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     P.add_argument('--debug', action='store_true', help='show the full traceback of an error')
     P.add_argument('--settings', metavar='INI', help=_SETTINGS_HELP)
     sub = P.add_subparsers(dest='command', metavar='COMMAND')
     q = sub.add_parser('qc', help="flag cells with DeepSeq's filters (threshold, knee, smoothed_knee)")
     _common(q)
-    q.add_argument('--strategy', choices=['threshold', 'knee', 'smoothed_knee'], help='filter (default: settings qc.strategy)')
+    q.add_argument(
+        '--strategy', choices=['threshold', 'knee', 'smoothed_knee'], help='filter (default: settings qc.strategy)'
+    )
     q.add_argument('--min-genes', type=int, help='threshold strategy: minimum genes per cell (default 200)')
     q.add_argument('--x-is', choices=['auto', 'counts', 'lognorm'], help='what the matrix holds (default: detect)')
     _table_opts(q)
@@ -349,17 +390,33 @@ def build_parser()->argparse.ArgumentParser:
     f.add_argument('--dataset', metavar='PATH', help="rerun on your data; outputs go to paper_figures/runs/<name>/")
     f.add_argument('--out', metavar='DIR', help='output directory (overrides the default)')
     f.add_argument('--no-html', action='store_true', help='do not export the executed notebooks to HTML')
-    f.add_argument('--check', nargs='?', const=True, default=False, metavar='RUN_DIR',
-                   help='compare the tables with paper_figures/results under <name>.tolerances.json; rc 1 outside them (RUN_DIR: an earlier run, not rerun)')
-    f.add_argument('--update-results', nargs='?', const=True, default=False, metavar='RUN_DIR',
-                   help='copy the run into the committed record paper_figures/results and its README (RUN_DIR: an earlier run, not rerun)')
+    f.add_argument(
+        '--check',
+        nargs='?',
+        const=True,
+        default=False,
+        metavar='RUN_DIR',
+        help='compare the tables with paper_figures/results under <name>.tolerances.json; rc 1 outside them (RUN_DIR: an earlier run, not rerun)',
+    )
+    f.add_argument(
+        '--update-results',
+        nargs='?',
+        const=True,
+        default=False,
+        metavar='RUN_DIR',
+        help='copy the run into the committed record paper_figures/results and its README (RUN_DIR: an earlier run, not rerun)',
+    )
     f.set_defaults(func=cmd_figures)
     n = sub.add_parser('annotate', help='QC, clusters, markers and a cell-type label per cluster')
     _common(n, input_help='bundled dataset name or a path (counts); with --markers, a marker CSV')
-    n.add_argument('--backend', help='kb (default from settings), ollama:MODEL, openai:MODEL[?web_search=true], consensus:[...]')
+    n.add_argument(
+        '--backend', help='kb (default from settings), ollama:MODEL, openai:MODEL[?web_search=true], consensus:[...]'
+    )
     n.add_argument('--tissue', help='tissue stated in prompts (default: dataset or settings)')
     n.add_argument('--species', help='human or mouse (default: dataset or settings)')
-    n.add_argument('--markers', action='store_true', help='INPUT is a marker table (cluster, marker) to annotate directly')
+    n.add_argument(
+        '--markers', action='store_true', help='INPUT is a marker table (cluster, marker) to annotate directly'
+    )
     n.add_argument('--strategy', choices=['threshold', 'knee', 'smoothed_knee'], help='QC filter (default: settings)')
     n.add_argument('--min-genes', type=int, help='threshold strategy: minimum genes per cell')
     n.add_argument('--x-is', choices=['auto', 'counts', 'lognorm'], help='what the matrix holds (default: detect)')
@@ -368,7 +425,9 @@ def build_parser()->argparse.ArgumentParser:
     n.set_defaults(func=cmd_annotate)
     b = sub.add_parser('benchmark', help='annotate a marker-table CSV with a backend and score it (GPTCelltype rule)')
     _common(b, input_help=None)
-    b.add_argument('csv', help='CSV with columns tissue, marker, manual_annotation (optional dataset, manual_CLID, species)')
+    b.add_argument(
+        'csv', help='CSV with columns tissue, marker, manual_annotation (optional dataset, manual_CLID, species)'
+    )
     b.add_argument('--backend', default='kb', help='kb (default), ollama:MODEL, openai:MODEL or consensus:[...]')
     b.add_argument('--species', default='human', help='species of rows without a species column (default human)')
     b.add_argument('--out', metavar='CSV', help='write predictions and per-row scores')
@@ -425,6 +484,8 @@ def main(argv:list|None=None)->int:
             print(f"deepseq {args.command}: error: {missing_extra(e)}", file=sys.stderr)
             return 2
         print(f"deepseq {args.command}: error: {_one_line(e)}", file=sys.stderr)
-        if not _expected(e) and not debug: print("  (unexpected error: rerun with --debug to see the traceback, and please "
-                                                 "report it)", file=sys.stderr)
+        if not _expected(e) and not debug:
+            print(
+                "  (unexpected error: rerun with --debug to see the traceback, and please report it)", file=sys.stderr
+            )
         return 2

@@ -45,8 +45,11 @@ def user_settings_path(path:str|Path|None=None, # a settings file named explicit
     named = path if path is not None else os.environ.get('DEEPSEQ_SETTINGS') or None
     if named is not None:
         p = Path(named).expanduser()
-        if not p.is_file(): raise FileNotFoundError(f"Settings file {p} not found: give an existing file "
-                                                    "(--settings PATH or DEEPSEQ_SETTINGS), or neither to use the defaults.")
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"Settings file {p} not found: give an existing file "
+                "(--settings PATH or DEEPSEQ_SETTINGS), or neither to use the defaults."
+            )
         return p
     if (Path.cwd()/'settings.ini').is_file(): return Path('settings.ini')
     root = project_root()
@@ -96,10 +99,16 @@ def _override_items(overrides:list|dict):
     return [_split_override(o) for o in overrides]
 
 # %% ../nbs/00_config.ipynb #5e7a1c01
-SETTING_TYPES = {   # key -> 'number' | 'int' | 'bool' | 'list' | 'number?' (None allowed): only where the default cannot say
-    'cluster.target_sum': 'number', 'cluster.resolution': 'number', 'qc.smooth_frac': 'number',
-    'qc.knee_sensitivity': 'number', 'annotate.timeout': 'number', 'annotate.temperature': 'number',
-    'annotate.rate_limit': 'number?', 'prices.web_search_call': 'number'}
+SETTING_TYPES = {  # key -> 'number' | 'int' | 'bool' | 'list' | 'number?' (None allowed): only where the default cannot say
+    'cluster.target_sum': 'number',
+    'cluster.resolution': 'number',
+    'qc.smooth_frac': 'number',
+    'qc.knee_sensitivity': 'number',
+    'annotate.timeout': 'number',
+    'annotate.temperature': 'number',
+    'annotate.rate_limit': 'number?',
+    'prices.web_search_call': 'number',
+}
 
 def _kind_of(key:str, default)->str|None:
     "The expected kind of `key`'s values: from `SETTING_TYPES`, else from its default's type (None: not checked)."

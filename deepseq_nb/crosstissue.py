@@ -64,10 +64,13 @@ def merge_to_shared(terms:pd.DataFrame, # columns dataset, label (a name), term 
 def _study(name:str, label_key:str, tissue:str)->ad.AnnData:
     "One bundled study, log-normalised, with obs dataset / tissue / label / label_orig."
     a = load_dataset(name)
-    if label_key not in a.obs: raise InputError(f"dataset {name!r} has no obs column {label_key!r}; columns: {list(a.obs.columns)}")
+    if label_key not in a.obs:
+        raise InputError(f"dataset {name!r} has no obs column {label_key!r}; columns: {list(a.obs.columns)}")
     normalize(a)
     X = a.X if sp.issparse(a.X) else sp.csr_matrix(a.X)
-    obs = pd.DataFrame({'dataset': name, 'tissue': tissue, 'label_orig': a.obs[label_key].astype(str).values}, index=a.obs_names)
+    obs = pd.DataFrame(
+        {'dataset': name, 'tissue': tissue, 'label_orig': a.obs[label_key].astype(str).values}, index=a.obs_names
+    )
     terms = {l: label_term(l, tissue) for l in obs.label_orig.unique()}
     obs['term'] = obs.label_orig.map(terms)
     obs['label'] = [cl_name(t) if isinstance(t, str) else l for t, l in zip(obs.term, obs.label_orig)]
@@ -77,15 +80,17 @@ def _study(name:str, label_key:str, tissue:str)->ad.AnnData:
 
 
 # %% ../nbs/16_crosstissue.ipynb #0b81b886
-def cross_tissue_reference(datasets:dict=CROSS_TISSUE, # tissue -> bundled study names
-                           label_key:str='cell_type', # obs column of the studies' labels
-                           min_cells:int=10, # types with fewer cells in a study are dropped (too few to split)
-                           test_frac:float=0.3, # share of each type's cells held out for testing
-                           seed:int=0, # seed of the splits
-                           max_cells:int|None=None, # about this many cells per study (see `utils.subsample_types`; None: all)
-                          )->ad.AnnData:
+def cross_tissue_reference(
+    datasets: dict = CROSS_TISSUE,  # tissue -> bundled study names
+    label_key: str = 'cell_type',  # obs column of the studies' labels
+    min_cells: int = 10,  # types with fewer cells in a study are dropped (too few to split)
+    test_frac: float = 0.3,  # share of each type's cells held out for testing
+    seed: int = 0,  # seed of the splits
+    max_cells: int | None = None,  # about this many cells per study (see `utils.subsample_types`; None: all)
+) -> ad.AnnData:
     "All studies in one AnnData: log-normalised X, obs dataset / tissue / label / label_orig / split; the label map in uns."
-    if min_cells < 2: raise InputError(f"min_cells={min_cells}: a type needs at least 2 cells to have both training and test cells.")
+    if min_cells < 2:
+        raise InputError(f"min_cells={min_cells}: a type needs at least 2 cells to have both training and test cells.")
     parts, dropped = [], []
     for tissue, names in datasets.items():
         studies = [_study(n, label_key, tissue) for n in names]
@@ -108,10 +113,18 @@ def cross_tissue_reference(datasets:dict=CROSS_TISSUE, # tissue -> bundled study
     measured = {p.obs.dataset.iloc[0]: p.var_names for p in parts}
     ref.var = pd.DataFrame({f'in_{d}': ref.var_names.isin(g) for d, g in measured.items()}, index=ref.var_names)
     labels = ref.obs[['dataset', 'label_orig', 'label']].drop_duplicates().sort_values(['dataset', 'label_orig'])
-    ref.uns['cross_tissue'] = dict(params=dict(datasets={k: list(v) for k, v in datasets.items()}, label_key=label_key,
-                                               min_cells=min_cells, test_frac=test_frac, seed=seed, max_cells=max_cells),
-                                   labels=labels.astype(str).reset_index(drop=True).to_dict('list'),
-                                   dropped=pd.DataFrame(dropped, columns=['dataset', 'label', 'n_cells']).to_dict('list'))
+    ref.uns['cross_tissue'] = dict(
+        params=dict(
+            datasets={k: list(v) for k, v in datasets.items()},
+            label_key=label_key,
+            min_cells=min_cells,
+            test_frac=test_frac,
+            seed=seed,
+            max_cells=max_cells,
+        ),
+        labels=labels.astype(str).reset_index(drop=True).to_dict('list'),
+        dropped=pd.DataFrame(dropped, columns=['dataset', 'label', 'n_cells']).to_dict('list'),
+    )
     return ref
 
 # %% ../nbs/16_crosstissue.ipynb #e504cd26
@@ -141,7 +154,9 @@ def logreg_baseline(ref:ad.AnnData, # from `cross_tissue_reference`
         hv = sc.pp.highly_variable_genes(tr, n_top_genes=n, flavor='seurat', inplace=False)
         genes = tr.var_names[hv.highly_variable.values] if n < tr.n_vars else tr.var_names
         sc_ = StandardScaler(with_mean=False).fit(tr[:, genes].X)
-        m = LogisticRegression(C=C, max_iter=2000, random_state=seed).fit(sc_.transform(tr[:, genes].X), tr.obs.label.astype(str))
+        m = LogisticRegression(C=C, max_iter=2000, random_state=seed).fit(
+            sc_.transform(tr[:, genes].X), tr.obs.label.astype(str)
+        )
         out.append(pd.Series(m.predict(sc_.transform(te[:, genes].X)), index=te.obs_names))
     return pd.concat(out).reindex(ref.obs_names[ref.obs.split == 'test'])
 
@@ -186,15 +201,26 @@ def score_methods(ref:ad.AnnData, # from `cross_tissue_reference`
         p = pd.Series(p).reindex(te.index).astype(str)
         for t, g in [(t, te[te.tissue == t]) for t in te.tissue.cat.categories] + [('all', te)]:
             y, yh = g.label.astype(str), p.loc[g.index]
-            rows.append(dict(method=m, tissue=t, n=len(g), accuracy=float((y == yh).mean()),
-                             macro_f1=float(f1_score(y, yh, labels=sorted(y.unique()), average='macro', zero_division=0))))
+            rows.append(
+                dict(
+                    method=m,
+                    tissue=t,
+                    n=len(g),
+                    accuracy=float((y == yh).mean()),
+                    macro_f1=float(f1_score(y, yh, labels=sorted(y.unique()), average='macro', zero_division=0)),
+                )
+            )
     return pd.DataFrame(rows)
 
 # %% ../nbs/16_crosstissue.ipynb #69fc764b
-def embed_reference(ref:ad.AnnData, # from `cross_tissue_reference`
-                    encoder=None, # an `encoder.Encoder` (default: `encoder.default_encoder()`)
-                    *, key_added:str='X_scgpt', progress:bool=False, **kwargs, # obsm key; progress bar; passed to `embed`
-                   )->None:
+def embed_reference(
+    ref: ad.AnnData,  # from `cross_tissue_reference`
+    encoder=None,  # an `encoder.Encoder` (default: `encoder.default_encoder()`)
+    *,
+    key_added: str = 'X_scgpt',
+    progress: bool = False,
+    **kwargs,  # obsm key; progress bar; passed to `embed`
+) -> None:
     "Frozen scGPT embedding of every cell into `obsm[key_added]`, with the gene coverage per study in `uns`."
     from deepseq_nb.encoder import embed, default_encoder
     enc = encoder if encoder is not None else default_encoder(progress=progress)
@@ -209,24 +235,34 @@ def embed_reference(ref:ad.AnnData, # from `cross_tissue_reference`
     ref.uns[key_added.removeprefix('X_')] = dict(encoder=enc.name, coverage=cov)
 
 # %% ../nbs/16_crosstissue.ipynb #0abcd046
-def reference_memory(ref:ad.AnnData, # with obs split/label/tissue/dataset and embeddings in obsm
-                     spaces:dict|None=None, # memory space -> obsm key (default: frozen X_scgpt, tuned X_scgpt_tuned where present)
-                     **kwargs, # `CellMemory` arguments
-                    ):
+def reference_memory(
+    ref: ad.AnnData,  # with obs split/label/tissue/dataset and embeddings in obsm
+    spaces: dict | None = None,  # memory space -> obsm key (default: frozen X_scgpt, tuned X_scgpt_tuned where present)
+    **kwargs,  # `CellMemory` arguments
+):
     "A `CellMemory` of the training cells in every space present, with their label, tissue and dataset."
     from deepseq_nb.memory import CellMemory
     spaces = spaces or {s: k for s, k in (('frozen', 'X_scgpt'), ('tuned', 'X_scgpt_tuned')) if k in ref.obsm}
-    if not spaces: raise InputError("ref has no embedding in obsm: run embed_reference() (and plugin_methods() for the tuned space) first.")
+    if not spaces:
+        raise InputError(
+            "ref has no embedding in obsm: run embed_reference() (and plugin_methods() for the tuned space) first."
+        )
     tr = ref[ref.obs.split == 'train']
     mem = CellMemory(**({'n_threads': 2} | kwargs))
-    mem.add({s: tr.obsm[k] for s, k in spaces.items()}, obs=tr.obs[['label', 'tissue', 'dataset']].astype(str).reset_index(drop=True))
+    mem.add(
+        {s: tr.obsm[k] for s, k in spaces.items()},
+        obs=tr.obs[['label', 'tissue', 'dataset']].astype(str).reset_index(drop=True),
+    )
     return mem
 
-def memory_knn(ref:ad.AnnData, # with obs split/label/tissue/dataset and the embedding in obsm
-               *, use_rep:str='X_scgpt', k:int=15, # obsm key of the query space; neighbours that vote
-               space:str='frozen', # name of that space in the memory
-               memory=None, # a memory from `reference_memory` (default: built here)
-              ):
+def memory_knn(
+    ref: ad.AnnData,  # with obs split/label/tissue/dataset and the embedding in obsm
+    *,
+    use_rep: str = 'X_scgpt',
+    k: int = 15,  # obsm key of the query space; neighbours that vote
+    space: str = 'frozen',  # name of that space in the memory
+    memory=None,  # a memory from `reference_memory` (default: built here)
+):
     "Predicted label of every test cell by kNN over a memory of all training cells (any tissue); returns (labels, memory)."
     mem = memory if memory is not None else reference_memory(ref, {space: use_rep})
     te = ref[ref.obs.split == 'test']
@@ -260,9 +296,16 @@ def plugin_methods(ref:ad.AnnData, # from `cross_tissue_reference`
     predict(bare, ps, key_added='routed', embedding_key=tuned_key, n_threads=p['n_threads'])
     ref.obsm[tuned_key] = bare.obsm[tuned_key]
     ref.obs['router_tissue'] = bare.obs.routed_tissue.astype(str).values
-    ref.uns['plugins'] = {t: dict(n_train=ps.info[t]['n_train'], n_val=ps.info[t]['n_val'], best_epoch=ps.info[t]['best']['epoch'],
-                                  val_accuracy=ps.info[t]['best'].get('val_accuracy', np.nan), seconds=ps.info[t]['seconds'])
-                          for t in ps.tissues} | {'_router': dict(seconds=ps.info['_router']['seconds'], top_k=kw_router['top_k'])}
+    ref.uns['plugins'] = {
+        t: dict(
+            n_train=ps.info[t]['n_train'],
+            n_val=ps.info[t]['n_val'],
+            best_epoch=ps.info[t]['best']['epoch'],
+            val_accuracy=ps.info[t]['best'].get('val_accuracy', np.nan),
+            seconds=ps.info[t]['seconds'],
+        )
+        for t in ps.tissues
+    } | {'_router': dict(seconds=ps.info['_router']['seconds'], top_k=kw_router['top_k'])}
     routed = bare.obs.routed_label.astype(str)[test]
     weights = bare.obsm['routed_weights'].loc[routed.index]
     return dict(plugin=pd.concat(told).reindex(routed.index), router=routed, router_weights=weights), ps
@@ -292,23 +335,35 @@ def _expr_head(ref, tissue, fit, n_hvg, C, seed, use_rep):
     g = genes[hv.highly_variable.values] if hv is not None else genes
     feats = lambda m: np.hstack([ref.obsm[use_rep][m], ref[m, g].X.toarray()])
     scaler = StandardScaler().fit(feats(fit))
-    m = LogisticRegression(C=C, max_iter=1000, random_state=seed).fit(scaler.transform(feats(fit)), ref.obs.label.to_numpy()[fit].astype(str))
+    m = LogisticRegression(C=C, max_iter=1000, random_state=seed).fit(
+        scaler.transform(feats(fit)), ref.obs.label.to_numpy()[fit].astype(str)
+    )
     return (lambda cells: m.predict_proba(scaler.transform(feats(cells)))), list(m.classes_)
 
 def _macro_f1(y, p)->float:
     from sklearn.metrics import f1_score
     return float(f1_score(y, p, labels=sorted(set(y)), average='macro', zero_division=0))
 
-def plugin_heads(ref:ad.AnnData, # with obs split/label/tissue, obsm[use_rep] and the `validation_mask` cells excluded from the plugins' training
-                 plugins, # the `PluginSet` of the tissues (its LoRA heads are the `lora` candidates)
-                 val:np.ndarray, # `validation_mask(ref, ...)`
-                 *, n_hvg:int=2000, Cs=(0.1, 1.0), # HVGs of the expression heads; their regularisation strengths
-                 use_rep:str='X_scgpt', seed:int=0, n_threads:int=1, # frozen embedding; seed; torch threads
-                )->dict:
+def plugin_heads(
+    ref: ad.AnnData,  # with obs split/label/tissue, obsm[use_rep] and the `validation_mask` cells excluded from the plugins' training
+    plugins,  # the `PluginSet` of the tissues (its LoRA heads are the `lora` candidates)
+    val: np.ndarray,  # `validation_mask(ref, ...)`
+    *,
+    n_hvg: int = 2000,
+    Cs=(0.1, 1.0),  # HVGs of the expression heads; their regularisation strengths
+    use_rep: str = 'X_scgpt',
+    seed: int = 0,
+    n_threads: int = 1,  # frozen embedding; seed; torch threads
+) -> dict:
     "Per tissue, the head with the best validation macro-F1 (LoRA or expression); test-cell probabilities of each chosen head."
     from deepseq_nb.plugins import plugin_outputs
     from deepseq_nb.encoder import tokenize
-    test, fit, y = (ref.obs.split == 'test').to_numpy(), (ref.obs.split == 'train').to_numpy() & ~val, ref.obs.label.astype(str).to_numpy()
+
+    test, fit, y = (
+        (ref.obs.split == 'test').to_numpy(),
+        (ref.obs.split == 'train').to_numpy() & ~val,
+        ref.obs.label.astype(str).to_numpy(),
+    )
     rows, chosen = [], {}
     for t in ref.obs.tissue.cat.categories:
         mine = (ref.obs.tissue == t).to_numpy()
@@ -319,7 +374,13 @@ def plugin_heads(ref:ad.AnnData, # with obs split/label/tissue, obsm[use_rep] an
         for C in Cs:
             f, cl = _expr_head(ref, t, fit & mine, n_hvg, C, seed, use_rep)
             cands[f'expr C={C:g}'] = (f, cl)
-            rows.append(dict(tissue=t, head=f'expr C={C:g}', val_macro_f1=_macro_f1(y[val & mine], np.asarray(cl)[f(val & mine).argmax(1)])))
+            rows.append(
+                dict(
+                    tissue=t,
+                    head=f'expr C={C:g}',
+                    val_macro_f1=_macro_f1(y[val & mine], np.asarray(cl)[f(val & mine).argmax(1)]),
+                )
+            )
         best = max((r for r in rows if r['tissue'] == t), key=lambda r: r['val_macro_f1'])['head']
         f, cl = cands[best]
         chosen[t] = dict(head=best, labels=cl, proba=f(test))
@@ -327,10 +388,11 @@ def plugin_heads(ref:ad.AnnData, # with obs split/label/tissue, obsm[use_rep] an
     val_table['chosen'] = [chosen[r.tissue]['head'] == r.head for r in val_table.itertuples()]
     return dict(chosen=chosen, validation=val_table, test_index=ref.obs_names[test])
 
-def head_predictions(ref:ad.AnnData, # as for `plugin_heads`
-                     heads:dict, # `plugin_heads(...)`
-                     weights:pd.DataFrame, # router weights per test cell (cells × tissues; `predict`'s obsm '<key>_weights')
-                    )->dict:
+def head_predictions(
+    ref: ad.AnnData,  # as for `plugin_heads`
+    heads: dict,  # `plugin_heads(...)`
+    weights: pd.DataFrame,  # router weights per test cell (cells × tissues; `predict`'s obsm '<key>_weights')
+) -> dict:
     "Test labels from the chosen heads: {'plugin': told the tissue, 'router': the router's weights mixing every chosen head}."
     idx, ch = heads['test_index'], heads['chosen']
     tissue = ref.obs.loc[idx, 'tissue'].astype(str).to_numpy()
@@ -343,46 +405,86 @@ def head_predictions(ref:ad.AnnData, # as for `plugin_heads`
             if l is not None: P[:, union.index(l)] = h['proba'][:, j]
         mix += W[t].to_numpy()[:, None] * P
         told[tissue == t] = np.asarray(union, dtype=object)[P[tissue == t].argmax(1)]
-    return dict(plugin=pd.Series(told, index=idx).astype(str), router=pd.Series(np.asarray(union, dtype=object)[mix.argmax(1)], index=idx).astype(str))
+    return dict(
+        plugin=pd.Series(told, index=idx).astype(str),
+        router=pd.Series(np.asarray(union, dtype=object)[mix.argmax(1)], index=idx).astype(str),
+    )
 
 # %% ../nbs/16_crosstissue.ipynb #919b9f54
 @dataclass
 class CrossTissueConfig:
     "The `[crosstissue]` section: the experiment's splits, seeds, methods and plugin training."
     test_frac:float=0.3 # share of each study's cells per type held out for testing
-    seed:int=0 # seed of the UMAPs
-    seeds:list=field(default_factory=lambda: [0, 1, 2]) # seeds of the repeated experiment (learned numbers: mean ± sd over them)
+    seed:int=0  # seed of the UMAPs
+    # seeds of the repeated experiment (learned numbers: mean ± sd over them)
+    seeds: list = field(default_factory=lambda: [0, 1, 2])
     min_cells:int=10 # types with fewer cells in a study are dropped (too few to split)
     max_cells:int=0 # at most this many cells per study (a stratified draw); 0 keeps every cell
     k:int=15 # neighbours that vote in the memory kNN
     n_hvg:int=2000 # highly variable genes of the logistic-regression baseline and the chosen heads
     plugin_max_cells:int=600 # training cells per tissue of the plugin methods (a stratified draw; 0: all)
-    plugin_epochs:int=20 # epochs of the cross-tissue LoRA plugins (overriding [plugins] epochs)
-    plugin_val_fraction:float=0.0 # validation share of the plugins' own early stopping (overriding [plugins] val_fraction)
-    head_cs:list=field(default_factory=lambda: [0.1, 1.0]) # strengths of the logistic heads chosen on validation
-    methods:str='knn,knn_tuned,plugin,router,plugin_sel,router_sel,logreg,celltypist' # methods run, comma-separated (`METHOD_NAMES`)
+    plugin_epochs:int=20  # epochs of the cross-tissue LoRA plugins (overriding [plugins] epochs)
+    # validation share of the plugins' own early stopping (overriding [plugins] val_fraction)
+    plugin_val_fraction: float = 0.0
+    head_cs:list=field(default_factory=lambda: [0.1, 1.0])  # strengths of the logistic heads chosen on validation
+    methods: str = 'knn,knn_tuned,plugin,router,plugin_sel,router_sel,logreg,celltypist'  # methods run, comma-separated (`METHOD_NAMES`)
+
 
 def ct_settings(settings=None, # a `Settings` (default: `load_settings()`)
                )->dict:
     "The `[crosstissue]` settings over `CrossTissueConfig`'s defaults; methods and seeds as lists."
     out = read_section(CrossTissueConfig, settings, 'crosstissue')
-    out['methods'] = [m.strip() for m in (out['methods'] if isinstance(out['methods'], str) else ','.join(out['methods'])).split(',') if m.strip()]
-    out['seeds'] = [int(s) for s in (out['seeds'] if isinstance(out['seeds'], (list, tuple)) else [out['seeds']])] or [int(out['seed'])]
+    out['methods'] = [
+        m.strip()
+        for m in (out['methods'] if isinstance(out['methods'], str) else ','.join(out['methods'])).split(',')
+        if m.strip()
+    ]
+    out['seeds'] = [int(s) for s in (out['seeds'] if isinstance(out['seeds'], (list, tuple)) else [out['seeds']])] or [
+        int(out['seed'])
+    ]
     return out
 
-METHOD_NAMES = {'knn': '(a) memory kNN, frozen', 'knn_tuned': '(a) memory kNN, tuned', 'plugin': '(b) tissue plugin (told)',
-                'router': '(c) router (not told)', 'plugin_sel': '(b) tissue plugin, head chosen on validation (told)',
-                'router_sel': '(c) router, heads chosen on validation (not told)',
-                'logreg': '(d) logistic regression (HVG)', 'celltypist': '(d) CellTypist'}
-PLUGIN_METHODS = ('knn_tuned', 'plugin', 'router', 'plugin_sel', 'router_sel')  # the methods that need the trained plugins
-TABLE_COLUMNS = ('method', 'tissue', 'n', 'n_seeds', 'accuracy_mean', 'accuracy_sd', 'macro_f1_mean', 'macro_f1_sd')  # `summarise_seeds`' columns
+METHOD_NAMES = {
+    'knn': '(a) memory kNN, frozen',
+    'knn_tuned': '(a) memory kNN, tuned',
+    'plugin': '(b) tissue plugin (told)',
+    'router': '(c) router (not told)',
+    'plugin_sel': '(b) tissue plugin, head chosen on validation (told)',
+    'router_sel': '(c) router, heads chosen on validation (not told)',
+    'logreg': '(d) logistic regression (HVG)',
+    'celltypist': '(d) CellTypist',
+}
+PLUGIN_METHODS = (
+    'knn_tuned',
+    'plugin',
+    'router',
+    'plugin_sel',
+    'router_sel',
+)  # the methods that need the trained plugins
+TABLE_COLUMNS = (
+    'method',
+    'tissue',
+    'n',
+    'n_seeds',
+    'accuracy_mean',
+    'accuracy_sd',
+    'macro_f1_mean',
+    'macro_f1_sd',
+)  # `summarise_seeds`' columns
+
 
 def summarise_seeds(per_seed:pd.DataFrame, # `score_methods` rows with a `seed` column
                    )->pd.DataFrame:
     "Mean and standard deviation (ddof 1) over seeds of accuracy and macro-F1 per method and tissue, with n_seeds."
     g = per_seed.groupby(['method', 'tissue'], sort=False)
-    out = g.agg(n=('n', 'first'), n_seeds=('seed', 'nunique'), accuracy_mean=('accuracy', 'mean'), accuracy_sd=('accuracy', 'std'),
-                macro_f1_mean=('macro_f1', 'mean'), macro_f1_sd=('macro_f1', 'std')).reset_index()
+    out = g.agg(
+        n=('n', 'first'),
+        n_seeds=('seed', 'nunique'),
+        accuracy_mean=('accuracy', 'mean'),
+        accuracy_sd=('accuracy', 'std'),
+        macro_f1_mean=('macro_f1', 'mean'),
+        macro_f1_sd=('macro_f1', 'std'),
+    ).reset_index()
     return out[list(TABLE_COLUMNS)]
 
 # %% ../nbs/16_crosstissue.ipynb #f6e544a6
@@ -399,8 +501,14 @@ def _cached_run(cache, key:str):
     run = ref.uns.get('cross_tissue_run', {})
     if run.get('key') != key: return None
     cols = lambda d, names: pd.DataFrame(d)[list(names)]   # h5ad stores the columns sorted by name
-    return dict(ref=ref, table=cols(run['table'], TABLE_COLUMNS), per_seed=cols(run['per_seed'], ('seed',) + _SCORE_COLUMNS),
-                validation=cols(run['validation'], _VAL_COLUMNS).astype({'chosen': bool}), timings=pd.Series(run['timings']), n_test=int((ref.obs.split == 'test').sum()))
+    return dict(
+        ref=ref,
+        table=cols(run['table'], TABLE_COLUMNS),
+        per_seed=cols(run['per_seed'], ('seed',) + _SCORE_COLUMNS),
+        validation=cols(run['validation'], _VAL_COLUMNS).astype({'chosen': bool}),
+        timings=pd.Series(run['timings']),
+        n_test=int((ref.obs.split == 'test').sum()),
+    )
 
 _SCORE_COLUMNS = ('method', 'tissue', 'n', 'accuracy', 'macro_f1')   # `score_methods`' columns
 _VAL_COLUMNS = ('seed', 'tissue', 'head', 'val_macro_f1', 'chosen')
@@ -419,14 +527,20 @@ def _plugin_view(ref:ad.AnnData, val:np.ndarray, max_cells:int, seed:int)->ad.An
     split = np.where(val, 'validation', v.obs.split.astype(str)).astype(object)
     for t in v.obs.tissue.cat.categories:
         idx = np.flatnonzero((split == 'train') & (v.obs.tissue == t).to_numpy())
-        if max_cells and len(idx) > max_cells: split[np.setdiff1d(idx, idx[subsample_types(v.obs.label.to_numpy()[idx], max_cells, seed)])] = 'spare'
+        if max_cells and len(idx) > max_cells:
+            split[np.setdiff1d(idx, idx[subsample_types(v.obs.label.to_numpy()[idx], max_cells, seed)])] = 'spare'
     v.obs['split'] = pd.Categorical(split)
     return v
 
 def _one_seed(ref, enc, P, PP, MK, seed, timings):
     "Every method on the split of `seed`: (test predictions by method name, validation table of the heads, PluginSet or None)."
     _resplit(ref, P['test_frac'], seed)
-    PPs, ps, plug, val_t = dict(PP, seed=seed, epochs=P['plugin_epochs'], val_fraction=P['plugin_val_fraction']), None, {}, pd.DataFrame(columns=list(_VAL_COLUMNS))
+    PPs, ps, plug, val_t = (
+        dict(PP, seed=seed, epochs=P['plugin_epochs'], val_fraction=P['plugin_val_fraction']),
+        None,
+        {},
+        pd.DataFrame(columns=list(_VAL_COLUMNS)),
+    )
     tick = lambda name, t0: timings.__setitem__(name, timings.get(name, 0) + time.perf_counter() - t0)
     if any(m in PLUGIN_METHODS for m in P['methods']):
         t0 = time.perf_counter()
@@ -444,20 +558,28 @@ def _one_seed(ref, enc, P, PP, MK, seed, timings):
             val_t = heads['validation'].assign(seed=seed)[list(_VAL_COLUMNS)]
             tick('heads chosen on validation', t0)
     mem = reference_memory(ref, **MK)
-    run = dict(knn=lambda: memory_knn(ref, k=P['k'], memory=mem)[0],
-               knn_tuned=lambda: memory_knn(ref, use_rep='X_scgpt_tuned', space='tuned', k=P['k'], memory=mem)[0],
-               plugin=lambda: plug['plugin'], router=lambda: plug['router'], plugin_sel=lambda: plug['plugin_sel'], router_sel=lambda: plug['router_sel'],
-               logreg=lambda: logreg_baseline(ref, n_hvg=P['n_hvg'], seed=seed), celltypist=lambda: celltypist_baseline(ref, seed=seed))
+    run = dict(
+        knn=lambda: memory_knn(ref, k=P['k'], memory=mem)[0],
+        knn_tuned=lambda: memory_knn(ref, use_rep='X_scgpt_tuned', space='tuned', k=P['k'], memory=mem)[0],
+        plugin=lambda: plug['plugin'],
+        router=lambda: plug['router'],
+        plugin_sel=lambda: plug['plugin_sel'],
+        router_sel=lambda: plug['router_sel'],
+        logreg=lambda: logreg_baseline(ref, n_hvg=P['n_hvg'], seed=seed),
+        celltypist=lambda: celltypist_baseline(ref, seed=seed),
+    )
     preds = {}
     for m in P['methods']:
         t0 = time.perf_counter(); preds[METHOD_NAMES[m]] = run[m]()
         if m not in PLUGIN_METHODS or m == 'knn_tuned': tick(METHOD_NAMES[m], t0)
     return preds, val_t, ps
 
-def run_cross_tissue(settings=None, # `Settings` (default: settings.ini)
-                     *, cache=None, # path of an .h5ad cache of the result (None: no cache); the first seed's plugins are saved beside it
-                     encoder=None, # an `encoder.Encoder` (default: the settings' encoder)
-                    )->dict:
+def run_cross_tissue(
+    settings=None,  # `Settings` (default: settings.ini)
+    *,
+    cache=None,  # path of an .h5ad cache of the result (None: no cache); the first seed's plugins are saved beside it
+    encoder=None,  # an `encoder.Encoder` (default: the settings' encoder)
+) -> dict:
     "Reference, frozen embeddings (once), every method on each seed's split; the table as mean ± sd over seeds; cached when asked."
     import hashlib, json
     from pathlib import Path
@@ -468,19 +590,28 @@ def run_cross_tissue(settings=None, # `Settings` (default: settings.ini)
     S = settings if settings is not None else load_settings()
     P, PP, MK = ct_settings(S), plugin_settings(S), _memory_kwargs(S)
     unknown = [m for m in P['methods'] if m not in METHOD_NAMES]
-    if unknown: raise InputError(f"Unknown cross-tissue methods {unknown} in [crosstissue] methods; known: {', '.join(METHOD_NAMES)}")
+    if unknown:
+        raise InputError(
+            f"Unknown cross-tissue methods {unknown} in [crosstissue] methods; known: {', '.join(METHOD_NAMES)}"
+        )
     seeds = P['seeds']
     timings = {}
-    t0 = time.perf_counter(); ref = cross_tissue_reference(min_cells=P['min_cells'], test_frac=P['test_frac'], seed=seeds[0],
-                                                        max_cells=P['max_cells'] or None)
+    t0 = time.perf_counter()
+    ref = cross_tissue_reference(
+        min_cells=P['min_cells'], test_frac=P['test_frac'], seed=seeds[0], max_cells=P['max_cells'] or None
+    )
     timings['reference'] = time.perf_counter() - t0
     # the key holds the harmonised labels too: a change of the ontology mapping must not reuse a stale result
-    labels = hashlib.sha256('\n'.join(ref.obs_names + '\t' + ref.obs['label'].astype(str) + '\t' + ref.obs['split'].astype(str)).encode()).hexdigest()
+    labels = hashlib.sha256(
+        '\n'.join(ref.obs_names + '\t' + ref.obs['label'].astype(str) + '\t' + ref.obs['split'].astype(str)).encode()
+    ).hexdigest()
     key = json.dumps(dict(P, encoder=encoder if encoder is None else str(encoder), encoder_settings=encoder_settings(S),
                           plugins=PP, memory=MK, labels=labels), sort_keys=True, default=str)
     if (hit := _cached_run(cache, key)) is not None: return hit
     enc = encoder if encoder is not None else default_encoder()
-    t0 = time.perf_counter(); embed_reference(ref, enc); timings['embed (frozen, once for every seed)'] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    embed_reference(ref, enc)
+    timings['embed (frozen, once for every seed)'] = time.perf_counter() - t0
     rows, vals, first = [], [], None
     for s in seeds[::-1]:   # the first seed last: its split, predictions, tuned space and plugins stay in `ref`
         preds, val_t, ps = _one_seed(ref, enc, P, PP, MK, s, timings)
@@ -489,10 +620,22 @@ def run_cross_tissue(settings=None, # `Settings` (default: settings.ini)
     per_seed = pd.concat(rows[::-1], ignore_index=True)[['seed', *_SCORE_COLUMNS]]
     validation = pd.concat(vals[::-1], ignore_index=True)[list(_VAL_COLUMNS)]
     table = summarise_seeds(per_seed)
-    for name, p in preds.items(): ref.obs['pred_' + name.split(' ', 1)[1]] = pd.Series(p).reindex(ref.obs_names).astype(str).values
-    ref.uns['cross_tissue_run'] = dict(key=key, table=table.to_dict('list'), per_seed=per_seed.to_dict('list'), seeds=list(seeds),
-                                       validation=validation.astype({'chosen': int}).to_dict('list'),
-                                       timings={k: round(v, 2) for k, v in timings.items()})
+    for name, p in preds.items():
+        ref.obs['pred_' + name.split(' ', 1)[1]] = pd.Series(p).reindex(ref.obs_names).astype(str).values
+    ref.uns['cross_tissue_run'] = dict(
+        key=key,
+        table=table.to_dict('list'),
+        per_seed=per_seed.to_dict('list'),
+        seeds=list(seeds),
+        validation=validation.astype({'chosen': int}).to_dict('list'),
+        timings={k: round(v, 2) for k, v in timings.items()},
+    )
     if cache is not None: Path(cache).parent.mkdir(parents=True, exist_ok=True); ref.write_h5ad(cache)
-    return dict(ref=ref, table=table, per_seed=per_seed, validation=validation, timings=pd.Series(ref.uns['cross_tissue_run']['timings']),
-                n_test=int((ref.obs.split == 'test').sum()))
+    return dict(
+        ref=ref,
+        table=table,
+        per_seed=per_seed,
+        validation=validation,
+        timings=pd.Series(ref.uns['cross_tissue_run']['timings']),
+        n_test=int((ref.obs.split == 'test').sum()),
+    )

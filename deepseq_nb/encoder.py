@@ -39,8 +39,10 @@ def _scgpt_package()->types.ModuleType:
     if 'scgpt' in sys.modules: return sys.modules['scgpt']
     spec = importlib.util.find_spec('scgpt')
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("The scgpt package is not installed. Install it without its dependencies, after torch: "
-                          "`pip install torch==2.13.0 && pip install --no-deps scgpt==0.2.4` (what `make install` does).")
+        raise ImportError(
+            "The scgpt package is not installed. Install it without its dependencies, after torch: "
+            "`pip install torch==2.13.0 && pip install --no-deps scgpt==0.2.4` (what `make install` does)."
+        )
     pkg = types.ModuleType('scgpt', 'scgpt loaded by deepseq_nb without its __init__: model and tokenizer only')
     pkg.__path__, pkg.__file__ = list(spec.submodule_search_locations), spec.origin
     pkg.logger, pkg.__deepseq_shell__ = logging.getLogger('scGPT'), True
@@ -88,9 +90,12 @@ def scgpt_vocab():
     return _with_specials(GeneVocab.from_dict(_census_stoi()))
 
 # %% ../nbs/10_encoder.ipynb #ab5cb33f
-def match_genes(adata:ad.AnnData, vocab, # the cells; a GeneVocab (or anything with `get_stoi()`)
-                *, gene_col:str|None=None, # var column with gene symbols (default: var_names)
-               )->pd.DataFrame:
+def match_genes(
+    adata: ad.AnnData,
+    vocab,  # the cells; a GeneVocab (or anything with `get_stoi()`)
+    *,
+    gene_col: str | None = None,  # var column with gene symbols (default: var_names)
+) -> pd.DataFrame:
     "Token id of every gene of `adata`: exact symbol, else upper-case (mouse → human); -1 when absent or a duplicate."
     names = (adata.var[gene_col] if gene_col else adata.var_names).astype(str)
     stoi = vocab.get_stoi()
@@ -132,13 +137,17 @@ def _matrix(adata:ad.AnnData, layer:str|None=None)->sp.csr_matrix:
     if layer is not None and layer not in adata.layers:
         raise KeyError(f"Layer {layer!r} not found; layers are: {', '.join(adata.layers) or 'none'}.")
     where = f"layers[{layer!r}]" if layer else 'X'
-    if adata.n_obs == 0 or adata.n_vars == 0: raise ValueError(f"The AnnData is empty ({adata.n_obs} cells × {adata.n_vars} genes).")
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ValueError(f"The AnnData is empty ({adata.n_obs} cells × {adata.n_vars} genes).")
     X = sp.csr_matrix(adata.layers[layer] if layer else adata.X, dtype=np.float32)
-    if X.nnz and not np.isfinite(X.data).all(): raise ValueError(f"{where} holds NaN or infinite values; scGPT needs finite expression values.")
+    if X.nnz and not np.isfinite(X.data).all():
+        raise ValueError(f"{where} holds NaN or infinite values; scGPT needs finite expression values.")
     if X.nnz and X.data.min() < 0:
-        raise ValueError(f"{where} holds negative values (min {X.data.min():.3g}): the data look scaled or centred (sc.pp.scale, "
-                         "regress_out). scGPT bins raw counts or log-normalised values per cell; pass unscaled data, e.g. "
-                         "adata.raw.to_adata(), or layer='counts'.")
+        raise ValueError(
+            f"{where} holds negative values (min {X.data.min():.3g}): the data look scaled or centred (sc.pp.scale, "
+            "regress_out). scGPT bins raw counts or log-normalised values per cell; pass unscaled data, e.g. "
+            "adata.raw.to_adata(), or layer='counts'."
+        )
     return X
 
 # %% ../nbs/10_encoder.ipynb #2ed64910
@@ -171,8 +180,11 @@ class Encoder:
     def name(self)->str: return self.directory.name if self.directory else 'unsaved'
     def __repr__(self):
         a = self.args
-        return (f"Encoder({self.name}: {a['nlayers']} layers × {a['embsize']} dims, {a['nheads']} heads, {len(self.vocab):,} tokens, "
-                f"n_bins={self.n_bins}, max_len={self.max_len})")
+        return (
+            f"Encoder({self.name}: {a['nlayers']} layers × {a['embsize']} dims, {a['nheads']} heads, "
+            f"{len(self.vocab):,} tokens, "
+            f"n_bins={self.n_bins}, max_len={self.max_len})"
+        )
 
 # %% ../nbs/10_encoder.ipynb #61c29243
 _REQUIRED_ARGS = ('embsize', 'nheads', 'd_hid', 'nlayers')
@@ -181,34 +193,79 @@ def _build_model(args:dict, vocab, *, do_mvc:bool=True, explicit_zero_prob:bool=
     "A scgpt `TransformerModel` for `args` (official args.json keys) and `vocab`, with torch attention."
     TransformerModel, _ = scgpt_classes()
     if args.get('input_emb_style', 'continuous') != 'continuous':
-        raise ValueError(f"input_emb_style={args['input_emb_style']!r} is not supported: only 'continuous', the style of "
-                         "scGPT's released whole-body checkpoints.")
-    return TransformerModel(ntoken=len(vocab), d_model=int(args['embsize']), nhead=int(args['nheads']), d_hid=int(args['d_hid']),
-        nlayers=int(args['nlayers']), nlayers_cls=int(args.get('n_layers_cls', 3)), n_cls=1, vocab=vocab,
-        dropout=float(args.get('dropout', 0.2)), pad_token=args.get('pad_token', PAD), pad_value=int(args.get('pad_value', PAD_VALUE)),
-        do_mvc=do_mvc, do_dab=False, use_batch_labels=False, domain_spec_batchnorm=False, input_emb_style='continuous',
-        cell_emb_style='cls', explicit_zero_prob=explicit_zero_prob, use_fast_transformer=False, pre_norm=False)
+        raise ValueError(
+            f"input_emb_style={args['input_emb_style']!r} is not supported: only 'continuous', the style of "
+            "scGPT's released whole-body checkpoints."
+        )
+    return TransformerModel(
+        ntoken=len(vocab),
+        d_model=int(args['embsize']),
+        nhead=int(args['nheads']),
+        d_hid=int(args['d_hid']),
+        nlayers=int(args['nlayers']),
+        nlayers_cls=int(args.get('n_layers_cls', 3)),
+        n_cls=1,
+        vocab=vocab,
+        dropout=float(args.get('dropout', 0.2)),
+        pad_token=args.get('pad_token', PAD),
+        pad_value=int(args.get('pad_value', PAD_VALUE)),
+        do_mvc=do_mvc,
+        do_dab=False,
+        use_batch_labels=False,
+        domain_spec_batchnorm=False,
+        input_emb_style='continuous',
+        cell_emb_style='cls',
+        explicit_zero_prob=explicit_zero_prob,
+        use_fast_transformer=False,
+        pre_norm=False,
+    )
 
-def new_encoder(vocab, # a GeneVocab with the special tokens
-                *, d_model:int=64, nlayers:int=2, nhead:int=4, d_hid:int=128, # transformer size
-                dropout:float=0.1, n_bins:int=51, max_len:int=64, # dropout; value bins; most tokens per cell (with <cls>)
-                seed:int=0, # seed of the initial weights
-               )->Encoder:
+def new_encoder(
+    vocab,  # a GeneVocab with the special tokens
+    *,
+    d_model: int = 64,
+    nlayers: int = 2,
+    nhead: int = 4,
+    d_hid: int = 128,  # transformer size
+    dropout: float = 0.1,
+    n_bins: int = 51,
+    max_len: int = 64,  # dropout; value bins; most tokens per cell (with <cls>)
+    seed: int = 0,  # seed of the initial weights
+) -> Encoder:
     "A randomly initialised scGPT encoder (with the MVC head that trains its `<cls>` embedding)."
     missing = [t for t in SPECIAL_TOKENS if t not in vocab]
     if missing: raise ValueError(f"The vocabulary lacks the special tokens {missing}; build it with make_vocab().")
-    args = dict(embsize=d_model, nheads=nhead, d_hid=d_hid, nlayers=nlayers, n_layers_cls=3, dropout=dropout,
-                pad_token=PAD, pad_value=PAD_VALUE, mask_value=MASK_VALUE, n_bins=n_bins, max_seq_len=max_len,
-                input_style='binned', input_emb_style='continuous', cell_emb_style='cls', MVC=True, fast_transformer=False)
+    args = dict(
+        embsize=d_model,
+        nheads=nhead,
+        d_hid=d_hid,
+        nlayers=nlayers,
+        n_layers_cls=3,
+        dropout=dropout,
+        pad_token=PAD,
+        pad_value=PAD_VALUE,
+        mask_value=MASK_VALUE,
+        n_bins=n_bins,
+        max_seq_len=max_len,
+        input_style='binned',
+        input_emb_style='continuous',
+        cell_emb_style='cls',
+        MVC=True,
+        fast_transformer=False,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _build_model(args, vocab)
     return Encoder(model.eval(), vocab, args)
 
 # %% ../nbs/10_encoder.ipynb #75ca4754
-def bin_cells(adata:ad.AnnData, encoder:Encoder, # the cells; the encoder whose vocabulary and n_bins apply
-              *, layer:str|None=None, gene_col:str|None=None, # values (default X); var column with symbols (default var_names)
-             )->tuple[sp.csr_matrix, dict]:
+def bin_cells(
+    adata: ad.AnnData,
+    encoder: Encoder,  # the cells; the encoder whose vocabulary and n_bins apply
+    *,
+    layer: str | None = None,
+    gene_col: str | None = None,  # values (default X); var column with symbols (default var_names)
+) -> tuple[sp.csr_matrix, dict]:
     "Binned values of the genes in the vocabulary, as cells × vocabulary (column = token id), and the gene coverage."
     X = _matrix(adata, layer)
     m = match_genes(adata, encoder.vocab, gene_col=gene_col)
@@ -216,9 +273,12 @@ def bin_cells(adata:ad.AnnData, encoder:Encoder, # the cells; the encoder whose 
     keep = m['id'].to_numpy() >= 0
     if not keep.any():
         names = list((adata.var[gene_col] if gene_col else adata.var_names)[:5])
-        raise ValueError(f"None of the {adata.n_vars:,} genes is in the encoder's vocabulary ({len(encoder.vocab):,} tokens); the "
-                         f"first genes are {names}. Gene symbols are expected (e.g. CD3E; mouse symbols are matched upper-cased): if "
-                         "var_names hold Ensembl IDs or other identifiers, pass gene_col= with the var column of symbols.")
+        raise ValueError(
+            f"None of the {adata.n_vars:,} genes is in the encoder's vocabulary ({len(encoder.vocab):,} tokens); the "
+            f"first genes are {names}. Gene symbols are expected (e.g. CD3E; mouse symbols are matched upper-cased): "
+            "if "
+            "var_names hold Ensembl IDs or other identifiers, pass gene_col= with the var column of symbols."
+        )
     B = bin_values(X[:, keep], encoder.n_bins)
     B = sp.csr_matrix((B.data, m['id'].to_numpy()[keep][B.indices], B.indptr), shape=(adata.n_obs, len(encoder.vocab)))
     B.sort_indices()
@@ -243,12 +303,18 @@ class Tokens:
         "The cells `idx` (slice, index array or boolean mask), with padding columns no cell uses trimmed."
         g, v, p = self.genes[idx], self.values[idx], self.padding_mask[idx]
         L = max(1, int((~p).sum(1).max())) if len(g) else 1
-        names = None if self.obs_names is None else self.obs_names[np.asarray(idx) if not isinstance(idx, slice) else idx]
+        names = (
+            None if self.obs_names is None else self.obs_names[np.asarray(idx) if not isinstance(idx, slice) else idx]
+        )
         return Tokens(g[:, :L], v[:, :L], p[:, :L], names, self.coverage)
 
     def batches(self, batch_size:int=64, *, shuffle:bool=False, seed:int=0):
         "Yield dicts `genes`, `values`, `padding_mask` (trimmed to the batch's longest cell) and `index` (rows)."
-        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(len(self))
+        order = (
+            torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+            if shuffle
+            else torch.arange(len(self))
+        )
         for i in range(0, len(self), batch_size):
             idx = order[i:i+batch_size]
             t = self[idx]
@@ -262,11 +328,16 @@ def _draw(idx:np.ndarray, v:np.ndarray, k:int, seed:int, select:str='top')->np.n
     if select == 'random': return np.sort(rng.choice(len(idx), k, replace=False))
     raise ValueError(f"select must be 'top' or 'random'; got {select!r}.")
 
-def pack_tokens(binned:sp.csr_matrix, encoder:Encoder, # cells × vocabulary bins from `bin_cells`; the encoder
-                *, max_len:int|None=None, seed:int=0, # most tokens per cell with <cls> (default: the encoder's); seed of the draw
-                select:str='top', # genes kept when a cell has more: 'top' (highest bins) or 'random' (scGPT's draw)
-                obs_names:pd.Index|None=None, coverage:dict|None=None, # carried into the Tokens
-               )->Tokens:
+def pack_tokens(
+    binned: sp.csr_matrix,
+    encoder: Encoder,  # cells × vocabulary bins from `bin_cells`; the encoder
+    *,
+    max_len: int | None = None,
+    seed: int = 0,  # most tokens per cell with <cls> (default: the encoder's); seed of the draw
+    select: str = 'top',  # genes kept when a cell has more: 'top' (highest bins) or 'random' (scGPT's draw)
+    obs_names: pd.Index | None = None,
+    coverage: dict | None = None,  # carried into the Tokens
+) -> Tokens:
     "Token tensors of binned cells: `<cls>` + the cell's genes (`max_len-1` of them, by `select`, when it has more), padded."
     L_max = int(max_len or encoder.max_len)
     if L_max < 2: raise ValueError(f"max_len must be at least 2 (<cls> and one gene); got {L_max}.")
@@ -283,11 +354,16 @@ def pack_tokens(binned:sp.csr_matrix, encoder:Encoder, # cells × vocabulary bin
     g = torch.from_numpy(genes)
     return Tokens(g, torch.from_numpy(values), g.eq(encoder.pad_id), obs_names, dict(coverage or {}))
 
-def tokenize(adata:ad.AnnData, encoder:Encoder, # the cells; the encoder
-             *, layer:str|None=None, gene_col:str|None=None, # values (default X); var column of symbols (default var_names)
-             max_len:int|None=None, seed:int=0, # most tokens per cell (default: encoder.max_len); seed of the gene draw
-             select:str='top', # genes kept when a cell has more: 'top' (highest bins) or 'random' (scGPT's draw)
-            )->Tokens:
+def tokenize(
+    adata: ad.AnnData,
+    encoder: Encoder,  # the cells; the encoder
+    *,
+    layer: str | None = None,
+    gene_col: str | None = None,  # values (default X); var column of symbols (default var_names)
+    max_len: int | None = None,
+    seed: int = 0,  # most tokens per cell (default: encoder.max_len); seed of the gene draw
+    select: str = 'top',  # genes kept when a cell has more: 'top' (highest bins) or 'random' (scGPT's draw)
+) -> Tokens:
     "Cells of `adata` as token tensors for `encoder`: match genes, bin values per cell, select and pad."
     B, cov = bin_cells(adata, encoder, layer=layer, gene_col=gene_col)
     return pack_tokens(B, encoder, max_len=max_len, seed=seed, select=select, obs_names=adata.obs_names, coverage=cov)
@@ -309,14 +385,28 @@ def no_fastpath():
     try: yield
     finally: torch.backends.mha.set_fastpath_enabled(old)
 
-def cell_embeddings(encoder:Encoder, batch:dict|Tokens, # the encoder; a batch dict (genes, values, padding_mask) or Tokens
-                    *, pooling:str='mean', grad:bool=False, # 'mean' or 'cls'; keep the autograd graph (fine-tuning)
-                    batch_size:int=64, progress:bool=False, # for Tokens: cells per forward pass; show a progress bar
-                   )->torch.Tensor:
+def cell_embeddings(
+    encoder: Encoder,
+    batch: dict | Tokens,  # the encoder; a batch dict (genes, values, padding_mask) or Tokens
+    *,
+    pooling: str = 'mean',
+    grad: bool = False,  # 'mean' or 'cls'; keep the autograd graph (fine-tuning)
+    batch_size: int = 64,
+    progress: bool = False,  # for Tokens: cells per forward pass; show a progress bar
+) -> torch.Tensor:
     "Cell embeddings (cells × d_model) from the transformer output: the mean over gene positions (default) or `<cls>`."
     if isinstance(batch, Tokens):
-        it = tqdm(batch.batches(batch_size), total=math.ceil(len(batch)/batch_size), desc='Embedding cells', disable=not progress)
-        return torch.cat([cell_embeddings(encoder, b, pooling=pooling, grad=grad) for b in it]) if len(batch) else torch.zeros(0, encoder.d_model)
+        it = tqdm(
+            batch.batches(batch_size),
+            total=math.ceil(len(batch) / batch_size),
+            desc='Embedding cells',
+            disable=not progress,
+        )
+        return (
+            torch.cat([cell_embeddings(encoder, b, pooling=pooling, grad=grad) for b in it])
+            if len(batch)
+            else torch.zeros(0, encoder.d_model)
+        )
     dev = next(encoder.model.parameters()).device
     g, v, p = (batch[k].to(dev) for k in ('genes', 'values', 'padding_mask'))
     with torch.set_grad_enabled(grad), no_fastpath():
@@ -344,9 +434,12 @@ def torch_to_flash_names(state:dict)->dict:
         out[k] = v
     return out
 
-def save_scgpt(encoder:Encoder, directory:str|Path, # the encoder; the directory to write (created)
-               *, flash_names:bool=True, # store attention weights under flash-attn's names, as the official checkpoints do
-              )->Path:
+def save_scgpt(
+    encoder: Encoder,
+    directory: str | Path,  # the encoder; the directory to write (created)
+    *,
+    flash_names: bool = True,  # store attention weights under flash-attn's names, as the official checkpoints do
+) -> Path:
     "Write `encoder` in scGPT's official layout: args.json, best_model.pt, vocab.json."
     d = Path(directory); d.mkdir(parents=True, exist_ok=True)
     (d/'args.json').write_text(json.dumps(encoder.args, indent=2, sort_keys=True))
@@ -357,18 +450,26 @@ def save_scgpt(encoder:Encoder, directory:str|Path, # the encoder; the directory
     return d
 
 # %% ../nbs/10_encoder.ipynb #76125635
-_HOWTO = ("An scGPT checkpoint directory holds args.json (model settings), best_model.pt (weights) and vocab.json (gene → index), "
-          "as in the official releases (e.g. scGPT_human); or build the small CPU one with pretrain_encoder() / default_encoder().")
+_HOWTO = (
+    "An scGPT checkpoint directory holds args.json (model settings), best_model.pt (weights) and vocab.json (gene → "
+    "index), "
+    "as in the official releases (e.g. scGPT_human); or build the small CPU one with pretrain_encoder() / "
+    "default_encoder()."
+)
 
 def _read_json(p:Path, what:str)->dict:
-    try: return json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ValueError(f"{p} is not valid JSON ({e}); it should hold {what}. {_HOWTO}") from None
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p} is not valid JSON ({e}); it should hold {what}. {_HOWTO}") from None
 
 def _read_state(p:Path)->dict:
     try: state = torch.load(p, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise ValueError(f"{p} could not be read as PyTorch weights ({type(e).__name__}: {str(e)[:200]}); the file may be "
-                         f"truncated or not a checkpoint: download or build it again. {_HOWTO}") from None
+        raise ValueError(
+            f"{p} could not be read as PyTorch weights ({type(e).__name__}: {str(e)[:200]}); the file may be "
+            f"truncated or not a checkpoint: download or build it again. {_HOWTO}"
+        ) from None
     if not isinstance(state, dict) or not state:
         raise ValueError(f"{p} holds a {type(state).__name__}, not a state dict of weights. {_HOWTO}")
     return state
@@ -389,18 +490,29 @@ def load_scgpt(directory:str|Path, # a checkpoint directory in the official layo
     vocab = _with_specials(GeneVocab.from_dict(stoi))
     state = flash_to_torch_names(_read_state(d/'best_model.pt'))
     if 'encoder.embedding.weight' not in state:
-        raise ValueError(f"{d/'best_model.pt'} has no gene embeddings (encoder.embedding.weight): it is not an scGPT model. {_HOWTO}")
+        raise ValueError(
+            f"{d / 'best_model.pt'} has no gene embeddings (encoder.embedding.weight): it is not an scGPT model. "
+            f"{_HOWTO}"
+        )
     n_emb = state['encoder.embedding.weight'].shape[0]
     if n_emb != len(vocab):
-        raise ValueError(f"vocab.json has {len(vocab):,} tokens (special tokens included) but best_model.pt has {n_emb:,} gene "
-                         f"embeddings: the vocabulary and the weights in {d} do not belong together.")
+        raise ValueError(
+            f"vocab.json has {len(vocab):,} tokens (special tokens included) but best_model.pt has {n_emb:,} gene "
+            f"embeddings: the vocabulary and the weights in {d} do not belong together."
+        )
     model = _build_model(args, vocab, do_mvc=any(k.startswith('mvc_decoder.') for k in state),
                          explicit_zero_prob=any(k.startswith('decoder.zero_logit') for k in state))
     try: res = model.load_state_dict(state, strict=False)
     except RuntimeError as e:
-        raise ValueError(f"The weights in {d/'best_model.pt'} do not fit the model args.json describes: {str(e)[:600]}") from None
+        raise ValueError(
+            f"The weights in {d / 'best_model.pt'} do not fit the model args.json describes: {str(e)[:600]}"
+        ) from None
     lost = [k for k in res.missing_keys if k.startswith(_ESSENTIAL)]
-    if lost: raise ValueError(f"best_model.pt in {d} lacks {len(lost)} encoder weights, e.g. {lost[:4]}; it is incomplete or from another model.")
+    if lost:
+        raise ValueError(
+            f"best_model.pt in {d} lacks {len(lost)} encoder weights, e.g. {lost[:4]}; it is incomplete or from "
+            "another model."
+        )
     info = dict(missing=list(res.missing_keys), unexpected=list(res.unexpected_keys))
     if (d/'pretrain_log.json').is_file(): info['pretrain'] = _read_json(d/'pretrain_log.json', 'the pretraining log')
     return Encoder(model.to(device).eval(), vocab, args, d, info)
@@ -414,31 +526,53 @@ def torch_threads(n:int|None):
     try: yield
     finally: torch.set_num_threads(old)
 
-def embed(adata:ad.AnnData, encoder:Encoder|None=None, # the cells; the encoder (default: `default_encoder()`)
-          *, key_added:str='X_scgpt', # obsm key; parameters go to uns[key_added without 'X_']
-          layer:str|None=None, gene_col:str|None=None, # values (default X); var column of symbols (default var_names)
-          max_len:int|None=None, seed:int=0, # most tokens per cell (default: the encoder's); seed of the gene draw
-          select:str='top', # genes kept when a cell has more than max_len-1: 'top' or 'random' (see `pack_tokens`)
-          pooling:str='mean', normalize:bool=True, # 'mean' or 'cls' (see `cell_embeddings`); L2-normalise each embedding
-          batch_size:int=64, n_threads:int|None=2, progress:bool=True, # cells per forward pass; torch threads; progress bar
-          copy:bool=False, # work on a copy and return it
-         )->ad.AnnData|None:
+def embed(
+    adata: ad.AnnData,
+    encoder: Encoder | None = None,  # the cells; the encoder (default: `default_encoder()`)
+    *,
+    key_added: str = 'X_scgpt',  # obsm key; parameters go to uns[key_added without 'X_']
+    layer: str | None = None,
+    gene_col: str | None = None,  # values (default X); var column of symbols (default var_names)
+    max_len: int | None = None,
+    seed: int = 0,  # most tokens per cell (default: the encoder's); seed of the gene draw
+    select: str = 'top',  # genes kept when a cell has more than max_len-1: 'top' or 'random' (see `pack_tokens`)
+    pooling: str = 'mean',
+    normalize: bool = True,  # 'mean' or 'cls' (see `cell_embeddings`); L2-normalise each embedding
+    batch_size: int = 64,
+    n_threads: int | None = 2,
+    progress: bool = True,  # cells per forward pass; torch threads; progress bar
+    copy: bool = False,  # work on a copy and return it
+) -> ad.AnnData | None:
     "Embed every cell with the scGPT encoder into `obsm[key_added]`; parameters and gene coverage in `uns`."
     adata = adata.copy() if copy else adata
     enc = encoder if encoder is not None else default_encoder(progress=progress)
     tok = tokenize(adata, enc, layer=layer, gene_col=gene_col, max_len=max_len, seed=seed, select=select)
     if tok.coverage['n_cells_without_genes']:
-        warnings.warn(f"{tok.coverage['n_cells_without_genes']} cells express no gene of the vocabulary: they all get the same embedding.")
+        warnings.warn(
+            f"{tok.coverage['n_cells_without_genes']} cells express no gene of the vocabulary: they all get the same "
+            "embedding."
+        )
     was = enc.model.training
     enc.model.eval()
     try:
-        with torch_threads(n_threads): E = cell_embeddings(enc, tok, pooling=pooling, batch_size=batch_size, progress=progress)
+        with torch_threads(n_threads):
+            E = cell_embeddings(enc, tok, pooling=pooling, batch_size=batch_size, progress=progress)
     finally: enc.model.train(was)
     if normalize: E = F.normalize(E, dim=1)
     adata.obsm[key_added] = E.numpy().astype(np.float32)
-    params = dict(encoder=enc.name, directory=str(enc.directory or ''), d_model=enc.d_model, n_bins=enc.n_bins,
-                  max_len=int(max_len or enc.max_len), seed=seed, select=select, pooling=pooling, normalize=normalize, layer=layer or '',
-                  gene_col=gene_col or '')
+    params = dict(
+        encoder=enc.name,
+        directory=str(enc.directory or ''),
+        d_model=enc.d_model,
+        n_bins=enc.n_bins,
+        max_len=int(max_len or enc.max_len),
+        seed=seed,
+        select=select,
+        pooling=pooling,
+        normalize=normalize,
+        layer=layer or '',
+        gene_col=gene_col or '',
+    )
     adata.uns[key_added.removeprefix('X_')] = {'params': params, 'coverage': tok.coverage}
     return adata if copy else None
 
@@ -449,29 +583,48 @@ def _vocab_symbol(g:str, species:str)->str: return g.upper() if species == 'mous
 
 def pretrain_vocab(adatas:dict[str, ad.AnnData])->object:
     "Vocabulary of the union of the datasets' genes (mouse symbols upper-cased) plus the special tokens."
-    genes = {_vocab_symbol(g, DATASETS.get(n, {}).get('species', 'human')) for n, a in adatas.items() for g in a.var_names}
+    genes = {
+        _vocab_symbol(g, DATASETS.get(n, {}).get('species', 'human')) for n, a in adatas.items() for g in a.var_names
+    }
     return make_vocab(sorted(genes))
 
-def mask_values(values:torch.Tensor, padding_mask:torch.Tensor, # (cells, L) bins; True at padding
-                *, mask_ratio:float=0.4, mask_value:float=MASK_VALUE, generator:torch.Generator|None=None,
-               )->tuple[torch.Tensor, torch.Tensor]:
+def mask_values(
+    values: torch.Tensor,
+    padding_mask: torch.Tensor,  # (cells, L) bins; True at padding
+    *,
+    mask_ratio: float = 0.4,
+    mask_value: float = MASK_VALUE,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     "Hide a random `mask_ratio` of each cell's gene values (never `<cls>` or padding): the masked values and the mask."
     m = (torch.rand(values.shape, generator=generator) < mask_ratio) & ~padding_mask
     m[:, 0] = False
     return values.masked_fill(m, mask_value), m
 
-def pretrain_loss(encoder:Encoder, batch:dict, # the encoder (its model needs the MVC head); a batch dict
-                  *, mask_ratio:float=0.4, generator:torch.Generator|None=None,
-                 )->tuple[torch.Tensor, dict]:
+def pretrain_loss(
+    encoder: Encoder,
+    batch: dict,  # the encoder (its model needs the MVC head); a batch dict
+    *,
+    mask_ratio: float = 0.4,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict]:
     "scGPT's GEP + GEPC loss on a batch (MSE of the masked bins from the gene outputs and from `<cls>`), and its parts."
-    masked, m = mask_values(batch['values'], batch['padding_mask'], mask_ratio=mask_ratio, mask_value=encoder.mask_value, generator=generator)
+    masked, m = mask_values(
+        batch['values'],
+        batch['padding_mask'],
+        mask_ratio=mask_ratio,
+        mask_value=encoder.mask_value,
+        generator=generator,
+    )
     out = encoder.model(batch['genes'], masked, batch['padding_mask'], MVC=True)
     t = batch['values'][m]
     gep, gepc = F.mse_loss(out['mlm_output'][m], t), F.mse_loss(out['mvc_output'][m], t)
     return gep + gepc, dict(gep=float(gep.detach()), gepc=float(gepc.detach()), n=int(m.sum()), mask=m)
 
 # %% ../nbs/10_encoder.ipynb #c45eeea0
-def _evaluate(encoder:Encoder, tok:Tokens, gene_mean:np.ndarray, *, mask_ratio:float, seed:int, batch_size:int=128)->dict:
+def _evaluate(
+    encoder: Encoder, tok: Tokens, gene_mean: np.ndarray, *, mask_ratio: float, seed: int, batch_size: int = 128
+) -> dict:
     "Validation GEP/GEPC losses with fixed masks and no dropout, and the per-gene mean-bin baseline on the same masks."
     was = encoder.model.training; encoder.model.eval()
     g, tot = torch.Generator().manual_seed(seed + 10_007), dict(gep=0.0, gepc=0.0, baseline=0.0, n=0)
@@ -480,10 +633,18 @@ def _evaluate(encoder:Encoder, tok:Tokens, gene_mean:np.ndarray, *, mask_ratio:f
             _, parts = pretrain_loss(encoder, b, mask_ratio=mask_ratio, generator=g)
             m = parts['mask']
             base = float(((torch.from_numpy(gene_mean)[b['genes'][m]] - b['values'][m])**2).sum())
-            tot['gep'] += parts['gep'] * parts['n']; tot['gepc'] += parts['gepc'] * parts['n']; tot['baseline'] += base; tot['n'] += parts['n']
+            tot['gep'] += parts['gep'] * parts['n']
+            tot['gepc'] += parts['gepc'] * parts['n']
+            tot['baseline'] += base
+            tot['n'] += parts['n']
     encoder.model.train(was)
     n = max(tot['n'], 1)
-    return dict(loss=round((tot['gep'] + tot['gepc'])/n, 4), gep=round(tot['gep']/n, 4), gepc=round(tot['gepc']/n, 4), baseline_gep=round(tot['baseline']/n, 4))
+    return dict(
+        loss=round((tot['gep'] + tot['gepc']) / n, 4),
+        gep=round(tot['gep'] / n, 4),
+        gepc=round(tot['gepc'] / n, 4),
+        baseline_gep=round(tot['baseline'] / n, 4),
+    )
 
 def _gene_mean_bins(tok:Tokens, n_tokens:int)->np.ndarray:
     "Mean bin of each token where it appears in `tok` (the overall mean for tokens never seen): the baseline predictor."
@@ -493,22 +654,46 @@ def _gene_mean_bins(tok:Tokens, n_tokens:int)->np.ndarray:
     return np.where(c > 0, s / np.maximum(c, 1), vals.mean()).astype(np.float32)
 
 # %% ../nbs/10_encoder.ipynb #7636f420
-def pretrain_encoder(datasets:tuple|list=PRETRAIN_DATASETS, # bundled dataset names to pretrain on
-                     *, d_model:int=64, nlayers:int=2, nhead:int=4, d_hid:int=128, dropout:float=0.1, # model size
-                     n_bins:int=51, max_len:int=64, # value bins; most tokens per cell (with <cls>)
-                     epochs:int=3, mask_ratio:float=0.4, batch_size:int=32, lr:float=1e-3, # training
-                     select:str='top', # genes kept when a cell has more than max_len-1 (see `pack_tokens`)
-                     seed:int=0, n_threads:int|None=2, val_frac:float=0.05, # seed of everything; torch threads; held-out cells
-                     out_dir:str|Path|None=None, progress:bool=True, # save here in the official layout (None: don't save)
-                    )->Encoder:
+def pretrain_encoder(
+    datasets: tuple | list = PRETRAIN_DATASETS,  # bundled dataset names to pretrain on
+    *,
+    d_model: int = 64,
+    nlayers: int = 2,
+    nhead: int = 4,
+    d_hid: int = 128,
+    dropout: float = 0.1,  # model size
+    n_bins: int = 51,
+    max_len: int = 64,  # value bins; most tokens per cell (with <cls>)
+    epochs: int = 3,
+    mask_ratio: float = 0.4,
+    batch_size: int = 32,
+    lr: float = 1e-3,  # training
+    select: str = 'top',  # genes kept when a cell has more than max_len-1 (see `pack_tokens`)
+    seed: int = 0,
+    n_threads: int | None = 2,
+    val_frac: float = 0.05,  # seed of everything; torch threads; held-out cells
+    out_dir: str | Path | None = None,
+    progress: bool = True,  # save here in the official layout (None: don't save)
+) -> Encoder:
     "Pretrain a small scGPT (GEP + GEPC masked-value objectives) on bundled datasets on CPU; optionally save it."
     t0, c0 = time.perf_counter(), time.process_time()
     adatas = {n: load_dataset(n) for n in datasets}
     vocab = pretrain_vocab(adatas)
-    enc = new_encoder(vocab, d_model=d_model, nlayers=nlayers, nhead=nhead, d_hid=d_hid, dropout=dropout, n_bins=n_bins, max_len=max_len, seed=seed)
+    enc = new_encoder(
+        vocab,
+        d_model=d_model,
+        nlayers=nlayers,
+        nhead=nhead,
+        d_hid=d_hid,
+        dropout=dropout,
+        n_bins=n_bins,
+        max_len=max_len,
+        seed=seed,
+    )
     B = sp.vstack([bin_cells(a, enc)[0] for a in adatas.values()]).tocsr()
     rng = np.random.default_rng(seed)
-    val = np.zeros(B.shape[0], bool); val[rng.choice(B.shape[0], max(1, int(round(val_frac * B.shape[0]))), replace=False)] = True
+    val = np.zeros(B.shape[0], bool)
+    val[rng.choice(B.shape[0], max(1, int(round(val_frac * B.shape[0]))), replace=False)] = True
     Btr, Bval = B[~val], B[val]
     vtok = pack_tokens(Bval, enc, seed=seed, select=select)
     gene_mean = _gene_mean_bins(pack_tokens(Btr, enc, seed=seed + 1, select=select), len(vocab))
@@ -518,27 +703,66 @@ def pretrain_encoder(datasets:tuple|list=PRETRAIN_DATASETS, # bundled dataset na
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         opt = torch.optim.AdamW(enc.model.parameters(), lr=lr, weight_decay=0.01)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, n_steps) / n_steps)))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, n_steps) / n_steps))
+        )
         log = dict(val=[dict(epoch=0, **_evaluate(enc, vtok, gene_mean, mask_ratio=mask_ratio, seed=seed))], loss=[])
         bar = tqdm(total=n_steps, desc='Pretraining', disable=not progress)
         for ep in range(epochs):
             enc.model.train()
-            for b in pack_tokens(Btr, enc, seed=seed + 1 + ep, select=select).batches(batch_size, shuffle=True, seed=seed + ep):
+            for b in pack_tokens(Btr, enc, seed=seed + 1 + ep, select=select).batches(
+                batch_size, shuffle=True, seed=seed + ep
+            ):
                 loss, _ = pretrain_loss(enc, b, mask_ratio=mask_ratio, generator=gen)
                 opt.zero_grad(); loss.backward()
                 torch.nn.utils.clip_grad_norm_(enc.model.parameters(), 1.0)
                 opt.step(); sched.step()
-                log['loss'].append(round(float(loss.detach()), 4)); bar.update(1); bar.set_postfix(loss=f"{log['loss'][-1]:.2f}")
+                log['loss'].append(round(float(loss.detach()), 4))
+                bar.update(1)
+                bar.set_postfix(loss=f"{log['loss'][-1]:.2f}")
             log['val'].append(dict(epoch=ep + 1, **_evaluate(enc, vtok, gene_mean, mask_ratio=mask_ratio, seed=seed)))
         bar.close()
     enc.model.eval()
-    params = dict(datasets=list(datasets), d_model=d_model, nlayers=nlayers, nhead=nhead, d_hid=d_hid, dropout=dropout, n_bins=n_bins,
-                  max_len=max_len, select=select, epochs=epochs, mask_ratio=mask_ratio, batch_size=batch_size, lr=lr, seed=seed, n_threads=n_threads, val_frac=val_frac)
-    enc.args.update(gene_selection=select, mask_ratio=mask_ratio, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, datasets=list(datasets),
-                    trained_by='deepseq_nb.encoder.pretrain_encoder')
-    enc.info['pretrain'] = dict(params=params, n_cells=int(B.shape[0]), n_train=int(Btr.shape[0]), n_val=int(Bval.shape[0]),
-                                n_tokens=len(vocab), steps=n_steps, seconds=round(time.perf_counter() - t0, 1),
-                                cpu_seconds=round(time.process_time() - c0, 1), torch=torch.__version__, **log)
+    params = dict(
+        datasets=list(datasets),
+        d_model=d_model,
+        nlayers=nlayers,
+        nhead=nhead,
+        d_hid=d_hid,
+        dropout=dropout,
+        n_bins=n_bins,
+        max_len=max_len,
+        select=select,
+        epochs=epochs,
+        mask_ratio=mask_ratio,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        n_threads=n_threads,
+        val_frac=val_frac,
+    )
+    enc.args.update(
+        gene_selection=select,
+        mask_ratio=mask_ratio,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        datasets=list(datasets),
+        trained_by='deepseq_nb.encoder.pretrain_encoder',
+    )
+    enc.info['pretrain'] = dict(
+        params=params,
+        n_cells=int(B.shape[0]),
+        n_train=int(Btr.shape[0]),
+        n_val=int(Bval.shape[0]),
+        n_tokens=len(vocab),
+        steps=n_steps,
+        seconds=round(time.perf_counter() - t0, 1),
+        cpu_seconds=round(time.process_time() - c0, 1),
+        torch=torch.__version__,
+        **log,
+    )
     if out_dir is not None:
         save_scgpt(enc, out_dir)
         (Path(out_dir)/'pretrain_log.json').write_text(json.dumps(enc.info['pretrain'], indent=1))
@@ -546,14 +770,33 @@ def pretrain_encoder(datasets:tuple|list=PRETRAIN_DATASETS, # bundled dataset na
 
 # %% ../nbs/10_encoder.ipynb #ff0af142
 ENCODER_VERSION = 1  # bump when pretraining changes: cached encoders are rebuilt
-PRETRAIN_KEYS = ('datasets', 'd_model', 'nlayers', 'nhead', 'd_hid', 'dropout', 'n_bins', 'max_len', 'select', 'epochs', 'mask_ratio',
-                 'batch_size', 'lr', 'seed', 'n_threads', 'val_frac')
+PRETRAIN_KEYS = (
+    'datasets',
+    'd_model',
+    'nlayers',
+    'nhead',
+    'd_hid',
+    'dropout',
+    'n_bins',
+    'max_len',
+    'select',
+    'epochs',
+    'mask_ratio',
+    'batch_size',
+    'lr',
+    'seed',
+    'n_threads',
+    'val_frac',
+)
 
 def encoder_settings(settings:dict|None=None)->dict:
     "The `[encoder]` section of settings.ini (or of `settings`)."
     s = settings if settings is not None else load_settings()
     sec = dict(s.get('encoder', {}) or {})
-    if not sec: raise KeyError("settings.ini has no [encoder] section; see the documented section in the project's settings.ini.")
+    if not sec:
+        raise KeyError(
+            "settings.ini has no [encoder] section; see the documented section in the project's settings.ini."
+        )
     return sec
 
 def pretrained_dir(params:dict, # pretraining parameters (keys of `PRETRAIN_KEYS`)
@@ -569,9 +812,12 @@ def is_complete(d:Path, # a pretrained encoder's directory
     "Whether `d` holds every file of a pretrained encoder."
     return all((d/f).is_file() for f in FILES)
 
-def pretrained_encoder(root:str|Path|None=None, # cache root (default: cache_dir()/'encoders')
-                       *, progress:bool=True, **params, # pretraining parameters (see `pretrain_encoder`)
-                      )->Encoder:
+def pretrained_encoder(
+    root: str | Path | None = None,  # cache root (default: cache_dir()/'encoders')
+    *,
+    progress: bool = True,
+    **params,  # pretraining parameters (see `pretrain_encoder`)
+) -> Encoder:
     "The small encoder pretrained with `params`: loaded from the cache, else pretrained once (under a lock) and cached."
     bad = set(params) - set(PRETRAIN_KEYS)
     if bad: raise TypeError(f"Unknown pretraining parameters {sorted(bad)}; valid: {', '.join(PRETRAIN_KEYS)}.")

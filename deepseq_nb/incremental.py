@@ -49,20 +49,38 @@ class IncrementalConfig:
     label_key:str='cell_type' # protocols: its obs column of labels
     tissue:str='blood' # protocols: the plugin's tissue name
     max_cells:int=1500 # protocols: at most this many cells, drawn per type in proportion (0: all)
-    test_frac:float=0.3 # protocols: test share of each type
-    held_out:list=field(default_factory=list) # new-type curve: types added in turn ([]: a seeded draw of n_held_out types)
+    test_frac:float=0.3  # protocols: test share of each type
+    # new-type curve: types added in turn ([]: a seeded draw of n_held_out types)
+    held_out: list = field(default_factory=list)
     n_held_out:int=3 # new-type curve: types drawn when held_out is []
     min_cells:int=30 # new-type curve: training cells a drawn type needs
     ks:list=field(default_factory=lambda: [5, 10, 30, 100]) # new-type curve: labelled cells per addition
-    repeats:int=1 # new-type curve: draws of those cells
-    variants:list=field(default_factory=lambda: ['lora_rehearsal', 'lora', 'frozen_rehearsal', 'frozen']) # new-type curve: variants compared
+    repeats:int=1  # new-type curve: draws of those cells
+    # new-type curve: variants compared
+    variants: list = field(default_factory=lambda: ['lora_rehearsal', 'lora', 'frozen_rehearsal', 'frozen'])
     steps:int=5 # forgetting curve: types added one after another
-    k:int=30 # forgetting curve: labelled cells of each
-    forgetting_variants:list=field(default_factory=lambda: ['lora_rehearsal', 'frozen_rehearsal']) # forgetting curve: variants compared
-    scratch:str='every' # forgetting curve: a plugin retrained from scratch at 'every' step, the 'last' one, or 'none'
-    seeds:list=field(default_factory=lambda: [0]) # seeds of the protocols in the paper figure (each its own split, draws, plugins)
-ADD_KEYS = ('rehearsal', 'train_lora', 'freeze_old', 'epochs', 'lr', 'batch_size', 'patience', 'val_fraction', 'weight_decay',
-            'balance', 'seed', 'n_threads') # the defaults that are `add_cell_type` arguments
+    k:int=30  # forgetting curve: labelled cells of each
+    # forgetting curve: variants compared
+    forgetting_variants: list = field(default_factory=lambda: ['lora_rehearsal', 'frozen_rehearsal'])
+    scratch:str='every'
+    # seeds of the protocols in the paper figure (each its own split, draws, plugins)
+    seeds: list = field(default_factory=lambda: [0])
+
+
+ADD_KEYS = (
+    'rehearsal',
+    'train_lora',
+    'freeze_old',
+    'epochs',
+    'lr',
+    'batch_size',
+    'patience',
+    'val_fraction',
+    'weight_decay',
+    'balance',
+    'seed',
+    'n_threads',
+) # the defaults that are `add_cell_type` arguments
 
 LIST_KEYS = ('held_out', 'ks', 'variants', 'forgetting_variants', 'seeds') # settings that are lists
 
@@ -77,7 +95,10 @@ def incremental_settings(settings=None, # a `Settings` (default: `load_settings(
 def _memory_exemplars(memory, reference:ad.AnnData, label:str, n:int, space:str|None)->np.ndarray:
     "Positions in `reference` of the `n` memory entries of `label` nearest the label's centroid."
     if 'obs_name' not in memory.obs:
-        raise InputError("The memory's entries have no 'obs_name' to find their cells in the reference; add them with CellMemory.add_adata().")
+        raise InputError(
+            "The memory's entries have no 'obs_name' to find their cells in the reference; add them with "
+            "CellMemory.add_adata()."
+        )
     ids = np.intersect1d(memory.entry_ids(space), memory.obs.index[memory.obs['label'] == label].to_numpy())
     ids = ids[memory.obs.loc[ids, 'obs_name'].isin(reference.obs_names).to_numpy()]
     if not len(ids): return np.zeros(0, np.int64)
@@ -85,14 +106,22 @@ def _memory_exemplars(memory, reference:ad.AnnData, label:str, n:int, space:str|
     near = ids[np.argsort(d, kind='stable')[:n]]
     return reference.obs_names.get_indexer(memory.obs.loc[near, 'obs_name'].to_numpy())
 
-def rehearsal_sample(reference:ad.AnnData, labels:list, # labelled reference cells; the types to replay
-                     n:int, # cells per type (fewer when a type has fewer)
-                     *, label_key:str='cell_type', seed:int=0, # obs column of labels; seed of the draw
-                     memory=None, space:str|None=None, # a `CellMemory` of the reference: take the cells nearest each centroid
-                    )->np.ndarray:
+def rehearsal_sample(
+    reference: ad.AnnData,
+    labels: list,  # labelled reference cells; the types to replay
+    n: int,  # cells per type (fewer when a type has fewer)
+    *,
+    label_key: str = 'cell_type',
+    seed: int = 0,  # obs column of labels; seed of the draw
+    memory=None,
+    space: str | None = None,  # a `CellMemory` of the reference: take the cells nearest each centroid
+) -> np.ndarray:
     "Sorted positions in `reference` of up to `n` cells of each of `labels`: a seeded draw, or the most typical by the memory."
     if label_key not in reference.obs:
-        raise InputError(f"The reference has no obs column {label_key!r}; its columns are: {', '.join(map(str, reference.obs.columns))}.")
+        raise InputError(
+            f"The reference has no obs column {label_key!r}; its columns are: "
+            f"{', '.join(map(str, reference.obs.columns))}."
+        )
     y = reference.obs[label_key].astype(str).to_numpy()
     rng, out = np.random.default_rng(seed), []
     for l in labels:
@@ -130,7 +159,9 @@ def rollback(plugins:PluginSet, tissue:str):
 def same_state(a:dict, b:dict)->bool:
     "Whether two `plugin_state`s are identical (every tensor to the bit, slots and info)."
     eq = lambda x, y: x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
-    return eq(a['lora'], b['lora']) and eq(a['head'], b['head']) and a['labels'] == b['labels'] and a['info'] == b['info']
+    return (
+        eq(a['lora'], b['lora']) and eq(a['head'], b['head']) and a['labels'] == b['labels'] and a['info'] == b['info']
+    )
 
 # %% ../nbs/14_incremental.ipynb #54c51105
 def _cat_tokens(parts:list, encoder:Encoder)->Tokens:
@@ -138,49 +169,86 @@ def _cat_tokens(parts:list, encoder:Encoder)->Tokens:
     L = max(t.genes.shape[1] for t in parts)
     pad = lambda x, v: torch.cat([x, torch.full((x.shape[0], L - x.shape[1]), v, dtype=x.dtype)], 1)
     names = [t.obs_names for t in parts]
-    return Tokens(torch.cat([pad(t.genes, encoder.pad_id) for t in parts]), torch.cat([pad(t.values, encoder.pad_value) for t in parts]),
-                  torch.cat([pad(t.padding_mask, True) for t in parts]),
-                  None if any(n is None for n in names) else pd.Index(np.concatenate([np.asarray(n) for n in names])), parts[0].coverage)
+    return Tokens(
+        torch.cat([pad(t.genes, encoder.pad_id) for t in parts]),
+        torch.cat([pad(t.values, encoder.pad_value) for t in parts]),
+        torch.cat([pad(t.padding_mask, True) for t in parts]),
+        None if any(n is None for n in names) else pd.Index(np.concatenate([np.asarray(n) for n in names])),
+        parts[0].coverage,
+    )
 
 def _new_cells(adata_new:ad.AnnData, label, label_key:str)->tuple:
     "(label, cells of it) from `adata_new`: all cells when obs has no `label_key`, else those labelled `label`."
     if label_key not in adata_new.obs:
-        if label is None: raise InputError(f"Pass label= (the new type's name): adata_new has no obs column {label_key!r}.")
+        if label is None:
+            raise InputError(f"Pass label= (the new type's name): adata_new has no obs column {label_key!r}.")
         return str(label), adata_new
     y = adata_new.obs[label_key].astype(str).where(adata_new.obs[label_key].notna()).to_numpy()
     if label is None:
         found = sorted(set(y[pd.notna(y)]))
-        if len(found) != 1: raise InputError(f"adata_new.obs[{label_key!r}] holds {len(found)} labels ({found[:5]}): pass label= to pick the new type.")
+        if len(found) != 1:
+            raise InputError(
+                f"adata_new.obs[{label_key!r}] holds {len(found)} labels ({found[:5]}): pass label= to pick the new "
+                "type."
+            )
         label = found[0]
     return str(label), adata_new[y == str(label)]
 
 # %% ../nbs/14_incremental.ipynb #4b6c83ce
-def add_cell_type(adata_new:ad.AnnData, plugins:PluginSet, # labelled cells of the new type; the plugins (changed in place)
-                  *, tissue:str, label:str|None=None, label_key:str='cell_type', # plugin to extend; new type (None: the one in obs); obs column
-                  reference:ad.AnnData|None=None, rehearsal:int=10, # labelled cells of the old types; cells replayed per old type (0: none)
-                  memory=None, space:str|None=None, # a `CellMemory` of the reference: replay the most typical cells (see `rehearsal_sample`)
-                  train_lora:bool=True, freeze_old:bool=False, # train the adapter too; keep every old head slot exactly
-                  epochs:int=30, lr:float=5e-3, batch_size:int=32, patience:int=8, val_fraction:float=0.0, # training (0: no early stopping)
-                  weight_decay:float=0.01, balance:bool=True, # AdamW weight decay; inverse-frequency loss weights
-                  layer:str|None=None, gene_col:str|None=None, # values (default X); var column of symbols
-                  seed:int=0, n_threads:int|None=1, # seed of the rehearsal draw, the slot's weights, order and dropout; torch threads
-                 )->PluginSet:
+def add_cell_type(
+    adata_new: ad.AnnData,
+    plugins: PluginSet,  # labelled cells of the new type; the plugins (changed in place)
+    *,
+    tissue: str,
+    label: str | None = None,
+    label_key: str = 'cell_type',  # plugin to extend; new type (None: the one in obs); obs column
+    reference: ad.AnnData | None = None,
+    rehearsal: int = 10,  # labelled cells of the old types; cells replayed per old type (0: none)
+    memory=None,
+    space: str | None = None,  # a `CellMemory` of the reference: replay the most typical cells (see `rehearsal_sample`)
+    train_lora: bool = True,
+    freeze_old: bool = False,  # train the adapter too; keep every old head slot exactly
+    epochs: int = 30,
+    lr: float = 5e-3,
+    batch_size: int = 32,
+    patience: int = 8,
+    val_fraction: float = 0.0,  # training (0: no early stopping)
+    weight_decay: float = 0.01,
+    balance: bool = True,  # AdamW weight decay; inverse-frequency loss weights
+    layer: str | None = None,
+    gene_col: str | None = None,  # values (default X); var column of symbols
+    seed: int = 0,
+    n_threads: int | None = 1,  # seed of the rehearsal draw, the slot's weights, order and dropout; torch threads
+) -> PluginSet:
     "Add a cell type to `tissue`'s plugin from a few labelled cells (a free head slot; rehearsal of old types); all or nothing."
     t0 = time.perf_counter()
     head = plugins.heads[plugins.check_tissue(tissue)]
     label, new = _new_cells(adata_new, label, label_key)
-    if label in head.labels: raise InputError(f"{label!r} is already a type of the {tissue!r} plugin (slot {head.slot(label)}).")
+    if label in head.labels:
+        raise InputError(f"{label!r} is already a type of the {tissue!r} plugin (slot {head.slot(label)}).")
     if not head.free_slots:
-        raise InputError(f"The {tissue!r} head has no free slot left (all {head.n_slots} hold a type): retrain the plugin with more extra_slots.")
+        raise InputError(
+            f"The {tissue!r} head has no free slot left (all {head.n_slots} hold a type): retrain the plugin with "
+            "more extra_slots."
+        )
     if new.n_obs < 2: raise InputError(f"{new.n_obs} labelled cell of {label!r}: at least 2 are needed to add a type.")
     old = list(head.known)
     if rehearsal and reference is None:
-        raise InputError(f"rehearsal={rehearsal} needs reference= (labelled cells of the old types). Pass rehearsal=0 to add without: "
-                         "then train_lora=False, freeze_old=True keeps the old logits exact, but the new slot is trained against nothing.")
-    ridx = rehearsal_sample(reference, old, int(rehearsal), label_key=label_key, seed=seed, memory=memory, space=space) if rehearsal else np.zeros(0, int)
+        raise InputError(
+            f"rehearsal={rehearsal} needs reference= (labelled cells of the old types). Pass rehearsal=0 to add "
+            "without: "
+            "then train_lora=False, freeze_old=True keeps the old logits exact, but the new slot is trained against "
+            "nothing."
+        )
+    ridx = (
+        rehearsal_sample(reference, old, int(rehearsal), label_key=label_key, seed=seed, memory=memory, space=space)
+        if rehearsal
+        else np.zeros(0, int)
+    )
     rlab = reference.obs[label_key].astype(str).to_numpy()[ridx] if rehearsal else np.zeros(0, str)
     missing = sorted(set(old) - set(rlab))
-    if rehearsal and missing: warnings.warn(f"The reference has no cells of {missing}: they are not rehearsed and may be forgotten.")
+    if rehearsal and missing:
+        warnings.warn(f"The reference has no cells of {missing}: they are not rehearsed and may be forgotten.")
     parts = [tokenize(new, plugins.encoder, layer=layer, gene_col=gene_col, seed=seed)]
     if len(ridx): parts.append(tokenize(reference[ridx], plugins.encoder, layer=layer, gene_col=gene_col, seed=seed))
     tok = _cat_tokens(parts, plugins.encoder)
@@ -189,17 +257,54 @@ def add_cell_type(adata_new:ad.AnnData, plugins:PluginSet, # labelled cells of t
         slot = head.add_label(label, seed=seed)
         y = np.array([head.slot(l) for l in labs])
         val = stratified_split(labs, val_fraction, seed=seed)
-        log = fit_plugin(plugins, tissue, tok[np.flatnonzero(~val)], y[~val], val_tokens=tok[np.flatnonzero(val)] if val.any() else None,
-                         val_y=y[val], epochs=epochs, lr=lr, batch_size=batch_size, patience=patience, weight_decay=weight_decay,
-                         balance=balance, train_lora=train_lora, frozen_slots=[head.slot(l) for l in old] if freeze_old else (),
-                         seed=seed, n_threads=n_threads)
+        log = fit_plugin(
+            plugins,
+            tissue,
+            tok[np.flatnonzero(~val)],
+            y[~val],
+            val_tokens=tok[np.flatnonzero(val)] if val.any() else None,
+            val_y=y[val],
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            patience=patience,
+            weight_decay=weight_decay,
+            balance=balance,
+            train_lora=train_lora,
+            frozen_slots=[head.slot(l) for l in old] if freeze_old else (),
+            seed=seed,
+            n_threads=n_threads,
+        )
         info = plugins.info.setdefault(tissue, {})
         info['labels'] = list(head.known)
-        info.setdefault('additions', []).append(dict(label=label, slot=slot, n_cells=int(new.n_obs), n_val=int(val.sum()),
-            rehearsal={l: int((rlab == l).sum()) for l in old}, rehearsal_from='memory' if memory is not None else 'reference' if rehearsal else '',
-            train_lora=bool(train_lora), freeze_old=bool(freeze_old), log=log, seconds=round(time.perf_counter() - t0, 2),
-            params=dict(label_key=label_key, epochs=epochs, lr=lr, batch_size=batch_size, patience=patience, val_fraction=val_fraction,
-                        weight_decay=weight_decay, balance=balance, layer=layer or '', gene_col=gene_col or '', seed=seed, n_threads=n_threads)))
+        info.setdefault('additions', []).append(
+            dict(
+                label=label,
+                slot=slot,
+                n_cells=int(new.n_obs),
+                n_val=int(val.sum()),
+                rehearsal={l: int((rlab == l).sum()) for l in old},
+                rehearsal_from='memory' if memory is not None else 'reference' if rehearsal else '',
+                train_lora=bool(train_lora),
+                freeze_old=bool(freeze_old),
+                log=log,
+                seconds=round(time.perf_counter() - t0, 2),
+                params=dict(
+                    label_key=label_key,
+                    epochs=epochs,
+                    lr=lr,
+                    batch_size=batch_size,
+                    patience=patience,
+                    val_fraction=val_fraction,
+                    weight_decay=weight_decay,
+                    balance=balance,
+                    layer=layer or '',
+                    gene_col=gene_col or '',
+                    seed=seed,
+                    n_threads=n_threads,
+                ),
+            )
+        )
     return plugins
 
 # %% ../nbs/14_incremental.ipynb #5cdec77a
@@ -207,24 +312,41 @@ def plugin_labels(plugins:PluginSet, tokens:Tokens, tissue:str, n_threads:int|No
     "The plugin's label for each cell (str array)."
     return plugin_outputs(plugins, tokens, tissue, n_threads=n_threads).label.astype(str)
 
-def type_scores(y_true, y_pred, # true and predicted labels of the query cells
-                old:list, new:list=(), # types the plugin knew before; types added
-               )->dict:
+def type_scores(
+    y_true,
+    y_pred,  # true and predicted labels of the query cells
+    old: list,
+    new: list = (),  # types the plugin knew before; types added
+) -> dict:
     "New types' F1 (over all cells); old types' accuracy and macro-F1 (on old-type cells); macro-F1 of all on their cells."
     y, p = np.asarray(y_true).astype(str), np.asarray(y_pred).astype(str)
     o, seen = np.isin(y, list(old)), np.isin(y, list(old) + list(new))
-    out = dict(old_accuracy=float(accuracy_score(y[o], p[o])) if o.any() else np.nan,
-               old_macro_f1=float(f1_score(y[o], p[o], labels=list(old), average='macro', zero_division=0)) if o.any() else np.nan,
-               macro_f1=float(f1_score(y[seen], p[seen], labels=sorted(set(y[seen])), average='macro', zero_division=0)) if seen.any() else np.nan)
+    out = dict(
+        old_accuracy=float(accuracy_score(y[o], p[o])) if o.any() else np.nan,
+        old_macro_f1=float(f1_score(y[o], p[o], labels=list(old), average='macro', zero_division=0))
+        if o.any()
+        else np.nan,
+        macro_f1=float(f1_score(y[seen], p[seen], labels=sorted(set(y[seen])), average='macro', zero_division=0))
+        if seen.any()
+        else np.nan,
+    )
     for l in new: out[f'f1[{l}]'] = float(f1_score(y, p, labels=[l], average='macro', zero_division=0))
     return out
 
 # %% ../nbs/14_incremental.ipynb #4942e94e
-VARIANTS = {'lora_rehearsal': dict(train_lora=True, freeze_old=False), 'lora': dict(train_lora=True, freeze_old=False, rehearsal=0),
-            'frozen_rehearsal': dict(train_lora=False, freeze_old=True), 'frozen': dict(train_lora=False, freeze_old=True, rehearsal=0)}
-VARIANT_NAMES = {'lora_rehearsal': 'LoRA + head, rehearsal', 'lora': 'LoRA + head, no rehearsal',
-                 'frozen_rehearsal': 'head only (old slots frozen), rehearsal', 'frozen': 'head only (old slots frozen), no rehearsal',
-                 'scratch': 'retrained from scratch'}
+VARIANTS = {
+    'lora_rehearsal': dict(train_lora=True, freeze_old=False),
+    'lora': dict(train_lora=True, freeze_old=False, rehearsal=0),
+    'frozen_rehearsal': dict(train_lora=False, freeze_old=True),
+    'frozen': dict(train_lora=False, freeze_old=True, rehearsal=0),
+}
+VARIANT_NAMES = {
+    'lora_rehearsal': 'LoRA + head, rehearsal',
+    'lora': 'LoRA + head, no rehearsal',
+    'frozen_rehearsal': 'head only (old slots frozen), rehearsal',
+    'frozen': 'head only (old slots frozen), no rehearsal',
+    'scratch': 'retrained from scratch',
+}
 
 def _add_kwargs(params:dict|None, variant:str)->dict:
     "`add_cell_type` arguments: the `[incremental]` defaults, then `params`, then the variant's switches."
@@ -234,7 +356,8 @@ def _add_kwargs(params:dict|None, variant:str)->dict:
 
 def _prepare(adata:ad.AnnData, label_key:str, test_frac:float, max_cells:int|None, seed:int)->tuple:
     "(cells with str labels, optionally subsampled; boolean test mask) for a protocol."
-    if label_key not in adata.obs: raise InputError(f"obs has no column {label_key!r}; columns: {', '.join(map(str, adata.obs.columns))}.")
+    if label_key not in adata.obs:
+        raise InputError(f"obs has no column {label_key!r}; columns: {', '.join(map(str, adata.obs.columns))}.")
     a = adata[adata.obs[label_key].notna().to_numpy()]
     if max_cells and a.n_obs > max_cells:
         a = a[subsample_types(a.obs[label_key], max_cells, seed=seed)]
@@ -245,19 +368,30 @@ def _pick_types(y:np.ndarray, train:np.ndarray, n:int, min_cells:int, seed:int)-
     "A seeded draw of `n` types with at least `min_cells` training cells."
     counts = pd.Series(y[train]).value_counts()
     pool = sorted(counts.index[counts >= min_cells])
-    if len(pool) < n: raise InputError(f"Only {len(pool)} types have ≥ {min_cells} training cells ({pool}); {n} are asked for.")
+    if len(pool) < n:
+        raise InputError(f"Only {len(pool)} types have ≥ {min_cells} training cells ({pool}); {n} are asked for.")
     return [str(t) for t in np.random.default_rng(seed).choice(pool, n, replace=False)]
 
 # %% ../nbs/14_incremental.ipynb #58a77859
-def new_type_curve(adata:ad.AnnData, encoder:Encoder|None=None, # labelled cells of one tissue; the encoder (default: `default_encoder()`)
-                   *, label_key:str='cell_type', tissue:str='blood', # obs column of labels; the plugin's name
-                   held_out:list|None=None, n_held_out:int=3, min_cells:int=30, # types to add (None: a draw of n_held_out with ≥ min_cells training cells)
-                   ks=(5, 10, 30, 100), repeats:int=1, # labelled cells of the new type; draws of them
-                   variants=('lora_rehearsal', 'frozen_rehearsal'), # keys of `VARIANTS`
-                   test_frac:float=0.3, max_cells:int|None=None, seed:int=0, # test share per type; subsample; seed of split, draws and training
-                   plugin_params:dict|None=None, add_params:dict|None=None, # overrides of `[plugins]` and `[incremental]`
-                   log=None, # called with a line of progress (e.g. print)
-                  )->pd.DataFrame:
+def new_type_curve(
+    adata: ad.AnnData,
+    encoder: Encoder | None = None,  # labelled cells of one tissue; the encoder (default: `default_encoder()`)
+    *,
+    label_key: str = 'cell_type',
+    tissue: str = 'blood',  # obs column of labels; the plugin's name
+    held_out: list | None = None,
+    n_held_out: int = 3,
+    min_cells: int = 30,  # types to add (None: a draw of n_held_out with ≥ min_cells training cells)
+    ks=(5, 10, 30, 100),
+    repeats: int = 1,  # labelled cells of the new type; draws of them
+    variants=('lora_rehearsal', 'frozen_rehearsal'),  # keys of `VARIANTS`
+    test_frac: float = 0.3,
+    max_cells: int | None = None,
+    seed: int = 0,  # test share per type; subsample; seed of split, draws and training
+    plugin_params: dict | None = None,
+    add_params: dict | None = None,  # overrides of `[plugins]` and `[incremental]`
+    log=None,  # called with a line of progress (e.g. print)
+) -> pd.DataFrame:
     "Per held-out type, k and variant: new-type F1 and old-type accuracy / macro-F1 on test cells, before and after the addition."
     from deepseq_nb.encoder import default_encoder
     enc = encoder if encoder is not None else default_encoder()
@@ -266,7 +400,10 @@ def new_type_curve(adata:ad.AnnData, encoder:Encoder|None=None, # labelled cells
     held_out = [str(t) for t in held_out] if held_out else _pick_types(y, ~test, n_held_out, min_cells, seed)
     bad = sorted(set(held_out) - set(y))
     if bad: raise InputError(f"Held-out types {bad} are not in obs[{label_key!r}]; types: {sorted(set(y))}.")
-    kw_plugin, tok = plugin_kwargs(plugin_params)[0] | dict(seed=seed), tokenize(a[np.flatnonzero(test)], enc, seed=seed)
+    kw_plugin, tok = (
+        plugin_kwargs(plugin_params)[0] | dict(seed=seed),
+        tokenize(a[np.flatnonzero(test)], enc, seed=seed),
+    )
     ks, rows = [int(k) for k in ks], []
     for t in held_out:
         t0 = time.perf_counter()
@@ -274,7 +411,11 @@ def new_type_curve(adata:ad.AnnData, encoder:Encoder|None=None, # labelled cells
         ps = train_plugin(ref, enc, tissue=tissue, label_key=label_key, **kw_plugin)
         old, state = list(ps.heads[tissue].known), plugin_state(ps, tissue)
         pre = type_scores(y[test], plugin_labels(ps, tok, tissue), old, [t])
-        if log: log(f"[new_type_curve] {t}: plugin on {ref.n_obs} cells in {time.perf_counter() - t0:.0f} s; old macro-F1 {pre['old_macro_f1']:.3f}")
+        if log:
+            log(
+                f"[new_type_curve] {t}: plugin on {ref.n_obs} cells in {time.perf_counter() - t0:.0f} s; old macro-F1 "
+                f"{pre['old_macro_f1']:.3f}"
+            )
         pool = np.flatnonzero(~test & (y == t))
         for rep in range(repeats):
             order = np.random.default_rng([seed, rep]).permutation(pool)
@@ -282,16 +423,41 @@ def new_type_curve(adata:ad.AnnData, encoder:Encoder|None=None, # labelled cells
                 for v in variants:
                     restore_plugin(ps, tissue, state)
                     t1 = time.perf_counter()
-                    add_cell_type(a[np.sort(order[:k_used])], ps, tissue=tissue, label=t, label_key=label_key, reference=ref,
-                                  **_add_kwargs(add_params, v) | dict(seed=seed + rep))
+                    add_cell_type(
+                        a[np.sort(order[:k_used])],
+                        ps,
+                        tissue=tissue,
+                        label=t,
+                        label_key=label_key,
+                        reference=ref,
+                        **_add_kwargs(add_params, v) | dict(seed=seed + rep),
+                    )
                     post = type_scores(y[test], plugin_labels(ps, tok, tissue), old, [t])
-                    row = dict(held_out=t, variant=v, method=VARIANT_NAMES[v], repeat=rep, new_f1=post[f'f1[{t}]'],
-                               old_macro_f1_before=pre['old_macro_f1'], old_macro_f1_after=post['old_macro_f1'], old_accuracy_before=pre['old_accuracy'],
-                               old_accuracy_after=post['old_accuracy'], macro_f1_after=post['macro_f1'], n_test_new=int((y[test] == t).sum()),
-                               n_test_old=int(np.isin(y[test], old).sum()), seconds=round(time.perf_counter() - t1, 2))
-                    rows += [dict(k=k, k_used=k_used, capped=k_used < k) | row for k in ks if min(k, len(pool)) == k_used]
-                    if log: log(f"  k={k_used} {v}: new F1 {post[f'f1[{t}]']:.3f}, old macro-F1 {post['old_macro_f1']:.3f}")
-    return pd.DataFrame(rows).sort_values(['held_out', 'repeat', 'k'], kind='stable', ignore_index=True) if rows else pd.DataFrame(rows)
+                    row = dict(
+                        held_out=t,
+                        variant=v,
+                        method=VARIANT_NAMES[v],
+                        repeat=rep,
+                        new_f1=post[f'f1[{t}]'],
+                        old_macro_f1_before=pre['old_macro_f1'],
+                        old_macro_f1_after=post['old_macro_f1'],
+                        old_accuracy_before=pre['old_accuracy'],
+                        old_accuracy_after=post['old_accuracy'],
+                        macro_f1_after=post['macro_f1'],
+                        n_test_new=int((y[test] == t).sum()),
+                        n_test_old=int(np.isin(y[test], old).sum()),
+                        seconds=round(time.perf_counter() - t1, 2),
+                    )
+                    rows += [
+                        dict(k=k, k_used=k_used, capped=k_used < k) | row for k in ks if min(k, len(pool)) == k_used
+                    ]
+                    if log:
+                        log(f"  k={k_used} {v}: new F1 {post[f'f1[{t}]']:.3f}, old macro-F1 {post['old_macro_f1']:.3f}")
+    return (
+        pd.DataFrame(rows).sort_values(['held_out', 'repeat', 'k'], kind='stable', ignore_index=True)
+        if rows
+        else pd.DataFrame(rows)
+    )
 
 # %% ../nbs/14_incremental.ipynb #34f07243
 def _step_scores(plugins:PluginSet, tissue:str, tok:Tokens, y:np.ndarray, base:list, seen:list, newest:str|None)->dict:
@@ -301,30 +467,53 @@ def _step_scores(plugins:PluginSet, tissue:str, tok:Tokens, y:np.ndarray, base:l
     prev = [t for t in seen if t != newest]
     s = type_scores(yy, p, prev, [newest] if newest else [])
     b = np.isin(yy, base)
-    return dict(base_accuracy=float(accuracy_score(yy[b], p[b])), old_accuracy=s['old_accuracy'], seen_accuracy=float(accuracy_score(yy, p)),
-                seen_macro_f1=s['macro_f1'], new_f1=s.get(f'f1[{newest}]', np.nan))
+    return dict(
+        base_accuracy=float(accuracy_score(yy[b], p[b])),
+        old_accuracy=s['old_accuracy'],
+        seen_accuracy=float(accuracy_score(yy, p)),
+        seen_macro_f1=s['macro_f1'],
+        new_f1=s.get(f'f1[{newest}]', np.nan),
+    )
 
-def forgetting_curve(adata:ad.AnnData, encoder:Encoder|None=None, # labelled cells of one tissue; the encoder (default: `default_encoder()`)
-                     *, label_key:str='cell_type', tissue:str='blood', # obs column of labels; the plugin's name
-                     held_out:list|None=None, steps:int=5, k:int=30, # types added in this order (None: a seeded draw of `steps`); cells each
-                     variants=('lora_rehearsal', 'frozen_rehearsal'), scratch:bool|str=True, # keys of `VARIANTS`; retrain from scratch: True/'every' step, 'last' step only, False/'none'
-                     test_frac:float=0.3, max_cells:int|None=None, seed:int=0, # test share per type; subsample; seed
-                     plugin_params:dict|None=None, add_params:dict|None=None, # overrides of `[plugins]` and `[incremental]`
-                     log=None, # called with a line of progress (e.g. print)
-                    )->pd.DataFrame:
+def forgetting_curve(
+    adata: ad.AnnData,
+    encoder: Encoder | None = None,  # labelled cells of one tissue; the encoder (default: `default_encoder()`)
+    *,
+    label_key: str = 'cell_type',
+    tissue: str = 'blood',  # obs column of labels; the plugin's name
+    held_out: list | None = None,
+    steps: int = 5,
+    k: int = 30,  # types added in this order (None: a seeded draw of `steps`); cells each
+    variants=('lora_rehearsal', 'frozen_rehearsal'),
+    scratch: bool
+    | str = True,  # keys of `VARIANTS`; retrain from scratch: True/'every' step, 'last' step only, False/'none'
+    test_frac: float = 0.3,
+    max_cells: int | None = None,
+    seed: int = 0,  # test share per type; subsample; seed
+    plugin_params: dict | None = None,
+    add_params: dict | None = None,  # overrides of `[plugins]` and `[incremental]`
+    log=None,  # called with a line of progress (e.g. print)
+) -> pd.DataFrame:
     "Scores after each of `steps` sequential additions, per variant and for retraining from scratch on the same labelled cells."
-    if scratch not in (True, False, 'every', 'last', 'none'): raise InputError(f"scratch must be True/'every', 'last' or False/'none'; got {scratch!r}.")
+    if scratch not in (True, False, 'every', 'last', 'none'):
+        raise InputError(f"scratch must be True/'every', 'last' or False/'none'; got {scratch!r}.")
     from deepseq_nb.encoder import default_encoder
     enc = encoder if encoder is not None else default_encoder()
     a, test = _prepare(adata, label_key, test_frac, max_cells, seed)
     y = a.obs[label_key].to_numpy()
     seq = [str(t) for t in held_out] if held_out else _pick_types(y, ~test, steps, 2, seed)
     base = sorted(set(y) - set(seq))
-    if len(base) < 2: raise InputError(f"Adding {len(seq)} of {len(set(y))} types leaves {len(base)} for the first plugin; at least 2 are needed.")
+    if len(base) < 2:
+        raise InputError(
+            f"Adding {len(seq)} of {len(set(y))} types leaves {len(base)} for the first plugin; at least 2 are needed."
+        )
     rng = np.random.default_rng(seed)
     picked = {t: np.sort(rng.permutation(np.flatnonzero(~test & (y == t)))[:k]) for t in seq}
     base_idx = np.flatnonzero(~test & np.isin(y, base))
-    kw_plugin, tok = plugin_kwargs(plugin_params)[0] | dict(seed=seed), tokenize(a[np.flatnonzero(test)], enc, seed=seed)
+    kw_plugin, tok = (
+        plugin_kwargs(plugin_params)[0] | dict(seed=seed),
+        tokenize(a[np.flatnonzero(test)], enc, seed=seed),
+    )
     yt = y[test]
     t0 = time.perf_counter()
     ps = train_plugin(a[base_idx], enc, tissue=tissue, label_key=label_key, **kw_plugin)
@@ -337,17 +526,51 @@ def forgetting_curve(adata:ad.AnnData, encoder:Encoder|None=None, # labelled cel
         rows.append(dict(variant=v, method=VARIANT_NAMES[v], **step0))
         for i, t in enumerate(seq, 1):
             t1, ref = time.perf_counter(), a[np.concatenate([base_idx, *[picked[s] for s in seq[:i - 1]]])]
-            add_cell_type(a[picked[t]], ps, tissue=tissue, label=t, label_key=label_key, reference=ref, **_add_kwargs(add_params, v) | dict(seed=seed))
-            rows.append(dict(variant=v, method=VARIANT_NAMES[v], step=i, added=t, k=len(picked[t]), n_types=len(base) + i,
-                             **_step_scores(ps, tissue, tok, yt, base, base + seq[:i], t), seconds=round(time.perf_counter() - t1, 2)))
+            add_cell_type(
+                a[picked[t]],
+                ps,
+                tissue=tissue,
+                label=t,
+                label_key=label_key,
+                reference=ref,
+                **_add_kwargs(add_params, v) | dict(seed=seed),
+            )
+            rows.append(
+                dict(
+                    variant=v,
+                    method=VARIANT_NAMES[v],
+                    step=i,
+                    added=t,
+                    k=len(picked[t]),
+                    n_types=len(base) + i,
+                    **_step_scores(ps, tissue, tok, yt, base, base + seq[:i], t),
+                    seconds=round(time.perf_counter() - t1, 2),
+                )
+            )
             if log: log(f"  {v} step {i} (+{t}): base accuracy {rows[-1]['base_accuracy']:.3f}")
     if scratch and scratch != 'none':
         rows.append(dict(variant='scratch', method=VARIANT_NAMES['scratch'], **step0))
         for i, t in enumerate(seq, 1):
             if scratch == 'last' and i < len(seq): continue   # one retraining, on the cells of every step
             t1 = time.perf_counter()
-            fresh = train_plugin(a[np.concatenate([base_idx, *[picked[s] for s in seq[:i]]])], enc, tissue=tissue, label_key=label_key, **kw_plugin)
-            rows.append(dict(variant='scratch', method=VARIANT_NAMES['scratch'], step=i, added=t, k=len(picked[t]), n_types=len(base) + i,
-                             **_step_scores(fresh, tissue, tok, yt, base, base + seq[:i], t), seconds=round(time.perf_counter() - t1, 2)))
+            fresh = train_plugin(
+                a[np.concatenate([base_idx, *[picked[s] for s in seq[:i]]])],
+                enc,
+                tissue=tissue,
+                label_key=label_key,
+                **kw_plugin,
+            )
+            rows.append(
+                dict(
+                    variant='scratch',
+                    method=VARIANT_NAMES['scratch'],
+                    step=i,
+                    added=t,
+                    k=len(picked[t]),
+                    n_types=len(base) + i,
+                    **_step_scores(fresh, tissue, tok, yt, base, base + seq[:i], t),
+                    seconds=round(time.perf_counter() - t1, 2),
+                )
+            )
             if log: log(f"  scratch step {i} (+{t}): base accuracy {rows[-1]['base_accuracy']:.3f}")
     return pd.DataFrame(rows)

@@ -108,21 +108,30 @@ class Reply:
 class LLMBackend:
     "Shared machinery of the LLM backends; subclasses implement `_connect` and `_call`."
     kind = ''
-    def __init__(self, model:str, # model name on the server
-                 cache:AnswerCache|str|Path|bool|None=True, # True: the per-user cache; an object, directory or file; None/False: none
-                 cache_mode:str='use', # use, refresh or replay
-                 batch_size:int=MAX_ROWS, # clusters per prompt (1 = one call per cluster)
-                 structured:bool=False, # ask for JSON answers with confidence and reason
-                 temperature:float=0.0, seed:int=0, # sampling settings (enter the cache key)
-                 timeout:float=120.0, # seconds per HTTP request
-                 max_retries:int=4, backoff:float=1.0, max_backoff:float=60.0, # retry policy (see `retry_call`)
-                 concurrency:int=1, # prompts in flight at once
-                 rate_limit:float|None=None, # call starts per second (None = unlimited)
-                 prices:dict|None=None, # price table (see `call_cost`)
-                 max_reasks:int=1, # times rows missing from an answer are asked again
-                 progress:bool=True, # show a progress bar
-                 sleep=time.sleep, # injectable for tests
-                ):
+    def __init__(
+        self,
+        model: str,  # model name on the server
+        cache: AnswerCache
+        | str
+        | Path
+        | bool
+        | None = True,  # True: the per-user cache; an object, directory or file; None/False: none
+        cache_mode: str = 'use',  # use, refresh or replay
+        batch_size: int = MAX_ROWS,  # clusters per prompt (1 = one call per cluster)
+        structured: bool = False,  # ask for JSON answers with confidence and reason
+        temperature: float = 0.0,
+        seed: int = 0,  # sampling settings (enter the cache key)
+        timeout: float = 120.0,  # seconds per HTTP request
+        max_retries: int = 4,
+        backoff: float = 1.0,
+        max_backoff: float = 60.0,  # retry policy (see `retry_call`)
+        concurrency: int = 1,  # prompts in flight at once
+        rate_limit: float | None = None,  # call starts per second (None = unlimited)
+        prices: dict | None = None,  # price table (see `call_cost`)
+        max_reasks: int = 1,  # times rows missing from an answer are asked again
+        progress: bool = True,  # show a progress bar
+        sleep=time.sleep,  # injectable for tests
+    ):
         if not model: raise ValueError(f"{self.kind} backend needs a model name.")
         if concurrency < 1: raise ValueError(f"concurrency must be >= 1, got {concurrency}.")
         batches([], batch_size)   # validates the size
@@ -148,8 +157,16 @@ class LLMBackend:
 
     def key_parts(self, prompt:str)->dict:
         "What identifies an answer: backend, model, full prompt, tools, temperature, seed, template version."
-        return dict(backend=self.kind, model=self.model, prompt=prompt, tools=self.tools(), temperature=self.temperature,
-                    seed=self.seed, template=TEMPLATE_VERSION, structured=self.structured)
+        return dict(
+            backend=self.kind,
+            model=self.model,
+            prompt=prompt,
+            tools=self.tools(),
+            temperature=self.temperature,
+            seed=self.seed,
+            template=TEMPLATE_VERSION,
+            structured=self.structured,
+        )
 
     def server(self)->str:
         "The server this backend talks to, for error messages."
@@ -204,9 +221,19 @@ def _ask(self:LLMBackend, prompt:str, n:int, ctx:ClusterQuery,
     except Exception as e: raise self._failed_call(e, 1 + kw['max_retries']) from e
     lat = time.perf_counter() - t0
     cost = 0.0 if self.kind == 'ollama' else call_cost(self.model, r.tokens_in, r.tokens_out, self.prices, r.searches)
-    rec = dict(backend=self.kind, model=self.model, request=parts, raw=r.text,
-               parsed={str(k): v for k, v in parse_answer(r.text, n, self.structured).items()},
-               tokens_in=r.tokens_in, tokens_out=r.tokens_out, latency=lat, cost=cost, sources=r.sources, requests=r.requests)
+    rec = dict(
+        backend=self.kind,
+        model=self.model,
+        request=parts,
+        raw=r.text,
+        parsed={str(k): v for k, v in parse_answer(r.text, n, self.structured).items()},
+        tokens_in=r.tokens_in,
+        tokens_out=r.tokens_out,
+        latency=lat,
+        cost=cost,
+        sources=r.sources,
+        requests=r.requests,
+    )
     if key is not None: self.cache.put(key, rec)
     with self._connect_lock:
         self.stats.calls += r.requests; self.stats.tokens_in += r.tokens_in; self.stats.tokens_out += r.tokens_out
@@ -218,7 +245,11 @@ LLMBackend.ask, LLMBackend._failed_call = _ask, _failed_call
 # %% ../nbs/05c_llm_backend.ipynb #a2984622
 def _to_answers(self:LLMBackend, chunk:list[ClusterQuery], rows:list[int], rec:dict)->dict[int,Answer]:
     "Answers for `rows` (1-based positions in `chunk`) that `rec` parsed, sharing its tokens and cost."
-    parsed = parse_answer(rec['raw'], len(rows), self.structured) if rec.get('raw') else {int(k): v for k, v in rec['parsed'].items()}
+    parsed = (
+        parse_answer(rec['raw'], len(rows), self.structured)
+        if rec.get('raw')
+        else {int(k): v for k, v in rec['parsed'].items()}
+    )
     got = [i for i in range(1, len(rows)+1) if i in parsed]
     share = 1/max(len(got), 1)
     out = {}
@@ -285,7 +316,12 @@ def _run_pool(self:LLMBackend, chunks:list, pbar)->tuple[dict, list]:
         if e is not None: stop.set()   # no new calls; those in flight finish and are cached
         pbar.update(1)
         s = self.stats
-        pbar.set_postfix(calls=s.calls, hits=s.hits, tokens=s.tokens_in+s.tokens_out, cost='?' if s.cost is None else f'${s.cost:.4f}')
+        pbar.set_postfix(
+            calls=s.calls,
+            hits=s.hits,
+            tokens=s.tokens_in + s.tokens_out,
+            cost='?' if s.cost is None else f'${s.cost:.4f}',
+        )
     return results, errors
 
 def _annotate(self:LLMBackend, queries:list[ClusterQuery])->Answers:
@@ -295,7 +331,7 @@ def _annotate(self:LLMBackend, queries:list[ClusterQuery])->Answers:
     pbar = _progress(self, len(chunks))
     try: results, errors = self._run_pool(chunks, pbar)
     except KeyboardInterrupt:
-        self._stop.set()   # pending prompts are never sent; a call in flight is abandoned (its answer is cached if it lands)
+        self._stop.set()  # pending prompts are never sent; a call in flight is abandoned (its answer is cached if it lands)
         self.stats.wall = time.perf_counter() - t0
         record_run(self.spec, getattr(self, 'model', None), self.stats, len(queries), ok=False)
         where = f"cached in {self.cache.path}" if self.cache is not None else "not cached (no cache)"
@@ -324,10 +360,12 @@ class Turn:
     cached: bool = False # whether it came from the answer cache
 
 # %% ../nbs/05c_llm_backend.ipynb #90eff7b0
-def _chat(self:LLMBackend, messages:list, # the conversation (role, content, tool_calls, tool_call_id, name)
-          tools:list|None=None, # tool descriptions in the OpenAI format (None: the model must answer)
-          task:str='chat', # what the conversation is for; enters the cache key
-         )->Turn:
+def _chat(
+    self: LLMBackend,
+    messages: list,  # the conversation (role, content, tool_calls, tool_call_id, name)
+    tools: list | None = None,  # tool descriptions in the OpenAI format (None: the model must answer)
+    task: str = 'chat',  # what the conversation is for; enters the cache key
+) -> Turn:
     "The model's next turn: from the cache, else from the server (rate-limited, with retries), then cached."
     parts = dict(task=task, backend=self.kind, model=self.model, messages=messages, tools=tools or [],
                  temperature=self.temperature, seed=self.seed)
@@ -347,8 +385,21 @@ def _chat(self:LLMBackend, messages:list, # the conversation (role, content, too
         self.stats.add_cost(cost)
     if key is not None:
         raw = json.dumps(dict(content=t.content, calls=t.calls, tokens_in=t.tokens_in, tokens_out=t.tokens_out))
-        self.cache.put(key, dict(backend=self.kind, model=self.model, request=parts, raw=raw,
-                                 parsed=dict(content=t.content, calls=t.calls), tokens_in=t.tokens_in,
-                                 tokens_out=t.tokens_out, latency=time.perf_counter() - t0, cost=cost, sources=[], requests=1))
+        self.cache.put(
+            key,
+            dict(
+                backend=self.kind,
+                model=self.model,
+                request=parts,
+                raw=raw,
+                parsed=dict(content=t.content, calls=t.calls),
+                tokens_in=t.tokens_in,
+                tokens_out=t.tokens_out,
+                latency=time.perf_counter() - t0,
+                cost=cost,
+                sources=[],
+                requests=1,
+            ),
+        )
     return t
 LLMBackend.chat = _chat

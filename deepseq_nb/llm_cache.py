@@ -30,9 +30,14 @@ def default_cache_path()->Path:
 
 class AnswerCache:
     "A persistent, thread-safe sqlite store of LLM answers."
-    def __init__(self, path:str|Path|None=None, # sqlite file (a directory gets answers.sqlite inside); None: `default_cache_path()`
-                 mode:str='use', # use, refresh or replay
-                ):
+
+    def __init__(
+        self,
+        path: str
+        | Path
+        | None = None,  # sqlite file (a directory gets answers.sqlite inside); None: `default_cache_path()`
+        mode: str = 'use',  # use, refresh or replay
+    ):
         if mode not in CACHE_MODES: raise ValueError(f"Cache mode {mode!r} is not one of {', '.join(CACHE_MODES)}.")
         p = default_cache_path() if path is None else Path(path).expanduser()
         if p.suffix not in ('.sqlite', '.db'): p = p/'answers.sqlite'
@@ -49,11 +54,19 @@ class AnswerCache:
         "Turn sqlite, file-system and JSON errors into a `CacheError` that names the file and what to do."
         try: yield
         except (sqlite3.Error, OSError, json.JSONDecodeError) as e:
-            bad = isinstance(e, (sqlite3.DatabaseError, json.JSONDecodeError)) and not isinstance(e, sqlite3.OperationalError)
-            fix = (f"it looks corrupt: move it aside (mv '{self.path}' '{self.path}.bad') and rerun; its answers will be "
-                   "asked again" if bad else "check that its directory exists and is writable, or set DEEPSEQ_CACHE "
-                   "(or [annotate] cache_dir) to another directory")
-            raise CacheError(f"The answer cache {self.path} could not be {what} ({type(e).__name__}: {e}): {fix}.") from None
+            bad = isinstance(e, (sqlite3.DatabaseError, json.JSONDecodeError)) and not isinstance(
+                e, sqlite3.OperationalError
+            )
+            fix = (
+                f"it looks corrupt: move it aside (mv '{self.path}' '{self.path}.bad') and rerun; its answers will be "
+                "asked again"
+                if bad
+                else "check that its directory exists and is writable, or set DEEPSEQ_CACHE "
+                "(or [annotate] cache_dir) to another directory"
+            )
+            raise CacheError(
+                f"The answer cache {self.path} could not be {what} ({type(e).__name__}: {e}): {fix}."
+            ) from None
 
     def get(self, key:str)->dict|None:
         "The stored record for `key`, or None."
@@ -67,11 +80,25 @@ class AnswerCache:
 
     def put(self, key:str, rec:dict):
         "Store (or replace) a record and commit at once."
-        cols = ['backend','model','request','raw','parsed','tokens_in','tokens_out','latency','cost','sources','requests']
+        cols = [
+            'backend',
+            'model',
+            'request',
+            'raw',
+            'parsed',
+            'tokens_in',
+            'tokens_out',
+            'latency',
+            'cost',
+            'sources',
+            'requests',
+        ]
         vals = [json.dumps(rec[c]) if c in ('request','parsed','sources') else rec.get(c) for c in cols]
         with self._guard('written'), self._lock:
-            self._db.execute(f"INSERT OR REPLACE INTO answers (key,{','.join(cols)},created) VALUES (?{',?'*len(cols)},?)",
-                             [key, *vals, time.time()])
+            self._db.execute(
+                f"INSERT OR REPLACE INTO answers (key,{','.join(cols)},created) VALUES (?{',?' * len(cols)},?)",
+                [key, *vals, time.time()],
+            )
 
     def __len__(self):
         with self._guard('read'), self._lock: return self._db.execute('SELECT COUNT(*) FROM answers').fetchone()[0]

@@ -73,7 +73,11 @@ def retry_call(fn, # no-argument callable making one attempt
         except Exception as e:
             retry, after = transient(e)
             if not retry or attempt == max_retries: raise
-            wait = min(after, max_retry_after) if after is not None else min(max_backoff, backoff * 2**attempt) * (0.5 + rng()/2)
+            wait = (
+                min(after, max_retry_after)
+                if after is not None
+                else min(max_backoff, backoff * 2**attempt) * (0.5 + rng() / 2)
+            )
             log.warning("transient error (%s: %s); retry %d/%d in %.2f s", type(e).__name__, str(e)[:200],
                         attempt + 1, max_retries, wait)
             sleep(wait)
@@ -81,8 +85,13 @@ def retry_call(fn, # no-argument callable making one attempt
 # %% ../nbs/05a_llm_transport.ipynb #105b7262
 class RateLimiter:
     "Space call starts at least 1/rate seconds apart, across threads."
-    def __init__(self, rate:float|None=None, # calls per second; None or 0 = unlimited
-                 clock=time.monotonic, sleep=time.sleep):
+
+    def __init__(
+        self,
+        rate: float | None = None,  # calls per second; None or 0 = unlimited
+        clock=time.monotonic,
+        sleep=time.sleep,
+    ):
         self.rate, self.clock, self.sleep, self._next, self._lock = rate, clock, sleep, 0.0, threading.Lock()
 
     def wait(self):

@@ -52,18 +52,27 @@ def as_vectors(x, # (n, d) or (d,) array-like, sparse matrix or DataFrame
     where = f" for space {space!r}" if space else ''
     if a.ndim != 2: raise InputError(f"{what}{where} must be a 2-D (n, d) matrix; got shape {a.shape}.")
     if dim is not None and a.shape[1] != dim:
-        raise InputError(f"Dimension mismatch{where}: it holds {dim}-dimensional vectors, but the {what} have {a.shape[1]} dimensions.")
+        raise InputError(
+            f"Dimension mismatch{where}: it holds {dim}-dimensional vectors, but the {what} have {a.shape[1]} "
+            "dimensions."
+        )
     s = a.sum(1)  # NaN and inf survive a sum; a finite row can only overflow it, so check those rows exactly
     bad = np.flatnonzero(~np.isfinite(s))
     if len(bad): bad = bad[~np.isfinite(a[bad]).all(1)]
-    if len(bad): raise InputError(f"{len(bad)} of {len(a)} {what}{where} hold NaN or inf (first: row {bad[0]}); drop or impute them first.")
+    if len(bad):
+        raise InputError(
+            f"{len(bad)} of {len(a)} {what}{where} hold NaN or inf (first: row {bad[0]}); drop or impute them first."
+        )
     return a
 
 def _normalise(a:np.ndarray, what:str='vectors')->np.ndarray:
     "Scale the rows of `a` to unit L2 norm in place; zero rows are an error (they have no direction)."
     nrm = np.sqrt(np.einsum('ij,ij->i', a, a, dtype=np.float64))
     zero = np.flatnonzero(nrm == 0)
-    if len(zero): raise InputError(f"{len(zero)} {what} are all zeros (first: row {zero[0]}): the cosine metric needs a direction.")
+    if len(zero):
+        raise InputError(
+            f"{len(zero)} {what} are all zeros (first: row {zero[0]}): the cosine metric needs a direction."
+        )
     a /= nrm[:, None].astype(np.float32)
     return a
 
@@ -96,7 +105,13 @@ def _export(idx:faiss.Index, vectors:bool=True)->tuple:
     d = idx.d
     if _kind(idx) == 'flat':
         ids = faiss.vector_to_array(idx.id_map).astype(np.int64)
-        X = idx.index.reconstruct_n(0, idx.ntotal) if vectors and idx.ntotal else np.zeros((0, d), np.float32) if vectors else None
+        X = (
+            idx.index.reconstruct_n(0, idx.ntotal)
+            if vectors and idx.ntotal
+            else np.zeros((0, d), np.float32)
+            if vectors
+            else None
+        )
     else:
         inv, n, at = idx.invlists, idx.ntotal, 0
         ids = np.empty(n, np.int64); X = np.empty((n, d), np.float32) if vectors else None
@@ -104,7 +119,10 @@ def _export(idx:faiss.Index, vectors:bool=True)->tuple:
             sz = inv.list_size(l)
             if not sz: continue
             ids[at:at+sz] = faiss.rev_swig_ptr(inv.get_ids(l), sz)
-            if vectors: X[at:at+sz] = faiss.rev_swig_ptr(inv.get_codes(l), sz*inv.code_size).view(np.float32).reshape(sz, d)
+            if vectors:
+                X[at : at + sz] = (
+                    faiss.rev_swig_ptr(inv.get_codes(l), sz * inv.code_size).view(np.float32).reshape(sz, d)
+                )
             at += sz
     if len(ids) > 1 and (np.diff(ids) < 0).any():
         o = np.argsort(ids, kind='stable'); ids = ids[o]; X = X[o] if X is not None else None
@@ -137,21 +155,27 @@ def _check_name(space):
 
 class CellMemory:
     "A faiss memory of reference cell embeddings: named spaces of vectors keyed by entry id, and a metadata table."
-    def __init__(self, dims:dict|None=None, # {space: dimension}; spaces not named here are created by their first `add`
-                 *, metric:str='cosine', # 'cosine' (L2 search on L2-normalised vectors) or 'l2' (raw vectors)
-                 index:str='auto', # 'auto' (Flat below `ivf_threshold`, IVF-Flat from it on), 'flat' or 'ivf'
-                 ivf_threshold:int=100_000, # entries in a space from which 'auto' uses IVF-Flat
-                 nprobe:int=16, # IVF lists searched per query (more: higher recall, slower)
-                 nlist_max:int=1024, # upper clip of nlist ≈ 4·√n
-                 seed:int=0, # seed of IVF training (sample and k-means)
-                 n_threads:int|None=None, # faiss threads (process-wide); None leaves them as they are
-                ):
+
+    def __init__(
+        self,
+        dims: dict | None = None,  # {space: dimension}; spaces not named here are created by their first `add`
+        *,
+        metric: str = 'cosine',  # 'cosine' (L2 search on L2-normalised vectors) or 'l2' (raw vectors)
+        index: str = 'auto',  # 'auto' (Flat below `ivf_threshold`, IVF-Flat from it on), 'flat' or 'ivf'
+        ivf_threshold: int = 100_000,  # entries in a space from which 'auto' uses IVF-Flat
+        nprobe: int = 16,  # IVF lists searched per query (more: higher recall, slower)
+        nlist_max: int = 1024,  # upper clip of nlist ≈ 4·√n
+        seed: int = 0,  # seed of IVF training (sample and k-means)
+        n_threads: int | None = None,  # faiss threads (process-wide); None leaves them as they are
+    ):
         if metric not in METRICS: raise InputError(f"Unknown metric {metric!r}; use one of {METRICS}.")
         if index not in INDEX_KINDS: raise InputError(f"Unknown index {index!r}; use one of {INDEX_KINDS}.")
         self.metric, self.index, self.ivf_threshold, self.nprobe = metric, index, int(ivf_threshold), int(nprobe)
         self.nlist_max, self.seed = int(nlist_max), int(seed)
         set_threads(n_threads)
-        self.obs = pd.DataFrame({c: pd.Series(dtype=object) for c in BASE_COLUMNS}, index=pd.Index([], dtype=np.int64, name='id'))
+        self.obs = pd.DataFrame(
+            {c: pd.Series(dtype=object) for c in BASE_COLUMNS}, index=pd.Index([], dtype=np.int64, name='id')
+        )
         self._dims, self._index, self._next_id, self._version, self._cache = {}, {}, 0, 0, {}
         for s, d in (dims or {}).items(): self._new_space(s, int(d))
 
@@ -171,7 +195,10 @@ class CellMemory:
         "Check a space name; None means the only space."
         if space is None:
             if len(self._index) == 1: return self.spaces[0]
-            raise InputError(f"The memory has {'no spaces yet' if not self._index else 'spaces ' + ', '.join(self._index)}: pass space=.")
+            raise InputError(
+                f"The memory has {'no spaces yet' if not self._index else 'spaces ' + ', '.join(self._index)}: pass "
+                "space=."
+            )
         if space not in self._index:
             raise InputError(f"Unknown space {space!r}; the memory has {', '.join(self._index) or 'no spaces yet'}.")
         return space
@@ -194,7 +221,8 @@ def _meta_frame(obs, n:int)->pd.DataFrame:
     if obs is None: raise InputError("New entries need metadata with a 'label' column (obs=...).")
     m = pd.DataFrame(obs).reset_index(drop=True) if not isinstance(obs, pd.DataFrame) else obs.reset_index(drop=True)
     if len(m) != n: raise InputError(f"obs has {len(m)} rows for {n} vectors.")
-    if 'label' not in m: raise InputError(f"obs needs a 'label' column (the reference labels); it has {list(m.columns)}.")
+    if 'label' not in m:
+        raise InputError(f"obs needs a 'label' column (the reference labels); it has {list(m.columns)}.")
     for c in BASE_COLUMNS: m[c] = _as_str(m[c]) if c in m else None
     return m
 
@@ -205,27 +233,34 @@ def _as_str(s:pd.Series)->pd.Series:
     return out
 
 @patch
-def add(self:CellMemory, vectors, # (n, d) vectors of `space`, or {space: (n, d_space)} for several spaces
-        obs=None, # metadata of the n new entries (needs 'label'); None when `ids` are existing entries
-        *, space:str|None=None, # the space of `vectors` when it is one matrix (None: the only space)
-        ids=None, # ids for new entries, or existing entries to give vectors in another space; None: next free ids
-       )->np.ndarray:
+def add(
+    self: CellMemory,
+    vectors,  # (n, d) vectors of `space`, or {space: (n, d_space)} for several spaces
+    obs=None,  # metadata of the n new entries (needs 'label'); None when `ids` are existing entries
+    *,
+    space: str | None = None,  # the space of `vectors` when it is one matrix (None: the only space)
+    ids=None,  # ids for new entries, or existing entries to give vectors in another space; None: next free ids
+) -> np.ndarray:
     "Add reference vectors (one or several spaces) and their metadata; return their ids."
     if not isinstance(vectors, dict):
-        if space is None and not self._index: raise InputError("The memory has no spaces yet: pass space= (e.g. 'frozen').")
+        if space is None and not self._index:
+            raise InputError("The memory has no spaces yet: pass space= (e.g. 'frozen').")
         vectors = {space if space is not None else self._space(None): vectors}
     X = {s: _prep(self, v, s, create=True) for s, v in vectors.items()}
     ns = {len(v) for v in X.values()}
-    if len(ns) != 1: raise InputError(f"The spaces' vectors have different numbers of rows: { {s: len(v) for s, v in X.items()} }.")
+    if len(ns) != 1:
+        raise InputError(f"The spaces' vectors have different numbers of rows: { {s: len(v) for s, v in X.items()} }.")
     n = ns.pop()
     if ids is None: ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
     ids = np.asarray(ids, dtype=np.int64).ravel()
     if len(ids) != n: raise InputError(f"{len(ids)} ids for {n} vectors.")
     if len(np.unique(ids)) != n or (ids < 0).any(): raise InputError("ids must be unique non-negative integers.")
     known = np.isin(ids, self.obs.index.to_numpy())
-    if known.any() and not known.all(): raise InputError(f"{known.sum()} of {n} ids are already entries: add new entries and existing ones separately.")
+    if known.any() and not known.all():
+        raise InputError(f"{known.sum()} of {n} ids are already entries: add new entries and existing ones separately.")
     if known.all() and n:
-        if obs is not None: raise InputError("These ids are existing entries: pass no obs (their metadata is already stored).")
+        if obs is not None:
+            raise InputError("These ids are existing entries: pass no obs (their metadata is already stored).")
         for s in X:
             if s in self._index and np.isin(ids, _export(self._index[s], vectors=False)[0]).any():
                 raise InputError(f"Some of these entries already have vectors in space {s!r}; remove them first.")
@@ -244,18 +279,27 @@ def _target(self:CellMemory, space:str, n:int|None=None)->tuple:
     "(kind, nlist) a space should have with `n` entries (default: its size now)."
     idx = self._index[space]
     n, cur = idx.ntotal if n is None else n, _kind(idx)
-    kind = self.index if self.index != 'auto' else 'ivf' if n >= self.ivf_threshold or (cur == 'ivf' and n >= self.ivf_threshold // 2) else 'flat'
+    kind = (
+        self.index
+        if self.index != 'auto'
+        else 'ivf'
+        if n >= self.ivf_threshold or (cur == 'ivf' and n >= self.ivf_threshold // 2)
+        else 'flat'
+    )
     if kind == 'ivf' and n == 0: kind = 'flat'
     return kind, ivf_nlist(n, self.nlist_max) if kind == 'ivf' else None
 
 @patch
-def rebuild(self:CellMemory, space:str|None=None, # the space (None: every space)
-            force:bool=False, # rebuild even when the kind and nlist are still right
-           )->None:
+def rebuild(
+    self: CellMemory,
+    space: str | None = None,  # the space (None: every space)
+    force: bool = False,  # rebuild even when the kind and nlist are still right
+) -> None:
     "Rebuild spaces whose index kind (or IVF nlist) no longer fits their size; ids and vectors are kept."
     for s in ([self._space(space)] if space is not None else self.spaces):
         kind, nlist = _target(self, s)
-        if force or _stale(self._index[s], kind, nlist): self._index[s] = _build(self, kind, nlist, *_export(self._index[s])[::-1])
+        if force or _stale(self._index[s], kind, nlist):
+            self._index[s] = _build(self, kind, nlist, *_export(self._index[s])[::-1])
 
 def _stale(idx:faiss.Index, kind:str, nlist:int|None)->bool:
     "Does `idx` need rebuilding to be of `kind` (an IVF index: when `nlist` is twice its own)?"
@@ -307,10 +351,13 @@ def _check_k(self:CellMemory, k:int, space:str):
     if not 1 <= k <= n: raise InputError(f"k={k} but space {space!r} holds {n} entries: use 1 <= k <= {n}.")
 
 @patch
-def search(self:CellMemory, vectors, # (n, d) query vectors
-           k:int=10, # neighbours per query
-           *, space:str|None=None, # the space to search (None: the only space)
-          )->Neighbours:
+def search(
+    self: CellMemory,
+    vectors,  # (n, d) query vectors
+    k: int = 10,  # neighbours per query
+    *,
+    space: str | None = None,  # the space to search (None: the only space)
+) -> Neighbours:
     "The `k` nearest reference entries of each query: distances, ids, labels (and metadata via `.frame()`)."
     space = self._space(space)
     _check_k(self, k, space)
@@ -321,10 +368,13 @@ def search(self:CellMemory, vectors, # (n, d) query vectors
 
 # %% ../nbs/12_memory.ipynb #5840cc51
 @patch
-def remove(self:CellMemory, ids=None, # entry ids to remove
-           *, where=None, # a boolean mask aligned with `obs`, or a function obs -> mask
-           **match, # column=value (or column=[values]) conditions, all of which must hold
-          )->int:
+def remove(
+    self: CellMemory,
+    ids=None,  # entry ids to remove
+    *,
+    where=None,  # a boolean mask aligned with `obs`, or a function obs -> mask
+    **match,  # column=value (or column=[values]) conditions, all of which must hold
+) -> int:
     "Remove entries from the metadata and every space; return how many were removed."
     if (ids is not None) + (where is not None) + bool(match) != 1:
         raise InputError("Pass exactly one of ids=, where= or column=value conditions.")
@@ -339,8 +389,11 @@ def remove(self:CellMemory, ids=None, # entry ids to remove
             if unknown: raise InputError(f"Unknown metadata columns {unknown}; obs has {list(self.obs.columns)}.")
             mask = np.ones(len(self.obs), bool)
             for c, v in match.items():
-                mask &= self.obs[c].isin(v if isinstance(v, (list, tuple, set, np.ndarray, pd.Index)) else [v]).to_numpy()
-        if mask.shape != (len(self.obs),): raise InputError(f"where= gives {mask.shape[0]} values for {len(self.obs)} entries.")
+                mask &= (
+                    self.obs[c].isin(v if isinstance(v, (list, tuple, set, np.ndarray, pd.Index)) else [v]).to_numpy()
+                )
+        if mask.shape != (len(self.obs),):
+            raise InputError(f"where= gives {mask.shape[0]} values for {len(self.obs)} entries.")
         rm = self.obs.index.to_numpy()[mask].astype(np.int64)
         if not len(rm): warnings.warn(f"remove: no entry matches {match or 'the mask'}; nothing removed."); return 0
     for idx in self._index.values(): idx.remove_ids(rm)
@@ -350,9 +403,11 @@ def remove(self:CellMemory, ids=None, # entry ids to remove
 
 # %% ../nbs/12_memory.ipynb #b4127e2f
 @patch
-def vectors(self:CellMemory, space:str|None=None, # the space
-            ids=None, # entry ids (None: all entries of the space, sorted by id)
-           )->np.ndarray:
+def vectors(
+    self: CellMemory,
+    space: str | None = None,  # the space
+    ids=None,  # entry ids (None: all entries of the space, sorted by id)
+) -> np.ndarray:
     "The stored vectors of `space` (normalised under the cosine metric), in the order of `ids`."
     space = self._space(space)
     idx = self._index[space]
@@ -369,15 +424,19 @@ def entry_ids(self:CellMemory, space:str|None=None)->np.ndarray:
     return _export(self._index[self._space(space)], vectors=False)[0]
 
 @patch
-def centroids(self:CellMemory, space:str|None=None, # the space
-              *, key:str='label', # metadata column that defines the classes
-             )->pd.DataFrame:
+def centroids(
+    self: CellMemory,
+    space: str | None = None,  # the space
+    *,
+    key: str = 'label',  # metadata column that defines the classes
+) -> pd.DataFrame:
     "Mean vector per class in `space` (unit length under the cosine metric); index = class, sorted."
     space = self._space(space)
     ck = ('centroids', space, key)
     if ck in self._cache and self._cache[ck][0] == self._version: return self._cache[ck][1]
     if key not in self.obs: raise InputError(f"Unknown metadata column {key!r}; obs has {list(self.obs.columns)}.")
-    if self.size(space) == 0: raise InputError(f"The memory is empty: space {space!r} holds no entries; add reference vectors first.")
+    if self.size(space) == 0:
+        raise InputError(f"The memory is empty: space {space!r} holds no entries; add reference vectors first.")
     ids, X = _export(self._index[space])
     codes, classes = pd.factorize(self.obs[key].reindex(ids), sort=True)
     ok = codes >= 0
@@ -389,17 +448,26 @@ def centroids(self:CellMemory, space:str|None=None, # the space
     return res
 
 @patch
-def distance_to_centroids(self:CellMemory, vectors, # (n, d) query vectors
-                          *, space:str|None=None, # the space
-                          key:str='label', # metadata column that defines the classes
-                         )->pd.DataFrame:
+def distance_to_centroids(
+    self: CellMemory,
+    vectors,  # (n, d) query vectors
+    *,
+    space: str | None = None,  # the space
+    key: str = 'label',  # metadata column that defines the classes
+) -> pd.DataFrame:
     "Distance of every query to every class centroid (queries × classes), in the units of `search`."
     space = self._space(space)
     C = self.centroids(space, key=key)
     Q = _prep(self, vectors, space, what='query vectors')
     G = Q.astype(np.float64) @ C.to_numpy(np.float64).T
-    if self.metric == 'cosine': D = np.clip(1 - G, 0, 2)
-    else: D = np.sqrt(np.maximum((Q.astype(np.float64)**2).sum(1)[:, None] + (C.to_numpy(np.float64)**2).sum(1)[None] - 2*G, 0))
+    if self.metric == 'cosine':
+        D = np.clip(1 - G, 0, 2)
+    else:
+        D = np.sqrt(
+            np.maximum(
+                (Q.astype(np.float64) ** 2).sum(1)[:, None] + (C.to_numpy(np.float64) ** 2).sum(1)[None] - 2 * G, 0
+            )
+        )
     return pd.DataFrame(D, columns=C.index)
 
 # %% ../nbs/12_memory.ipynb #a4302608
@@ -418,14 +486,17 @@ def vote_weights(d:np.ndarray, # (n, k) distances (inf where missing)
     return np.where(fin, w, 0)
 
 @patch
-def transfer_labels(self:CellMemory, vectors, # (n, d) query vectors
-                    k:int=15, # neighbours that vote
-                    *, space:str|None=None, # the space to search
-                    key:str='label', # metadata column to transfer
-                    weighting:str='inverse', # 'inverse' 1/(d+eps), 'exp' exp(-d/tau) or 'uniform'
-                    eps:float=1e-3, # offset of the inverse weights
-                    tau:float=0.1, # length scale of the exponential weights
-                   )->pd.DataFrame:
+def transfer_labels(
+    self: CellMemory,
+    vectors,  # (n, d) query vectors
+    k: int = 15,  # neighbours that vote
+    *,
+    space: str | None = None,  # the space to search
+    key: str = 'label',  # metadata column to transfer
+    weighting: str = 'inverse',  # 'inverse' 1/(d+eps), 'exp' exp(-d/tau) or 'uniform'
+    eps: float = 1e-3,  # offset of the inverse weights
+    tau: float = 0.1,  # length scale of the exponential weights
+) -> pd.DataFrame:
     "kNN label transfer with distance-weighted votes: predicted `label`, `confidence` (vote share), nearest `distance`."
     if key not in self.obs: raise InputError(f"Unknown metadata column {key!r}; obs has {list(self.obs.columns)}.")
     nb = self.search(vectors, k, space=space)
@@ -434,7 +505,9 @@ def transfer_labels(self:CellMemory, vectors, # (n, d) query vectors
     c = np.where(pos >= 0, codes[pos], -1).reshape(nb.ids.shape)
     w = vote_weights(nb.distances, weighting, eps, tau) * (c >= 0)
     n, L = len(c), max(len(classes), 1)
-    score = np.bincount((np.arange(n)[:, None]*L + np.maximum(c, 0)).ravel(), weights=w.ravel(), minlength=n*L).reshape(n, L)
+    score = np.bincount(
+        (np.arange(n)[:, None] * L + np.maximum(c, 0)).ravel(), weights=w.ravel(), minlength=n * L
+    ).reshape(n, L)
     tot, best = score.sum(1), score.argmax(1)
     lab = np.asarray(classes, dtype=object)[best] if len(classes) else np.full(n, None, object)
     lab[tot == 0] = None
@@ -445,21 +518,42 @@ def transfer_labels(self:CellMemory, vectors, # (n, d) query vectors
 def _dtype_name(s:pd.Series)->str: return str(s.dtype)
 
 @patch
-def save(self:CellMemory, path:str|Path, # directory to write (created if needed; files of the same names are replaced)
-        )->Path:
+def save(
+    self: CellMemory,
+    path: str | Path,  # directory to write (created if needed; files of the same names are replaced)
+) -> Path:
     "Write the memory to a directory: one faiss index per space, the metadata as CSV and a JSON manifest."
     from deepseq_nb import __version__
     p = Path(path); p.mkdir(parents=True, exist_ok=True)
     spaces = {}
     for s, idx in self._index.items():
         faiss.write_index(idx, str(p/f'{s}.faiss'))
-        spaces[s] = dict(file=f'{s}.faiss', dim=self._dims[s], index_type=_kind(idx), size=int(idx.ntotal),
-                         nlist=int(idx.nlist) if _kind(idx) == 'ivf' else None, nprobe=int(idx.nprobe) if _kind(idx) == 'ivf' else None)
+        spaces[s] = dict(
+            file=f'{s}.faiss',
+            dim=self._dims[s],
+            index_type=_kind(idx),
+            size=int(idx.ntotal),
+            nlist=int(idx.nlist) if _kind(idx) == 'ivf' else None,
+            nprobe=int(idx.nprobe) if _kind(idx) == 'ivf' else None,
+        )
     self.obs.to_csv(p/'obs.csv', index_label='id')
-    man = dict(format=MEMORY_FORMAT, kind='deepseq_nb.CellMemory', deepseq_nb_version=__version__, faiss_version=faiss.__version__,
-               metric=self.metric, index=self.index, ivf_threshold=self.ivf_threshold, nprobe=self.nprobe,
-               nlist_max=self.nlist_max, seed=self.seed, next_id=self._next_id, n_entries=len(self.obs), spaces=spaces,
-               obs_file='obs.csv', obs_dtypes={c: _dtype_name(self.obs[c]) for c in self.obs.columns})
+    man = dict(
+        format=MEMORY_FORMAT,
+        kind='deepseq_nb.CellMemory',
+        deepseq_nb_version=__version__,
+        faiss_version=faiss.__version__,
+        metric=self.metric,
+        index=self.index,
+        ivf_threshold=self.ivf_threshold,
+        nprobe=self.nprobe,
+        nlist_max=self.nlist_max,
+        seed=self.seed,
+        next_id=self._next_id,
+        n_entries=len(self.obs),
+        spaces=spaces,
+        obs_file='obs.csv',
+        obs_dtypes={c: _dtype_name(self.obs[c]) for c in self.obs.columns},
+    )
     (p/'manifest.json').write_text(json.dumps(man, indent=1))
     return p
 
@@ -476,25 +570,36 @@ def _read_obs(path:Path, dtypes:dict)->pd.DataFrame:
     return o
 
 @patch(cls_method=True)
-def load(cls:CellMemory, path:str|Path, # directory written by `save`
-         n_threads:int|None=None, # faiss threads (process-wide)
-        )->CellMemory:
+def load(
+    cls: CellMemory,
+    path: str | Path,  # directory written by `save`
+    n_threads: int | None = None,  # faiss threads (process-wide)
+) -> CellMemory:
     "Read a memory written by `CellMemory.save`."
     p = Path(path)
     if not (p/'manifest.json').exists(): raise FileNotFoundError(f"{p} holds no manifest.json: not a saved CellMemory.")
     man = json.loads((p/'manifest.json').read_text())
     if man.get('format', 0) > MEMORY_FORMAT:
-        raise InputError(f"{p} was written in memory format {man['format']}; this deepseq_nb reads up to {MEMORY_FORMAT}. Upgrade deepseq_nb.")
+        raise InputError(
+            f"{p} was written in memory format {man['format']}; this deepseq_nb reads up to {MEMORY_FORMAT}. Upgrade "
+            "deepseq_nb."
+        )
     m = cls(metric=man['metric'], index=man['index'], ivf_threshold=man['ivf_threshold'], nprobe=man['nprobe'],
             nlist_max=man['nlist_max'], seed=man['seed'], n_threads=n_threads)
     m.obs = _read_obs(p/man['obs_file'], man['obs_dtypes'])
     for s, info in man['spaces'].items():
         idx = faiss.read_index(str(p/info['file']))
         if idx.d != info['dim'] or idx.ntotal != info['size']:
-            raise InputError(f"{p/info['file']} holds {idx.ntotal} {idx.d}-d vectors; the manifest says {info['size']} {info['dim']}-d.")
+            raise InputError(
+                f"{p / info['file']} holds {idx.ntotal} {idx.d}-d vectors; the manifest says {info['size']} "
+                f"{info['dim']}-d."
+            )
         m._dims[s], m._index[s] = int(info['dim']), idx
         extra = np.setdiff1d(_export(idx, vectors=False)[0], m.obs.index.to_numpy())
-        if len(extra): raise InputError(f"Space {s!r} in {p} holds {len(extra)} ids missing from obs.csv: the directory is inconsistent.")
+        if len(extra):
+            raise InputError(
+                f"Space {s!r} in {p} holds {len(extra)} ids missing from obs.csv: the directory is inconsistent."
+            )
     m._next_id = int(man['next_id'])
     return m
 
@@ -503,39 +608,54 @@ def _rep(adata:ad.AnnData, use_rep:str):
     "`adata.obsm[use_rep]` (or `adata.X` for 'X'), with a clear error naming the keys there are."
     if use_rep == 'X': return adata.X
     if use_rep not in adata.obsm:
-        raise InputError(f"adata.obsm has no {use_rep!r}; it has {list(adata.obsm.keys()) or 'no keys'}. Compute the embedding first or pass use_rep=.")
+        raise InputError(
+            f"adata.obsm has no {use_rep!r}; it has {list(adata.obsm.keys()) or 'no keys'}. Compute the embedding "
+            "first or pass use_rep=."
+        )
     return adata.obsm[use_rep]
 
 @patch
-def add_adata(self:CellMemory, adata:ad.AnnData, # reference cells
-              *, use_rep:str|dict='X_scgpt', # obsm key of the vectors, or {space: obsm key}
-              space:str|None='frozen', # the space when `use_rep` is one key
-              label_key:str='cell_type', # obs column with the reference labels
-              tissue:str|None=None, # tissue of every cell (overridden by an obs 'tissue' column listed in `keys`)
-              dataset:str|None=None, # dataset id of every cell (default: adata.uns['dataset'] when set)
-              keys:tuple=(), # further obs columns to keep in the metadata
-             )->np.ndarray:
+def add_adata(
+    self: CellMemory,
+    adata: ad.AnnData,  # reference cells
+    *,
+    use_rep: str | dict = 'X_scgpt',  # obsm key of the vectors, or {space: obsm key}
+    space: str | None = 'frozen',  # the space when `use_rep` is one key
+    label_key: str = 'cell_type',  # obs column with the reference labels
+    tissue: str | None = None,  # tissue of every cell (overridden by an obs 'tissue' column listed in `keys`)
+    dataset: str | None = None,  # dataset id of every cell (default: adata.uns['dataset'] when set)
+    keys: tuple = (),  # further obs columns to keep in the metadata
+) -> np.ndarray:
     "Add an AnnData's cells to the memory, with labels, tissue, dataset and cell names; return their ids."
     if label_key not in adata.obs: raise InputError(f"adata.obs has no {label_key!r} column with reference labels.")
     reps = use_rep if isinstance(use_rep, dict) else {space: use_rep}
     vecs = {s: _rep(adata, r) for s, r in reps.items()}
-    ds = dataset if dataset is not None else adata.uns.get('dataset') if isinstance(adata.uns.get('dataset'), str) else None
+    ds = (
+        dataset
+        if dataset is not None
+        else adata.uns.get('dataset')
+        if isinstance(adata.uns.get('dataset'), str)
+        else None
+    )
     meta = pd.DataFrame({'label': adata.obs[label_key].astype(object).to_numpy(), 'tissue': tissue, 'dataset': ds,
                          'obs_name': adata.obs_names.astype(str).to_numpy()})
     for c in keys: meta[c] = adata.obs[c].to_numpy()
     return self.add(vecs, meta)
 
-def knn_annotate(adata:ad.AnnData, memory:CellMemory, # query cells; the reference memory
-                 *, use_rep:str='X_scgpt', # obsm key of the query vectors (same embedding as the memory's space)
-                 space:str|None='frozen', # the memory space to search
-                 key_added:str='memory_label', # obs column for the label; its confidence goes to f'{key_added}_confidence'
-                 k:int=15, # neighbours that vote
-                 key:str='label', # memory metadata column to transfer
-                 weighting:str='inverse', # 'inverse' 1/(d+eps), 'exp' exp(-d/tau) or 'uniform'
-                 eps:float=1e-3, # offset of the inverse weights
-                 tau:float=0.1, # length scale of the exponential weights
-                 copy:bool=False, # return an annotated copy instead of writing into `adata`
-                )->ad.AnnData|None:
+def knn_annotate(
+    adata: ad.AnnData,
+    memory: CellMemory,  # query cells; the reference memory
+    *,
+    use_rep: str = 'X_scgpt',  # obsm key of the query vectors (same embedding as the memory's space)
+    space: str | None = 'frozen',  # the memory space to search
+    key_added: str = 'memory_label',  # obs column for the label; its confidence goes to f'{key_added}_confidence'
+    k: int = 15,  # neighbours that vote
+    key: str = 'label',  # memory metadata column to transfer
+    weighting: str = 'inverse',  # 'inverse' 1/(d+eps), 'exp' exp(-d/tau) or 'uniform'
+    eps: float = 1e-3,  # offset of the inverse weights
+    tau: float = 0.1,  # length scale of the exponential weights
+    copy: bool = False,  # return an annotated copy instead of writing into `adata`
+) -> ad.AnnData | None:
     "Annotate cells by kNN label transfer from a `CellMemory` (scverse style: results in obs, parameters in uns)."
     if copy: adata = adata.copy()
     space = memory._space(space)
@@ -543,9 +663,21 @@ def knn_annotate(adata:ad.AnnData, memory:CellMemory, # query cells; the referen
     adata.obs[key_added] = pd.Categorical(t['label'].to_numpy())
     adata.obs[f'{key_added}_confidence'] = t['confidence'].to_numpy()
     adata.obs[f'{key_added}_distance'] = t['distance'].to_numpy()
-    adata.uns[key_added] = {'params': dict(use_rep=use_rep, space=space, k=int(k), key=key, weighting=weighting, eps=float(eps),
-                                           tau=float(tau), metric=memory.metric, index_type=memory.index_type(space),
-                                           nprobe=int(memory.nprobe), n_reference=int(memory.size(space)))}
+    adata.uns[key_added] = {
+        'params': dict(
+            use_rep=use_rep,
+            space=space,
+            k=int(k),
+            key=key,
+            weighting=weighting,
+            eps=float(eps),
+            tau=float(tau),
+            metric=memory.metric,
+            index_type=memory.index_type(space),
+            nprobe=int(memory.nprobe),
+            n_reference=int(memory.size(space)),
+        )
+    }
     return adata if copy else None
 
 # %% ../nbs/12_memory.ipynb #56cd67a5
@@ -590,5 +722,7 @@ def synthetic_embeddings(n:int, # number of cells
     for s in range(0, n, chunk):
         l = labels[s:s+chunk]
         lat = centres[l] + np.einsum('nr,nrl->nl', rng.standard_normal((len(l), rank)), load[l])
-        X[s:s+chunk] = lat @ W + rng.standard_normal((len(l), dim), dtype=np.float32) * np.float32(noise * math.sqrt(latent / dim))
+        X[s : s + chunk] = lat @ W + rng.standard_normal((len(l), dim), dtype=np.float32) * np.float32(
+            noise * math.sqrt(latent / dim)
+        )
     return X, labels

@@ -24,7 +24,12 @@ __all__ = ['SPACES', 'SCORE_GROUPS', 'COMBINED', 'JUDGE_KEYS', 'JUDGE_TEMPLATE',
            'upper_quantile', 'relative_novelty', 'rates']
 
 # %% ../nbs/13_novelty.ipynb #619fb54e
-SPACES = {'frozen': 'X_scgpt', 'tuned': 'X_scgpt_tuned', 'pca': 'X_pca_ref'}  # memory space -> obsm key of the query vectors
+SPACES = {
+    'frozen': 'X_scgpt',
+    'tuned': 'X_scgpt_tuned',
+    'pca': 'X_pca_ref',
+}  # memory space -> obsm key of the query vectors
+
 
 def _spaces(adata:ad.AnnData, memory, spaces:dict|None)->dict:
     "The spaces present in both the memory and the query."
@@ -38,12 +43,15 @@ def _proba(P)->np.ndarray:
     P = np.asarray(P, np.float64)
     return P / np.maximum(P.sum(1, keepdims=True), 1e-12)
 
-def novelty_features(adata:ad.AnnData, memory, # query cells; a `CellMemory` of the reference
-                     *, spaces:dict|None=None, # memory space -> obsm key (default `SPACES`, those present)
-                     k:int=15, # reference neighbours whose mean distance is taken
-                     proba_key:str|None='plugin_proba', # obsm key of class probabilities (None or absent: skipped)
-                     key:str='label', # memory column of the types (for the centroids)
-                    )->pd.DataFrame:
+def novelty_features(
+    adata: ad.AnnData,
+    memory,  # query cells; a `CellMemory` of the reference
+    *,
+    spaces: dict | None = None,  # memory space -> obsm key (default `SPACES`, those present)
+    k: int = 15,  # reference neighbours whose mean distance is taken
+    proba_key: str | None = 'plugin_proba',  # obsm key of class probabilities (None or absent: skipped)
+    key: str = 'label',  # memory column of the types (for the centroids)
+) -> pd.DataFrame:
     "Evidence of novelty per cell, larger = less like the reference: `{space}_knn`, `{space}_centroid`, `proba_gap`, `entropy`."
     use, F = _spaces(adata, memory, spaces), {}
     for s, o in use.items():
@@ -55,14 +63,26 @@ def novelty_features(adata:ad.AnnData, memory, # query cells; a `CellMemory` of 
         P = _proba(adata.obsm[proba_key])
         F['proba_gap'] = 1 - P.max(1)
         F['entropy'] = -(P * np.log(np.clip(P, 1e-12, 1))).sum(1) / math.log(max(P.shape[1], 2))
-    if not F: raise InputError(f"No evidence: the memory has spaces {memory.spaces} and obsm has {list(adata.obsm)}; embed the "
-                               f"query (encoder.embed → X_scgpt) or annotate it with the plugins (plugins.predict).")
+    if not F:
+        raise InputError(
+            f"No evidence: the memory has spaces {memory.spaces} and obsm has {list(adata.obsm)}; embed the "
+            f"query (encoder.embed → X_scgpt) or annotate it with the plugins (plugins.predict)."
+        )
     return pd.DataFrame(F, index=adata.obs_names)
 
 # %% ../nbs/13_novelty.ipynb #a0f54cf3
-SCORE_GROUPS = {'frozen': ('frozen_knn', 'frozen_centroid'), 'tuned': ('tuned_knn', 'tuned_centroid'),
-                'classifier': ('proba_gap', 'entropy'), 'pca': ('pca_knn', 'pca_centroid')}  # evidence behind each score
-COMBINED = ('frozen', 'tuned', 'classifier')  # scAgent's evidence: the combined score averages these groups (PCA is a baseline)
+SCORE_GROUPS = {
+    'frozen': ('frozen_knn', 'frozen_centroid'),
+    'tuned': ('tuned_knn', 'tuned_centroid'),
+    'classifier': ('proba_gap', 'entropy'),
+    'pca': ('pca_knn', 'pca_centroid'),
+}  # evidence behind each score
+COMBINED = (
+    'frozen',
+    'tuned',
+    'classifier',
+)  # scAgent's evidence: the combined score averages these groups (PCA is a baseline)
+
 
 @dataclass
 class NoveltyCalibration:
@@ -84,9 +104,18 @@ class NoveltyCalibration:
     def percentiles(self, F:pd.DataFrame)->pd.DataFrame:
         "Each evidence column as the share of calibration cells with a value at or below it."
         miss = [f for f in self.features if f not in F]
-        if miss: raise InputError(f"Evidence {miss} was calibrated but is missing from the query; compute the same spaces and probabilities.")
-        return pd.DataFrame({f: np.searchsorted(self.reference[f], F[f].to_numpy(), side='right') / len(self.reference[f])
-                             for f in self.features}, index=F.index)
+        if miss:
+            raise InputError(
+                f"Evidence {miss} was calibrated but is missing from the query; compute the same spaces and "
+                "probabilities."
+            )
+        return pd.DataFrame(
+            {
+                f: np.searchsorted(self.reference[f], F[f].to_numpy(), side='right') / len(self.reference[f])
+                for f in self.features
+            },
+            index=F.index,
+        )
 
     def scores(self, F:pd.DataFrame)->pd.DataFrame:
         "Every score (mean percentile of its evidence) per cell."
@@ -108,20 +137,28 @@ def calibrate_novelty(known:pd.DataFrame, # evidence of known cells unseen by me
     "Percentile tables of each evidence and the threshold of each score at `false_novel_rate` on the calibration cells."
     if not 0 < false_novel_rate < 1: raise InputError(f"false_novel_rate must be in (0, 1); got {false_novel_rate}.")
     known = known.dropna()
-    if len(known) < 20: raise InputError(f"{len(known)} calibration cells: at least 20 known cells the reference never saw are needed "
-                                         "(hold out a share of the reference, e.g. 20 %).")
-    cal = NoveltyCalibration({f: np.sort(known[f].to_numpy(np.float64)) for f in known.columns}, {}, false_novel_rate, len(known))
+    if len(known) < 20:
+        raise InputError(
+            f"{len(known)} calibration cells: at least 20 known cells the reference never saw are needed "
+            "(hold out a share of the reference, e.g. 20 %)."
+        )
+    cal = NoveltyCalibration(
+        {f: np.sort(known[f].to_numpy(np.float64)) for f in known.columns}, {}, false_novel_rate, len(known)
+    )
     S = cal.scores(known)
     cal.thresholds = {n: float(np.quantile(S[n], 1 - false_novel_rate, method='higher')) for n in S}
     return cal
 
 # %% ../nbs/13_novelty.ipynb #3b3f4a8e
-def cluster_novelty(obs:pd.DataFrame, # per-cell results: the groupby column, `{key}_novelty_score`, `{key}_is_novel`
-                    groupby:str, key:str='scagent', # cluster column; `assess_novelty`'s key
-                    cluster_share:float=0.5, # share of flagged cells that makes a cluster novel
-                   )->pd.DataFrame:
+def cluster_novelty(
+    obs: pd.DataFrame,  # per-cell results: the groupby column, `{key}_novelty_score`, `{key}_is_novel`
+    groupby: str,
+    key: str = 'scagent',  # cluster column; `assess_novelty`'s key
+    cluster_share: float = 0.5,  # share of flagged cells that makes a cluster novel
+) -> pd.DataFrame:
     "Per cluster: cells, median score, share of cells flagged, and whether the cluster is novel."
-    if groupby not in obs: raise InputError(f"obs has no column {groupby!r} of clusters; columns are: {', '.join(map(str, obs.columns))}.")
+    if groupby not in obs:
+        raise InputError(f"obs has no column {groupby!r} of clusters; columns are: {', '.join(map(str, obs.columns))}.")
     g = obs.groupby(obs[groupby].astype(str), observed=True)
     t = pd.DataFrame({'n_cells': g.size(), 'median_score': g[f'{key}_novelty_score'].median(),
                       'share_novel': g[f'{key}_is_novel'].mean()})
@@ -129,14 +166,20 @@ def cluster_novelty(obs:pd.DataFrame, # per-cell results: the groupby column, `{
     t.index.name = groupby
     return t
 
-def assess_novelty(adata:ad.AnnData, memory, calibration:NoveltyCalibration, # query cells; reference memory; `calibrate_novelty`
-                   *, groupby:str|None=None, # obs column of clusters for a per-cluster verdict (None: cells only)
-                   key_added:str='scagent', # prefix of the obs/obsm/uns keys written
-                   score:str='combined', # which score decides ('combined', 'frozen', 'tuned', 'classifier')
-                   cluster_share:float=0.5, # share of flagged cells that makes a cluster novel
-                   spaces:dict|None=None, k:int=15, proba_key:str|None='plugin_proba', # as in `novelty_features`
-                   copy:bool=False,
-                  )->ad.AnnData|None:
+def assess_novelty(
+    adata: ad.AnnData,
+    memory,
+    calibration: NoveltyCalibration,  # query cells; reference memory; `calibrate_novelty`
+    *,
+    groupby: str | None = None,  # obs column of clusters for a per-cluster verdict (None: cells only)
+    key_added: str = 'scagent',  # prefix of the obs/obsm/uns keys written
+    score: str = 'combined',  # which score decides ('combined', 'frozen', 'tuned', 'classifier')
+    cluster_share: float = 0.5,  # share of flagged cells that makes a cluster novel
+    spaces: dict | None = None,
+    k: int = 15,
+    proba_key: str | None = 'plugin_proba',  # as in `novelty_features`
+    copy: bool = False,
+) -> ad.AnnData | None:
     "Novelty scores and flags: obs `{key}_novelty_score`/`{key}_is_novel`, obsm `{key}_novelty_evidence`, uns `{key}_novelty`."
     adata = adata.copy() if copy else adata
     F = novelty_features(adata, memory, spaces=spaces, k=k, proba_key=proba_key)
@@ -146,10 +189,20 @@ def assess_novelty(adata:ad.AnnData, memory, calibration:NoveltyCalibration, # q
     adata.obs[f'{key_added}_novelty_score'] = S[score].to_numpy()
     adata.obs[f'{key_added}_is_novel'] = S[score].to_numpy() > thr
     adata.obsm[f'{key_added}_novelty_evidence'] = pd.concat([F, S.add_suffix('_score')], axis=1)
-    info = dict(params=dict(score=score, threshold=thr, false_novel_rate=calibration.false_novel_rate, k=k,
-                            spaces=list(_spaces(adata, memory, spaces)), proba_key=proba_key or '', groupby=groupby or '',
-                            cluster_share=cluster_share, n_calibration=calibration.n_cells),
-                thresholds=dict(calibration.thresholds))
+    info = dict(
+        params=dict(
+            score=score,
+            threshold=thr,
+            false_novel_rate=calibration.false_novel_rate,
+            k=k,
+            spaces=list(_spaces(adata, memory, spaces)),
+            proba_key=proba_key or '',
+            groupby=groupby or '',
+            cluster_share=cluster_share,
+            n_calibration=calibration.n_cells,
+        ),
+        thresholds=dict(calibration.thresholds),
+    )
     if groupby is not None:
         info['clusters'] = cluster_novelty(adata.obs, groupby, key_added, cluster_share).reset_index().to_dict('list')
     adata.uns[f'{key_added}_novelty'] = info
@@ -183,28 +236,45 @@ def parse_judgement(text:str)->dict:
     if obj is None: raise ValueError(f"No JSON object with 'is_novel' in the answer: {text[:200]!r}")
     v = obj['is_novel']
     if isinstance(v, str):
-        if v.strip().lower() not in ('true', 'false', 'yes', 'no'): raise ValueError(f"is_novel must be true or false; got {v!r}")
+        if v.strip().lower() not in ('true', 'false', 'yes', 'no'):
+            raise ValueError(f"is_novel must be true or false; got {v!r}")
         v = v.strip().lower() in ('true', 'yes')
     if not isinstance(v, bool): raise ValueError(f"is_novel must be true or false; got {v!r}")
-    return dict(is_novel=v, closest_type=str(obj.get('closest_type') or ''), explanation=str(obj.get('explanation') or ''))
+    return dict(
+        is_novel=v, closest_type=str(obj.get('closest_type') or ''), explanation=str(obj.get('explanation') or '')
+    )
 
 # %% ../nbs/13_novelty.ipynb #782d4d84
 JUDGE_TEMPLATE = 'deepseq-novelty-judge-1'
 
-def judge_prompt(cluster:str, markers:list, # cluster id; its marker genes, best first
-                 reference_types:list, evidence:dict, # the reference's types; share_novel, median_score, nearest, false_novel_rate
-                 tissue:str|None=None, species:str='human')->str:
+def judge_prompt(
+    cluster: str,
+    markers: list,  # cluster id; its marker genes, best first
+    reference_types: list,
+    evidence: dict,  # the reference's types; share_novel, median_score, nearest, false_novel_rate
+    tissue: str | None = None,
+    species: str = 'human',
+) -> str:
     "The judge's prompt for one cluster."
     known = 1 - evidence.get('false_novel_rate', 0.05)   # the calibration's rate: 5 % -> "than 95% of known cells"
-    ev = (f"{evidence.get('share_novel', float('nan')):.0%} of its cells lie further from the reference than {known:.0%} of known cells "
-          f"would (median percentile {evidence.get('median_score', float('nan')):.2f}); the nearest known type by the memory's "
-          f"vote is {evidence.get('nearest') or 'unknown'}.")
-    return (f"You are judging whether a cluster of {species} cells{f' from {tissue}' if tissue else ''} is a cell type missing from a "
-            f"reference.\nReference cell types: {', '.join(map(str, reference_types))}.\n"
-            f"Cluster {cluster} marker genes, best first: {', '.join(markers)}.\nEvidence from the embeddings: {ev}\n"
-            "Is this cluster a cell type that is NOT among the reference types (a subtype or state of a reference type is not new)? "
-            'Answer with only a JSON object: {"is_novel": true or false, "closest_type": "<the closest reference type, or the new '
-            'type\'s name>", "explanation": "<one or two sentences citing marker genes>"}')
+    ev = (
+        f"{evidence.get('share_novel', float('nan')):.0%} of its cells lie further from the reference than "
+        f"{known:.0%} of known cells "
+        f"would (median percentile {evidence.get('median_score', float('nan')):.2f}); the nearest known type by the "
+        "memory's "
+        f"vote is {evidence.get('nearest') or 'unknown'}."
+    )
+    return (
+        f"You are judging whether a cluster of {species} cells{f' from {tissue}' if tissue else ''} is a cell type "
+        "missing from a "
+        f"reference.\nReference cell types: {', '.join(map(str, reference_types))}.\n"
+        f"Cluster {cluster} marker genes, best first: {', '.join(markers)}.\nEvidence from the embeddings: {ev}\n"
+        "Is this cluster a cell type that is NOT among the reference types (a subtype or state of a reference type is "
+        "not new)? "
+        'Answer with only a JSON object: {"is_novel": true or false, "closest_type": "<the closest reference type, or '
+        'the new '
+        'type\'s name>", "explanation": "<one or two sentences citing marker genes>"}'
+    )
 
 # %% ../nbs/13_novelty.ipynb #cf249b9d
 def _judge_llm(backend, prompt:str, query)->tuple[dict, bool]:
@@ -215,7 +285,9 @@ def _judge_llm(backend, prompt:str, query)->tuple[dict, bool]:
     if key is not None and backend.cache.mode != 'refresh' and (rec := backend.cache.get(key)) is not None:
         return parse_judgement(rec['raw']), True
     if key is not None and backend.cache.mode == 'replay':
-        raise ReplayMiss(f"No cached judgement from {backend.spec} for cluster {query.cluster} and cache mode is 'replay'.")
+        raise ReplayMiss(
+            f"No cached judgement from {backend.spec} for cluster {query.cluster} and cache mode is 'replay'."
+        )
     backend.connect(); backend.limiter.wait()
     structured, backend.structured = backend.structured, False
     t0 = time.perf_counter()
@@ -224,20 +296,41 @@ def _judge_llm(backend, prompt:str, query)->tuple[dict, bool]:
     out = parse_judgement(r.text)   # a reply that does not parse is not cached
     stats = backend.stats
     stats.calls += r.requests; stats.tokens_in += r.tokens_in; stats.tokens_out += r.tokens_out
-    if key is not None: backend.cache.put(key, dict(backend=backend.kind, model=backend.model, request=parts, raw=r.text, parsed=out,
-                                                    tokens_in=r.tokens_in, tokens_out=r.tokens_out, latency=time.perf_counter() - t0,
-                                                    cost=None, sources=r.sources, requests=r.requests))
+    if key is not None:
+        backend.cache.put(
+            key,
+            dict(
+                backend=backend.kind,
+                model=backend.model,
+                request=parts,
+                raw=r.text,
+                parsed=out,
+                tokens_in=r.tokens_in,
+                tokens_out=r.tokens_out,
+                latency=time.perf_counter() - t0,
+                cost=None,
+                sources=r.sources,
+                requests=r.requests,
+            ),
+        )
     return out, False
 
-def judge_novelty(adata:ad.AnnData, markers:dict, # assessed cells (`assess_novelty` with groupby); {cluster: marker genes}
-                  reference_types:list, # the reference's cell types
-                  *, key:str='scagent', backend=None, # `assess_novelty`'s key; None/'kb' = offline, else a spec or LLM backend
-                  tissue:str|None=None, species:str='human', nearest:dict|None=None, # context; {cluster: nearest known type}
-                 )->pd.DataFrame:
+def judge_novelty(
+    adata: ad.AnnData,
+    markers: dict,  # assessed cells (`assess_novelty` with groupby); {cluster: marker genes}
+    reference_types: list,  # the reference's cell types
+    *,
+    key: str = 'scagent',
+    backend=None,  # `assess_novelty`'s key; None/'kb' = offline, else a spec or LLM backend
+    tissue: str | None = None,
+    species: str = 'human',
+    nearest: dict | None = None,  # context; {cluster: nearest known type}
+) -> pd.DataFrame:
     "Per cluster: the rule's verdict, the kb reading, and the judge's `is_novel`, `closest_type`, `explanation`; also in `uns[f'{key}_novelty']['judge']`."
     from deepseq_nb.prompts import ClusterQuery
     U = adata.uns.get(f'{key}_novelty', {})
-    if 'clusters' not in U: raise InputError(f"uns['{key}_novelty'] has no cluster table: run assess_novelty(..., groupby=...) first.")
+    if 'clusters' not in U:
+        raise InputError(f"uns['{key}_novelty'] has no cluster table: run assess_novelty(..., groupby=...) first.")
     C = pd.DataFrame(U['clusters']); C = C.set_index(C.columns[0])
     if isinstance(backend, str) and backend != 'kb':
         from deepseq_nb.backends import get_backend
@@ -250,8 +343,14 @@ def judge_novelty(adata:ad.AnnData, markers:dict, # assessed cells (`assess_nove
         kb = kb_annotate(genes, tissue=tissue, species=species, top=1) if genes else pd.DataFrame()
         kb_type = str(kb.cell_type.iloc[0]) if len(kb) else 'Unknown'
         kb_known = known_match(kb_type, reference_types, tissue) if kb_type != 'Unknown' else None
-        row = dict(cluster=str(c), n_cells=int(r.n_cells), share_novel=float(r.share_novel), rule_is_novel=bool(r.is_novel),
-                   kb_type=kb_type, kb_known_type=kb_known or '')
+        row = dict(
+            cluster=str(c),
+            n_cells=int(r.n_cells),
+            share_novel=float(r.share_novel),
+            rule_is_novel=bool(r.is_novel),
+            kb_type=kb_type,
+            kb_known_type=kb_known or '',
+        )
         if llm:
             ev = dict(share_novel=r.share_novel, median_score=r.median_score, nearest=(nearest or {}).get(c),
                       false_novel_rate=U.get('params', {}).get('false_novel_rate', 0.05))
@@ -260,10 +359,16 @@ def judge_novelty(adata:ad.AnnData, markers:dict, # assessed cells (`assess_nove
             row |= j | dict(judge=backend.spec, cached=cached)
         else:
             novel = bool(r.is_novel) and kb_known is None
-            why = ('far from the reference' if r.is_novel else 'close to the reference') + \
-                  (f"; markers read as {kb_type}, " + (f"a reference type ({kb_known})" if kb_known else 'not a reference type'))
-            row |= dict(is_novel=novel, closest_type=kb_type if novel else (kb_known or (nearest or {}).get(c) or kb_type),
-                        explanation=why, judge='offline rule + kb')
+            why = ('far from the reference' if r.is_novel else 'close to the reference') + (
+                f"; markers read as {kb_type}, "
+                + (f"a reference type ({kb_known})" if kb_known else 'not a reference type')
+            )
+            row |= dict(
+                is_novel=novel,
+                closest_type=kb_type if novel else (kb_known or (nearest or {}).get(c) or kb_type),
+                explanation=why,
+                judge='offline rule + kb',
+            )
         rows.append(row)
     out = pd.DataFrame(rows).set_index('cluster')
     U['judge'] = out.reset_index().astype({'cached': str} if 'cached' in out else {}).to_dict('list')
@@ -325,10 +430,14 @@ class PCASpace:
         X[:, idx >= 0] = _dense(cells.X[:, idx[idx >= 0]])
         return (X - self.mean) @ self.components.T
 
-def fit_reference(cells:ad.AnnData, encoder, # labelled cells (obs label, obsm X_scgpt); the encoder
-                  *, tissue:str, plugin_params:dict|None=None, # the plugin's tissue; `plugin_settings()` (default: settings)
-                  pca:bool=True, # also a PCA space of the reference (the baseline)
-                 ):
+def fit_reference(
+    cells: ad.AnnData,
+    encoder,  # labelled cells (obs label, obsm X_scgpt); the encoder
+    *,
+    tissue: str,
+    plugin_params: dict | None = None,  # the plugin's tissue; `plugin_settings()` (default: settings)
+    pca: bool = True,  # also a PCA space of the reference (the baseline)
+):
     "A plugin trained on `cells` and a memory of them in the frozen, tuned (and PCA) spaces: (PluginSet, CellMemory, PCASpace|None)."
     from deepseq_nb.plugins import train_plugin, predict
     from deepseq_nb.memory import CellMemory
@@ -336,7 +445,9 @@ def fit_reference(cells:ad.AnnData, encoder, # labelled cells (obs label, obsm X
     ps = train_plugin(cells, encoder, tissue=tissue, label_key='label', **kw)
     predict(cells, ps, tissue=tissue, n_threads=kw['n_threads'])
     P = PCASpace.fit(cells) if pca else None
-    X = {'frozen': cells.obsm['X_scgpt'], 'tuned': cells.obsm['X_scgpt_tuned']} | ({'pca': P.transform(cells)} if pca else {})
+    X = {'frozen': cells.obsm['X_scgpt'], 'tuned': cells.obsm['X_scgpt_tuned']} | (
+        {'pca': P.transform(cells)} if pca else {}
+    )
     mem = CellMemory(n_threads=2)
     mem.add(X, obs=pd.DataFrame({'label': cells.obs.label.astype(str).to_numpy()}))
     return ps, mem, P
@@ -365,7 +476,11 @@ def calibration_split(obs:pd.DataFrame, frac:float, seed:int)->np.ndarray:
 def measured_genes(cells:ad.AnnData)->pd.Index:
     "Genes the cells' study measured (var `in_{dataset}` of the cross-tissue reference), else all of them."
     d = str(cells.obs['dataset'].iloc[0]) if 'dataset' in cells.obs and cells.n_obs else None
-    return cells.var_names[cells.var[f'in_{d}'].to_numpy()] if d is not None and f'in_{d}' in cells.var else cells.var_names
+    return (
+        cells.var_names[cells.var[f'in_{d}'].to_numpy()]
+        if d is not None and f'in_{d}' in cells.var
+        else cells.var_names
+    )
 
 def mnn_adapt(YR:np.ndarray, # reference coordinates
               YQ:np.ndarray, # query coordinates, same space
@@ -388,9 +503,11 @@ def mnn_adapt(YR:np.ndarray, # reference coordinates
 
 ADAPTERS = ('none', 'mnn')
 
-def adapt_query(YR:np.ndarray, YQ:np.ndarray, # reference and query coordinates
-                adapter:str='none', # 'none' or 'mnn'
-               )->np.ndarray:
+def adapt_query(
+    YR: np.ndarray,
+    YQ: np.ndarray,  # reference and query coordinates
+    adapter: str = 'none',  # 'none' or 'mnn'
+) -> np.ndarray:
     "The query's coordinates after the adapter."
     adapter = adapter or 'none'   # `adapter = none` in settings.ini reads as None
     if adapter not in ADAPTERS: raise InputError(f"adapter must be one of {ADAPTERS}; got {adapter!r}.")
@@ -401,17 +518,21 @@ def _renorm(X:np.ndarray, target:float=1e4)->np.ndarray:
     Z = np.expm1(X.astype(np.float64))
     return np.log1p(Z / np.maximum(Z.sum(1, keepdims=True), 1e-12) * target).astype(np.float32)
 
-def joint_space(reference:ad.AnnData, query:ad.AnnData, # log-normalised cells of both (their studies may differ)
-                *, n_comps:int=30, # principal components
-                n_hvg:int=2000, # most dispersed shared genes used
-                adapter:str='none', # 'none' or 'mnn' (`adapt_query`)
-                renorm:bool=True, # renormalise each cell over the shared genes first (`_renorm`)
-                seed:int=0,
-               )->tuple[np.ndarray, np.ndarray]:
+def joint_space(
+    reference: ad.AnnData,
+    query: ad.AnnData,  # log-normalised cells of both (their studies may differ)
+    *,
+    n_comps: int = 30,  # principal components
+    n_hvg: int = 2000,  # most dispersed shared genes used
+    adapter: str = 'none',  # 'none' or 'mnn' (`adapt_query`)
+    renorm: bool = True,  # renormalise each cell over the shared genes first (`_renorm`)
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     "Reference and query coordinates in one PCA fitted on both, on the genes both studies measured."
     from sklearn.decomposition import PCA
     genes = measured_genes(reference).intersection(measured_genes(query))
-    if len(genes) < 10: raise InputError(f"Reference and query share {len(genes)} measured genes; at least 10 are needed.")
+    if len(genes) < 10:
+        raise InputError(f"Reference and query share {len(genes)} measured genes; at least 10 are needed.")
     XR, XQ = _dense(reference[:, genes].X), _dense(query[:, genes].X)
     if renorm: XR, XQ = _renorm(XR), _renorm(XQ)
     X = np.vstack([XR, XQ])
@@ -422,9 +543,11 @@ def joint_space(reference:ad.AnnData, query:ad.AnnData, # log-normalised cells o
     return YR, adapt_query(YR, YQ, adapter)
 
 # %% ../nbs/13_novelty.ipynb #5087561f
-def reference_share(YR:np.ndarray, YQ:np.ndarray, # reference and query coordinates in one space
-                    k:int=15, # neighbours of each query cell among reference and query cells together
-                   )->np.ndarray:
+def reference_share(
+    YR: np.ndarray,
+    YQ: np.ndarray,  # reference and query coordinates in one space
+    k: int = 15,  # neighbours of each query cell among reference and query cells together
+) -> np.ndarray:
     "Per query cell, the share of reference cells among its `k` nearest neighbours in the joint set (itself excluded)."
     from sklearn.neighbors import NearestNeighbors
     Y = np.vstack([YR, YQ]).astype(np.float32)
@@ -466,7 +589,10 @@ def kb_reading(query:ad.AnnData, # log-normalised query cells
     genes = measured_genes(query)
     a = ad.AnnData(_dense(query[:, genes].X), var=pd.DataFrame(index=genes))
     a.obs['cl'] = pd.Categorical(np.asarray(clusters).astype(str))
-    if a.obs.cl.nunique() < 2: return pd.DataFrame(dict(kb_type='Unknown', kb_known_type=''), index=pd.Index(a.obs.cl.cat.categories, name='cluster'))
+    if a.obs.cl.nunique() < 2:
+        return pd.DataFrame(
+            dict(kb_type='Unknown', kb_known_type=''), index=pd.Index(a.obs.cl.cat.categories, name='cluster')
+        )
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         sc.tl.rank_genes_groups(a, 'cl', method='t-test', n_genes=min(n_genes, len(genes)))
@@ -474,7 +600,13 @@ def kb_reading(query:ad.AnnData, # log-normalised query cells
     for c, top in pd.DataFrame(a.uns['rank_genes_groups']['names']).items():
         kb = kb_annotate(list(top), tissue=tissue, species=species, top=1)
         t = str(kb.cell_type.iloc[0]) if len(kb) else 'Unknown'
-        rows.append(dict(cluster=str(c), kb_type=t, kb_known_type=(known_match(t, reference_types, tissue) if t != 'Unknown' else None) or ''))
+        rows.append(
+            dict(
+                cluster=str(c),
+                kb_type=t,
+                kb_known_type=(known_match(t, reference_types, tissue) if t != 'Unknown' else None) or '',
+            )
+        )
     return pd.DataFrame(rows).set_index('cluster')
 
 def upper_quantile(x:np.ndarray, rate:float)->float:
@@ -484,37 +616,51 @@ def upper_quantile(x:np.ndarray, rate:float)->float:
 def _coords(reference, query, space, use_rep, adapter, seed):
     "Reference and query coordinates: the joint PCA, or an obsm embedding with the adapter."
     if space == 'pca': return joint_space(reference, query, adapter=adapter, seed=seed)
-    if use_rep not in reference.obsm or use_rep not in query.obsm: raise InputError(f"No obsm[{use_rep!r}] in the reference or the query; embed them first.")
+    if use_rep not in reference.obsm or use_rep not in query.obsm:
+        raise InputError(f"No obsm[{use_rep!r}] in the reference or the query; embed them first.")
     YR = np.asarray(reference.obsm[use_rep], np.float32)
     return YR, adapt_query(YR, np.asarray(query.obsm[use_rep], np.float32), adapter)
 
-def relative_novelty(reference:ad.AnnData, # labelled reference cells (obs `label`)
-                     query:ad.AnnData, # query cells (any study)
-                     calibration:ad.AnnData, # held-out reference cells of known types, queried the same way for the nominal threshold
-                     *, space:str='pca', # 'pca' (`joint_space`) or any other name: the embedding `obsm[use_rep]`
-                     use_rep:str='X_scgpt', # obsm key when space is not 'pca'
-                     adapter:str='none', k:int=15, resolution:float=1.0, # `adapt_query`; neighbours; Leiden resolution
-                     false_novel_rate:float=0.05, # share of known cells allowed above the threshold (both calibrations)
-                     kb:bool=True, # read the query clusters' markers (query-side calibration and veto)
-                     tissue:str|None=None, seed:int=0,
-                    )->dict:
+def relative_novelty(
+    reference: ad.AnnData,  # labelled reference cells (obs `label`)
+    query: ad.AnnData,  # query cells (any study)
+    calibration: ad.AnnData,  # held-out reference cells of known types, queried the same way for the nominal threshold
+    *,
+    space: str = 'pca',  # 'pca' (`joint_space`) or any other name: the embedding `obsm[use_rep]`
+    use_rep: str = 'X_scgpt',  # obsm key when space is not 'pca'
+    adapter: str = 'none',
+    k: int = 15,
+    resolution: float = 1.0,  # `adapt_query`; neighbours; Leiden resolution
+    false_novel_rate: float = 0.05,  # share of known cells allowed above the threshold (both calibrations)
+    kb: bool = True,  # read the query clusters' markers (query-side calibration and veto)
+    tissue: str | None = None,
+    seed: int = 0,
+) -> dict:
     "Per query cell: cluster, scores and flag; the thresholds (reference-side, query-side, used); the clusters' kb reading; the mixing."
-    if calibration.n_obs < 20: raise InputError(f"{calibration.n_obs} calibration cells: at least 20 held-out reference cells are needed.")
+    if calibration.n_obs < 20:
+        raise InputError(f"{calibration.n_obs} calibration cells: at least 20 held-out reference cells are needed.")
     types = sorted(set(reference.obs['label'].astype(str)))
     YR, YQ = _coords(reference, query, space, use_rep, adapter, seed)
     cl = query_clusters(YQ, resolution, k, seed)
     share = reference_share(YR, YQ, k)
-    if share.max() == 0: warnings.warn(f"No query cell has a reference cell among its {k} neighbours in the {space!r} space: the studies do not "
-                                       "overlap there (embed both from their shared genes), so every score ties at 1 and none is called novel.")
+    if share.max() == 0:
+        warnings.warn(
+            f"No query cell has a reference cell among its {k} neighbours in the {space!r} space: the studies do not "
+            "overlap there (embed both from their shared genes), so every score ties at 1 and none is called novel."
+        )
     cell, clus = relative_scores(share, cl)
     YR2, YC = _coords(reference, calibration, space, use_rep, adapter, seed)
-    thr_ref = upper_quantile(relative_scores(reference_share(YR2, YC, k), query_clusters(YC, resolution, k, seed))[1], false_novel_rate)
+    thr_ref = upper_quantile(
+        relative_scores(reference_share(YR2, YC, k), query_clusters(YC, resolution, k, seed))[1], false_novel_rate
+    )
     K = kb_reading(query, cl, types, tissue=tissue) if kb else None
     known = np.isin(cl, K.index[K.kb_known_type != '']) if kb else np.zeros(len(cl), bool)
     thr_query = upper_quantile(clus[known], false_novel_rate)
     thr = max(thr_ref, thr_query)
     flag = (clus > thr) & ~known
-    cells = pd.DataFrame(dict(cluster=cl, cell_score=cell, score=clus, kb_known=known, is_novel=flag), index=query.obs_names)
+    cells = pd.DataFrame(
+        dict(cluster=cl, cell_score=cell, score=clus, kb_known=known, is_novel=flag), index=query.obs_names
+    )
     return dict(cells=cells, thresholds=dict(reference=thr_ref, query=thr_query, used=thr), kb=K,
                 mixing=dict(share=float(share.mean()), expected=len(YR) / (len(YR) + len(YQ))))
 

@@ -13,23 +13,37 @@ import numpy as np
 import pandas as pd
 
 from .data import InputError
-from .novelty import PCASpace, relative_novelty, novelty_settings, measured_genes, own_genes, calibration_split, upper_quantile
+from deepseq_nb.novelty import (
+    PCASpace,
+    relative_novelty,
+    novelty_settings,
+    measured_genes,
+    own_genes,
+    calibration_split,
+    upper_quantile,
+)
 
 # %% auto #0
 __all__ = ['RELATIVE_SPACES', 'shared_embedding', 'leave_one_type_out', 'batch_effect', 'run_novelty']
 
 # %% ../nbs/13a_novelty_experiments.ipynb #88d2a14f
-def shared_embedding(reference:ad.AnnData, query:ad.AnnData, # cells of two studies (log-normalised; obs `dataset`)
-                     encoder=None, # an `encoder.Encoder` (default: `encoder.default_encoder()`)
-                     *, key_added:str='X_scgpt', # obsm key written in both
-                    )->int:
+def shared_embedding(
+    reference: ad.AnnData,
+    query: ad.AnnData,  # cells of two studies (log-normalised; obs `dataset`)
+    encoder=None,  # an `encoder.Encoder` (default: `encoder.default_encoder()`)
+    *,
+    key_added: str = 'X_scgpt',  # obsm key written in both
+) -> int:
     "Frozen embeddings of both studies from the genes both measured, in place (`obsm[key_added]`); the number of those genes."
     from deepseq_nb.encoder import embed, default_encoder
     genes = measured_genes(reference).intersection(measured_genes(query))
-    if len(genes) < 10: raise InputError(f"Reference and query share {len(genes)} measured genes; at least 10 are needed.")
+    if len(genes) < 10:
+        raise InputError(f"Reference and query share {len(genes)} measured genes; at least 10 are needed.")
     enc = encoder if encoder is not None else default_encoder(progress=False)
     for a in (reference, query):
-        a.obsm[key_added] = embed(a[:, genes].copy(), enc, key_added=key_added, progress=False, copy=True).obsm[key_added]
+        a.obsm[key_added] = embed(a[:, genes].copy(), enc, key_added=key_added, progress=False, copy=True).obsm[
+            key_added
+        ]
     return len(genes)
 
 # %% ../nbs/13a_novelty_experiments.ipynb #e67bcce6
@@ -57,16 +71,23 @@ def _fold(R:ad.AnnData, C:ad.AnnData, Q:ad.AnnData, *, tissue:str, k:int, resolu
         S[s], F[s] = d, d > thr
     return pd.DataFrame(S, index=Q.obs_names), F, CL
 
-def _fold_rates(S:pd.DataFrame, F:dict, new:np.ndarray, known:np.ndarray, # scores; flags; new and known cells
-                clusters:dict|None=None, # space -> query cluster per cell (the per-cluster rates)
-               )->dict:
+def _fold_rates(
+    S: pd.DataFrame,
+    F: dict,
+    new: np.ndarray,
+    known: np.ndarray,  # scores; flags; new and known cells
+    clusters: dict | None = None,  # space -> query cluster per cell (the per-cluster rates)
+) -> dict:
     "AUROC (new vs known), detection of the new cells and false-novel rate of the known cells, per space; per cluster where it has clusters."
     from sklearn.metrics import roc_auc_score
     out = {}
     for s in S:
         y = new[new | known]
-        out |= {f'auroc_{s}': float(roc_auc_score(y, S[s].to_numpy()[new | known])) if 0 < y.sum() < len(y) else np.nan,
-                f'detection_{s}': float(F[s][new].mean()) if new.any() else np.nan, f'false_novel_{s}': float(F[s][known].mean())}
+        out |= {
+            f'auroc_{s}': float(roc_auc_score(y, S[s].to_numpy()[new | known])) if 0 < y.sum() < len(y) else np.nan,
+            f'detection_{s}': float(F[s][new].mean()) if new.any() else np.nan,
+            f'false_novel_{s}': float(F[s][known].mean()),
+        }
         if s in (clusters or {}) and new.any():
             own = pd.Series(new).groupby(clusters[s]).mean() > 0.5     # clusters the new type makes up most of
             hit = pd.Series(F[s]).groupby(clusters[s]).mean() > 0.5    # clusters called novel
@@ -75,13 +96,26 @@ def _fold_rates(S:pd.DataFrame, F:dict, new:np.ndarray, known:np.ndarray, # scor
     return out
 
 # %% ../nbs/13a_novelty_experiments.ipynb #35fa9309
-def leave_one_type_out(ref:ad.AnnData, dataset:str, # reference with X_scgpt (`crosstissue`); the study
-                       *, types:list|None=None, min_cells:int=30, max_types:int=0, # held-out types (default: all with >= min_cells)
-                       calib_frac:float=0.2, k:int=15, resolution:float=1.0, adapter:str='none', kb:bool=True,
-                       false_novel_rate:float=0.05, seed:int=0, progress:bool=False)->dict:
+def leave_one_type_out(
+    ref: ad.AnnData,
+    dataset: str,  # reference with X_scgpt (`crosstissue`); the study
+    *,
+    types: list | None = None,
+    min_cells: int = 30,
+    max_types: int = 0,  # held-out types (default: all with >= min_cells)
+    calib_frac: float = 0.2,
+    k: int = 15,
+    resolution: float = 1.0,
+    adapter: str = 'none',
+    kb: bool = True,
+    false_novel_rate: float = 0.05,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:
     "Per held-out type of `dataset`: AUROC, detection and false-novel rate of every space; and the per-cell scores."
     d = ref[ref.obs.dataset == dataset].copy()
-    if d.n_obs == 0: raise InputError(f"No cells of study {dataset!r}; the reference has {list(ref.obs.dataset.unique())}.")
+    if d.n_obs == 0:
+        raise InputError(f"No cells of study {dataset!r}; the reference has {list(ref.obs.dataset.unique())}.")
     tissue, lab = str(d.obs.tissue.iloc[0]), d.obs.label.astype(str).to_numpy()
     vc = pd.Series(lab).value_counts()
     types = list(types) if types is not None else [t for t, n in vc.items() if n >= min_cells][:max_types or None]
@@ -90,24 +124,58 @@ def leave_one_type_out(ref:ad.AnnData, dataset:str, # reference with X_scgpt (`c
     for h in types:
         t0, new = time.perf_counter(), lab == h
         Q = own_genes(d[test | new])
-        S, F, CL = _fold(own_genes(d[~cal & ~test & ~new]), own_genes(d[cal & ~new]), Q, tissue=tissue, k=k, resolution=resolution,
-                         adapter=adapter, false_novel_rate=false_novel_rate, kb=kb, seed=seed)
+        S, F, CL = _fold(
+            own_genes(d[~cal & ~test & ~new]),
+            own_genes(d[cal & ~new]),
+            Q,
+            tissue=tissue,
+            k=k,
+            resolution=resolution,
+            adapter=adapter,
+            false_novel_rate=false_novel_rate,
+            kb=kb,
+            seed=seed,
+        )
         y = new[test | new]
-        rows.append(dict(dataset=dataset, seed=seed, held_out=h, n_new=int(y.sum()), n_known=int((~y).sum()), **_fold_rates(S, F, y, ~y, CL),
-                         seconds=round(time.perf_counter() - t0, 1)))
+        rows.append(
+            dict(
+                dataset=dataset,
+                seed=seed,
+                held_out=h,
+                n_new=int(y.sum()),
+                n_known=int((~y).sum()),
+                **_fold_rates(S, F, y, ~y, CL),
+                seconds=round(time.perf_counter() - t0, 1),
+            )
+        )
         cells.append(S.assign(dataset=dataset, seed=seed, held_out=h, is_new=y))
-        if progress: print(f"{dataset} seed {seed}: {h} held out, AUROC pca {rows[-1]['auroc_pca']:.3f} ({rows[-1]['seconds']} s)", flush=True)
+        if progress:
+            print(
+                f"{dataset} seed {seed}: {h} held out, AUROC pca {rows[-1]['auroc_pca']:.3f} ({rows[-1]['seconds']} s)",
+                flush=True,
+            )
     return dict(table=pd.DataFrame(rows), cells=pd.concat(cells) if cells else pd.DataFrame())
 
-def batch_effect(ref:ad.AnnData, reference:str, query:str, # reference with X_scgpt; study to learn; study to query
-                 *, types:list|None=None, min_cells:int=30, # types held out of the reference in turn (default: shared ones with >= min_cells), plus none
-                 calib_frac:float=0.2, k:int=15, resolution:float=1.0, adapter:str='none', kb:bool=True,
-                 false_novel_rate:float=0.05, seed:int=0,
-                 encoder=None, # embed both studies from their shared genes into X_scgpt with it (`shared_embedding`; None: as given)
-                )->dict:
+def batch_effect(
+    ref: ad.AnnData,
+    reference: str,
+    query: str,  # reference with X_scgpt; study to learn; study to query
+    *,
+    types: list | None = None,
+    min_cells: int = 30,  # types held out of the reference in turn (default: shared ones with >= min_cells), plus none
+    calib_frac: float = 0.2,
+    k: int = 15,
+    resolution: float = 1.0,
+    adapter: str = 'none',
+    kb: bool = True,
+    false_novel_rate: float = 0.05,
+    seed: int = 0,
+    encoder=None,  # embed both studies from their shared genes into X_scgpt with it (`shared_embedding`; None: as given)
+) -> dict:
     "Across studies: false-novel rate of `query`'s known types, detection of a type held out of the reference, and `query`'s own unknown types."
     r, q = ref[ref.obs.dataset == reference].copy(), ref[ref.obs.dataset == query].copy()
-    if r.n_obs == 0 or q.n_obs == 0: raise InputError(f"Study {reference if r.n_obs == 0 else query!r} is not in the reference.")
+    if r.n_obs == 0 or q.n_obs == 0:
+        raise InputError(f"Study {reference if r.n_obs == 0 else query!r} is not in the reference.")
     tissue, rl, ql = str(r.obs.tissue.iloc[0]), r.obs.label.astype(str).to_numpy(), q.obs.label.astype(str).to_numpy()
     if encoder is not None: shared_embedding(r, q, encoder)   # the frozen spaces on the genes both studies measured
     r.obs['split'] = 'train'
@@ -116,13 +184,33 @@ def batch_effect(ref:ad.AnnData, reference:str, query:str, # reference with X_sc
     types = list(types) if types is not None else [t for t, n in vc.items() if n >= min_cells and t in set(ql)]
     Q, rows = own_genes(q), []
     for h in [None] + types:
-        S, F, CL = _fold(own_genes(r[~cal & (rl != h)]), own_genes(r[cal & (rl != h)]), Q, tissue=tissue, k=k, resolution=resolution,
-                         adapter=adapter, false_novel_rate=false_novel_rate, kb=kb, seed=seed)
+        S, F, CL = _fold(
+            own_genes(r[~cal & (rl != h)]),
+            own_genes(r[cal & (rl != h)]),
+            Q,
+            tissue=tissue,
+            k=k,
+            resolution=resolution,
+            adapter=adapter,
+            false_novel_rate=false_novel_rate,
+            kb=kb,
+            seed=seed,
+        )
         new, known = ql == h, np.isin(ql, list(set(rl[rl != h])))
-        row = dict(reference=reference, query=query, seed=seed, held_out=h or '(none)', n_known=int(known.sum()), n_new=int(new.sum()),
-                   n_unknown=int((~known & ~new).sum()), nominal=false_novel_rate)
+        row = dict(
+            reference=reference,
+            query=query,
+            seed=seed,
+            held_out=h or '(none)',
+            n_known=int(known.sum()),
+            n_new=int(new.sum()),
+            n_unknown=int((~known & ~new).sum()),
+            nominal=false_novel_rate,
+        )
         row |= {k_: v for k_, v in _fold_rates(S, F, new, known, CL).items() if not k_.startswith('auroc') or new.any()}
-        row |= {f'flagged_unknown_{s}': float(F[s][~known & ~new].mean()) if (~known & ~new).any() else np.nan for s in S}
+        row |= {
+            f'flagged_unknown_{s}': float(F[s][~known & ~new].mean()) if (~known & ~new).any() else np.nan for s in S
+        }
         rows.append(row)
     return dict(table=pd.DataFrame(rows))
 
@@ -139,7 +227,11 @@ def run_novelty(settings=None, # `Settings` (default: settings.ini)
     from deepseq_nb.crosstissue import cross_tissue_reference, embed_reference
     S = settings if settings is not None else load_settings()
     P = novelty_settings(S)
-    key = json.dumps(dict(P, encoder=encoder_settings(S), custom_encoder=None if encoder is None else str(encoder), v=3), sort_keys=True, default=str)
+    key = json.dumps(
+        dict(P, encoder=encoder_settings(S), custom_encoder=None if encoder is None else str(encoder), v=3),
+        sort_keys=True,
+        default=str,
+    )
     if cache is not None and Path(cache).exists():
         c = json.loads(Path(cache).read_text())
         if c.get('key') == key: return {k: pd.DataFrame(v) for k, v in c['tables'].items()} | dict(seconds=c['seconds'])
@@ -150,15 +242,30 @@ def run_novelty(settings=None, # `Settings` (default: settings.ini)
     lo, be = [], []
     for seed in P['seeds']:   # a seed draws the subsample, the splits and the clusterings
         ref = cross_tissue_reference(max_cells=P['max_cells'] or None, seed=seed)
-        embed_reference(ref, enc)   # frozen embeddings do not depend on the seed: cheap to redo for each subsample
-        lo += [leave_one_type_out(ref, d, min_cells=P['min_cells'], max_types=P['max_types'], seed=seed, progress=progress, **common) for d in P['datasets']]
-        be += [batch_effect(ref, r, q, min_cells=P['min_cells'], seed=seed, encoder=enc, **common) for r, q in P['batch_pairs']]
+        embed_reference(ref, enc)  # frozen embeddings do not depend on the seed: cheap to redo for each subsample
+        lo += [
+            leave_one_type_out(
+                ref, d, min_cells=P['min_cells'], max_types=P['max_types'], seed=seed, progress=progress, **common
+            )
+            for d in P['datasets']
+        ]
+        be += [
+            batch_effect(ref, r, q, min_cells=P['min_cells'], seed=seed, encoder=enc, **common)
+            for r, q in P['batch_pairs']
+        ]
         if progress: print(f"seed {seed} done ({time.perf_counter() - t0:.0f} s)", flush=True)
-    out = dict(loto=pd.concat([x['table'] for x in lo], ignore_index=True), loto_cells=pd.concat([x['cells'] for x in lo], ignore_index=True),
-               batch=pd.concat([x['table'] for x in be], ignore_index=True))
+    out = dict(
+        loto=pd.concat([x['table'] for x in lo], ignore_index=True),
+        loto_cells=pd.concat([x['cells'] for x in lo], ignore_index=True),
+        batch=pd.concat([x['table'] for x in be], ignore_index=True),
+    )
     secs = round(time.perf_counter() - t0, 1)
     if cache is not None:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
-        Path(cache).write_text(json.dumps(dict(key=key, seconds=secs, tables={k: v.to_dict('list') for k, v in out.items()}), default=float))
+        Path(cache).write_text(
+            json.dumps(
+                dict(key=key, seconds=secs, tables={k: v.to_dict('list') for k, v in out.items()}), default=float
+            )
+        )
     return out | dict(seconds=secs)
 

@@ -41,14 +41,18 @@ def _respell(s:str)->str:
 MARKER_GENES = {'FCGR3A': 'CD16', 'FCGR3B': 'CD16', 'NCAM1': 'CD56', 'MS4A1': 'CD20', 'PTPRC': 'CD45', 'IL2RA': 'CD25',
                 'IL7R': 'CD127', 'ITGAM': 'CD11b', 'ITGAX': 'CD11c', 'SELL': 'CD62L', 'THBD': 'CD141', 'PECAM1': 'CD31',
                 'CR2': 'CD21', 'FCER2': 'CD23', 'ITGAE': 'CD103', 'B3GAT1': 'CD57'}
-_GENE_MARK = re.compile(r'\b(' + '|'.join(MARKER_GENES) + r')(?=\s*(?:[+-]|(?:pos|neg|hi|high|lo|low|bright|dim)\b))', re.I)
+_GENE_MARK = re.compile(
+    r'\b(' + '|'.join(MARKER_GENES) + r')(?=\s*(?:[+-]|(?:pos|neg|hi|high|lo|low|bright|dim)\b))', re.I
+)
 
 _MARKER = r'\b([A-Za-z]{1,6}\d[A-Za-z0-9]*?)'
 def _markers(s:str)->str:
     "Rewrite surface-marker notation (`CD14+`, `CD16-`, `CD56bright`, `CD4hi`, `FCGR3A+`) in CL's words."
     s = _GENE_MARK.sub(lambda m: MARKER_GENES[m.group(1).upper()], s)
     s = re.sub(_MARKER + r'\s*(?:\+|pos\b|-positive\b|positive\b)', r'\1 positive ', s, flags=re.I)
-    s = re.sub(_MARKER + r'(?:-(?=[\s,/)_]|$|[A-Za-z]{1,6}\d)|neg\b|-negative\b|negative\b)', r'\1 negative ', s, flags=re.I)
+    s = re.sub(
+        _MARKER + r'(?:-(?=[\s,/)_]|$|[A-Za-z]{1,6}\d)|neg\b|-negative\b|negative\b)', r'\1 negative ', s, flags=re.I
+    )
     s = re.sub(_MARKER + r'\s*-?(?:bright|hi|high)\b', r'\1 bright ', s, flags=re.I)
     s = re.sub(_MARKER + r'\s*-?(?:dim|lo|low)\b', r'\1 dim ', s, flags=re.I)
     s = re.sub(r'\b(CD\d+[A-Za-z]?)\b(?!\s*(?:positive|negative|bright|dim))', r'\1 positive', s, flags=re.I)
@@ -71,38 +75,100 @@ def _singular(w:str)->str:
 # nomenclature of Gillich et al. 2020 (Nature 586:785): aerocyte/aCap, gCap. Nephron segments (standard renal
 # physiology abbreviations): tal, dct, cnt.
 ABBREVIATIONS = {
-    'nk': 'natural killer', 'ilc': 'innate lymphoid cell', 'ilcs': 'innate lymphoid cell',
-    'dc': 'dendritic cell', 'dcs': 'dendritic cell', 'pdc': 'plasmacytoid dendritic cell',
-    'cdc': 'conventional dendritic cell', 'mdc': 'myeloid dendritic cell',
-    'cdc1': 'cd141 positive myeloid dendritic cell', 'cdc2': 'cd1c positive myeloid dendritic cell',  # XCR1+/BDCA3+, BDCA1+
-    'treg': 'regulatory t cell', 'tregs': 'regulatory t cell', 'tfh': 't follicular helper cell',
-    'th1': 't helper 1 cell', 'th2': 't helper 2 cell', 'th17': 't helper 17 cell',
-    'mait': 'mucosal associated invariant t cell', 'gdt': 'gamma delta t cell', 'ctl': 'cytotoxic t cell',
-    'tem': 'effector memory t cell', 'tcm': 'central memory t cell',
-    'hsc': 'hematopoietic stem cell', 'hscs': 'hematopoietic stem cell', 'hspc': 'hematopoietic multipotent progenitor cell',
-    'msc': 'mesenchymal stem cell', 'mscs': 'mesenchymal stem cell',
-    'cmp': 'common myeloid progenitor', 'gmp': 'granulocyte monocyte progenitor cell',
-    'mep': 'megakaryocyte erythroid progenitor cell', 'clp': 'common lymphoid progenitor',
-    'opc': 'oligodendrocyte precursor cell', 'opcs': 'oligodendrocyte precursor cell',
-    'mono': 'monocyte', 'monos': 'monocyte', 'mac': 'macrophage', 'macs': 'macrophage', 'mphi': 'macrophage',
-    'neut': 'neutrophil', 'eos': 'eosinophil', 'baso': 'basophil', 'mk': 'megakaryocyte', 'plt': 'platelet',
-    'rbc': 'erythrocyte', 'rbcs': 'erythrocyte', 'ery': 'erythroid lineage cell', 'eryth': 'erythroid lineage cell',
-    'ec': 'endothelial cell', 'ecs': 'endothelial cell', 'lec': 'endothelial cell of lymphatic vessel',
-    'smc': 'smooth muscle cell', 'smcs': 'smooth muscle cell', 'vsmc': 'vascular associated smooth muscle cell',
-    'at1': 'pulmonary alveolar type 1 cell', 'at2': 'pulmonary alveolar type 2 cell', 'rpe': 'retinal pigment epithelial cell',
-    'neuronal': 'neuron', 'pc': 'plasma cell',
-    'nsc': 'neural stem cell', 'ipc': 'intermediate progenitor cell', 'rgc': 'radial glial cell',
-    'microglia': 'microglial cell', 'glia': 'glial cell', 'astroglia': 'astrocyte', 'stroma': 'stromal cell',
-    'epithelium': 'epithelial cell', 'epithelial': 'epithelial cell', 'endothelium': 'endothelial cell',
-    'endothelial': 'endothelial cell', 'stromal': 'stromal cell', 'myeloid': 'myeloid cell', 'immune': 'immune cell',
-    'excitatory': 'glutamatergic', 'inhibitory': 'gabaergic', 'nkt': 'nk t',
-    'pmn': 'neutrophil', 'mdsc': 'myeloid derived suppressor cell', 'caf': 'cancer associated fibroblast',
-    'oligo': 'oligodendrocyte', 'astro': 'astrocyte', 'fibro': 'fibroblast', 'mega': 'megakaryocyte',
-    'tenocyte': 'tendon cell', 'apc': 'antigen presenting cell', 'esc': 'embryonic stem cell', 'hesc': 'embryonic stem cell',
-    'mesc': 'embryonic stem cell', 'ipsc': 'induced pluripotent stem cell', 'ips': 'induced pluripotent stem cell',
-    'aerocyte': 'alveolar capillary type 2 endothelial cell', 'acap': 'alveolar capillary type 2 endothelial cell',
-    'gcap': 'alveolar capillary type 1 endothelial cell', 'tal': 'thick ascending limb cell',
-    'dct': 'distal convoluted tubule cell', 'cnt': 'connecting tubule cell',
+    'nk': 'natural killer',
+    'ilc': 'innate lymphoid cell',
+    'ilcs': 'innate lymphoid cell',
+    'dc': 'dendritic cell',
+    'dcs': 'dendritic cell',
+    'pdc': 'plasmacytoid dendritic cell',
+    'cdc': 'conventional dendritic cell',
+    'mdc': 'myeloid dendritic cell',
+    'cdc1': 'cd141 positive myeloid dendritic cell',
+    'cdc2': 'cd1c positive myeloid dendritic cell',  # XCR1+/BDCA3+, BDCA1+
+    'treg': 'regulatory t cell',
+    'tregs': 'regulatory t cell',
+    'tfh': 't follicular helper cell',
+    'th1': 't helper 1 cell',
+    'th2': 't helper 2 cell',
+    'th17': 't helper 17 cell',
+    'mait': 'mucosal associated invariant t cell',
+    'gdt': 'gamma delta t cell',
+    'ctl': 'cytotoxic t cell',
+    'tem': 'effector memory t cell',
+    'tcm': 'central memory t cell',
+    'hsc': 'hematopoietic stem cell',
+    'hscs': 'hematopoietic stem cell',
+    'hspc': 'hematopoietic multipotent progenitor cell',
+    'msc': 'mesenchymal stem cell',
+    'mscs': 'mesenchymal stem cell',
+    'cmp': 'common myeloid progenitor',
+    'gmp': 'granulocyte monocyte progenitor cell',
+    'mep': 'megakaryocyte erythroid progenitor cell',
+    'clp': 'common lymphoid progenitor',
+    'opc': 'oligodendrocyte precursor cell',
+    'opcs': 'oligodendrocyte precursor cell',
+    'mono': 'monocyte',
+    'monos': 'monocyte',
+    'mac': 'macrophage',
+    'macs': 'macrophage',
+    'mphi': 'macrophage',
+    'neut': 'neutrophil',
+    'eos': 'eosinophil',
+    'baso': 'basophil',
+    'mk': 'megakaryocyte',
+    'plt': 'platelet',
+    'rbc': 'erythrocyte',
+    'rbcs': 'erythrocyte',
+    'ery': 'erythroid lineage cell',
+    'eryth': 'erythroid lineage cell',
+    'ec': 'endothelial cell',
+    'ecs': 'endothelial cell',
+    'lec': 'endothelial cell of lymphatic vessel',
+    'smc': 'smooth muscle cell',
+    'smcs': 'smooth muscle cell',
+    'vsmc': 'vascular associated smooth muscle cell',
+    'at1': 'pulmonary alveolar type 1 cell',
+    'at2': 'pulmonary alveolar type 2 cell',
+    'rpe': 'retinal pigment epithelial cell',
+    'neuronal': 'neuron',
+    'pc': 'plasma cell',
+    'nsc': 'neural stem cell',
+    'ipc': 'intermediate progenitor cell',
+    'rgc': 'radial glial cell',
+    'microglia': 'microglial cell',
+    'glia': 'glial cell',
+    'astroglia': 'astrocyte',
+    'stroma': 'stromal cell',
+    'epithelium': 'epithelial cell',
+    'epithelial': 'epithelial cell',
+    'endothelium': 'endothelial cell',
+    'endothelial': 'endothelial cell',
+    'stromal': 'stromal cell',
+    'myeloid': 'myeloid cell',
+    'immune': 'immune cell',
+    'excitatory': 'glutamatergic',
+    'inhibitory': 'gabaergic',
+    'nkt': 'nk t',
+    'pmn': 'neutrophil',
+    'mdsc': 'myeloid derived suppressor cell',
+    'caf': 'cancer associated fibroblast',
+    'oligo': 'oligodendrocyte',
+    'astro': 'astrocyte',
+    'fibro': 'fibroblast',
+    'mega': 'megakaryocyte',
+    'tenocyte': 'tendon cell',
+    'apc': 'antigen presenting cell',
+    'esc': 'embryonic stem cell',
+    'hesc': 'embryonic stem cell',
+    'mesc': 'embryonic stem cell',
+    'ipsc': 'induced pluripotent stem cell',
+    'ips': 'induced pluripotent stem cell',
+    'aerocyte': 'alveolar capillary type 2 endothelial cell',
+    'acap': 'alveolar capillary type 2 endothelial cell',
+    'gcap': 'alveolar capillary type 1 endothelial cell',
+    'tal': 'thick ascending limb cell',
+    'dct': 'distal convoluted tubule cell',
+    'cnt': 'connecting tubule cell',
 }
 
 # Free-text names of CL terms that CL itself does not list as synonyms (general usage, not benchmark strings):
@@ -176,7 +242,8 @@ def cl_index()->dict:
     for k, t in live.items():  # `epithelial cell of proximal tubule` is also said `proximal tubule epithelial cell`
         for name in [t['label'], *(t.get('synonyms') or [])]:
             m = re.match(r'^(.*?\bcells?)\s+of\s+(?:the\s+)?(.+)$', _fold(name), flags=re.I)
-            if m and ',' not in m.group(2): idx.setdefault(normalize_label(f'{m.group(2)} {m.group(1)}', expand=False), (k, 'synonym'))
+            if m and ',' not in m.group(2):
+                idx.setdefault(normalize_label(f'{m.group(2)} {m.group(1)}', expand=False), (k, 'synonym'))
     for name, k in GENERAL_SYNONYMS.items(): idx.setdefault(normalize_label(name, expand=False), (k, 'synonym'))
     return idx
 
@@ -249,13 +316,34 @@ def _lookup(key:str, threshold:float, fuzzy:bool=True):
 
 # %% ../nbs/03_ontology.ipynb #48dc95ce
 TISSUE_ADJECTIVES = {  # standard adjectives of organ names (anatomy, not any benchmark)
-    'pancreas': ['pancreatic', 'islet'], 'kidney': ['renal', 'nephron'], 'liver': ['hepatic'], 'lung': ['pulmonary', 'alveolar'],
-    'trachea': ['tracheal', 'airway', 'bronchial'], 'heart': ['cardiac'], 'stomach': ['gastric'], 'intestine': ['intestinal', 'enteric'],
-    'colon': ['colonic', 'intestinal'], 'eye': ['retinal', 'ocular', 'corneal'], 'brain': ['cerebral', 'neural'],
-    'cortex': ['cortical', 'brain'], 'skin': ['epidermal', 'cutaneous', 'dermal'], 'muscle': ['skeletal'], 'testis': ['testicular'],
-    'ovary': ['ovarian'], 'uterus': ['uterine', 'endometrial'], 'prostate': ['prostatic'], 'mammary': ['breast'], 'breast': ['mammary'],
-    'thymus': ['thymic'], 'bladder': ['urinary', 'urothelial'], 'salivary': ['salivary'], 'adipose': ['fat', 'adipocyte'],
-    'fat': ['adipose'], 'vasculature': ['vascular', 'blood vessel'], 'spleen': ['splenic'], 'tongue': ['lingual'],
+    'pancreas': ['pancreatic', 'islet'],
+    'kidney': ['renal', 'nephron'],
+    'liver': ['hepatic'],
+    'lung': ['pulmonary', 'alveolar'],
+    'trachea': ['tracheal', 'airway', 'bronchial'],
+    'heart': ['cardiac'],
+    'stomach': ['gastric'],
+    'intestine': ['intestinal', 'enteric'],
+    'colon': ['colonic', 'intestinal'],
+    'eye': ['retinal', 'ocular', 'corneal'],
+    'brain': ['cerebral', 'neural'],
+    'cortex': ['cortical', 'brain'],
+    'skin': ['epidermal', 'cutaneous', 'dermal'],
+    'muscle': ['skeletal'],
+    'testis': ['testicular'],
+    'ovary': ['ovarian'],
+    'uterus': ['uterine', 'endometrial'],
+    'prostate': ['prostatic'],
+    'mammary': ['breast'],
+    'breast': ['mammary'],
+    'thymus': ['thymic'],
+    'bladder': ['urinary', 'urothelial'],
+    'salivary': ['salivary'],
+    'adipose': ['fat', 'adipocyte'],
+    'fat': ['adipose'],
+    'vasculature': ['vascular', 'blood vessel'],
+    'spleen': ['splenic'],
+    'tongue': ['lingual'],
 }
 
 def tissue_words(tissue:str|None)->frozenset:
@@ -392,7 +480,9 @@ def marker_match(key:str, # normalised label (`normalize_label`)
         if i is None or len(descendants(i)) >= 2000: continue
         left = [w for w in plain if w not in kw]
         unmarked = [m for m in marks if f' {m} ' not in f' {k} ' and f' {m} ' not in _phenotype(i)]
-        if len(left) <= 1 and not any(len(w) <= 3 or w in ('immature', 'precursor', 'progenitor', words[-2]) for w in left):
+        if len(left) <= 1 and not any(
+            len(w) <= 3 or w in ('immature', 'precursor', 'progenitor', words[-2]) for w in left
+        ):
             best.append((len(unmarked), len(left), -len(kw), i))
     if not best: return None
     best.sort()
@@ -449,7 +539,9 @@ def to_cl(label:str, # free-text cell-type label
         m = to_cl(moved, tissue, threshold)
         if m.exact: return CLMatch(str(label), m.id, m.name, m.score, m.how)
     kept = [w for w in re.split(r'[\s()]+', _fold(str(label))) if w and normalize_label(w, expand=False) not in _STATES]
-    if 0 < len(kept) < len(re.split(r'[\s()]+', _fold(str(label)).strip())):  # a cell in a state: a kind of the type (`Lymphatic EC proliferating`)
+    if (
+        0 < len(kept) < len(re.split(r'[\s()]+', _fold(str(label)).strip()))
+    ):  # a cell in a state: a kind of the type (`Lymphatic EC proliferating`)
         m = to_cl(' '.join(kept), tissue, threshold)
         if m.exact and len(descendants(m.id)) < 2000: return CLMatch(str(label), m.id, m.name, 80.0, 'head')
     ctx = context_match(full, tw) or relaxed_context(full, tw)

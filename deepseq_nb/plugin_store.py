@@ -24,19 +24,35 @@ from .plugins import PLUGIN_FORMAT, PluginSet, Router, add_plugin, adapter_name
 __all__ = ['save_plugins', 'load_plugins']
 
 # %% ../nbs/11a_plugin_store.ipynb #7a098220
-def save_plugins(plugins:PluginSet, directory:str|Path, # the plugins; the directory to write (created)
-                )->Path:
+def save_plugins(
+    plugins: PluginSet,
+    directory: str | Path,  # the plugins; the directory to write (created)
+) -> Path:
     "Write adapters, heads, router and metadata of `plugins` to `directory`."
     if not plugins.tissues: raise InputError("The PluginSet has no plugin to save.")
     d = Path(directory); (d/'adapters').mkdir(parents=True, exist_ok=True); (d/'heads').mkdir(exist_ok=True)
-    meta = dict(format=PLUGIN_FORMAT, encoder=plugins.encoder.name, fingerprint=plugins.fingerprint, pooling=plugins.pooling,
-                d_model=plugins.encoder.d_model, n_tokens=len(plugins.encoder.vocab), tissues={}, router=None, peft=peft.__version__)
+    meta = dict(
+        format=PLUGIN_FORMAT,
+        encoder=plugins.encoder.name,
+        fingerprint=plugins.fingerprint,
+        pooling=plugins.pooling,
+        d_model=plugins.encoder.d_model,
+        n_tokens=len(plugins.encoder.vocab),
+        tissues={},
+        router=None,
+        peft=peft.__version__,
+    )
     for t in plugins.tissues:
         name, head = adapter_name(t), plugins.heads[t]
         sd = peft.get_peft_model_state_dict(plugins.peft, adapter_name=name)
         save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, d/'adapters'/f'{name}.safetensors')
-        save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, d/'heads'/f'{name}.safetensors')
-        meta['tissues'][t] = dict(adapter=name, lora=plugins.lora[t], slots=head.labels, dropout=head.drop.p, info=plugins.info[t])
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
+            d / 'heads' / f'{name}.safetensors',
+        )
+        meta['tissues'][t] = dict(
+            adapter=name, lora=plugins.lora[t], slots=head.labels, dropout=head.drop.p, info=plugins.info[t]
+        )
     if plugins.router is not None:
         r = plugins.router
         save_file({k: v.detach().cpu().contiguous() for k, v in r.state_dict().items()}, d/'router.safetensors')
@@ -46,31 +62,57 @@ def save_plugins(plugins:PluginSet, directory:str|Path, # the plugins; the direc
     return d
 
 # %% ../nbs/11a_plugin_store.ipynb #9f92ad87
-def load_plugins(directory:str|Path, encoder:Encoder, # a directory written by `save_plugins`; the encoder they were trained on
-                 *, strict:bool=True, # refuse an encoder with another fingerprint (False: warn and load)
-                )->PluginSet:
+def load_plugins(
+    directory: str | Path,
+    encoder: Encoder,  # a directory written by `save_plugins`; the encoder they were trained on
+    *,
+    strict: bool = True,  # refuse an encoder with another fingerprint (False: warn and load)
+) -> PluginSet:
     "Load plugins (adapters, heads, router) saved by `save_plugins` onto `encoder`."
     d = Path(directory)
-    if not (d/'plugins.json').is_file(): raise FileNotFoundError(f"{d} holds no plugins.json; it was not written by save_plugins().")
+    if not (d / 'plugins.json').is_file():
+        raise FileNotFoundError(f"{d} holds no plugins.json; it was not written by save_plugins().")
     meta = json.loads((d/'plugins.json').read_text())
-    if meta.get('format') != PLUGIN_FORMAT: raise InputError(f"{d} has plugin format {meta.get('format')}; this version reads {PLUGIN_FORMAT}.")
+    if meta.get('format') != PLUGIN_FORMAT:
+        raise InputError(f"{d} has plugin format {meta.get('format')}; this version reads {PLUGIN_FORMAT}.")
     ps = PluginSet(encoder, pooling=meta['pooling'])
     if ps.fingerprint != meta['fingerprint']:
-        msg = (f"The plugins in {d} were trained on encoder {meta['encoder']!r} (fingerprint {meta['fingerprint']}, {meta['d_model']} dims, "
-               f"{meta['n_tokens']:,} tokens), not on this one ({encoder.name!r}, fingerprint {ps.fingerprint}, {encoder.d_model} dims, "
-               f"{len(encoder.vocab):,} tokens): LoRA weights only fit the weights they were trained with.")
-        if strict or meta['d_model'] != encoder.d_model: raise InputError(msg + " Load with that encoder (or strict=False if you know they match).")
+        msg = (
+            f"The plugins in {d} were trained on encoder {meta['encoder']!r} (fingerprint {meta['fingerprint']}, "
+            f"{meta['d_model']} dims, "
+            f"{meta['n_tokens']:,} tokens), not on this one ({encoder.name!r}, fingerprint {ps.fingerprint}, "
+            f"{encoder.d_model} dims, "
+            f"{len(encoder.vocab):,} tokens): LoRA weights only fit the weights they were trained with."
+        )
+        if strict or meta['d_model'] != encoder.d_model:
+            raise InputError(msg + " Load with that encoder (or strict=False if you know they match).")
         warnings.warn(msg)
     for t, m in meta['tissues'].items():
         lo = m['lora']
-        head = add_plugin(ps, t, [l for l in m['slots'] if l is not None], n_slots=len(m['slots']), lora_r=lo['r'], lora_alpha=lo['alpha'],
-                          lora_dropout=lo['dropout'], targets=lo['targets'])
-        try: res = peft.set_peft_model_state_dict(ps.peft, load_file(d/'adapters'/f"{m['adapter']}.safetensors"), adapter_name=m['adapter'])
+        head = add_plugin(
+            ps,
+            t,
+            [l for l in m['slots'] if l is not None],
+            n_slots=len(m['slots']),
+            lora_r=lo['r'],
+            lora_alpha=lo['alpha'],
+            lora_dropout=lo['dropout'],
+            targets=lo['targets'],
+        )
+        try:
+            res = peft.set_peft_model_state_dict(
+                ps.peft, load_file(d / 'adapters' / f"{m['adapter']}.safetensors"), adapter_name=m['adapter']
+            )
         except RuntimeError as err:
-            raise InputError(f"Adapter {t!r} in {d} does not fit its settings in plugins.json: {str(err)[:300]}") from None
+            raise InputError(
+                f"Adapter {t!r} in {d} does not fit its settings in plugins.json: {str(err)[:300]}"
+            ) from None
         lost = [k for k in res.missing_keys if 'lora_' in k and f".{m['adapter']}." in k]
         if res.unexpected_keys or lost:
-            raise InputError(f"Adapter {t!r} in {d} does not fit the model: unexpected {res.unexpected_keys[:3]}, missing {lost[:3]}.")
+            raise InputError(
+                f"Adapter {t!r} in {d} does not fit the model: unexpected {res.unexpected_keys[:3]}, missing "
+                f"{lost[:3]}."
+            )
         head.labels = list(m['slots'])
         head.load_state_dict(load_file(d/'heads'/f"{m['adapter']}.safetensors"))
         ps.info[t] = m['info']

@@ -61,8 +61,20 @@ def plugin_settings(settings=None, # a `Settings` (default: `load_settings()`)
     "The `[plugins]` settings over `PluginConfig`'s defaults."
     return read_section(PluginConfig, settings, 'plugins')
 
-PLUGIN_TRAIN_KEYS = ('lora_r', 'lora_alpha', 'lora_dropout', 'extra_slots', 'pooling', 'epochs', 'lr', 'batch_size', 'patience',
-                     'val_fraction', 'weight_decay', 'balance')
+PLUGIN_TRAIN_KEYS = (
+    'lora_r',
+    'lora_alpha',
+    'lora_dropout',
+    'extra_slots',
+    'pooling',
+    'epochs',
+    'lr',
+    'batch_size',
+    'patience',
+    'val_fraction',
+    'weight_decay',
+    'balance',
+)
 
 def plugin_kwargs(params:dict|None=None, # plugin settings over `plugin_settings()` (None: the settings as they are)
                  )->tuple[dict, dict]:
@@ -77,13 +89,16 @@ def plugin_kwargs(params:dict|None=None, # plugin settings over `plugin_settings
 # %% ../nbs/11_plugins.ipynb #edcdce63
 LORA_TARGETS = ('linear1', 'linear2', 'self_attn')
 
-def lora_target_regex(targets=('linear1', 'linear2'), # module kinds of each transformer layer: linear1, linear2, self_attn
-                     )->str:
+def lora_target_regex(
+    targets=('linear1', 'linear2'),  # module kinds of each transformer layer: linear1, linear2, self_attn
+) -> str:
     "The peft `target_modules` regex for `targets` in scGPT's transformer layers only (not `value_encoder.linear1`)."
     targets = [targets] if isinstance(targets, str) else list(targets)
     if 'out_proj' in targets or 'self_attn.out_proj' in targets:
-        raise InputError("LoRA on self_attn.out_proj gets no gradient: nn.MultiheadAttention reads out_proj.weight directly "
-                         "instead of calling the module. Use the feed-forward layers ('linear1', 'linear2') or 'self_attn'.")
+        raise InputError(
+            "LoRA on self_attn.out_proj gets no gradient: nn.MultiheadAttention reads out_proj.weight directly "
+            "instead of calling the module. Use the feed-forward layers ('linear1', 'linear2') or 'self_attn'."
+        )
     bad = sorted(set(targets) - set(LORA_TARGETS))
     if bad or not targets: raise InputError(f"Unknown LoRA targets {bad or targets}; choose from {LORA_TARGETS}.")
     return r'transformer_encoder\.layers\.\d+\.(' + '|'.join(sorted(set(targets))) + r')'
@@ -94,14 +109,19 @@ from .encoder import no_fastpath, torch_threads  # the fast path ignores LoRA in
 # %% ../nbs/11_plugins.ipynb #deb51b17
 class SlotHead(torch.nn.Module):
     "Linear classifier with `n_slots` outputs; slot → label bookkeeping; free slots masked to −∞."
-    def __init__(self, d_in:int, # embedding dimension
-                 n_slots:int, # outputs, known types plus free slots
-                 labels:list=(), # labels of the first slots, in order
-                 dropout:float=0.1, # dropout before the linear layer (training only)
-                ):
+
+    def __init__(
+        self,
+        d_in: int,  # embedding dimension
+        n_slots: int,  # outputs, known types plus free slots
+        labels: list = (),  # labels of the first slots, in order
+        dropout: float = 0.1,  # dropout before the linear layer (training only)
+    ):
         super().__init__()
         if len(labels) > n_slots:
-            raise InputError(f"{len(labels)} cell types do not fit into {n_slots} head slots; raise n_slots (or extra_slots).")
+            raise InputError(
+                f"{len(labels)} cell types do not fit into {n_slots} head slots; raise n_slots (or extra_slots)."
+            )
         if len(set(labels)) != len(labels): raise InputError(f"Duplicate labels in {list(labels)}.")
         self.register_buffer('center', torch.zeros(d_in)); self.register_buffer('scale', torch.ones(d_in))
         self.drop = torch.nn.Dropout(dropout)
@@ -117,25 +137,33 @@ class SlotHead(torch.nn.Module):
     def free_slots(self)->list: return [i for i, l in enumerate(self.labels) if l is None]
     def slot(self, label)->int:
         "The slot holding `label`."
-        if str(label) not in self.labels: raise InputError(f"Label {label!r} is not in the head; it knows {self.known}.")
+        if str(label) not in self.labels:
+            raise InputError(f"Label {label!r} is not in the head; it knows {self.known}.")
         return self.labels.index(str(label))
 
     def forward(self, x:torch.Tensor)->torch.Tensor:
         "Logits (cells × slots); free slots are −∞."
         return self.linear(self.drop((x - self.center) / self.scale)).masked_fill(~self.active, float('-inf'))
 
-    def standardize(self, x:torch.Tensor, # reference embeddings (cells × d_in)
-                   )->None:
+    def standardize(
+        self,
+        x: torch.Tensor,  # reference embeddings (cells × d_in)
+    ) -> None:
         "Fix the input standardisation to the mean and standard deviation of each dimension of `x` (not trained)."
         with torch.no_grad():
-            self.center.copy_(x.mean(0)); self.scale.copy_(x.std(0).clamp(min=1e-6) if len(x) > 1 else torch.ones_like(self.scale))
+            self.center.copy_(x.mean(0))
+            self.scale.copy_(x.std(0).clamp(min=1e-6) if len(x) > 1 else torch.ones_like(self.scale))
 
-    def add_label(self, label:str, # the new type
-                  *, seed:int=0, # seed of the slot's fresh weights
-                 )->int:
+    def add_label(
+        self,
+        label: str,  # the new type
+        *,
+        seed: int = 0,  # seed of the slot's fresh weights
+    ) -> int:
         "Put `label` into the first free slot with freshly initialised weights; return the slot."
         if str(label) in self.labels: raise InputError(f"Label {label!r} already has slot {self.slot(label)}.")
-        if not self.free_slots: raise InputError(f"No free slot left: all {self.n_slots} hold a label; train a head with more slots.")
+        if not self.free_slots:
+            raise InputError(f"No free slot left: all {self.n_slots} hold a label; train a head with more slots.")
         i = self.free_slots[0]
         g = torch.Generator().manual_seed(seed)
         bound = 1 / math.sqrt(self.linear.in_features)
@@ -151,7 +179,11 @@ class SlotHead(torch.nn.Module):
 def encoder_fingerprint(encoder:Encoder)->str:
     "A short hash of the encoder's weights, vocabulary size and model size (identifies the checkpoint)."
     h = hashlib.sha256()
-    h.update(json.dumps(dict(n_tokens=len(encoder.vocab), d_model=encoder.d_model, nlayers=int(encoder.args['nlayers']))).encode())
+    h.update(
+        json.dumps(
+            dict(n_tokens=len(encoder.vocab), d_model=encoder.d_model, nlayers=int(encoder.args['nlayers']))
+        ).encode()
+    )
     for k, v in sorted(encoder.model.state_dict().items()):
         h.update(k.encode()); h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
@@ -165,10 +197,15 @@ def adapter_name(tissue:str)->str:
 # %% ../nbs/11_plugins.ipynb #87c60f09
 class PluginSet:
     "LoRA tissue plugins (one peft adapter and one `SlotHead` per tissue) over a copy of a frozen encoder, and a router."
-    def __init__(self, encoder:Encoder, # the frozen encoder the plugins adapt
-                 *, pooling:str='mean', # embedding of a cell: 'mean' over genes or the 'cls' token
-                ):
-        if not isinstance(encoder, Encoder): raise InputError(f"PluginSet needs an Encoder; got {type(encoder).__name__}.")
+
+    def __init__(
+        self,
+        encoder: Encoder,  # the frozen encoder the plugins adapt
+        *,
+        pooling: str = 'mean',  # embedding of a cell: 'mean' over genes or the 'cls' token
+    ):
+        if not isinstance(encoder, Encoder):
+            raise InputError(f"PluginSet needs an Encoder; got {type(encoder).__name__}.")
         if pooling not in ('cls', 'mean'): raise InputError(f"pooling must be 'cls' or 'mean'; got {pooling!r}.")
         self.encoder, self.pooling = encoder, pooling
         self.fingerprint = encoder_fingerprint(encoder)
@@ -197,23 +234,36 @@ class PluginSet:
 
 # %% ../nbs/11_plugins.ipynb #41d796cf
 def _lora_config(r:int, alpha:float, dropout:float, targets)->peft.LoraConfig:
-    return peft.LoraConfig(r=int(r), lora_alpha=alpha, lora_dropout=float(dropout), target_modules=lora_target_regex(targets), bias='none')
+    return peft.LoraConfig(
+        r=int(r), lora_alpha=alpha, lora_dropout=float(dropout), target_modules=lora_target_regex(targets), bias='none'
+    )
 
-def add_plugin(plugins:PluginSet, tissue:str, # the plugin set; the tissue the plugin is for
-               labels:list, # the tissue's cell types, in slot order
-               *, n_slots:int|None=None, extra_slots:int=8, # head outputs (default: len(labels) + extra_slots)
-               lora_r:int=8, lora_alpha:float=16, lora_dropout:float=0.1, targets=('linear1', 'linear2'), # LoRA
-               seed:int=0, # seed of the adapter's and head's initial weights
-              )->SlotHead:
+def add_plugin(
+    plugins: PluginSet,
+    tissue: str,  # the plugin set; the tissue the plugin is for
+    labels: list,  # the tissue's cell types, in slot order
+    *,
+    n_slots: int | None = None,
+    extra_slots: int = 8,  # head outputs (default: len(labels) + extra_slots)
+    lora_r: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.1,
+    targets=('linear1', 'linear2'),  # LoRA
+    seed: int = 0,  # seed of the adapter's and head's initial weights
+) -> SlotHead:
     "Create an untrained plugin for `tissue`: a named LoRA adapter on the model copy and a `SlotHead`."
     name = adapter_name(tissue)
     if tissue in plugins.heads: raise InputError(f"Tissue {tissue!r} already has a plugin; remove_plugin() it first.")
     clash = [t for t in plugins.tissues if adapter_name(t) == name]
-    if clash: raise InputError(f"Tissues {clash[0]!r} and {tissue!r} map to the same adapter name {name!r}; rename one.")
+    if clash:
+        raise InputError(f"Tissues {clash[0]!r} and {tissue!r} map to the same adapter name {name!r}; rename one.")
     n_slots = int(n_slots if n_slots is not None else len(labels) + extra_slots)
     if len(labels) == 0: raise InputError(f"The plugin for {tissue!r} needs at least one cell type.")
     if len(labels) > n_slots:
-        raise InputError(f"Tissue {tissue!r} has {len(labels)} cell types but its head would have {n_slots} slots; raise n_slots (or extra_slots).")
+        raise InputError(
+            f"Tissue {tissue!r} has {len(labels)} cell types but its head would have {n_slots} slots; raise n_slots "
+            "(or extra_slots)."
+        )
     cfg = _lora_config(lora_r, lora_alpha, lora_dropout, targets)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -227,7 +277,9 @@ def add_plugin(plugins:PluginSet, tissue:str, # the plugin set; the tissue the p
             else: plugins.peft.add_adapter(name, cfg)
     plugins.peft.eval()
     plugins.heads[tissue] = head.eval()
-    plugins.lora[tissue] = dict(r=int(lora_r), alpha=float(lora_alpha), dropout=float(lora_dropout), targets=list(targets))
+    plugins.lora[tissue] = dict(
+        r=int(lora_r), alpha=float(lora_alpha), dropout=float(lora_dropout), targets=list(targets)
+    )
     plugins.info[tissue] = dict(adapter=name, labels=list(head.known), n_slots=n_slots)
     return head
 
@@ -249,13 +301,18 @@ def _activate(plugins:PluginSet, tissue:str)->None:
     name = adapter_name(plugins.check_tissue(tissue))
     if plugins.peft.active_adapter != name: plugins.peft.set_adapter(name)
 
-def tuned_embeddings(plugins:PluginSet, batch:dict|Tokens, # the plugins; a batch dict or Tokens
-                     tissue:str, # whose adapter to use
-                     *, grad:bool=False, batch_size:int=64, # keep the autograd graph; cells per pass for Tokens
-                    )->torch.Tensor:
+def tuned_embeddings(
+    plugins: PluginSet,
+    batch: dict | Tokens,  # the plugins; a batch dict or Tokens
+    tissue: str,  # whose adapter to use
+    *,
+    grad: bool = False,
+    batch_size: int = 64,  # keep the autograd graph; cells per pass for Tokens
+) -> torch.Tensor:
     "Pooled embeddings (cells × d_model) of the encoder copy with `tissue`'s LoRA active."
     _activate(plugins, tissue)
-    with no_fastpath(): return cell_embeddings(plugins._enc, batch, pooling=plugins.pooling, grad=grad, batch_size=batch_size)
+    with no_fastpath():
+        return cell_embeddings(plugins._enc, batch, pooling=plugins.pooling, grad=grad, batch_size=batch_size)
 
 # %% ../nbs/11_plugins.ipynb #e6ec2507
 @dataclass
@@ -270,14 +327,22 @@ class PluginOutput:
     @property
     def label(self)->np.ndarray:
         "Most probable label per cell (object array)."
-        return np.asarray(self.labels, dtype=object)[self.proba.argmax(1)] if len(self.proba) else np.array([], dtype=object)
+        return (
+            np.asarray(self.labels, dtype=object)[self.proba.argmax(1)]
+            if len(self.proba)
+            else np.array([], dtype=object)
+        )
     @property
     def confidence(self)->np.ndarray: return self.proba.max(1) if len(self.proba) else np.zeros(0, np.float32)
 
-def plugin_outputs(plugins:PluginSet, tokens:Tokens|ad.AnnData, # the plugins; cells (AnnData, or `tokenize(adata, plugins.encoder)`)
-                   tissue:str, # the plugin to apply
-                   *, batch_size:int=64, n_threads:int|None=1, # cells per forward pass; torch threads
-                  )->PluginOutput:
+def plugin_outputs(
+    plugins: PluginSet,
+    tokens: Tokens | ad.AnnData,  # the plugins; cells (AnnData, or `tokenize(adata, plugins.encoder)`)
+    tissue: str,  # the plugin to apply
+    *,
+    batch_size: int = 64,
+    n_threads: int | None = 1,  # cells per forward pass; torch threads
+) -> PluginOutput:
     "Logits, probabilities and tuned embeddings of `tissue`'s plugin (eval mode, LoRA active) for the cells."
     head = plugins.heads[plugins.check_tissue(tissue)]
     if isinstance(tokens, ad.AnnData): tokens = tokenize(tokens, plugins.encoder)
@@ -285,7 +350,11 @@ def plugin_outputs(plugins:PluginSet, tokens:Tokens|ad.AnnData, # the plugins; c
     plugins.model.eval(); head.eval()
     try:
         with torch_threads(n_threads), torch.no_grad():
-            E = tuned_embeddings(plugins, tokens, tissue, batch_size=batch_size) if len(tokens) else torch.zeros(0, plugins.encoder.d_model)
+            E = (
+                tuned_embeddings(plugins, tokens, tissue, batch_size=batch_size)
+                if len(tokens)
+                else torch.zeros(0, plugins.encoder.d_model)
+            )
             L = head(E.to(plugins.device))
     finally: plugins.model.train(was[0]); head.train(was[1])
     return PluginOutput(tissue, L.cpu().numpy(), L.softmax(1).cpu().numpy(), E.cpu().numpy(), list(head.labels))
@@ -307,7 +376,9 @@ def _val_metrics(plugins, tokens, y, tissue, weight, batch_size)->dict:
 
 def _warmup_cosine(n_steps:int, warm:int):
     "Learning-rate factor per step: linear warm-up over `warm` steps, then cosine decay to 0 at `n_steps`."
-    return lambda s: min(1.0, (s + 1) / max(warm, 1)) * 0.5 * (1 + math.cos(math.pi * min(s, n_steps) / max(n_steps, 1)))
+    return lambda s: (
+        min(1.0, (s + 1) / max(warm, 1)) * 0.5 * (1 + math.cos(math.pi * min(s, n_steps) / max(n_steps, 1)))
+    )
 
 def _train_mode(plugins, head, encoder_dropout:bool)->None:
     "Head and LoRA dropout in training mode; the frozen encoder's own dropout only when `encoder_dropout`."
@@ -325,21 +396,35 @@ def _restore(plugins, tissue, snap)->None:
     plugins.heads[tissue].load_state_dict(snap['head'])
 
 # %% ../nbs/11_plugins.ipynb #fc0774c6
-def fit_plugin(plugins:PluginSet, tissue:str, # the plugins; the tissue whose plugin is trained
-               tokens:Tokens, y:np.ndarray, # training cells; their head slots (int)
-               *, val_tokens:Tokens|None=None, val_y:np.ndarray|None=None, # validation cells for early stopping (None: train all epochs)
-               epochs:int=40, lr:float=5e-3, batch_size:int=32, patience:int=8, weight_decay:float=0.01, # optimisation
-               balance:bool=True, encoder_dropout:bool=False, clip:float=1.0, # inverse-frequency loss weights; frozen encoder's dropout on; gradient-norm clip
-               train_lora:bool=True, frozen_slots=(), # train the adapter too; head slots kept exactly as they are
-               stop_on:str='val_loss', # early stopping and the epoch kept: lowest 'val_loss' or highest 'val_macro_f1'
-               seed:int=0, n_threads:int|None=1, # seed of order and dropout; torch threads
-              )->list:
+def fit_plugin(
+    plugins: PluginSet,
+    tissue: str,  # the plugins; the tissue whose plugin is trained
+    tokens: Tokens,
+    y: np.ndarray,  # training cells; their head slots (int)
+    *,
+    val_tokens: Tokens | None = None,
+    val_y: np.ndarray | None = None,  # validation cells for early stopping (None: train all epochs)
+    epochs: int = 40,
+    lr: float = 5e-3,
+    batch_size: int = 32,
+    patience: int = 8,
+    weight_decay: float = 0.01,  # optimisation
+    balance: bool = True,
+    encoder_dropout: bool = False,
+    clip: float = 1.0,  # inverse-frequency loss weights; frozen encoder's dropout on; gradient-norm clip
+    train_lora: bool = True,
+    frozen_slots=(),  # train the adapter too; head slots kept exactly as they are
+    stop_on: str = 'val_loss',  # early stopping and the epoch kept: lowest 'val_loss' or highest 'val_macro_f1'
+    seed: int = 0,
+    n_threads: int | None = 1,  # seed of order and dropout; torch threads
+) -> list:
     "Train `tissue`'s LoRA adapter and head on `tokens` with labels `y` (slots); early stopping; returns the epoch log."
     head = plugins.heads[plugins.check_tissue(tissue)]
     y = np.asarray(y, np.int64)
     if len(y) != len(tokens): raise InputError(f"{len(tokens)} cells but {len(y)} labels.")
     if len(y) == 0: raise InputError("No training cells.")
-    if stop_on not in ('val_loss', 'val_macro_f1'): raise InputError(f"stop_on must be 'val_loss' or 'val_macro_f1'; got {stop_on!r}.")
+    if stop_on not in ('val_loss', 'val_macro_f1'):
+        raise InputError(f"stop_on must be 'val_loss' or 'val_macro_f1'; got {stop_on!r}.")
     if (y < 0).any() or (y >= head.n_slots).any() or not head.active[torch.from_numpy(y)].all():
         raise InputError("Labels must be slots that hold a label in the head (see SlotHead.add_label).")
     _activate(plugins, tissue)
@@ -357,7 +442,9 @@ def fit_plugin(plugins:PluginSet, tissue:str, # the plugins; the tissue whose pl
     with torch_threads(n_threads), no_fastpath(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(epochs * math.ceil(len(y) / batch_size), math.ceil(len(y) / batch_size)))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, _warmup_cosine(epochs * math.ceil(len(y) / batch_size), math.ceil(len(y) / batch_size))
+        )
         for ep in range(epochs):
             _train_mode(plugins, head, encoder_dropout); tot, n = 0.0, 0
             for b in tokens.batches(batch_size, shuffle=True, seed=seed + ep):
@@ -386,19 +473,38 @@ def fit_plugin(plugins:PluginSet, tissue:str, # the plugins; the tissue whose pl
 # %% ../nbs/11_plugins.ipynb #4f6082f3
 def _labels(adata:ad.AnnData, label_key:str)->pd.Series:
     if label_key not in adata.obs:
-        raise InputError(f"obs has no column {label_key!r} with cell-type labels; obs columns are: {', '.join(map(str, adata.obs.columns)) or 'none'}.")
+        raise InputError(
+            f"obs has no column {label_key!r} with cell-type labels; obs columns are: "
+            f"{', '.join(map(str, adata.obs.columns)) or 'none'}."
+        )
     return adata.obs[label_key]
 
-def train_plugin(adata:ad.AnnData, encoder:Encoder|PluginSet, # reference cells of one tissue; an encoder (new set) or a PluginSet (add to it)
-                 *, tissue:str, label_key:str='cell_type', # the tissue's name; obs column of cell types
-                 n_slots:int|None=None, extra_slots:int=8, # head outputs (default: number of types + extra_slots)
-                 lora_r:int=8, lora_alpha:float=16, lora_dropout:float=0.1, targets=('linear1', 'linear2'), # LoRA
-                 epochs:int=40, lr:float=5e-3, batch_size:int=32, patience:int=8, val_fraction:float=0.15, # training
-                 weight_decay:float=0.01, balance:bool=True, # AdamW weight decay; inverse-frequency loss weights
-                 stop_on:str='val_loss', # early stopping on the lowest 'val_loss' or the highest 'val_macro_f1'
-                 pooling:str='mean', layer:str|None=None, gene_col:str|None=None, # new set's pooling; values; var column of symbols
-                 seed:int=0, n_threads:int|None=1, # seed of split, weights, order and dropout; torch threads
-                )->PluginSet:
+def train_plugin(
+    adata: ad.AnnData,
+    encoder: Encoder | PluginSet,  # reference cells of one tissue; an encoder (new set) or a PluginSet (add to it)
+    *,
+    tissue: str,
+    label_key: str = 'cell_type',  # the tissue's name; obs column of cell types
+    n_slots: int | None = None,
+    extra_slots: int = 8,  # head outputs (default: number of types + extra_slots)
+    lora_r: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.1,
+    targets=('linear1', 'linear2'),  # LoRA
+    epochs: int = 40,
+    lr: float = 5e-3,
+    batch_size: int = 32,
+    patience: int = 8,
+    val_fraction: float = 0.15,  # training
+    weight_decay: float = 0.01,
+    balance: bool = True,  # AdamW weight decay; inverse-frequency loss weights
+    stop_on: str = 'val_loss',  # early stopping on the lowest 'val_loss' or the highest 'val_macro_f1'
+    pooling: str = 'mean',
+    layer: str | None = None,
+    gene_col: str | None = None,  # new set's pooling; values; var column of symbols
+    seed: int = 0,
+    n_threads: int | None = 1,  # seed of split, weights, order and dropout; torch threads
+) -> PluginSet:
     "Train a LoRA plugin (adapter + head with free slots) for `tissue` on labelled cells; returns the PluginSet."
     t0 = time.perf_counter()
     ps = encoder if isinstance(encoder, PluginSet) else PluginSet(encoder, pooling=pooling)
@@ -415,18 +521,59 @@ def train_plugin(adata:ad.AnnData, encoder:Encoder|PluginSet, # reference cells 
         tok = tokenize(adata[ok], ps.encoder, layer=layer, gene_col=gene_col, seed=seed)
         y = np.array([head.slot(l) for l in lab])
         val = stratified_split(lab, val_fraction, seed=seed)
-        head.standardize(torch.from_numpy(plugin_outputs(ps, tok[np.flatnonzero(~val)], tissue, n_threads=n_threads).embedding))
-        log = fit_plugin(ps, tissue, tok[np.flatnonzero(~val)], y[~val], val_tokens=tok[np.flatnonzero(val)] if val.any() else None,
-                         val_y=y[val], epochs=epochs, lr=lr, batch_size=batch_size, patience=patience, weight_decay=weight_decay,
-                         balance=balance, stop_on=stop_on, seed=seed, n_threads=n_threads)
+        head.standardize(
+            torch.from_numpy(plugin_outputs(ps, tok[np.flatnonzero(~val)], tissue, n_threads=n_threads).embedding)
+        )
+        log = fit_plugin(
+            ps,
+            tissue,
+            tok[np.flatnonzero(~val)],
+            y[~val],
+            val_tokens=tok[np.flatnonzero(val)] if val.any() else None,
+            val_y=y[val],
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            patience=patience,
+            weight_decay=weight_decay,
+            balance=balance,
+            stop_on=stop_on,
+            seed=seed,
+            n_threads=n_threads,
+        )
     except BaseException:
         remove_plugin(ps, tissue); raise
-    crit = (lambda r: r.get('val_loss', math.inf)) if stop_on == 'val_loss' else (lambda r: -r.get('val_macro_f1', -math.inf))
+    crit = (
+        (lambda r: r.get('val_loss', math.inf))
+        if stop_on == 'val_loss'
+        else (lambda r: -r.get('val_macro_f1', -math.inf))
+    )
     best = min(log, key=crit) if val.any() else log[-1]
-    ps.info[tissue].update(label_key=label_key, n_cells=int(ok.sum()), n_train=int((~val).sum()), n_val=int(val.sum()),
-        counts={t: int((lab == t).sum()) for t in types}, coverage=tok.coverage, log=log, best=best, seconds=round(time.perf_counter() - t0, 2),
-        params=dict(epochs=epochs, lr=lr, batch_size=batch_size, patience=patience, val_fraction=val_fraction, weight_decay=weight_decay,
-                    balance=balance, stop_on=stop_on, layer=layer or '', gene_col=gene_col or '', seed=seed, n_threads=n_threads))
+    ps.info[tissue].update(
+        label_key=label_key,
+        n_cells=int(ok.sum()),
+        n_train=int((~val).sum()),
+        n_val=int(val.sum()),
+        counts={t: int((lab == t).sum()) for t in types},
+        coverage=tok.coverage,
+        log=log,
+        best=best,
+        seconds=round(time.perf_counter() - t0, 2),
+        params=dict(
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            patience=patience,
+            val_fraction=val_fraction,
+            weight_decay=weight_decay,
+            balance=balance,
+            stop_on=stop_on,
+            layer=layer or '',
+            gene_col=gene_col or '',
+            seed=seed,
+            n_threads=n_threads,
+        ),
+    )
     return ps
 
 # %% ../nbs/11_plugins.ipynb #5a4501b7
@@ -441,30 +588,45 @@ def base_weights_changed(plugins:PluginSet)->list:
 # %% ../nbs/11_plugins.ipynb #546963d9
 class Router(torch.nn.Module):
     "Gate over tissue plugins: frozen embedding → one weight per plugin (top-k kept, renormalised)."
-    def __init__(self, d_in:int, # frozen embedding dimension
-                 tissues:list, # the plugins it chooses between, in output order
-                 *, hidden:int=64, top_k:int=2, # hidden units (0: linear); plugins kept per cell
-                 dropout:float=0.1,
-                ):
+
+    def __init__(
+        self,
+        d_in: int,  # frozen embedding dimension
+        tissues: list,  # the plugins it chooses between, in output order
+        *,
+        hidden: int = 64,
+        top_k: int = 2,  # hidden units (0: linear); plugins kept per cell
+        dropout: float = 0.1,
+    ):
         super().__init__()
         self.tissues, self.top_k, self.hidden = list(tissues), int(top_k), int(hidden)
         n = len(self.tissues)
         self.register_buffer('center', torch.zeros(d_in)); self.register_buffer('scale', torch.ones(d_in))
-        self.net = (torch.nn.Sequential(torch.nn.Linear(d_in, hidden), torch.nn.ReLU(), torch.nn.Dropout(dropout), torch.nn.Linear(hidden, n))
-                    if hidden else torch.nn.Linear(d_in, n))
+        self.net = (
+            torch.nn.Sequential(
+                torch.nn.Linear(d_in, hidden), torch.nn.ReLU(), torch.nn.Dropout(dropout), torch.nn.Linear(hidden, n)
+            )
+            if hidden
+            else torch.nn.Linear(d_in, n)
+        )
 
     def forward(self, x:torch.Tensor)->torch.Tensor: return self.net((x - self.center) / self.scale)
 
-    def weights(self, x:torch.Tensor, # frozen embeddings (cells × d)
-                *, top_k:int|None=None, candidates:list|None=None, # plugins kept per cell (default: self.top_k); allowed plugins
-               )->torch.Tensor:
+    def weights(
+        self,
+        x: torch.Tensor,  # frozen embeddings (cells × d)
+        *,
+        top_k: int | None = None,
+        candidates: list | None = None,  # plugins kept per cell (default: self.top_k); allowed plugins
+    ) -> torch.Tensor:
         "Per-cell plugin weights (cells × plugins): softmax over `candidates`, top-k kept and renormalised."
         lg = self(x)
         if candidates is not None:
             bad = sorted(set(candidates) - set(self.tissues))
             if bad: raise InputError(f"The router does not know {bad}; it routes to {self.tissues}.")
             allowed = torch.tensor([t in candidates for t in self.tissues])
-            if not allowed.any(): raise InputError("candidates is empty: the router needs at least one plugin to route to.")
+            if not allowed.any():
+                raise InputError("candidates is empty: the router needs at least one plugin to route to.")
             lg = lg.masked_fill(~allowed, float('-inf'))
         p = lg.softmax(1)
         k = min(int(top_k or self.top_k), len(self.tissues) if candidates is None else len(candidates))
@@ -473,14 +635,23 @@ class Router(torch.nn.Module):
         return w / w.sum(1, keepdim=True)
 
 # %% ../nbs/11_plugins.ipynb #a152abbc
-def frozen_embeddings(plugins:PluginSet, tokens:Tokens, # the plugins; cells tokenised for `plugins.encoder`
-                      *, batch_size:int=64, n_threads:int|None=1)->torch.Tensor:
+def frozen_embeddings(
+    plugins: PluginSet,
+    tokens: Tokens,  # the plugins; cells tokenised for `plugins.encoder`
+    *,
+    batch_size: int = 64,
+    n_threads: int | None = 1,
+) -> torch.Tensor:
     "L2-normalised embeddings of the frozen encoder (no adapter), with the plugins' pooling."
     enc = plugins.encoder
     was = enc.model.training; enc.model.eval()
     try:
         with torch_threads(n_threads), no_fastpath():
-            E = cell_embeddings(enc, tokens, pooling=plugins.pooling, batch_size=batch_size) if len(tokens) else torch.zeros(0, enc.d_model)
+            E = (
+                cell_embeddings(enc, tokens, pooling=plugins.pooling, batch_size=batch_size)
+                if len(tokens)
+                else torch.zeros(0, enc.d_model)
+            )
     finally: enc.model.train(was)
     return F.normalize(E, dim=1)
 
@@ -489,29 +660,56 @@ def _by_tissue(adata, tissue_key:str)->dict:
     "{tissue: AnnData} from a dict, or from one AnnData split by obs[tissue_key]."
     if isinstance(adata, dict): return {str(k): v for k, v in adata.items()}
     if tissue_key not in adata.obs:
-        raise InputError(f"obs has no column {tissue_key!r} naming each cell's tissue; obs columns are: {', '.join(map(str, adata.obs.columns))}. "
-                         "Pass tissue_key= or a dict {tissue: AnnData}.")
+        raise InputError(
+            f"obs has no column {tissue_key!r} naming each cell's tissue; obs columns are: "
+            f"{', '.join(map(str, adata.obs.columns))}. "
+            "Pass tissue_key= or a dict {tissue: AnnData}."
+        )
     t = adata.obs[tissue_key].astype(str).to_numpy()
     return {k: adata[t == k] for k in sorted(set(t))}
 
-def train_router(adata:ad.AnnData|dict, plugins:PluginSet, # reference cells (obs[tissue_key]) or {tissue: AnnData}; the plugins
-                 *, tissue_key:str='tissue', # obs column of tissues (ignored for a dict)
-                 top_k:int=2, hidden:int=64, # plugins kept per cell; hidden units (0: linear gate)
-                 epochs:int=60, lr:float=3e-3, batch_size:int=128, patience:int=8, val_fraction:float=0.15, # training
-                 weight_decay:float=0.01, balance:bool=True, # AdamW weight decay; weight tissues by inverse frequency
-                 layer:str|None=None, gene_col:str|None=None, # values (default X); var column of symbols
-                 seed:int=0, n_threads:int|None=1, # seed of split, weights and order; torch threads
-                )->PluginSet:
+def train_router(
+    adata: ad.AnnData | dict,
+    plugins: PluginSet,  # reference cells (obs[tissue_key]) or {tissue: AnnData}; the plugins
+    *,
+    tissue_key: str = 'tissue',  # obs column of tissues (ignored for a dict)
+    top_k: int = 2,
+    hidden: int = 64,  # plugins kept per cell; hidden units (0: linear gate)
+    epochs: int = 60,
+    lr: float = 3e-3,
+    batch_size: int = 128,
+    patience: int = 8,
+    val_fraction: float = 0.15,  # training
+    weight_decay: float = 0.01,
+    balance: bool = True,  # AdamW weight decay; weight tissues by inverse frequency
+    layer: str | None = None,
+    gene_col: str | None = None,  # values (default X); var column of symbols
+    seed: int = 0,
+    n_threads: int | None = 1,  # seed of split, weights and order; torch threads
+) -> PluginSet:
     "Train the router (gate) that weights the plugins per cell from the frozen embedding; stored in `plugins.router`."
     t0 = time.perf_counter()
     parts = _by_tissue(adata, tissue_key)
     unknown = sorted(set(parts) - set(plugins.tissues))
-    if unknown: raise InputError(f"Reference cells of tissues {unknown} have no plugin; plugins: {plugins.tissues}. Train them first or drop the cells.")
+    if unknown:
+        raise InputError(
+            f"Reference cells of tissues {unknown} have no plugin; plugins: {plugins.tissues}. Train them first or "
+            "drop the cells."
+        )
     missing = [t for t in plugins.tissues if t not in parts or parts[t].n_obs == 0]
-    if missing: raise InputError(f"Plugins {missing} have no reference cells: the router cannot learn when to use them.")
+    if missing:
+        raise InputError(f"Plugins {missing} have no reference cells: the router cannot learn when to use them.")
     tissues = plugins.tissues
-    X = torch.cat([frozen_embeddings(plugins, tokenize(parts[t], plugins.encoder, layer=layer, gene_col=gene_col, seed=seed), n_threads=n_threads)
-                   for t in tissues])
+    X = torch.cat(
+        [
+            frozen_embeddings(
+                plugins,
+                tokenize(parts[t], plugins.encoder, layer=layer, gene_col=gene_col, seed=seed),
+                n_threads=n_threads,
+            )
+            for t in tissues
+        ]
+    )
     y = np.concatenate([np.full(parts[t].n_obs, i) for i, t in enumerate(tissues)])
     val = stratified_split(y, val_fraction, seed=seed)
     weight = _class_weights(y[~val], len(tissues)) if balance else None
@@ -532,22 +730,49 @@ def train_router(adata:ad.AnnData|dict, plugins:PluginSet, # reference cells (ob
             if val.any():
                 router.eval()
                 with torch.no_grad(): lv = router(Xv)
-                row.update(val_loss=round(float(F.cross_entropy(lv, yv, weight=weight)), 4), val_accuracy=round(float((lv.argmax(1) == yv).float().mean()), 4))
-                if row['val_loss'] < best - 1e-4: best, bad, snap = row['val_loss'], 0, copy.deepcopy(router.state_dict())
+                row.update(
+                    val_loss=round(float(F.cross_entropy(lv, yv, weight=weight)), 4),
+                    val_accuracy=round(float((lv.argmax(1) == yv).float().mean()), 4),
+                )
+                if row['val_loss'] < best - 1e-4:
+                    best, bad, snap = row['val_loss'], 0, copy.deepcopy(router.state_dict())
                 else: bad += 1
             log.append(row)
             if val.any() and bad >= patience: break
     if snap is not None: router.load_state_dict(snap)
     plugins.router = router.eval()
-    plugins.info['_router'] = dict(log=log, best=min(log, key=lambda r: r.get('val_loss', math.inf)), n_cells={t: int(parts[t].n_obs) for t in tissues},
-        seconds=round(time.perf_counter() - t0, 2), params=dict(top_k=top_k, hidden=hidden, epochs=epochs, lr=lr, batch_size=batch_size,
-        patience=patience, val_fraction=val_fraction, weight_decay=weight_decay, balance=balance, seed=seed, tissue_key=tissue_key))
+    plugins.info['_router'] = dict(
+        log=log,
+        best=min(log, key=lambda r: r.get('val_loss', math.inf)),
+        n_cells={t: int(parts[t].n_obs) for t in tissues},
+        seconds=round(time.perf_counter() - t0, 2),
+        params=dict(
+            top_k=top_k,
+            hidden=hidden,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            patience=patience,
+            val_fraction=val_fraction,
+            weight_decay=weight_decay,
+            balance=balance,
+            seed=seed,
+            tissue_key=tissue_key,
+        ),
+    )
     return plugins
 
 # %% ../nbs/11_plugins.ipynb #7e847165
-def route(plugins:PluginSet, tokens:Tokens, # the plugins; cells tokenised for `plugins.encoder`
-          *, tissue:str|None=None, top_k:int|None=None, candidates:list|None=None, # fixed tissue, else the router's top-k over candidates
-          batch_size:int=64, n_threads:int|None=1)->np.ndarray:
+def route(
+    plugins: PluginSet,
+    tokens: Tokens,  # the plugins; cells tokenised for `plugins.encoder`
+    *,
+    tissue: str | None = None,
+    top_k: int | None = None,
+    candidates: list | None = None,  # fixed tissue, else the router's top-k over candidates
+    batch_size: int = 64,
+    n_threads: int | None = 1,
+) -> np.ndarray:
     "Plugin weights per cell (cells × plugins, in `plugins.tissues` order): one-hot for `tissue`, else the router's."
     n, T = len(tokens), plugins.tissues
     if tissue is not None:
@@ -557,26 +782,43 @@ def route(plugins:PluginSet, tokens:Tokens, # the plugins; cells tokenised for `
         for t in candidates: plugins.check_tissue(t)
     if len(T) == 1 and plugins.router is None: return np.ones((n, 1), np.float32)
     if plugins.router is None:
-        raise InputError(f"This PluginSet has {len(T)} plugins and no router: pass tissue= (one of {T}) or train_router() first.")
+        raise InputError(
+            f"This PluginSet has {len(T)} plugins and no router: pass tissue= (one of {T}) or train_router() first."
+        )
     if plugins.router.tissues != T:
-        raise InputError(f"The router was trained for plugins {plugins.router.tissues}, but the set now has {T}: run train_router() again.")
+        raise InputError(
+            f"The router was trained for plugins {plugins.router.tissues}, but the set now has {T}: run "
+            "train_router() again."
+        )
     X = frozen_embeddings(plugins, tokens, batch_size=batch_size, n_threads=n_threads)
-    with torch.no_grad(): return plugins.router.weights(X, top_k=top_k, candidates=candidates).cpu().numpy().astype(np.float32)
+    with torch.no_grad():
+        return plugins.router.weights(X, top_k=top_k, candidates=candidates).cpu().numpy().astype(np.float32)
 
 # %% ../nbs/11_plugins.ipynb #1c8796a0
-def predict(adata:ad.AnnData, plugins:PluginSet, # cells to annotate; trained plugins
-            *, tissue:str|None=None, # annotate with this tissue's plugin; None: let the router weigh the plugins
-            top_k:int|None=None, candidates:list|None=None, # router: plugins kept per cell (default: its own); allowed plugins
-            key_added:str='plugin', embedding_key:str='X_scgpt_tuned', normalize:bool=True, # output keys; L2-normalise the tuned embedding
-            layer:str|None=None, gene_col:str|None=None, seed:int=0, # values (default X); var column of symbols; seed of the gene draw
-            batch_size:int=64, n_threads:int|None=1, # cells per forward pass; torch threads
-            copy:bool=False, # work on a copy and return it
-           )->ad.AnnData|None:
+def predict(
+    adata: ad.AnnData,
+    plugins: PluginSet,  # cells to annotate; trained plugins
+    *,
+    tissue: str | None = None,  # annotate with this tissue's plugin; None: let the router weigh the plugins
+    top_k: int | None = None,
+    candidates: list | None = None,  # router: plugins kept per cell (default: its own); allowed plugins
+    key_added: str = 'plugin',
+    embedding_key: str = 'X_scgpt_tuned',
+    normalize: bool = True,  # output keys; L2-normalise the tuned embedding
+    layer: str | None = None,
+    gene_col: str | None = None,
+    seed: int = 0,  # values (default X); var column of symbols; seed of the gene draw
+    batch_size: int = 64,
+    n_threads: int | None = 1,  # cells per forward pass; torch threads
+    copy: bool = False,  # work on a copy and return it
+) -> ad.AnnData | None:
     "Annotate cells with the tissue plugins (one tissue, or the router's per-cell mixture); results in obs/obsm/uns."
     if not plugins.tissues: raise InputError("The PluginSet has no plugin; train_plugin() first.")
     adata = adata.copy() if copy else adata
     tok = tokenize(adata, plugins.encoder, layer=layer, gene_col=gene_col, seed=seed)
-    W = route(plugins, tok, tissue=tissue, top_k=top_k, candidates=candidates, batch_size=batch_size, n_threads=n_threads)
+    W = route(
+        plugins, tok, tissue=tissue, top_k=top_k, candidates=candidates, batch_size=batch_size, n_threads=n_threads
+    )
     T, n = plugins.tissues, adata.n_obs
     union = list(dict.fromkeys(l for t in T for l in plugins.heads[t].known if W[:, T.index(t)].any()))
     P, E = np.zeros((n, len(union)), np.float32), np.zeros((n, plugins.encoder.d_model), np.float32)
@@ -597,16 +839,33 @@ def predict(adata:ad.AnnData, plugins:PluginSet, # cells to annotate; trained pl
     adata.obsm[f'{k}_proba'] = pd.DataFrame(P, index=adata.obs_names, columns=union)
     adata.obsm[f'{k}_weights'] = pd.DataFrame(W, index=adata.obs_names, columns=T)
     adata.obsm[embedding_key] = E
-    adata.uns[k] = {'params': dict(tissue=tissue or '', router=tissue is None and plugins.router is not None,
-        top_k=int(top_k or (plugins.router.top_k if plugins.router is not None else 1)), candidates=list(candidates or T), plugins=T,
-        encoder=plugins.encoder.name, fingerprint=plugins.fingerprint, pooling=plugins.pooling, embedding_key=embedding_key,
-        normalize=normalize, layer=layer or '', gene_col=gene_col or '', seed=seed), 'coverage': tok.coverage}
+    adata.uns[k] = {
+        'params': dict(
+            tissue=tissue or '',
+            router=tissue is None and plugins.router is not None,
+            top_k=int(top_k or (plugins.router.top_k if plugins.router is not None else 1)),
+            candidates=list(candidates or T),
+            plugins=T,
+            encoder=plugins.encoder.name,
+            fingerprint=plugins.fingerprint,
+            pooling=plugins.pooling,
+            embedding_key=embedding_key,
+            normalize=normalize,
+            layer=layer or '',
+            gene_col=gene_col or '',
+            seed=seed,
+        ),
+        'coverage': tok.coverage,
+    }
     return adata if copy else None
 
 # %% ../nbs/11_plugins.ipynb #01dc1e67
-def plugin_metrics(adata:ad.AnnData, # annotated cells
-                   *, key_added:str='plugin', label_key:str='cell_type', # predict()'s key; obs column of true labels
-                  )->dict:
+def plugin_metrics(
+    adata: ad.AnnData,  # annotated cells
+    *,
+    key_added: str = 'plugin',
+    label_key: str = 'cell_type',  # predict()'s key; obs column of true labels
+) -> dict:
     "Accuracy and macro-F1 (over the true types) of `predict`'s labels against `obs[label_key]`."
     y, p = _labels(adata, label_key).astype(str).to_numpy(), adata.obs[f'{key_added}_label'].astype(str).to_numpy()
     return dict(n_cells=len(y), accuracy=round(float(accuracy_score(y, p)), 4),

@@ -21,8 +21,10 @@ class _Table:
 
     def insert(self, token:str, index:int):
         "Insert `token` at `index`, shifting later tokens up by one."
-        if token in self.stoi: raise RuntimeError(f"Token {token!r} already exists in the Vocab with index {self.stoi[token]}.")
-        if not 0 <= index <= len(self.itos): raise RuntimeError(f"Index {index} is out of range [0, {len(self.itos)}] for insertion.")
+        if token in self.stoi:
+            raise RuntimeError(f"Token {token!r} already exists in the Vocab with index {self.stoi[token]}.")
+        if not 0 <= index <= len(self.itos):
+            raise RuntimeError(f"Index {index} is out of range [0, {len(self.itos)}] for insertion.")
         self.itos.insert(index, token)
         if index == len(self.itos) - 1: self.stoi[token] = index
         else: self.stoi = {t: i for i, t in enumerate(self.itos)}
@@ -30,8 +32,11 @@ class _Table:
 # %% ../nbs/10a_torchtext_compat.ipynb #e950ee53
 class Vocab:
     "A token ↔ index vocabulary with an optional default index (the part of `torchtext.vocab.Vocab` scGPT uses)."
-    def __init__(self, vocab:_Table|Vocab|None=None, # a table, another Vocab (its table is shared) or None (empty)
-                ):
+
+    def __init__(
+        self,
+        vocab: _Table | Vocab | None = None,  # a table, another Vocab (its table is shared) or None (empty)
+    ):
         self.vocab = vocab.vocab if isinstance(vocab, Vocab) else (vocab if vocab is not None else _Table())
 
     def __len__(self)->int: return len(self.vocab.itos)

@@ -56,7 +56,8 @@ def train_test_labels(labels, # one label per cell
     split = np.full(len(labels), 'train', dtype=object)
     for l in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == l))
-        if len(idx) < 2: raise InputError(f"label {l!r} has {len(idx)} cell: at least 2 are needed to split it (drop it first)")
+        if len(idx) < 2:
+            raise InputError(f"label {l!r} has {len(idx)} cell: at least 2 are needed to split it (drop it first)")
         split[idx[:min(max(1, round(test_frac*len(idx))), len(idx) - 1)]] = 'test'
     return split
 

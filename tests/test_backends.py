@@ -42,7 +42,14 @@ def ollama(server, tmp_path, **kw):
 
 
 def openai_b(server, tmp_path, spec='openai:gpt-4o', **kw):
-    kw = {'cache': tmp_path/'cache', 'progress': False, 'backoff': 0.01, 'timeout': 5, 'base_url': server.url + '/v1', **kw}
+    kw = {
+        'cache': tmp_path / 'cache',
+        'progress': False,
+        'backoff': 0.01,
+        'timeout': 5,
+        'base_url': server.url + '/v1',
+        **kw,
+    }
     return get_backend(spec, **kw)
 
 
@@ -53,7 +60,11 @@ def test_prompt_reaches_server(server, tmp_path, monkeypatch):
     assert len(chats) == 1
     body = chats[0]['body']
     assert body['messages'] == [{'role': 'user', 'content': batch_prompt(QS)}]
-    assert body['options'] == {'temperature': 0.0, 'seed': 7} and body['model'] == 'llama3.2:1b' and body['stream'] is False
+    assert (
+        body['options'] == {'temperature': 0.0, 'seed': 7}
+        and body['model'] == 'llama3.2:1b'
+        and body['stream'] is False
+    )
     assert [a.label for a in res] == EXPECTED and [a.cluster for a in res] == list(MARKERS)
     assert sum(a.tokens_in for a in res) == pytest.approx(11) and res.stats.calls == 1
     # per-cluster mode through OpenAI chat completions: one request per cluster, each with its own prompt
@@ -117,7 +128,12 @@ def test_ollama_tool_loop_is_bounded(server, tmp_path):
     server.script = script
     res = ollama(server, tmp_path, search=True, max_steps=3, retrieve=lambda g, **k: []).annotate(QS[:1])
     chats = server.calls('/api/chat')
-    assert len(chats) == 4 and not chats[-1]['body'].get('tools') and chats[0]['body']['tools'] and res[0].label == 'CD4+ T cell'
+    assert (
+        len(chats) == 4
+        and not chats[-1]['body'].get('tools')
+        and chats[0]['body']['tools']
+        and res[0].label == 'CD4+ T cell'
+    )
 
 
 def test_openai_web_search_round_trip(server, tmp_path, monkeypatch):
@@ -284,8 +300,16 @@ def test_clear_errors(server, tmp_path, monkeypatch):
     with pytest.raises(MissingKey, match='OPENAI_API_KEY'):
         openai_b(server, tmp_path).annotate(QS)
     monkeypatch.setenv('OPENAI_API_KEY', 'sk-test')
-    server.script = lambda p, b: Reply(400, {'error': {'message': "This model's maximum context length is 8192 tokens",
-                                                       'type': 'invalid_request_error', 'code': 'context_length_exceeded'}})
+    server.script = lambda p, b: Reply(
+        400,
+        {
+            'error': {
+                'message': "This model's maximum context length is 8192 tokens",
+                'type': 'invalid_request_error',
+                'code': 'context_length_exceeded',
+            }
+        },
+    )
     with pytest.raises(ContextTooLong, match='batch_size'):
         openai_b(server, tmp_path).annotate(QS)
     assert len(server.calls('/v1/chat/completions')) == 1   # not retried
@@ -317,8 +341,23 @@ def test_kb_backend_interface():
     "The kb wrapper against a scripted annotator with the knowledge module's interface."
     import pandas as pd
     def kb_annotate(markers, tissue=None, species='human', top=3):
-        return pd.DataFrame([{'cell_type': TABLE.get(markers[0], 'Unknown'), 'cl_id': 'CL:x', 'cl_name': 'x', 'score': 1.0,
-                              'confidence': 0.75, 'evidence': f'{markers[0]} matched', 'source': 'PanglaoDB'}])
+        return pd.DataFrame(
+            [
+                {
+                    'cell_type': TABLE.get(markers[0], 'Unknown'),
+                    'cl_id': 'CL:x',
+                    'cl_name': 'x',
+                    'score': 1.0,
+                    'confidence': 0.75,
+                    'evidence': f'{markers[0]} matched',
+                    'source': 'PanglaoDB',
+                }
+            ]
+        )
     res = get_backend('kb', kb_annotate=kb_annotate).annotate(QS)
-    assert [a.label for a in res] == EXPECTED and res[0].confidence == 0.75 and res[0].sources == [{'type': 'kb', 'source': 'PanglaoDB', 'cl_id': 'CL:x'}]
+    assert (
+        [a.label for a in res] == EXPECTED
+        and res[0].confidence == 0.75
+        and res[0].sources == [{'type': 'kb', 'source': 'PanglaoDB', 'cl_id': 'CL:x'}]
+    )
     assert res[2].reason == 'LYZ matched'

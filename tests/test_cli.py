@@ -52,7 +52,9 @@ def test_figures_qc_knee_papermill(tmp_path):
     assert r['status'] == 'ran' and r['seconds'] > 0 and (tmp_path/'fig_qc_knee.html').stat().st_size > 50_000
     csv = next(o for o in r['outputs'] if o['file'] == 'fig_qc_knee.csv')
     assert csv['sha256'] == hashlib.sha256((tmp_path/'fig_qc_knee.csv').read_bytes()).hexdigest()
-    assert m['versions']['scanpy'] and m['settings']['qc']['min_genes'] == 200 and len(m['settings_file']['sha256']) == 64
+    assert (
+        m['versions']['scanpy'] and m['settings']['qc']['min_genes'] == 200 and len(m['settings_file']['sha256']) == 64
+    )
     assert any(i['path'] == 'deepseq_nb/data/pbmc3k/pbmc3k_counts.h5ad' and len(i['sha256']) == 64 for i in m['inputs'])
 
 def test_figures_unknown_name_and_bad_override():
@@ -62,9 +64,14 @@ def test_figures_unknown_name_and_bad_override():
     assert r.returncode == 2 and 'Unknown setting' in r.stderr
 
 def test_benchmark_kb_reports_unscorable_rows(tmp_path):
-    bench = pd.DataFrame({'dataset': ['a', 'a', 'b', 'b'], 'tissue': ['PBMC', 'PBMC', None, 'PBMC'],
-                          'marker': ['MS4A1, CD79A, CD79B, CD19', 'LYZ, CD14, S100A8, S100A9, FCN1', 'PPBP, PF4, GP9', None],
-                          'manual_annotation': ['B cell', 'CD14+ monocyte', 'platelet', 'NK cell']})
+    bench = pd.DataFrame(
+        {
+            'dataset': ['a', 'a', 'b', 'b'],
+            'tissue': ['PBMC', 'PBMC', None, 'PBMC'],
+            'marker': ['MS4A1, CD79A, CD79B, CD19', 'LYZ, CD14, S100A8, S100A9, FCN1', 'PPBP, PF4, GP9', None],
+            'manual_annotation': ['B cell', 'CD14+ monocyte', 'platelet', 'NK cell'],
+        }
+    )
     bench.to_csv(tmp_path/'b.csv', index=False)
     r = run('benchmark', tmp_path/'b.csv', '--backend', 'kb', '--out', tmp_path/'p.csv', '-q')
     assert r.returncode == 0, r.stderr
@@ -72,7 +79,12 @@ def test_benchmark_kb_reports_unscorable_rows(tmp_path):
     assert last.startswith('mean agreement: ') and last.endswith('(n=4)')
     assert 'empty marker list: 1' in r.stdout
     p = pd.read_csv(tmp_path/'p.csv')
-    assert p.loc[0, 'agreement'] >= 0.5 and 'B cell' in p.loc[0, 'prediction'] and p.loc[3, 'agreement'] == 0 and float(last.split()[2]) == round(p['agreement'].mean(), 3)
+    assert (
+        p.loc[0, 'agreement'] >= 0.5
+        and 'B cell' in p.loc[0, 'prediction']
+        and p.loc[3, 'agreement'] == 0
+        and float(last.split()[2]) == round(p['agreement'].mean(), 3)
+    )
 
 def test_benchmark_missing_column(tmp_path):
     pd.DataFrame({'marker': ['CD3E']}).to_csv(tmp_path/'x.csv', index=False)
@@ -81,7 +93,14 @@ def test_benchmark_missing_column(tmp_path):
 
 def test_evaluate_h5ad(tmp_path):
     import anndata as ad, numpy as np, scipy.sparse as sp
-    obs = pd.DataFrame({'truth': ['B cell']*5 + ['NK cell']*5, 'pred': ['B cells']*5 + ['T cell']*5, 'leiden': ['0']*5 + ['1']*5})
+
+    obs = pd.DataFrame(
+        {
+            'truth': ['B cell'] * 5 + ['NK cell'] * 5,
+            'pred': ['B cells'] * 5 + ['T cell'] * 5,
+            'leiden': ['0'] * 5 + ['1'] * 5,
+        }
+    )
     ad.AnnData(sp.csr_matrix(np.ones((10, 2), np.float32)), obs=obs).write_h5ad(tmp_path/'e.h5ad')
     r = run('evaluate', tmp_path/'e.h5ad', '--truth', 'truth', '--pred', 'pred')
     assert r.returncode == 0, r.stderr
@@ -96,7 +115,10 @@ def test_figures_same_settings_same_tables(tmp_path):
     assert 'tab_gptcelltype.csv' in csvs and len(csvs) >= 3
     for c in csvs: assert (tmp_path/'a'/c).read_bytes() == (tmp_path/'b'/c).read_bytes(), c
     ma, mb = (json.loads((tmp_path/d/'manifest.json').read_text()) for d in ('a', 'b'))
-    oa, ob = ({o['file']: o['sha256'] for o in m['figures']['tab_gptcelltype']['outputs'] if o['file'].endswith('.csv')} for m in (ma, mb))
+    oa, ob = (
+        {o['file']: o['sha256'] for o in m['figures']['tab_gptcelltype']['outputs'] if o['file'].endswith('.csv')}
+        for m in (ma, mb)
+    )
     assert oa == ob and len(oa) == len(csvs)
     kb = [l for l in ma['figures']['tab_gptcelltype']['llm'] if l['backend'] == 'kb']
     assert kb and kb[0]['runs'] >= 1 and kb[0]['calls'] == 0 and kb[0]['cost'] == 0

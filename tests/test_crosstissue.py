@@ -12,8 +12,14 @@ from deepseq_nb.plugins import predict
 from deepseq_nb.plugin_store import load_plugins
 
 torch.set_num_threads(1)
-SMALL = ['crosstissue.max_cells=60', 'crosstissue.n_hvg=200', 'crosstissue.plugin_epochs=3', 'plugins.router_epochs=3', 'crosstissue.seeds=[0, 1]',
-         'crosstissue.plugin_max_cells=40']
+SMALL = [
+    'crosstissue.max_cells=60',
+    'crosstissue.n_hvg=200',
+    'crosstissue.plugin_epochs=3',
+    'plugins.router_epochs=3',
+    'crosstissue.seeds=[0, 1]',
+    'crosstissue.plugin_max_cells=40',
+]
 
 
 @pytest.fixture(scope='module')
@@ -41,11 +47,17 @@ def test_every_method_scored_per_tissue(run):
     assert (t.n_seeds == 2).all() and sorted(per_seed.seed.unique()) == [0, 1]
     m = per_seed.groupby(['method', 'tissue']).macro_f1.agg(['mean', 'std'])
     tt = t.set_index(['method', 'tissue'])
-    assert np.allclose(tt.macro_f1_mean, m.loc[tt.index, 'mean']) and np.allclose(tt.macro_f1_sd, m.loc[tt.index, 'std'])
+    assert np.allclose(tt.macro_f1_mean, m.loc[tt.index, 'mean']) and np.allclose(
+        tt.macro_f1_sd, m.loc[tt.index, 'std']
+    )
     assert (per_seed.groupby('seed').macro_f1.sum().diff().dropna() != 0).all()
     # the heads were chosen per seed and tissue on validation cells, exactly one each
     v = res['validation']
-    assert v.groupby(['seed', 'tissue']).chosen.sum().eq(1).all() and set(v['head']) >= {'lora', 'expr C=0.1', 'expr C=1'}
+    assert v.groupby(['seed', 'tissue']).chosen.sum().eq(1).all() and set(v['head']) >= {
+        'lora',
+        'expr C=0.1',
+        'expr C=1',
+    }
     # a prediction column per method, filled for test cells only
     ref = res['ref']
     test = (ref.obs.split == 'test').to_numpy()
@@ -57,7 +69,9 @@ def test_every_method_scored_per_tissue(run):
     # scores recomputed from the stored predictions give the table
     y = ref.obs.label[test].astype(str)
     acc = (ref.obs['pred_' + ct.METHOD_NAMES['knn'].split(' ', 1)[1]][test] == y).mean()
-    assert acc == pytest.approx(per_seed.query("seed == 0 and method == '(a) memory kNN, frozen' and tissue == 'all'").accuracy.item())
+    assert acc == pytest.approx(
+        per_seed.query("seed == 0 and method == '(a) memory kNN, frozen' and tissue == 'all'").accuracy.item()
+    )
 
 
 def test_cache_reused_only_for_the_same_settings(run, enc, monkeypatch):
@@ -68,8 +82,11 @@ def test_cache_reused_only_for_the_same_settings(run, enc, monkeypatch):
     pd.testing.assert_frame_equal(again['table'], res['table'])
     pd.testing.assert_frame_equal(again['per_seed'], res['per_seed'])
     real_ref = ct.cross_tissue_reference
-    def relabelled(*a, **k):   # a change of the label harmonisation (e.g. the ontology mapping) is another experiment
-        r = real_ref(*a, **k); r.obs['label'] = r.obs['label'].astype(str); r.obs.iloc[0, r.obs.columns.get_loc('label')] = 'other'
+
+    def relabelled(*a, **k):  # a change of the label harmonisation (e.g. the ontology mapping) is another experiment
+        r = real_ref(*a, **k)
+        r.obs['label'] = r.obs['label'].astype(str)
+        r.obs.iloc[0, r.obs.columns.get_loc('label')] = 'other'
         return r
     monkeypatch.setattr(ct, 'cross_tissue_reference', relabelled)
     with pytest.raises(AssertionError, match='recomputed'):
@@ -101,8 +118,13 @@ def test_unknown_method_is_refused_before_any_work(enc, monkeypatch):
 
 
 def test_baselines_only_train_no_plugins(enc, tmp_path):
-    res = ct.run_cross_tissue(load_settings(overrides=['crosstissue.max_cells=40', 'crosstissue.n_hvg=100',
-                                                       'crosstissue.methods=knn,logreg']), cache=tmp_path/'c.h5ad', encoder=enc)
+    res = ct.run_cross_tissue(
+        load_settings(
+            overrides=['crosstissue.max_cells=40', 'crosstissue.n_hvg=100', 'crosstissue.methods=knn,logreg']
+        ),
+        cache=tmp_path / 'c.h5ad',
+        encoder=enc,
+    )
     assert set(res['table'].method) == {ct.METHOD_NAMES['knn'], ct.METHOD_NAMES['logreg']}
     assert 'X_scgpt_tuned' not in res['ref'].obsm and not (tmp_path/'c_plugins').exists()
 
@@ -114,7 +136,9 @@ def test_heads_are_chosen_without_the_test_labels(enc):
     ct.embed_reference(ref, enc)
     val = ct.validation_mask(ref, 0.15, seed=0)
     assert val.any() and not (val & (ref.obs.split == 'test').to_numpy()).any()
-    _, ps = ct.plugin_methods(ct._plugin_view(ref, val, 40, 0), enc, params=plugin_settings() | dict(epochs=2, router_epochs=2))
+    _, ps = ct.plugin_methods(
+        ct._plugin_view(ref, val, 40, 0), enc, params=plugin_settings() | dict(epochs=2, router_epochs=2)
+    )
     h1 = ct.plugin_heads(ref, ps, val, n_hvg=100)
     shuffled = ref.copy()
     test = (ref.obs.split == 'test').to_numpy()

@@ -24,7 +24,9 @@ def _run(code: str, pythonpath: Path | None = None) -> dict:
     "Run `code` in a fresh interpreter (optionally with `pythonpath` first on sys.path); return the JSON it prints last."
     env = dict(os.environ)
     if pythonpath: env['PYTHONPATH'] = os.pathsep.join([str(pythonpath), env.get('PYTHONPATH', '')])
-    r = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(
+        [sys.executable, '-c', textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -52,7 +54,9 @@ def test_compat_when_torchtext_fails_to_load(tmp_path):
     # what torchtext 0.18 does with a newer torch: its compiled extension does not load
     (tmp_path/'torchtext').mkdir()
     (tmp_path/'torchtext'/'__init__.py').write_text("from . import _extension\n")
-    (tmp_path/'torchtext'/'_extension.py').write_text("raise OSError('libtorchtext.so: undefined symbol: _ZN3c10fake')\n")
+    (tmp_path / 'torchtext' / '_extension.py').write_text(
+        "raise OSError('libtorchtext.so: undefined symbol: _ZN3c10fake')\n"
+    )
     out = _run(PROBE, tmp_path)
     assert out['status']['used'] == 'compat' and 'undefined symbol' in out['status']['reason']
     assert out['base'] == 'deepseq_nb.torchtext_compat' and not out['fake']
@@ -70,7 +74,9 @@ def test_real_torchtext_kept_when_it_loads(tmp_path):
     """))
     out = _run(PROBE, tmp_path)
     assert out['status'] == {'used': 'torchtext', 'reason': None}
-    assert out['fake'] and out['base'] == 'torchtext.vocab' and out['itos'] == ['<pad>', '<cls>', '<eoc>', 'CD3E', 'MS4A1']
+    assert (
+        out['fake'] and out['base'] == 'torchtext.vocab' and out['itos'] == ['<pad>', '<cls>', '<eoc>', 'CD3E', 'MS4A1']
+    )
 
 
 def _official_layout(enc: E.Encoder, d: Path) -> int:
@@ -84,12 +90,25 @@ def _official_layout(enc: E.Encoder, d: Path) -> int:
     state, renamed = {}, 0
     for k, v in enc.model.state_dict().items():
         if k == 'encoder.embedding.weight': v = v[perm]
-        if k.endswith('self_attn.in_proj_weight'): k = k.replace('self_attn.in_proj_weight', 'self_attn.Wqkv.weight'); renamed += 1
-        if k.endswith('self_attn.in_proj_bias'): k = k.replace('self_attn.in_proj_bias', 'self_attn.Wqkv.bias'); renamed += 1
+        if k.endswith('self_attn.in_proj_weight'):
+            k = k.replace('self_attn.in_proj_weight', 'self_attn.Wqkv.weight')
+            renamed += 1
+        if k.endswith('self_attn.in_proj_bias'):
+            k = k.replace('self_attn.in_proj_bias', 'self_attn.Wqkv.bias')
+            renamed += 1
         state[k] = v.clone()
     torch.save(state, d/'best_model.pt')
-    args = dict(enc.args, fast_transformer=True, USE_CLS=False, USE_CCE=False, training_tasks='both', data_source='/somewhere',
-                mask_ratio=[0.25, 0.5, 0.75], nheads=enc.args['nheads'], embsize=enc.args['embsize'])
+    args = dict(
+        enc.args,
+        fast_transformer=True,
+        USE_CLS=False,
+        USE_CCE=False,
+        training_tasks='both',
+        data_source='/somewhere',
+        mask_ratio=[0.25, 0.5, 0.75],
+        nheads=enc.args['nheads'],
+        embsize=enc.args['embsize'],
+    )
     (d/'args.json').write_text(json.dumps(args))
     return renamed
 
@@ -101,7 +120,9 @@ def wang():
 
 @pytest.fixture(scope='module')
 def random_encoder(wang):
-    return E.new_encoder(E.make_vocab(list(wang.var_names)), d_model=32, nlayers=2, nhead=4, d_hid=64, max_len=64, seed=3)
+    return E.new_encoder(
+        E.make_vocab(list(wang.var_names)), d_model=32, nlayers=2, nhead=4, d_hid=64, max_len=64, seed=3
+    )
 
 
 def test_flash_named_official_layout_loads_identically(tmp_path, random_encoder, wang):
@@ -125,7 +146,9 @@ def test_checkpoint_errors_say_what_and_what_to_do(tmp_path, random_encoder):
     with pytest.raises(FileNotFoundError, match='does not exist.*pretrain_encoder'):
         E.load_scgpt(tmp_path/'nowhere')
     (tmp_path/'partial').mkdir(); (tmp_path/'partial'/'args.json').write_text('{}')
-    with pytest.raises(FileNotFoundError, match=r'lacks best_model\.pt, vocab\.json\. An scGPT checkpoint directory holds'):
+    with pytest.raises(
+        FileNotFoundError, match=r'lacks best_model\.pt, vocab\.json\. An scGPT checkpoint directory holds'
+    ):
         E.load_scgpt(tmp_path/'partial')
     good = E.save_scgpt(random_encoder, tmp_path/'good')
     bad = tmp_path/'truncated'; bad.mkdir()
@@ -170,7 +193,10 @@ def test_pretraining_and_embedding_are_deterministic(wang):
     sa, sb, sc_ = a.model.state_dict(), b.model.state_dict(), c.model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc_[k]) for k in sa)
-    assert a.info['pretrain']['loss'] == b.info['pretrain']['loss'] and a.info['pretrain']['val'] == b.info['pretrain']['val']
+    assert (
+        a.info['pretrain']['loss'] == b.info['pretrain']['loss']
+        and a.info['pretrain']['val'] == b.info['pretrain']['val']
+    )
     e1 = E.embed(wang, a, copy=True, progress=False).obsm['X_scgpt']
     e2 = E.embed(wang, b, copy=True, progress=False).obsm['X_scgpt']
     np.testing.assert_array_equal(e1, e2)
@@ -183,8 +209,12 @@ def test_cached_pretraining_is_safe_in_parallel(tmp_path):
         e = E.pretrained_encoder({str(tmp_path)!r}, progress=False, **{TINY!r})
         print(json.dumps(dict(dir=str(e.directory), first=float(e.model.encoder.embedding.weight[5, 0]))))
     """
-    procs = [subprocess.Popen([sys.executable, '-c', textwrap.dedent(code)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, '-c', textwrap.dedent(code)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     res = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]

@@ -61,7 +61,9 @@ def test_new_type_takes_the_first_free_slot_and_is_recorded(fresh, cells):
     head = ps.heads['pancreas']
     assert head.known == ['alpha', 'beta', 'gamma'] and head.free_slots == [3, 4]
     add_cell_type(delta[:8], ps, tissue='pancreas', reference=ref, rehearsal=4, **ADD)
-    assert head.labels == ['alpha', 'beta', 'gamma', 'delta', None] and head.free_slots == [4] and head.slot('delta') == 3
+    assert (
+        head.labels == ['alpha', 'beta', 'gamma', 'delta', None] and head.free_slots == [4] and head.slot('delta') == 3
+    )
     assert head.active.tolist() == [True, True, True, True, False]
     a = ps.info['pancreas']['additions']
     assert len(a) == 1 and a[0]['label'] == 'delta' and a[0]['slot'] == 3 and a[0]['n_cells'] == 8
@@ -131,7 +133,9 @@ def test_training_lora_does_change_old_logits(fresh, cells):
 ])
 def test_errors_leave_the_plugin_untouched(fresh, cells, kwargs, match):
     ps, state, ref, delta = fresh
-    kw = dict(tissue='pancreas', reference=ref, rehearsal=10) | {k: v for k, v in kwargs.items() if k not in ('n', 'mixed')}
+    kw = dict(tissue='pancreas', reference=ref, rehearsal=10) | {
+        k: v for k, v in kwargs.items() if k not in ('n', 'mixed')
+    }
     new = cells if kwargs.get('mixed') else delta[:kwargs['n']] if 'n' in kwargs else delta
     if kw.get('label') == 'beta': new = cells
     with pytest.raises(InputError, match=match):
@@ -176,7 +180,9 @@ def test_failure_mid_training_rolls_back(fresh, cells, monkeypatch, exc):
     monkeypatch.undo()
     assert seen == dict(changed=True, labels=['alpha', 'beta', 'gamma', 'delta', None])   # the failure was mid-training
     assert same_state(plugin_state(ps, 'pancreas'), state) and 'additions' not in ps.info['pancreas']
-    assert np.array_equal(logits(ps, cells), before) and not any(p.requires_grad for p in lora_parameters(ps, 'pancreas').values())
+    assert np.array_equal(logits(ps, cells), before) and not any(
+        p.requires_grad for p in lora_parameters(ps, 'pancreas').values()
+    )
     add_cell_type(delta, ps, tissue='pancreas', reference=ref, rehearsal=3, **ADD)   # and it still works afterwards
     assert ps.heads['pancreas'].known[-1] == 'delta'
 
@@ -234,8 +240,11 @@ def test_settings_overlay():
     assert s['rehearsal'] == 3 and s['ks'] == [5] and 'bogus' not in s and s['steps'] == 5
     s = incremental_settings({'incremental': {'held_out': ['NK', 'B'], 'variants': None, 'ks': (5, 30), 'tissue': ''}})
     assert s['held_out'] == ['NK', 'B'] and s['ks'] == [5, 30]
-    assert s['variants'] == ['lora_rehearsal', 'lora', 'frozen_rehearsal', 'frozen'] and s['tissue'] == 'blood'  # None, '': the default
-    with pytest.raises(ValueError, match=r"incremental.held_out must be a list"):   # one list syntax, as in settings files
+    # None, '': the default
+    assert (s['variants'] == ['lora_rehearsal', 'lora', 'frozen_rehearsal', 'frozen'] and s['tissue'] == 'blood')
+    with pytest.raises(
+        ValueError, match=r"incremental.held_out must be a list"
+    ):  # one list syntax, as in settings files
         incremental_settings({'incremental': {'held_out': 'NK, B'}})
     with pytest.raises(ValueError, match=r"incremental.rehearsal must be an integer"):
         incremental_settings({'incremental': {'rehearsal': 'ten'}})
@@ -244,41 +253,84 @@ def test_settings_overlay():
 # --- protocols -------------------------------------------------------------------------------------------------------------
 
 def test_new_type_curve_caps_k_and_scores(cells, enc):
-    df = new_type_curve(cells, enc, tissue='pancreas', held_out=['delta'], ks=(3, 6, 1000, 2000), variants=('lora_rehearsal', 'frozen'),
-                        plugin_params=dict(epochs=1), add_params=dict(epochs=1, rehearsal=3))
+    df = new_type_curve(
+        cells,
+        enc,
+        tissue='pancreas',
+        held_out=['delta'],
+        ks=(3, 6, 1000, 2000),
+        variants=('lora_rehearsal', 'frozen'),
+        plugin_params=dict(epochs=1),
+        add_params=dict(epochs=1, rehearsal=3),
+    )
     n_delta = int(((cells.obs.cell_type == 'delta').to_numpy()).sum())
     n_train = n_delta - max(1, round(0.3 * n_delta))
     assert list(df.k) == [3, 3, 6, 6, 1000, 1000, 2000, 2000] and list(df.k_used) == [3, 3, 6, 6] + [n_train] * 4
     assert list(df.capped) == [False] * 4 + [True] * 4 and list(df.variant[:2]) == ['lora_rehearsal', 'frozen']
-    assert df.iloc[4:6].drop(columns=['k']).equals(df.iloc[6:8].drop(columns=['k']).set_axis(df.index[4:6]))   # one run serves both
-    assert (df.n_test_new == n_delta - n_train).all() and df[['new_f1', 'old_macro_f1_after']].apply(lambda c: c.between(0, 1)).all().all()
+    # one run serves both
+    assert (df.iloc[4:6].drop(columns=['k']).equals(df.iloc[6:8].drop(columns=['k']).set_axis(df.index[4:6])))
+    assert (df.n_test_new == n_delta - n_train).all() and df[['new_f1', 'old_macro_f1_after']].apply(
+        lambda c: c.between(0, 1)
+    ).all().all()
     fz = df[df.variant == 'frozen']
     assert (fz.old_accuracy_after <= fz.old_accuracy_before + 1e-12).all()
     with pytest.raises(InputError, match='Unknown variant'):
-        new_type_curve(cells, enc, tissue='pancreas', held_out=['delta'], ks=(3,), variants=('bogus',), plugin_params=dict(epochs=1))
+        new_type_curve(
+            cells,
+            enc,
+            tissue='pancreas',
+            held_out=['delta'],
+            ks=(3,),
+            variants=('bogus',),
+            plugin_params=dict(epochs=1),
+        )
 
 
 def test_forgetting_curve_rows(cells, enc):
-    df = forgetting_curve(cells, enc, tissue='pancreas', held_out=['gamma', 'delta'], k=4, variants=('frozen_rehearsal',),
-                          plugin_params=dict(epochs=1), add_params=dict(epochs=1, rehearsal=3))
+    df = forgetting_curve(
+        cells,
+        enc,
+        tissue='pancreas',
+        held_out=['gamma', 'delta'],
+        k=4,
+        variants=('frozen_rehearsal',),
+        plugin_params=dict(epochs=1),
+        add_params=dict(epochs=1, rehearsal=3),
+    )
     assert list(df.variant) == ['frozen_rehearsal'] * 3 + ['scratch'] * 3 and list(df.step) == [0, 1, 2] * 2
-    assert list(df.added) == ['', 'gamma', 'delta'] * 2 and list(df.n_types) == [2, 3, 4] * 2 and (df.k[df.step > 0] == 4).all()
+    assert (
+        list(df.added) == ['', 'gamma', 'delta'] * 2
+        and list(df.n_types) == [2, 3, 4] * 2
+        and (df.k[df.step > 0] == 4).all()
+    )
     f = df[df.variant == 'frozen_rehearsal']
-    assert (np.diff(f.base_accuracy) <= 1e-12).all()   # frozen old slots and LoRA: base cells can only be lost to new slots
+    assert (
+        np.diff(f.base_accuracy) <= 1e-12
+    ).all()  # frozen old slots and LoRA: base cells can only be lost to new slots
     with pytest.raises(InputError, match='leaves 1 for the first plugin'):
-        forgetting_curve(cells, enc, tissue='pancreas', held_out=['beta', 'gamma', 'delta'], plugin_params=dict(epochs=1))
+        forgetting_curve(
+            cells, enc, tissue='pancreas', held_out=['beta', 'gamma', 'delta'], plugin_params=dict(epochs=1)
+        )
 
 
 def test_forgetting_curve_scratch_last_only(cells, enc):
     "scratch='last' retrains once, at the last step, on the same cells as every step: its row equals the full run's last row."
-    kw = dict(tissue='pancreas', held_out=['gamma', 'delta'], k=4, variants=('frozen_rehearsal',), plugin_params=dict(epochs=1),
-              add_params=dict(epochs=1, rehearsal=3))
+    kw = dict(
+        tissue='pancreas',
+        held_out=['gamma', 'delta'],
+        k=4,
+        variants=('frozen_rehearsal',),
+        plugin_params=dict(epochs=1),
+        add_params=dict(epochs=1, rehearsal=3),
+    )
     last = forgetting_curve(cells, enc, scratch='last', **kw)
     every = forgetting_curve(cells, enc, scratch=True, **kw)
     s = last[last.variant == 'scratch']
     assert list(s.step) == [0, 2] and list(s.n_types) == [2, 4]
     cols = ['base_accuracy', 'seen_accuracy', 'seen_macro_f1']
-    assert np.allclose(s[cols].to_numpy()[-1], every[(every.variant == 'scratch') & (every.step == 2)][cols].to_numpy()[0])
+    assert np.allclose(
+        s[cols].to_numpy()[-1], every[(every.variant == 'scratch') & (every.step == 2)][cols].to_numpy()[0]
+    )
     assert 'scratch' not in set(forgetting_curve(cells, enc, scratch='none', **kw).variant)
     with pytest.raises(InputError, match="scratch must be"):
         forgetting_curve(cells, enc, scratch='sometimes', **kw)

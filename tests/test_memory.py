@@ -3,7 +3,14 @@ import json, warnings
 import anndata as ad
 import numpy as np, pandas as pd, pytest
 from deepseq_nb.data import InputError
-from deepseq_nb.memory import CellMemory, knn_annotate, synthetic_embeddings, ivf_nlist, set_threads, memory_from_settings
+from deepseq_nb.memory import (
+    CellMemory,
+    knn_annotate,
+    synthetic_embeddings,
+    ivf_nlist,
+    set_threads,
+    memory_from_settings,
+)
 
 set_threads(2)
 
@@ -39,22 +46,28 @@ def test_nan_zero_and_shape_errors():
 
 def test_unknown_space_empty_memory_and_k():
     m = small()
-    with pytest.raises(InputError, match=r"Unknown space 'tuned'; the memory has frozen"): m.search(np.ones(4), 1, space='tuned')
-    with pytest.raises(InputError, match=r"k=5 but space 'frozen' holds 4 entries"): m.search(np.ones(4), 5, space='frozen')
+    with pytest.raises(InputError, match=r"Unknown space 'tuned'; the memory has frozen"):
+        m.search(np.ones(4), 1, space='tuned')
+    with pytest.raises(InputError, match=r"k=5 but space 'frozen' holds 4 entries"):
+        m.search(np.ones(4), 5, space='frozen')
     with pytest.raises(InputError, match='k=0'): m.transfer_labels(np.ones(4), 0, space='frozen')
     e = CellMemory({'frozen': 4})
     for call in (lambda: e.search(np.ones(4), 1), lambda: e.centroids(), lambda: e.distance_to_centroids(np.ones(4))):
         with pytest.raises(InputError, match="The memory is empty: space 'frozen' holds no entries"): call()
-    with pytest.raises(InputError, match='no spaces yet: pass space='): CellMemory().add(np.ones((1, 4)), {'label': ['a']})
+    with pytest.raises(InputError, match='no spaces yet: pass space='):
+        CellMemory().add(np.ones((1, 4)), {'label': ['a']})
     two = CellMemory({'a': 2, 'b': 2})
     with pytest.raises(InputError, match='spaces a, b: pass space='): two.search(np.ones(2), 1)
 
 def test_metadata_and_id_errors():
     m = small()
-    with pytest.raises(InputError, match="needs a 'label' column"): m.add(np.ones((1, 4)), {'cell_type': ['x']}, space='frozen')
+    with pytest.raises(InputError, match="needs a 'label' column"):
+        m.add(np.ones((1, 4)), {'cell_type': ['x']}, space='frozen')
     with pytest.raises(InputError, match='New entries need metadata'): m.add(np.ones((1, 4)), space='frozen')
-    with pytest.raises(InputError, match='obs has 2 rows for 1 vectors'): m.add(np.ones((1, 4)), {'label': ['x', 'y']}, space='frozen')
-    with pytest.raises(InputError, match='unique non-negative'): m.add(np.ones((2, 4)), {'label': ['x', 'y']}, space='frozen', ids=[7, 7])
+    with pytest.raises(InputError, match='obs has 2 rows for 1 vectors'):
+        m.add(np.ones((1, 4)), {'label': ['x', 'y']}, space='frozen')
+    with pytest.raises(InputError, match='unique non-negative'):
+        m.add(np.ones((2, 4)), {'label': ['x', 'y']}, space='frozen', ids=[7, 7])
     with pytest.raises(InputError, match='already have vectors'): m.add(np.ones((1, 4)), space='frozen', ids=[0])
     with pytest.raises(InputError, match=r"2 ids are not in the memory \(first: \[10, 11\]\)"): m.remove([0, 10, 11])
     with pytest.raises(InputError, match='exactly one of'): m.remove()
@@ -97,7 +110,9 @@ def test_two_spaces_and_filling_a_space_later(data):
     new = m.add(X[100:150], {'label': y[100:150]}, space='frozen')
     assert m.size('tuned') == 100 and new.tolist() == list(range(100, 150))
     m.add(X[100:150, :8], space='tuned', ids=new)
-    assert m.size('tuned') == 150 and np.allclose(m.vectors('tuned', [120]), X[120:121, :8]/np.linalg.norm(X[120, :8]), atol=1e-6)
+    assert m.size('tuned') == 150 and np.allclose(
+        m.vectors('tuned', [120]), X[120:121, :8] / np.linalg.norm(X[120, :8]), atol=1e-6
+    )
     assert m.remove(new[:10]) == 10 and m.size('frozen') == m.size('tuned') == 140
 
 def test_label_transfer_weighting_and_accuracy(data):
@@ -163,13 +178,25 @@ def test_deterministic_ivf(data):
 def test_save_load_round_trip(tmp_path, data, index):
     X, y = data
     m = CellMemory(index=index, nprobe=4)
-    obs = pd.DataFrame({'label': y[:2500], 'tissue': 'blood', 'n_genes': np.arange(2500), 'score': np.linspace(0, 1, 2500),
-                        'qc': np.arange(2500) % 2 == 0, 'batch': pd.Categorical(np.where(np.arange(2500) < 1000, 'b1', 'b2'))})
+    obs = pd.DataFrame(
+        {
+            'label': y[:2500],
+            'tissue': 'blood',
+            'n_genes': np.arange(2500),
+            'score': np.linspace(0, 1, 2500),
+            'qc': np.arange(2500) % 2 == 0,
+            'batch': pd.Categorical(np.where(np.arange(2500) < 1000, 'b1', 'b2')),
+        }
+    )
     m.add({'frozen': X[:2500], 'tuned': X[:2500, :6]}, obs)
     m.remove(label=y[0])
     m.save(tmp_path/'mem')
     man = json.loads((tmp_path/'mem'/'manifest.json').read_text())
-    assert man['metric'] == 'cosine' and man['spaces']['frozen']['index_type'] == index and man['spaces']['tuned']['dim'] == 6
+    assert (
+        man['metric'] == 'cosine'
+        and man['spaces']['frozen']['index_type'] == index
+        and man['spaces']['tuned']['dim'] == 6
+    )
     r = CellMemory.load(tmp_path/'mem')
     pd.testing.assert_frame_equal(r.obs, m.obs)
     for s in ('frozen', 'tuned'):
@@ -187,9 +214,13 @@ def test_load_errors(tmp_path):
 
 def test_adata_helpers(data):
     X, y = data
-    ref = ad.AnnData(np.zeros((2000, 1), np.float32), obs=pd.DataFrame({'cell_type': y[:2000]}, index=[f'r{i}' for i in range(2000)]))
+    ref = ad.AnnData(
+        np.zeros((2000, 1), np.float32), obs=pd.DataFrame({'cell_type': y[:2000]}, index=[f'r{i}' for i in range(2000)])
+    )
     ref.obsm['X_scgpt'] = X[:2000].astype(np.float64)
-    qry = ad.AnnData(np.zeros((1000, 1), np.float32), obs=pd.DataFrame({'cell_type': y[2000:]}, index=[f'q{i}' for i in range(1000)]))
+    qry = ad.AnnData(
+        np.zeros((1000, 1), np.float32), obs=pd.DataFrame({'cell_type': y[2000:]}, index=[f'q{i}' for i in range(1000)])
+    )
     qry.obsm['X_scgpt'] = X[2000:]
     m = CellMemory()
     m.add_adata(ref, tissue='lung', dataset='ref1')

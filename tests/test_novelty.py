@@ -28,7 +28,11 @@ def setup():
     Xc, yc = blobs(300, [0, 1, 2, 3], 1)
     cal_cells = ad.AnnData(np.zeros((300, 1), np.float32), obsm={'X_scgpt': Xc})
     Xq, yq = blobs(400, [0, 1, 2, 3, 4], 2)
-    q = ad.AnnData(np.zeros((400, 1), np.float32), obs=pd.DataFrame({'cluster': yq}, index=[f'q{i}' for i in range(400)]), obsm={'X_scgpt': Xq})
+    q = ad.AnnData(
+        np.zeros((400, 1), np.float32),
+        obs=pd.DataFrame({'cluster': yq}, index=[f'q{i}' for i in range(400)]),
+        obsm={'X_scgpt': Xq},
+    )
     return mem, cal_cells, q
 
 
@@ -96,22 +100,34 @@ def _judge_answers(path, body):
 def test_llm_judge_cached_and_resumable(assessed, tmp_path, monkeypatch):
     monkeypatch.setenv('OPENAI_API_KEY', 'sk-test-not-real')
     with StandinServer() as srv:
-        backend = lambda: get_backend('openai:gpt-4o-mini', base_url=srv.url + '/v1', cache=tmp_path/'cache', progress=False,
-                                      max_retries=0, structured=True)
+        backend = lambda: get_backend(
+            'openai:gpt-4o-mini',
+            base_url=srv.url + '/v1',
+            cache=tmp_path / 'cache',
+            progress=False,
+            max_retries=0,
+            structured=True,
+        )
         calls = {'n': 0}
-        def flaky(path, body):             # the third cluster's call fails: the first two answers must survive
+
+        def flaky(path, body):  # the third cluster's call fails: the first two answers must survive
             calls['n'] += 1
             return Reply(500, {'error': 'boom'}) if calls['n'] == 3 else _judge_answers(path, body)
         srv.script = flaky
-        with pytest.raises(Exception, match="500|boom|Internal") as e: judge_novelty(assessed, MARKERS, REF_TYPES, backend=backend(), tissue="blood")
+        with pytest.raises(Exception, match="500|boom|Internal") as e:
+            judge_novelty(assessed, MARKERS, REF_TYPES, backend=backend(), tissue="blood")
         assert len(srv.calls('/v1/chat/completions')) == 3
         srv.reset(); srv.script = _judge_answers
         J = judge_novelty(assessed, MARKERS, REF_TYPES, backend=backend(), tissue='blood')
         assert len(srv.calls('/v1/chat/completions')) == 3            # 5 clusters, 2 from the cache
         assert J.cached.tolist().count(True) == 2
-        assert J.loc['t4', 'is_novel'] and J.loc['t4', 'closest_type'] == 'platelet' and not J.drop(index='t4').is_novel.any()
+        assert (
+            J.loc['t4', 'is_novel']
+            and J.loc['t4', 'closest_type'] == 'platelet'
+            and not J.drop(index='t4').is_novel.any()
+        )
         body = srv.calls('/v1/chat/completions')[0]['body']
-        assert 'response_format' not in body                          # the annotation schema is not imposed on the judge
+        assert 'response_format' not in body  # the annotation schema is not imposed on the judge
         assert 'sk-test' not in (tmp_path/'cache'/'answers.sqlite').read_bytes().decode(errors='ignore')
         srv.reset()
         J2 = judge_novelty(assessed, MARKERS, REF_TYPES, backend=backend(), tissue='blood')
@@ -141,13 +157,21 @@ def study(n, types, shift, seed, name):
     rng = np.random.default_rng(seed)
     y = rng.choice(types, n)
     X = np.log1p(rng.poisson(prog[y] * 3 + 0.5 + shift * np.random.default_rng(8).random(120))).astype(np.float32)
-    return ad.AnnData(X, obs=pd.DataFrame({'label': [f't{i}' for i in y], 'dataset': name}, index=[f'{name}{i}' for i in range(n)]),
-                      var=pd.DataFrame(index=[f'g{i}' for i in range(120)]))
+    return ad.AnnData(
+        X,
+        obs=pd.DataFrame({'label': [f't{i}' for i in y], 'dataset': name}, index=[f'{name}{i}' for i in range(n)]),
+        var=pd.DataFrame(index=[f'g{i}' for i in range(120)]),
+    )
 
 
 def test_relative_novelty_flags_the_new_cluster_only():
     from deepseq_nb.novelty import relative_novelty
-    ref, cal, q = study(300, [0, 1, 2], 0, 0, 'r'), study(300, [0, 1, 2], 0, 1, 'r'), study(300, [0, 1, 2, 3], 0, 2, 'q')
+
+    ref, cal, q = (
+        study(300, [0, 1, 2], 0, 0, 'r'),
+        study(300, [0, 1, 2], 0, 1, 'r'),
+        study(300, [0, 1, 2, 3], 0, 2, 'q'),
+    )
     o = relative_novelty(ref, q, cal, kb=False)
     new = (q.obs.label == 't3').to_numpy()
     flag = o['cells'].is_novel.to_numpy()
@@ -186,10 +210,12 @@ def test_relative_novelty_warns_when_the_studies_do_not_overlap():
     from deepseq_nb.novelty import relative_novelty
     ref, cal, q = study(200, [0, 1, 2], 0, 0, 'r'), study(100, [0, 1, 2], 0, 1, 'r'), study(200, [0, 1, 2], 0, 2, 'q')
     for i, (a, off) in enumerate(((ref, 0), (cal, 0), (q, 100))):
-        a.obsm['X_scgpt'] = np.random.default_rng(i).normal(size=(a.n_obs, 8)).astype(np.float32) + off   # the query far from both
+        # the query far from both
+        a.obsm['X_scgpt'] = np.random.default_rng(i).normal(size=(a.n_obs, 8)).astype(np.float32) + off
     with pytest.warns(UserWarning, match='do not overlap'):
         o = relative_novelty(ref, q, cal, space='frozen', kb=False)
-    assert o['mixing']['share'] == 0 and (o['cells'].score == 1).all()   # every score tied at 1: it cannot rank the clusters
+    # every score tied at 1: it cannot rank the clusters
+    assert (o['mixing']['share'] == 0 and (o['cells'].score == 1).all())
 
 
 def test_cluster_level_rates():
@@ -200,6 +226,7 @@ def test_cluster_level_rates():
     flag = np.isin(cl, ['a'])
     out = _fold_rates(pd.DataFrame({'pca': new.astype(float)}), {'pca': flag}, new, ~new, {'pca': cl})
     assert out['detection_pca'] == 0.6 and out['false_novel_pca'] == 0
-    assert out['detection_cluster_pca'] == 1.0 and out['detectable_pca'] == 0.6   # only cluster a is mostly new; 3 of 5 new cells
+    # only cluster a is mostly new; 3 of 5 new cells
+    assert (out['detection_cluster_pca'] == 1.0 and out['detectable_pca'] == 0.6)
     out = _fold_rates(pd.DataFrame({'pca': new.astype(float)}), {'pca': ~flag}, new, ~new, {'pca': cl})
     assert out['detection_cluster_pca'] == 0.0 and out['false_novel_pca'] == 1.0

@@ -7,9 +7,22 @@ import torch
 
 from deepseq_nb.data import InputError, load_dataset
 from deepseq_nb.encoder import make_vocab, new_encoder, tokenize
-from deepseq_nb.plugins import (PluginSet, Router, SlotHead, add_plugin, base_weights_changed, encoder_fingerprint, fit_plugin,
-                                lora_parameters, lora_target_regex, plugin_outputs, plugin_settings, predict, train_plugin,
-                                train_router)
+from deepseq_nb.plugins import (
+    PluginSet,
+    Router,
+    SlotHead,
+    add_plugin,
+    base_weights_changed,
+    encoder_fingerprint,
+    fit_plugin,
+    lora_parameters,
+    lora_target_regex,
+    plugin_outputs,
+    plugin_settings,
+    predict,
+    train_plugin,
+    train_router,
+)
 from deepseq_nb.plugin_store import load_plugins, save_plugins
 from deepseq_nb.utils import stratified_split
 
@@ -109,7 +122,11 @@ def test_router_from_one_anndata(cells, trained):
     both = ad.concat([cells['pancreas'], cells['testis']], join='outer')
     both.obs['organ'] = both.obs['tissue'].str.lower().to_numpy()
     ps = train_router(both, trained, tissue_key='organ', epochs=3, top_k=1)
-    assert ps is trained and trained.router.top_k == 1 and trained.info['_router']['n_cells'] == {'pancreas': 120, 'testis': 60}
+    assert (
+        ps is trained
+        and trained.router.top_k == 1
+        and trained.info['_router']['n_cells'] == {'pancreas': 120, 'testis': 60}
+    )
     w = predict(cells['testis'], trained, copy=True).obsm['plugin_weights']
     assert ((w > 0).sum(1) == 1).all()
     train_router(cells, trained, epochs=5, seed=0)  # back to the fixture's router
@@ -154,7 +171,9 @@ def test_cells_without_labels_are_left_out(cells, enc):
 def test_base_weights_bit_identical_and_encoder_untouched(cells, enc, trained):
     ref = {k: v.clone() for k, v in tiny_encoder(cells).model.state_dict().items()}
     assert all(torch.equal(ref[k], v) for k, v in enc.model.state_dict().items())
-    assert base_weights_changed(trained) == [] and type(enc.model.transformer_encoder.layers[0].linear1) is torch.nn.Linear
+    assert (
+        base_weights_changed(trained) == [] and type(enc.model.transformer_encoder.layers[0].linear1) is torch.nn.Linear
+    )
 
 
 def test_lora_active_in_eval(cells, trained):
@@ -233,12 +252,17 @@ def test_predict_outputs_and_h5ad(cells, trained, tmp_path):
     assert 'pl_label' not in a.obs  # copy=True leaves the input alone
     for k in ('pl_label', 'pl_confidence', 'pl_tissue'): assert k in out.obs
     P, W = out.obsm['pl_proba'], out.obsm['pl_weights']
-    assert list(W.columns) == ['pancreas', 'testis'] and np.allclose(W.sum(1), 1) and np.allclose(P.sum(1), 1, atol=1e-5)
+    assert (
+        list(W.columns) == ['pancreas', 'testis'] and np.allclose(W.sum(1), 1) and np.allclose(P.sum(1), 1, atol=1e-5)
+    )
     assert (out.obs['pl_confidence'].to_numpy() == P.max(1).to_numpy()).all()
     assert out.obsm['X_scgpt_tuned'].shape == (a.n_obs, 16) and out.uns['pl']['params']['router']
     out.write_h5ad(tmp_path/'a.h5ad')  # every output is writable
     told = predict(a, trained, tissue='pancreas', copy=True)
-    assert set(told.obs['plugin_label']) <= set(trained.heads['pancreas'].known) and (told.obsm['plugin_weights']['pancreas'] == 1).all()
+    assert (
+        set(told.obs['plugin_label']) <= set(trained.heads['pancreas'].known)
+        and (told.obsm['plugin_weights']['pancreas'] == 1).all()
+    )
 
 
 def test_save_load_round_trip(cells, trained, tmp_path):
@@ -251,7 +275,10 @@ def test_save_load_round_trip(cells, trained, tmp_path):
     assert a1.obs['plugin_label'].equals(a2.obs['plugin_label'])
     assert np.array_equal(a1.obsm['plugin_proba'].to_numpy(), a2.obsm['plugin_proba'].to_numpy())
     assert np.array_equal(a1.obsm['X_scgpt_tuned'], a2.obsm['X_scgpt_tuned'])
-    assert back.heads['pancreas'].labels == trained.heads['pancreas'].labels and back.router.tissues == trained.router.tissues
+    assert (
+        back.heads['pancreas'].labels == trained.heads['pancreas'].labels
+        and back.router.tissues == trained.router.tissues
+    )
 
 
 def test_save_without_router_removes_stale_file(cells, enc, trained, tmp_path):
@@ -276,9 +303,14 @@ def test_settings_and_split():
 
 def test_stop_on_macro_f1_keeps_the_best_f1_epoch(cells, enc):
     "stop_on='val_macro_f1' keeps the epoch with the best validation macro-F1 (not the lowest loss); a bad criterion is refused."
-    ps = train_plugin(cells['pancreas'], enc, tissue='pancreas', **dict(FAST, epochs=6, patience=6, stop_on='val_macro_f1'))
+    ps = train_plugin(
+        cells['pancreas'], enc, tissue='pancreas', **dict(FAST, epochs=6, patience=6, stop_on='val_macro_f1')
+    )
     info = ps.info['pancreas']
     log = info['log']
-    assert info['best']['val_macro_f1'] == max(r['val_macro_f1'] for r in log) and info['params']['stop_on'] == 'val_macro_f1'
+    assert (
+        info['best']['val_macro_f1'] == max(r['val_macro_f1'] for r in log)
+        and info['params']['stop_on'] == 'val_macro_f1'
+    )
     with pytest.raises(InputError, match="stop_on must be"):
         train_plugin(cells['pancreas'], enc, tissue='pancreas', **dict(FAST, stop_on='accuracy'))

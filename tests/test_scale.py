@@ -4,8 +4,22 @@ import numpy as np, pandas as pd, pytest, scipy.sparse as sp, h5py
 import anndata as ad, scanpy as sc, dask, dask.array as da
 import deepseq_nb.scale as S
 import deepseq_nb.scale.io as scale_io
-from deepseq_nb.scale import (synthetic_counts, read_lazy, dask_client, qc_flags, drop_failed, normalise, highly_variable,
-                              sparse_pca, rank_genes_sampled, marker_agreement, sample_indices, embed_batched, run_scaled, KNNGraph)
+from deepseq_nb.scale import (
+    synthetic_counts,
+    read_lazy,
+    dask_client,
+    qc_flags,
+    drop_failed,
+    normalise,
+    highly_variable,
+    sparse_pca,
+    rank_genes_sampled,
+    marker_agreement,
+    sample_indices,
+    embed_batched,
+    run_scaled,
+    KNNGraph,
+)
 from deepseq_nb.data import load_dataset
 
 warnings.filterwarnings('ignore')
@@ -25,7 +39,10 @@ def both(h5):
     out = []
     for a in (mem.copy(), read_lazy(p, chunk_cells=400)):
         with dask.config.set(scheduler='threads'):
-            qc_flags(a, min_genes=700); a = drop_failed(a); normalise(a); highly_variable(a, n_top_genes=800, chunk_cells=300)
+            qc_flags(a, min_genes=700)
+            a = drop_failed(a)
+            normalise(a)
+            highly_variable(a, n_top_genes=800, chunk_cells=300)
             sparse_pca(a, n_comps=15, chunk_cells=300)
         out.append(a)
     return out
@@ -60,11 +77,17 @@ def test_read_lazy_10x_h5_matches_scanpy(tmp_path, h5):
         for k, v in dict(data=X.data, indices=X.indices, indptr=X.indptr, shape=np.array(X.shape)).items(): g[k] = v
         g['barcodes'] = np.array([f'BC{i}' for i in range(300)], dtype='S')
         ft = g.create_group('features')
-        ft['name'] = np.array(mem.var_names, dtype='S'); ft['id'] = np.array([f'ENSG{i:011d}' for i in range(mem.n_vars)], dtype='S')
-        ft['feature_type'] = np.array(['Gene Expression'] * mem.n_vars, dtype='S'); ft['genome'] = np.array(['GRCh38'] * mem.n_vars, dtype='S')
+        ft['name'] = np.array(mem.var_names, dtype='S')
+        ft['id'] = np.array([f'ENSG{i:011d}' for i in range(mem.n_vars)], dtype='S')
+        ft['feature_type'] = np.array(['Gene Expression'] * mem.n_vars, dtype='S')
+        ft['genome'] = np.array(['GRCh38'] * mem.n_vars, dtype='S')
     a = read_lazy(tmp_path/'f.h5', chunk_cells=128)
     ref = sc.read_10x_h5(tmp_path/'f.h5'); ref.var_names_make_unique()
-    assert a.uns['x_is'] == 'counts' and list(a.obs_names) == list(ref.obs_names) and list(a.var_names) == list(ref.var_names)
+    assert (
+        a.uns['x_is'] == 'counts'
+        and list(a.obs_names) == list(ref.obs_names)
+        and list(a.var_names) == list(ref.var_names)
+    )
     assert abs(a.X.compute() - ref.X).max() == 0
 
 def test_dask_path_equals_in_memory_path(both):
@@ -76,7 +99,9 @@ def test_dask_path_equals_in_memory_path(both):
     assert mem.uns['qc_pass']['n_kept'] == lz.uns['qc_pass']['n_kept'] < 1500  # min_genes=700 drops some cells
     assert mem.n_obs > 300
     assert abs(mem.X - lz.X.compute()).max() < 1e-5
-    assert (mem.var.highly_variable.to_numpy() == lz.var.highly_variable.to_numpy()).all() and mem.var.highly_variable.sum() == 800
+    assert (
+        mem.var.highly_variable.to_numpy() == lz.var.highly_variable.to_numpy()
+    ).all() and mem.var.highly_variable.sum() == 800
     assert pc_corr(mem.obsm['X_pca'], lz.obsm['X_pca']).min() > 0.9999
     assert np.allclose(np.abs(mem.obsm['X_pca']), np.abs(lz.obsm['X_pca']), atol=2e-3)
     assert np.allclose(mem.uns['pca']['variance'], lz.uns['pca']['variance'], rtol=1e-5)
@@ -107,14 +132,20 @@ def test_drop_failed_subsets_in_place_like_scanpy(h5):
     r = syn[keep].copy(); sc.pp.filter_genes(r, min_cells=30)
     assert np.shares_memory(a.X.data, data)  # entries moved in place, no second X
     assert a.shape == r.shape and (a.obs_names == r.obs_names).all() and (a.var_names == r.var_names).all()
-    assert abs(a.X - r.X).max() == 0 and a.X.has_canonical_format and (a.var['n_cells'].to_numpy() == r.var['n_cells'].to_numpy()).all()
+    assert (
+        abs(a.X - r.X).max() == 0
+        and a.X.has_canonical_format
+        and (a.var['n_cells'].to_numpy() == r.var['n_cells'].to_numpy()).all()
+    )
 
 def test_local_cluster_is_used_and_closed(h5):
     _, p = h5
     a = read_lazy(p, chunk_cells=500)
     with dask_client(n_workers=1, threads_per_worker=1, processes=False) as client:
         assert dask.base.get_scheduler() == client.get
-        s = a.X.map_blocks(lambda b: np.asarray(b.sum(0)), dtype=np.float32, meta=np.zeros((0, 0), np.float32)).compute()
+        s = a.X.map_blocks(
+            lambda b: np.asarray(b.sum(0)), dtype=np.float32, meta=np.zeros((0, 0), np.float32)
+        ).compute()
         assert len(client.cluster.workers) == 1
     assert client.status == 'closed' and client.cluster.status.name == 'closed'
     assert np.isclose(s.sum(), h5[0].X.sum(), rtol=1e-5)
@@ -132,7 +163,9 @@ def test_sampled_markers_agree_with_full():
     n, got = pb.obs.cell_type.value_counts(), pb.obs.cell_type.iloc[idx].value_counts()
     big = n[n * 1000 / pb.n_obs >= 30].index  # drawn at the common rate
     assert np.allclose(got[big] / n[big], 1000 / pb.n_obs, atol=0.005)  # the same rate for every cluster
-    assert (got[n.index.difference(big)] == n.clip(upper=30)[n.index.difference(big)]).all()  # the floor (all of a tiny one)
+    assert (
+        got[n.index.difference(big)] == n.clip(upper=30)[n.index.difference(big)]
+    ).all()  # the floor (all of a tiny one)
     full = rank_genes_sampled(pb, 'cell_type', n_cells=0, key_added=None)
     sampled = rank_genes_sampled(pb, 'cell_type', n_cells=1000, min_cells=30)
     ag = marker_agreement(full, sampled, n_genes=10)
@@ -169,9 +202,20 @@ def test_run_scaled_end_to_end(h5):
     assert 'deepseq_label' in a.obs and a.obs.deepseq_label.notna().all()
     seen = []
     from distributed import LocalCluster
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cl:  # a cluster given by address
-        d = run_scaled(p, dask=True, address=cl.scheduler_address, marker_cells=500, marker_min_cells=50, n_top_genes=800, n_pcs=15,
-                       on_stage=seen.append)
+
+    with LocalCluster(
+        n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
+    ) as cl:  # a cluster given by address
+        d = run_scaled(
+            p,
+            dask=True,
+            address=cl.scheduler_address,
+            marker_cells=500,
+            marker_min_cells=50,
+            n_top_genes=800,
+            n_pcs=15,
+            on_stage=seen.append,
+        )
         assert cl.status.name == 'running'  # a cluster given by address is left running
     assert seen == list(S.STAGES) + ['done'] and isinstance(d.X, da.Array)  # end to end without loading X
     assert d.uns['scale']['dask'] and d.uns['scale']['address'].startswith('inproc://') and d.n_obs == a.n_obs
@@ -180,7 +224,11 @@ def test_run_scaled_end_to_end(h5):
     assert adjusted_rand_score(a.obs.leiden, d.obs.leiden) > 0.9
     assert (a.obs.deepseq_label.astype(str).to_numpy() == d.obs.deepseq_label.astype(str).to_numpy()).mean() > 0.9
     seen.clear(); e = run_scaled(p, until='hvg', n_top_genes=800, on_stage=seen.append)
-    assert seen == ['read', 'qc', 'normalise', 'hvg', 'pca', 'done'] and 'X_pca' not in e.obsm and e.var.highly_variable.sum() == 800
+    assert (
+        seen == ['read', 'qc', 'normalise', 'hvg', 'pca', 'done']
+        and 'X_pca' not in e.obsm
+        and e.var.highly_variable.sum() == 800
+    )
     with pytest.raises(ValueError, match='until must be one of'): run_scaled(p, until='umap')
 
 def _blobs(n=3000, d=20, seed=0):
@@ -203,7 +251,9 @@ def test_knn_graph_exact_matches_sklearn_and_scanpy_reads_it_fast():
     with warnings.catch_warnings():
         warnings.simplefilter('error', RuntimeWarning)  # scanpy warns when it must fall back to its slow row loop
         sc.pp.neighbors(a, use_rep='X_pca', transformer=KNNGraph(10, method='exact'))
-    assert (np.asarray((a.obsp['distances'] > 0).sum(1)).ravel() == 9).all() and a.uns['neighbors']['params']['n_neighbors'] == 10
+    assert (np.asarray((a.obsp['distances'] > 0).sum(1)).ravel() == 9).all() and a.uns['neighbors']['params'][
+        'n_neighbors'
+    ] == 10
 
 def test_knn_graph_puts_each_cell_first_even_with_duplicates():
     X = _blobs(500); X[1] = X[0]; X[2] = X[0]
@@ -214,9 +264,16 @@ def test_knn_graph_puts_each_cell_first_even_with_duplicates():
 def test_knn_graph_nndescent_reports_its_recall():
     X = _blobs(20_000, d=30)
     nd = KNNGraph(15, method='nndescent', seed=0); G = nd.fit_transform(X)
-    assert nd.method_ == 'nndescent' and 0.9 < nd.recall_ <= 1 and (G.indices.reshape(-1, 15)[:, 0] == np.arange(20_000)).all()
+    assert (
+        nd.method_ == 'nndescent'
+        and 0.9 < nd.recall_ <= 1
+        and (G.indices.reshape(-1, 15)[:, 0] == np.arange(20_000)).all()
+    )
     ex = KNNGraph(15, method='exact').fit_transform(X)
-    found = np.mean([len(np.intersect1d(a, b)) - 1 for a, b in zip(G.indices.reshape(-1, 15), ex.indices.reshape(-1, 15))]) / 14
+    found = (
+        np.mean([len(np.intersect1d(a, b)) - 1 for a, b in zip(G.indices.reshape(-1, 15), ex.indices.reshape(-1, 15))])
+        / 14
+    )
     assert abs(found - nd.recall_) < 0.03  # the sampled recall estimates the recall over every cell
     assert KNNGraph(15, exact_max=1000).fit(X).method_ == 'nndescent' and KNNGraph(15).fit(X).method_ == 'exact'
     with pytest.raises(ValueError, match="method must be"): KNNGraph(15, method='ivf').fit(X)

@@ -33,12 +33,16 @@ def _label_key(st:AgentState, a:ad.AnnData, label_key:str|None=None)->str|None:
     "The obs column of true labels: given, else the dataset's, else the settings'; None when absent."
     for k in (label_key, _dataset_info(a).get('label_key'), st.settings.get('data.label_key')):
         if k and k in a.obs: return k
-    if label_key: raise InputError(f"obs has no column {label_key!r}; columns are: {', '.join(map(str, a.obs.columns))}.")
+    if label_key:
+        raise InputError(f"obs has no column {label_key!r}; columns are: {', '.join(map(str, a.obs.columns))}.")
     return None
 
 def _groupby(a:ad.AnnData, groupby:str)->str:
-    if groupby not in a.obs: raise InputError(f"obs has no column {groupby!r} of clusters: call cluster first, or pass groupby= one of "
-                                              f"{', '.join(map(str, a.obs.columns))}.")
+    if groupby not in a.obs:
+        raise InputError(
+            f"obs has no column {groupby!r} of clusters: call cluster first, or pass groupby= one of "
+            f"{', '.join(map(str, a.obs.columns))}."
+        )
     return groupby
 
 def _counts(s:pd.Series)->dict:
@@ -47,9 +51,13 @@ def _counts(s:pd.Series)->dict:
 
 # %% ../../nbs/15b_agent_actions.ipynb #dd09ade9
 @action()
-def act_load_data(st:AgentState, dataset:str|None=None, # bundled dataset name (pbmc3k, pancreas_xin, ...) or a path; default: settings data.dataset
-              max_cells:int|None=None, # keep a seeded random draw of this many cells (0 = all; default: settings agent.max_cells)
-             )->dict:
+def act_load_data(
+    st: AgentState,
+    dataset: str
+    | None = None,  # bundled dataset name (pbmc3k, pancreas_xin, ...) or a path; default: settings data.dataset
+    max_cells: int
+    | None = None,  # keep a seeded random draw of this many cells (0 = all; default: settings agent.max_cells)
+) -> dict:
     "Load single-cell data (a bundled dataset or a file) as the session's cells."
     from deepseq_nb.data import load
     S, cfg = st.settings, st.cfg
@@ -64,34 +72,54 @@ def act_load_data(st:AgentState, dataset:str|None=None, # bundled dataset name (
                 labels=_counts(a.obs[lk]) if lk else {})
 
 @action(after=('load_data',))
-def act_qc(st:AgentState, strategy:typing.Literal['threshold', 'knee', 'smoothed_knee']|None=None, # cell filter (default: settings qc.strategy)
-       min_genes:int|None=None, # threshold strategy: minimum detected genes per cell (default: settings qc.min_genes)
-      )->dict:
+def act_qc(
+    st: AgentState,
+    strategy: typing.Literal['threshold', 'knee', 'smoothed_knee']
+    | None = None,  # cell filter (default: settings qc.strategy)
+    min_genes: int
+    | None = None,  # threshold strategy: minimum detected genes per cell (default: settings qc.min_genes)
+) -> dict:
     "Quality control: flag (and with qc.drop, remove) barcodes that are not good cells."
     from deepseq_nb.cluster import qc_from_settings
     a = _need_adata(st, 'qc')
-    if a.uns.get('x_is') != 'counts': return dict(skipped=f"X holds {a.uns.get('x_is')} values, not counts: no count-based filter applies",
-                                                  n_cells=a.n_obs)
+    if a.uns.get('x_is') != 'counts':
+        return dict(
+            skipped=f"X holds {a.uns.get('x_is')} values, not counts: no count-based filter applies", n_cells=a.n_obs
+        )
     n0 = a.n_obs
     st.adata = qc_from_settings(a, st.settings, strategy=strategy, min_genes=min_genes)
     u = a.uns['qc_pass']
-    return dict(strategy=u['strategy'], threshold=round(float(u['threshold']), 3), kept=int(u['n_kept']), of=n0, n_cells=st.adata.n_obs,
-                n_genes=st.adata.n_vars)
+    return dict(
+        strategy=u['strategy'],
+        threshold=round(float(u['threshold']), 3),
+        kept=int(u['n_kept']),
+        of=n0,
+        n_cells=st.adata.n_obs,
+        n_genes=st.adata.n_vars,
+    )
 
 @action(after=('qc',))
-def act_cluster(st:AgentState, resolution:float|None=None, # Leiden resolution (default: settings cluster.resolution)
-            umap:bool=True, # also compute a UMAP for plots
-           )->dict:
+def act_cluster(
+    st: AgentState,
+    resolution: float | None = None,  # Leiden resolution (default: settings cluster.resolution)
+    umap: bool = True,  # also compute a UMAP for plots
+) -> dict:
     "Normalise, PCA, neighbours, Leiden clusters (obs leiden) and UMAP."
     from deepseq_nb.cluster import cluster_from_settings
     a = _need_adata(st, 'cluster')
     cluster_from_settings(a, st.settings, umap=umap, resolution=resolution)
-    return dict(n_clusters=int(a.obs['leiden'].nunique()), sizes=_counts(a.obs['leiden']), resolution=a.uns['leiden']['params']['resolution'])
+    return dict(
+        n_clusters=int(a.obs['leiden'].nunique()),
+        sizes=_counts(a.obs['leiden']),
+        resolution=a.uns['leiden']['params']['resolution'],
+    )
 
 @action(after=('cluster',))
-def act_markers(st:AgentState, groupby:str='leiden', # obs column of clusters
-            n_genes:int|None=None, # markers per cluster (default: settings markers.n_genes)
-           )->dict:
+def act_markers(
+    st: AgentState,
+    groupby: str = 'leiden',  # obs column of clusters
+    n_genes: int | None = None,  # markers per cluster (default: settings markers.n_genes)
+) -> dict:
     "Rank the top marker genes of each cluster (uns['markers'])."
     from deepseq_nb.cluster import markers_from_settings, markers_by_cluster
     a = _need_adata(st, 'markers')
@@ -99,28 +127,42 @@ def act_markers(st:AgentState, groupby:str='leiden', # obs column of clusters
     return dict(groupby=groupby, top=({c: g[:5] for c, g in markers_by_cluster(mk).items()}))
 
 @action(after=('markers',))
-def act_annotate(st:AgentState, backend:str|None=None, # kb (offline), ollama:MODEL, openai:MODEL or consensus:[...] (default: settings annotate.backend)
-             groupby:str='leiden', # obs column of clusters
-             key_added:str='deepseq', # obs/uns key prefix of the labels
-            )->dict:
+def act_annotate(
+    st: AgentState,
+    backend: str
+    | None = None,  # kb (offline), ollama:MODEL, openai:MODEL or consensus:[...] (default: settings annotate.backend)
+    groupby: str = 'leiden',  # obs column of clusters
+    key_added: str = 'deepseq',  # obs/uns key prefix of the labels
+) -> dict:
     "Label each cluster with a cell type through an annotation backend (obs {key_added}_label)."
     from deepseq_nb.annotate import annotate as _annotate
     a = _need_adata(st, 'annotate')
     backend = backend or st.settings.get('annotate.backend') or 'kb'
-    _annotate(a, groupby=_groupby(a, groupby), backend=backend, key_added=key_added, settings=st.settings, progress=False)
+    _annotate(
+        a, groupby=_groupby(a, groupby), backend=backend, key_added=key_added, settings=st.settings, progress=False
+    )
     t, s = a.uns[key_added]['table'], a.uns[key_added]['stats']
-    return dict(backend=backend, key=f'{key_added}_label', labels={str(c): str(l) for c, l in zip(t['cluster'], t['label'])},
-                requests=int(s['calls']), cache_hits=int(s['cache_hits']))
+    return dict(
+        backend=backend,
+        key=f'{key_added}_label',
+        labels={str(c): str(l) for c, l in zip(t['cluster'], t['label'])},
+        requests=int(s['calls']),
+        cache_hits=int(s['cache_hits']),
+    )
 
 # %% ../../nbs/15b_agent_actions.ipynb #dba8d5b8
 def _majority(a:ad.AnnData, groupby:str, col:str)->dict:
     "The most common value of obs `col` in each cluster."
-    return {str(c): str(s.value_counts().index[0]) for c, s in a.obs.groupby(a.obs[groupby].astype(str), observed=True)[col]}
+    return {
+        str(c): str(s.value_counts().index[0]) for c, s in a.obs.groupby(a.obs[groupby].astype(str), observed=True)[col]
+    }
 
 @action(after=('markers',))
-def act_compare_backends(st:AgentState, backends:list[str]|None=None, # backend specs (default: kb and settings annotate.compare_backends)
-                     groupby:str='leiden', # obs column of clusters
-                    )->dict:
+def act_compare_backends(
+    st: AgentState,
+    backends: list[str] | None = None,  # backend specs (default: kb and settings annotate.compare_backends)
+    groupby: str = 'leiden',  # obs column of clusters
+) -> dict:
     "Annotate the clusters with several backends and score each against the true labels (uns['agent_compare'])."
     from deepseq_nb.annotate import annotate as _annotate
     from deepseq_nb.evaluate import agreement
@@ -133,9 +175,15 @@ def act_compare_backends(st:AgentState, backends:list[str]|None=None, # backend 
     rows, out = [], {}
     for b in backends:
         try:
-            r = _annotate(a, groupby=groupby, backend=b, key_added='agent_cmp', settings=st.settings, progress=False, copy=True)
-        except Exception as e:   # an unreachable server or a missing key is a row of the table, not the end of the comparison
-            out[b] = dict(error=f'{type(e).__name__}: {str(e)[:160]}'); rows.append(dict(backend=b, error=out[b]['error'])); continue
+            r = _annotate(
+                a, groupby=groupby, backend=b, key_added='agent_cmp', settings=st.settings, progress=False, copy=True
+            )
+        except (
+            Exception
+        ) as e:  # an unreachable server or a missing key is a row of the table, not the end of the comparison
+            out[b] = dict(error=f'{type(e).__name__}: {str(e)[:160]}')
+            rows.append(dict(backend=b, error=out[b]['error']))
+            continue
         t = r.uns['agent_cmp']['table']
         lab = {str(c): str(l) for c, l in zip(t['cluster'], t['label'])}
         sc = [agreement(lab[c], truth[c], tissue) for c in lab if c in truth]
@@ -146,18 +194,23 @@ def act_compare_backends(st:AgentState, backends:list[str]|None=None, # backend 
     return dict(truth_key=lk, truth=truth, backends=out)
 
 @action(after=('annotate',))
-def act_evaluate(st:AgentState, pred:str='deepseq_label', # obs column of predicted labels
-             truth:str|None=None, # obs column of true labels (default: the dataset's label column)
-             groupby:str='leiden', # obs column of clusters, for cluster-level agreement
-            )->dict:
+def act_evaluate(
+    st: AgentState,
+    pred: str = 'deepseq_label',  # obs column of predicted labels
+    truth: str | None = None,  # obs column of true labels (default: the dataset's label column)
+    groupby: str = 'leiden',  # obs column of clusters, for cluster-level agreement
+) -> dict:
     "Score predicted labels against true labels: accuracy, macro-F1, agreement (uns['deepseq_eval'])."
     from deepseq_nb.evaluate import evaluate_adata
     a = _need_adata(st, 'evaluate')
     truth = _label_key(st, a, truth)
-    if truth is None: raise InputError("These cells have no true labels to evaluate against (no label column in obs); pass truth=.")
+    if truth is None:
+        raise InputError("These cells have no true labels to evaluate against (no label column in obs); pass truth=.")
     if pred not in a.obs: raise InputError(f"obs has no column {pred!r}: call annotate first.")
     r = evaluate_adata(a, truth=truth, pred=pred, cluster=groupby if groupby in a.obs else None, copy=True)
-    return {k: round(float(r[k]), 3) for k in ('accuracy', 'mean_agreement', 'macro_f1', 'cluster_agreement') if k in r} | dict(truth=truth, pred=pred)
+    return {
+        k: round(float(r[k]), 3) for k in ('accuracy', 'mean_agreement', 'macro_f1', 'cluster_agreement') if k in r
+    } | dict(truth=truth, pred=pred)
 
 # %% ../../nbs/15b_agent_actions.ipynb #9a943f69
 def _encoder_missing(st:AgentState)->str:
@@ -201,7 +254,8 @@ def match_types(names:list, # type names as a user writes them ('B cells', 'plat
         if hit is None:
             m = to_cl(str(n))
             hit = next((t for t in types if m.id is not None and to_cl(str(t)).id == m.id), None)
-        if hit is None: raise InputError(f"No reference type matches {n!r}; the types are: {', '.join(map(str, types))}.")
+        if hit is None:
+            raise InputError(f"No reference type matches {n!r}; the types are: {', '.join(map(str, types))}.")
         out[n] = hit
     return out
 
@@ -213,11 +267,14 @@ def _lognorm(a:ad.AnnData)->ad.AnnData:
     b = a.copy(); normalize(b, target_sum=1e4); return b
 
 @action(consent=lambda st, args: _encoder_missing(st) if args.get('use_encoder') else '', after=('cluster',))
-def act_build_reference(st:AgentState, dataset:str|None=None, # bundled name or path of labelled reference cells (default: settings agent.reference, else the session's own cells)
-                    label_key:str|None=None, # obs column of the reference's labels (default: the dataset's)
-                    hold_out:list[str]|None=None, # cell types left out of the reference (to check that they are found novel)
-                    use_encoder:bool=False, # also compare cells in the frozen scGPT space (embeds reference and query)
-                   )->dict:
+def act_build_reference(
+    st: AgentState,
+    dataset: str
+    | None = None,  # bundled name or path of labelled reference cells (default: settings agent.reference, else the session's own cells)
+    label_key: str | None = None,  # obs column of the reference's labels (default: the dataset's)
+    hold_out: list[str] | None = None,  # cell types left out of the reference (to check that they are found novel)
+    use_encoder: bool = False,  # also compare cells in the frozen scGPT space (embeds reference and query)
+) -> dict:
     "Build the reference memory of known cell types and calibrate the novelty score on held-out known cells."
     from deepseq_nb.data import load
     from deepseq_nb.memory import CellMemory
@@ -226,7 +283,10 @@ def act_build_reference(st:AgentState, dataset:str|None=None, # bundled name or 
     src = dataset or cfg['reference'] or ''
     ref = _lognorm(load(src) if src else _need_adata(st, 'build_reference').copy())
     lk = _label_key(st, ref, label_key)
-    if lk is None: raise InputError("The reference has no labels: pass label_key=, or dataset= a labelled reference (e.g. pbmc3k).")
+    if lk is None:
+        raise InputError(
+            "The reference has no labels: pass label_key=, or dataset= a labelled reference (e.g. pbmc3k)."
+        )
     types = sorted(ref.obs[lk].dropna().astype(str).unique())
     held = sorted(set(match_types(hold_out or [], types).values()))
     ref = ref[ref.obs[lk].notna().to_numpy() & ~ref.obs[lk].astype(str).isin(held).to_numpy()].copy()
@@ -245,13 +305,23 @@ def act_build_reference(st:AgentState, dataset:str|None=None, # bundled name or 
     F = novelty_features(ref[cal], mem, spaces=spaces, k=N['k'], proba_key=None)
     st.calibration = calibrate_novelty(F, cfg['false_novel_rate'])
     st.reference, st.memory, st.pca, st.label_key = ref, mem, P, lk
-    return dict(source=src or 'session cells', label_key=lk, types=_counts(ref.obs[lk]), held_out=held, n_memory=int((~cal).sum()),
-                n_calibration=int(cal.sum()), spaces=list(spaces), false_novel_rate=cfg['false_novel_rate'])
+    return dict(
+        source=src or 'session cells',
+        label_key=lk,
+        types=_counts(ref.obs[lk]),
+        held_out=held,
+        n_memory=int((~cal).sum()),
+        n_calibration=int(cal.sum()),
+        spaces=list(spaces),
+        false_novel_rate=cfg['false_novel_rate'],
+    )
 
 @action(after=('build_reference', 'markers'))
-def act_assess_novelty(st:AgentState, groupby:str='leiden', # obs column of clusters
-                   cluster_share:float=0.5, # share of flagged cells that makes a cluster novel
-                  )->dict:
+def act_assess_novelty(
+    st: AgentState,
+    groupby: str = 'leiden',  # obs column of clusters
+    cluster_share: float = 0.5,  # share of flagged cells that makes a cluster novel
+) -> dict:
     "Score every cell's novelty against the reference and judge which clusters are cell types it does not know."
     from deepseq_nb.novelty import assess_novelty as _assess, judge_novelty, novelty_settings
     from deepseq_nb.cluster import markers_from_settings, markers_by_cluster
@@ -265,15 +335,35 @@ def act_assess_novelty(st:AgentState, groupby:str='leiden', # obs column of clus
             from deepseq_nb.encoder import embed as _embed
             _embed(a, _encoder(st), progress=False)
         spaces['frozen'] = 'X_scgpt'
-    _assess(a, st.memory, st.calibration, groupby=groupby, spaces=spaces, k=novelty_settings(st.settings)['k'], proba_key=None,
-            cluster_share=cluster_share)
+    _assess(
+        a,
+        st.memory,
+        st.calibration,
+        groupby=groupby,
+        spaces=spaces,
+        k=novelty_settings(st.settings)['k'],
+        proba_key=None,
+        cluster_share=cluster_share,
+    )
     mk = a.uns.get('markers', {})
-    mk = mk['table'] if isinstance(mk, dict) and mk.get('params', {}).get('groupby') == groupby else markers_from_settings(a, st.settings, groupby=groupby)
+    mk = (
+        mk['table']
+        if isinstance(mk, dict) and mk.get('params', {}).get('groupby') == groupby
+        else markers_from_settings(a, st.settings, groupby=groupby)
+    )
     ds = _dataset_info(a)
     J = judge_novelty(a, markers_by_cluster(mk), sorted(st.reference.obs[st.label_key].unique()), key='scagent',
                       tissue=ds.get('tissue') or st.settings.get('data.tissue'), species=ds.get('species') or 'human')
-    clusters = {str(c): dict(n_cells=int(r.n_cells), share_novel=round(float(r.share_novel), 3), far=bool(r.rule_is_novel),
-                             markers_read_as=str(r.kb_type), is_novel=bool(r.is_novel)) for c, r in J.iterrows()}
+    clusters = {
+        str(c): dict(
+            n_cells=int(r.n_cells),
+            share_novel=round(float(r.share_novel), 3),
+            far=bool(r.rule_is_novel),
+            markers_read_as=str(r.kb_type),
+            is_novel=bool(r.is_novel),
+        )
+        for c, r in J.iterrows()
+    }
     return dict(novel_clusters=[c for c, r in clusters.items() if r['is_novel']], clusters=clusters,
                 threshold=round(float(a.uns['scagent_novelty']['params']['threshold']), 4))
 
@@ -283,23 +373,28 @@ def _ref_cells(st:AgentState)->tuple:
     if st.reference is not None: return st.reference, st.label_key
     a = _need_adata(st, 'train_plugin')
     lk = _label_key(st, a)
-    if lk is None: raise InputError("No labelled cells to train on: call build_reference, or load a dataset with labels.")
+    if lk is None:
+        raise InputError("No labelled cells to train on: call build_reference, or load a dataset with labels.")
     return a[a.obs[lk].notna().to_numpy()].copy(), lk
 
 def _tissue(st:AgentState, tissue:str|None)->str:
     if tissue: return tissue
     if st.tissue: return st.tissue
     a = st.adata if st.adata is not None else st.reference
-    return str((_dataset_info(a).get('tissue') if a is not None else None) or st.settings.get('data.tissue') or 'tissue')
+    return str(
+        (_dataset_info(a).get('tissue') if a is not None else None) or st.settings.get('data.tissue') or 'tissue'
+    )
 
 def _train_reason(st:AgentState, args:dict)->str:
     why = f"trains a LoRA plugin for {_tissue(st, args.get('tissue'))!r} (changes the model)"
     return why + (f"; {_encoder_missing(st)}" if _encoder_missing(st) else '')
 
 @action(consent=_train_reason, after=('load_data',))
-def act_train_plugin(st:AgentState, tissue:str|None=None, # the plugin's tissue name (default: the dataset's tissue)
-                 epochs:int|None=None, # training epochs (default: settings plugins.epochs)
-                )->dict:
+def act_train_plugin(
+    st: AgentState,
+    tissue: str | None = None,  # the plugin's tissue name (default: the dataset's tissue)
+    epochs: int | None = None,  # training epochs (default: settings plugins.epochs)
+) -> dict:
     "Train a tissue plugin (LoRA adapter and classifier head) on the labelled reference cells."
     from deepseq_nb.plugins import train_plugin as _train
     from deepseq_nb.plugins import plugin_settings, plugin_kwargs
@@ -310,18 +405,25 @@ def act_train_plugin(st:AgentState, tissue:str|None=None, # the plugin's tissue 
     st.tissue, st.label_key = tissue, lk
     if st.reference is None: st.reference = ref
     info = st.plugins.info[tissue]
-    return dict(tissue=tissue, types=info['counts'], n_train=info['n_train'], n_val=info['n_val'],
-                free_slots=len(st.plugins.heads[tissue].free_slots),
-                best={k: round(float(v), 4) for k, v in info['best'].items() if k != 'seconds' and isinstance(v, (int, float))})
+    return dict(
+        tissue=tissue,
+        types=info['counts'],
+        n_train=info['n_train'],
+        n_val=info['n_val'],
+        free_slots=len(st.plugins.heads[tissue].free_slots),
+        best={k: round(float(v), 4) for k, v in info['best'].items() if k != 'seconds' and isinstance(v, (int, float))},
+    )
 
 def _need_plugins(st:AgentState, tissue:str|None)->str:
     if st.plugins is None or not st.plugins.tissues: raise InputError("No plugin trained: call train_plugin first.")
     return st.plugins.check_tissue(_tissue(st, tissue)) if (tissue or st.tissue) else st.plugins.tissues[0]
 
 @action(after=('train_plugin',))
-def act_route(st:AgentState, tissue:str|None=None, # use this tissue's plugin; None lets the router weigh the plugins
-          groupby:str='leiden', # obs column of clusters, for the per-cluster summary
-         )->dict:
+def act_route(
+    st: AgentState,
+    tissue: str | None = None,  # use this tissue's plugin; None lets the router weigh the plugins
+    groupby: str = 'leiden',  # obs column of clusters, for the per-cluster summary
+) -> dict:
     "Annotate cells with the tissue plugins (obs plugin_label), routed by tissue or by the router."
     from deepseq_nb.plugins import predict
     a = _need_adata(st, 'route')
@@ -332,23 +434,32 @@ def act_route(st:AgentState, tissue:str|None=None, # use this tissue's plugin; N
     return out
 
 def _add_reason(st:AgentState, args:dict)->str:
-    return (f"trains the {_tissue(st, args.get('tissue'))!r} plugin on the cells of cluster(s) {', '.join(map(str, args.get('clusters') or []))} "
-            f"as a new type {args.get('name')!r} (changes the model)")
+    return (
+        f"trains the {_tissue(st, args.get('tissue'))!r} plugin on the cells of cluster(s) "
+        f"{', '.join(map(str, args.get('clusters') or []))} "
+        f"as a new type {args.get('name')!r} (changes the model)"
+    )
 
 @action(consent=_add_reason, after=('train_plugin', 'cluster'))
-def act_add_cell_type(st:AgentState, name:str, # the new cell type's name
-                  clusters:list[str], # clusters whose cells are the new type
-                  groupby:str='leiden', # obs column of clusters
-                  tissue:str|None=None, # the plugin to extend (default: the session's plugin)
-                  epochs:int|None=None, # training epochs (default: settings incremental.epochs)
-                 )->dict:
+def act_add_cell_type(
+    st: AgentState,
+    name: str,  # the new cell type's name
+    clusters: list[str],  # clusters whose cells are the new type
+    groupby: str = 'leiden',  # obs column of clusters
+    tissue: str | None = None,  # the plugin to extend (default: the session's plugin)
+    epochs: int | None = None,  # training epochs (default: settings incremental.epochs)
+) -> dict:
     "Teach a tissue plugin a new cell type from the cells of some clusters (with rehearsal of the old types)."
     from deepseq_nb.incremental import add_cell_type as _add, incremental_settings, ADD_KEYS
     a = _need_adata(st, 'add_cell_type')
     tissue = _need_plugins(st, tissue)
     cl = a.obs[_groupby(a, groupby)].astype(str)
     bad = [c for c in clusters if c not in set(cl)]
-    if bad: raise InputError(f"No cluster {', '.join(bad)} in obs[{groupby!r}]; clusters are: {', '.join(sorted(set(cl), key=lambda x: (len(x), x)))}.")
+    if bad:
+        raise InputError(
+            f"No cluster {', '.join(bad)} in obs[{groupby!r}]; clusters are: "
+            f"{', '.join(sorted(set(cl), key=lambda x: (len(x), x)))}."
+        )
     lk = st.label_key or 'cell_type'
     new = a[cl.isin(clusters).to_numpy()].copy()
     new.obs[lk] = name
@@ -357,23 +468,33 @@ def act_add_cell_type(st:AgentState, name:str, # the new cell type's name
     if st.reference is None: kw['rehearsal'] = 0
     _add(new, st.plugins, tissue=tissue, label=name, label_key=lk, reference=st.reference, **kw)
     add = st.plugins.info[tissue]['additions'][-1]
-    return dict(tissue=tissue, added=name, slot=int(add['slot']), n_cells=int(add['n_cells']), rehearsal=add['rehearsal'],
-                types=list(st.plugins.heads[tissue].known))
+    return dict(
+        tissue=tissue,
+        added=name,
+        slot=int(add['slot']),
+        n_cells=int(add['n_cells']),
+        rehearsal=add['rehearsal'],
+        types=list(st.plugins.heads[tissue].known),
+    )
 
 # %% ../../nbs/15b_agent_actions.ipynb #fdc8ae02
 @action(after=('cluster',))
-def act_plot(st:AgentState, kind:typing.Literal['umap', 'markers', 'novelty', 'confusion']='umap', # what to draw
-         color:str|None=None, # obs column to colour a UMAP by (default: the labels when present, else leiden)
-         path:str|None=None, # PNG to write (default: settings agent.plot_dir/<kind>.png)
-        )->dict:
+def act_plot(
+    st: AgentState,
+    kind: typing.Literal['umap', 'markers', 'novelty', 'confusion'] = 'umap',  # what to draw
+    color: str | None = None,  # obs column to colour a UMAP by (default: the labels when present, else leiden)
+    path: str | None = None,  # PNG to write (default: settings agent.plot_dir/<kind>.png)
+) -> dict:
     "Draw a figure of the session's results (UMAP, marker dot plot, novelty scores, confusion matrix) to a PNG."
     import matplotlib.pyplot as plt
     from deepseq_nb.cluster import plot_clusters, plot_marker_dotplot
     a = _need_adata(st, 'plot')
-    if kind in ('umap', 'novelty') and 'X_umap' not in a.obsm: raise InputError("No UMAP: call cluster (with umap=true) first.")
+    if kind in ('umap', 'novelty') and 'X_umap' not in a.obsm:
+        raise InputError("No UMAP: call cluster (with umap=true) first.")
     if kind == 'umap':
         color = color or next((c for c in ('deepseq_label', 'leiden') if c in a.obs), None)
-        if color not in a.obs and color not in a.var_names: raise InputError(f"Nothing called {color!r} to colour by in obs or genes.")
+        if color not in a.obs and color not in a.var_names:
+            raise InputError(f"Nothing called {color!r} to colour by in obs or genes.")
         fig = plot_clusters(a, color=color, show=False)
     elif kind == 'markers':
         if 'markers' not in a.uns: raise InputError("No marker table: call markers first.")

@@ -18,31 +18,49 @@ __all__ = ['AGENT_TEMPLATE', 'SYSTEM_PROMPT', 'LLMPlanner', 'AgentError', 'run_l
 # %% ../../nbs/15d_agent_llm.ipynb #d891a37d
 AGENT_TEMPLATE = 'deepseq-agent-1'
 
-SYSTEM_PROMPT = ("You are the planner of deepseq, a toolkit for cell-type annotation of single-cell RNA-seq data. Do what the user "
-                 "asks by calling the tools, one step at a time; each tool result says whether the step worked and what it produced, "
-                 "or what was wrong with the call (fix the arguments and call again). Steps that train a model ask the user first; "
-                 "if the user declines, do not retry them. When you have what the user asked for, reply without a tool call: a short "
-                 "answer that cites the steps it rests on as [n], n being the step number in the tool results.")
+SYSTEM_PROMPT = (
+    "You are the planner of deepseq, a toolkit for cell-type annotation of single-cell RNA-seq data. Do what the user "
+    "asks by calling the tools, one step at a time; each tool result says whether the step worked and what it "
+    "produced, "
+    "or what was wrong with the call (fix the arguments and call again). Steps that train a model ask the user first; "
+    "if the user declines, do not retry them. When you have what the user asked for, reply without a tool call: a "
+    "short "
+    "answer that cites the steps it rests on as [n], n being the step number in the tool results."
+)
 
 
 # %% ../../nbs/15d_agent_llm.ipynb #ad2c884f
 class LLMPlanner:
     "An Ollama or OpenAI model that plans through tool calling; each turn is the LLM layer's `chat` (cached, retried, priced)."
-    def __init__(self, spec:str, # 'ollama:MODEL' or 'openai:MODEL'
-                 settings=None, # `Settings` for the backend options ([annotate] host, cache, retries, seed; default: settings.ini)
-                 **backend_kw): # options of `backends.get_backend` (cache=, cache_mode=, host=, base_url=, sleep=, ...)
+    def __init__(
+        self,
+        spec: str,  # 'ollama:MODEL' or 'openai:MODEL'
+        settings=None,  # `Settings` for the backend options ([annotate] host, cache, retries, seed; default: settings.ini)
+        **backend_kw,
+    ): # options of `backends.get_backend` (cache=, cache_mode=, host=, base_url=, sleep=, ...)
         from deepseq_nb.backends import get_backend, backend_options, parse_spec
         kind, model, opts = parse_spec(spec)
         if kind not in ('ollama', 'openai'):
-            raise ValueError(f"The LLM planner needs ollama:MODEL or openai:MODEL, not {spec!r}; planner='offline' needs no LLM.")
+            raise ValueError(
+                f"The LLM planner needs ollama:MODEL or openai:MODEL, not {spec!r}; planner='offline' needs no LLM."
+            )
         S = settings if settings is not None else load_settings()
-        self.be = get_backend(f'{kind}:{model}', **(backend_options(S, spec) | {k: v for k, v in opts.items() if k != 'web_search'}
-                                                    | {'progress': False} | backend_kw))
+        self.be = get_backend(
+            f'{kind}:{model}',
+            **(
+                backend_options(S, spec)
+                | {k: v for k, v in opts.items() if k != 'web_search'}
+                | {'progress': False}
+                | backend_kw
+            ),
+        )
         self.kind, self.model, self.spec = kind, model, f'{kind}:{model}'
 
-    def chat(self, messages:list, # the conversation (role, content, tool_calls, tool_call_id, name)
-             tools:list|None, # tool descriptions (None: the model must answer)
-            ):
+    def chat(
+        self,
+        messages: list,  # the conversation (role, content, tool_calls, tool_call_id, name)
+        tools: list | None,  # tool descriptions (None: the model must answer)
+    ):
         "The model's next turn (`backends.Turn`), through the backend's `chat`."
         return self.be.chat(messages, tools, task=AGENT_TEMPLATE)
 
@@ -59,11 +77,25 @@ def _tool_result(rec:dict)->str:
     "What the model reads back for one call: deterministic JSON (no timings)."
     if rec['status'] == 'ok': return json.dumps(dict(step=rec['step'], ok=True, result=rec['result']), default=str)
     if rec['status'] == 'planned':
-        return json.dumps(dict(step=rec['step'], ok=True, dry_run=True, note='not run (dry run): assume it succeeds', args=rec['args']), default=str)
+        return json.dumps(
+            dict(
+                step=rec['step'], ok=True, dry_run=True, note='not run (dry run): assume it succeeds', args=rec['args']
+            ),
+            default=str,
+        )
     return json.dumps(dict(step=rec['step'], ok=False, status=rec['status'], error=rec['error']), default=str)
 
-def run_llm(request:str, planner:LLMPlanner, st:AgentState, # the user's words; the planner; the session state
-            *, max_steps:int=12, yes:bool=False, ask=terminal_ask, dry_run:bool=False, echo=print)->tuple:
+def run_llm(
+    request: str,
+    planner: LLMPlanner,
+    st: AgentState,  # the user's words; the planner; the session state
+    *,
+    max_steps: int = 12,
+    yes: bool = False,
+    ask=terminal_ask,
+    dry_run: bool = False,
+    echo=print,
+) -> tuple:
     "(log, answer, messages) of a tool-calling session; at most `max_steps` tool calls, then the model must answer."
     tools = [a.tool for a in ACTIONS.values()]
     msgs = [dict(role='system', content=SYSTEM_PROMPT), dict(role='user', content=request)]
@@ -72,21 +104,47 @@ def run_llm(request:str, planner:LLMPlanner, st:AgentState, # the user's words; 
         over = k >= max_steps
         try: turn = planner.chat(msgs, None if over else tools)
         except Exception as e:
-            raise AgentError(f"The {planner.spec} planner failed after {len(log)} steps ({type(e).__name__}: {e}). Its earlier turns are "
-                             f"cached{' in ' + str(planner.be.cache.path) if planner.be.cache is not None else ''}: rerun the same request "
-                             "to resume from there.") from e
+            raise AgentError(
+                f"The {planner.spec} planner failed after {len(log)} steps ({type(e).__name__}: {e}). Its earlier "
+                "turns are "
+                f"cached{' in ' + str(planner.be.cache.path) if planner.be.cache is not None else ''}: rerun the same "
+                "request "
+                "to resume from there."
+            ) from e
         msgs.append(dict(role='assistant', content=turn.content, tool_calls=turn.calls))
         if not turn.calls: return log, turn.content, msgs
         if over:
             for c in turn.calls:
-                log.append(dict(step=None, action=c['name'], args=c['arguments'], status='refused', result=None, consent='', seconds=0.0,
-                                error=f'step limit of {max_steps} reached: the model called a tool instead of answering'))
-            return log, turn.content or f'(no answer: the model kept calling tools after the step limit of {max_steps})', msgs
+                log.append(
+                    dict(
+                        step=None,
+                        action=c['name'],
+                        args=c['arguments'],
+                        status='refused',
+                        result=None,
+                        consent='',
+                        seconds=0.0,
+                        error=f'step limit of {max_steps} reached: the model called a tool instead of answering',
+                    )
+                )
+            return (
+                log,
+                turn.content or f'(no answer: the model kept calling tools after the step limit of {max_steps})',
+                msgs,
+            )
         for c in turn.calls:
             k += 1
             if k > max_steps:
-                rec = dict(step=k, action=c['name'], args=c['arguments'], status='refused', result=None, consent='', seconds=0.0,
-                           error=f'not run: the step limit of {max_steps} is reached')
+                rec = dict(
+                    step=k,
+                    action=c['name'],
+                    args=c['arguments'],
+                    status='refused',
+                    result=None,
+                    consent='',
+                    seconds=0.0,
+                    error=f'not run: the step limit of {max_steps} is reached',
+                )
             else:
                 rec = run_step(st, c['name'], c['arguments'], n=k, yes=yes, ask=ask, dry_run=dry_run)
                 if rec['status'] == 'error' and rec['action'] not in ACTIONS: rec['status'] = 'refused'
@@ -95,5 +153,10 @@ def run_llm(request:str, planner:LLMPlanner, st:AgentState, # the user's words; 
                  + (f": {rec['error'][:160]}" if rec['error'] else ''))
             msgs.append(dict(role='tool', tool_call_id=c['id'], name=c['name'], content=_tool_result(rec)))
         if k >= max_steps:
-            msgs.append(dict(role='user', content=f"You have used all {max_steps} steps. Give your final answer now, without tool calls, "
-                                                   "citing the steps as [n]."))
+            msgs.append(
+                dict(
+                    role='user',
+                    content=f"You have used all {max_steps} steps. Give your final answer now, without tool calls, "
+                    "citing the steps as [n].",
+                )
+            )

@@ -45,8 +45,22 @@ class Plan:
         return '\n'.join(lines + [f"note: {n}" for n in self.notes])
 
 # %% ../../nbs/15c_agent_offline.ipynb #3f19096b
-ORDER = ('load_data', 'qc', 'cluster', 'markers', 'annotate', 'compare_backends', 'evaluate', 'embed', 'build_reference',
-         'assess_novelty', 'train_plugin', 'route', 'add_cell_type', 'plot')
+ORDER = (
+    'load_data',
+    'qc',
+    'cluster',
+    'markers',
+    'annotate',
+    'compare_backends',
+    'evaluate',
+    'embed',
+    'build_reference',
+    'assess_novelty',
+    'train_plugin',
+    'route',
+    'add_cell_type',
+    'plot',
+)
 
 EXAMPLES = ('annotate pbmc3k', 'which clusters look novel?', 'add a cell type called Platelet from cells in cluster 5',
             'compare backends on this dataset', 'evaluate the annotation against the true labels',
@@ -66,9 +80,11 @@ INTENTS = {  # intent -> pattern on the lower-cased request
     'plot': r"\bplot|\bumap\b|visuali[sz]|\bdraw\b|\bfigure\b",
 }
 REFUSE = {  # pattern -> why it is refused
-    r"\bdownload|\bfetch\b|\binternet\b|\bgeo\b|https?://|\bsra\b|from the web": "I work offline and do not download data: give a local "
-        "path (10x directory, .h5, .h5ad, .csv) or a bundled dataset name",
-    r"\b(delete|erase|wipe|rm|format)\b|\boverwrite\b|remove (all|every|the) files": "I do not delete or overwrite files",
+    r"\bdownload|\bfetch\b|\binternet\b|\bgeo\b|https?://|\bsra\b|from the "
+    r"web": "I work offline and do not download data: give a local "
+    "path (10x directory, .h5, .h5ad, .csv) or a bundled dataset name",
+    r"\b(delete|erase|wipe|rm|format)\b|\boverwrite\b|remove (all|every|the) "
+    r"files": "I do not delete or overwrite files",
     r"\bemail|\bsend\b.*\bto\b|\bpost\b.*\bonline|\bupload": "I do not send or upload anything",
 }
 
@@ -80,18 +96,29 @@ def _intents(t:str)->set:
         found.discard('annotate')
         if not re.search(r"\bnovel|\bunknown\b|\bunseen\b", t): found.discard('novelty')
     if 'compare' in found or 'novelty' in found and not re.search(r'\bannotat|\blabel', t): found.discard('annotate')
-    if found & {'add_type', 'novelty', 'compare', 'evaluate', 'plugins'} and not re.search(r're-?cluster|resolution', t):
+    if found & {'add_type', 'novelty', 'compare', 'evaluate', 'plugins'} and not re.search(
+        r're-?cluster|resolution', t
+    ):
         found.discard('cluster')   # "clusters" names what they act on; re-clustering would renumber them
     return found
 
 # %% ../../nbs/15c_agent_offline.ipynb #17ef1c1d
-_DS_ALIASES = ((r'pbmc[\s_-]*3k', 'pbmc3k'), (r'pbmc[\s_-]*68k', 'pbmc68k_reduced'), (r'\bxin\b', 'pancreas_xin'),
-               (r'\bwang\b', 'pancreas_wang'), (r'\btestis\b', 'testis_mca'), (r'\bpancrea', 'pancreas_xin'), (r'\bpbmcs?\b', 'pbmc3k'))
+_DS_ALIASES = (
+    (r'pbmc[\s_-]*3k', 'pbmc3k'),
+    (r'pbmc[\s_-]*68k', 'pbmc68k_reduced'),
+    (r'\bxin\b', 'pancreas_xin'),
+    (r'\bwang\b', 'pancreas_wang'),
+    (r'\btestis\b', 'testis_mca'),
+    (r'\bpancrea', 'pancreas_xin'),
+    (r'\bpbmcs?\b', 'pbmc3k'),
+)
 
 def read_dataset(text:str)->str|None:
     "A bundled dataset name or a file path named in `text`."
     from deepseq_nb.data import DATASETS
-    if m := re.search(r"(?:^|[\s'\"(])((?:~|\.{1,2})?/?[\w./-]+\.(?:h5ad|h5|csv|tsv|txt|mtx)(?:\.gz)?)\b", text): return m.group(1)
+
+    if m := re.search(r"(?:^|[\s'\"(])((?:~|\.{1,2})?/?[\w./-]+\.(?:h5ad|h5|csv|tsv|txt|mtx)(?:\.gz)?)\b", text):
+        return m.group(1)
     if m := re.search(r"(?:^|\s)((?:~|\.{1,2})?/[\w./-]+)", text): return m.group(1)
     t = text.lower()
     for name in sorted(DATASETS, key=len, reverse=True):
@@ -101,8 +128,11 @@ def read_dataset(text:str)->str|None:
 def read_backends(text:str)->list:
     "Backend specs named in `text` (kb, ollama:M, openai:M, consensus:[...], or bare model names), in order."
     t, out = text.lower(), []
-    for m in re.finditer(r"consensus:\[[^\]]*\]|(?:ollama|openai):[\w.:/?=&-]*[\w]|\bkb\b|knowledge[- ]base|\bgpt-[\w.-]*\w|"
-                         r"\b(?:llama|qwen|mistral|gemma|phi|deepseek)[\w.:-]*\w", t):
+    for m in re.finditer(
+        r"consensus:\[[^\]]*\]|(?:ollama|openai):[\w.:/?=&-]*[\w]|\bkb\b|knowledge[- ]base|\bgpt-[\w.-]*\w|"
+        r"\b(?:llama|qwen|mistral|gemma|phi|deepseek)[\w.:-]*\w",
+        t,
+    ):
         s = m.group(0)
         s = 'kb' if s.startswith('knowledge') else f'openai:{s}' if s.startswith('gpt-') else \
             f'ollama:{s}' if not re.match(r'(kb|ollama|openai|consensus)\b', s) else s
@@ -112,9 +142,14 @@ def read_backends(text:str)->list:
 def read_new_type(text:str)->tuple:
     "(name, clusters) of a request to add a cell type; either may be None."
     name = None
-    for p in (r"(?:called|named)\s+[\"'“]([^\"'”]+)[\"'”]", r"(?:called|named)\s+(.+?)\s+(?:from|using|with|based|out of|in)\b",
-              r"(?:called|named)\s+(\S+)", r"[\"'“]([^\"'”]+)[\"'”]",
-              r"\b(?:add|learn|teach)\s+(?:a\s+|the\s+)?(?:new\s+)?(?:cell\s+)?type\s+(.+?)\s+(?:from|using|with|based|out of)\b"):
+    for p in (
+        r"(?:called|named)\s+[\"'“]([^\"'”]+)[\"'”]",
+        r"(?:called|named)\s+(.+?)\s+(?:from|using|with|based|out of|in)\b",
+        r"(?:called|named)\s+(\S+)",
+        r"[\"'“]([^\"'”]+)[\"'”]",
+        r"\b(?:add|learn|teach)\s+(?:a\s+|the\s+)?(?:new\s+)?(?:cell\s+)?type\s+(.+?)\s+(?:from|using|with|based|out "
+        r"of)\b",
+    ):
         if m := re.search(p, text, flags=re.I): name = m.group(1).strip(' .,'); break
     m = re.search(r"clusters?\s+#?(\w+(?:\s*(?:,|and|&|\+|or)\s*#?\w+)*)", text, flags=re.I)
     clusters = [c for c in re.split(r'\W+|and|or', m.group(1)) if c.isdigit()] if m else []
@@ -122,18 +157,28 @@ def read_new_type(text:str)->tuple:
 
 def read_hold_out(text:str)->list|None:
     "Cell types the request asks to leave out of the reference."
-    for p in (r"(?:hold(?:ing)?|leav(?:e|ing)|left|keep(?:ing)?)\s+(?:the\s+)?(.+?)\s+out\b",
-              r"(?:hold(?:ing)?|leav(?:e|ing)|left)\s+out\s+(?:the\s+)?(.+?)(?=$|[.;?]|\s+(?:from|of|in|as|and (?:tell|show|check|see))\b)",
-              r"as if (?:the\s+)?(.+?)\s+(?:were|was|are)\s+(?:unknown|new|unseen|not known)"):
+    for p in (
+        r"(?:hold(?:ing)?|leav(?:e|ing)|left|keep(?:ing)?)\s+(?:the\s+)?(.+?)\s+out\b",
+        r"(?:hold(?:ing)?|leav(?:e|ing)|left)\s+out\s+(?:the\s+)?(.+?)(?=$|[.;?]|\s+(?:from|of|in|as|and "
+        r"(?:tell|show|check|see))\b)",
+        r"as if (?:the\s+)?(.+?)\s+(?:were|was|are)\s+(?:unknown|new|unseen|not known)",
+    ):
         if m := re.search(p, text, flags=re.I):
-            return [x.strip() for x in re.split(r',|\band\b|&', m.group(1)) if x.strip() and x.strip().lower() not in ('the',)]
+            return [
+                x.strip()
+                for x in re.split(r',|\band\b|&', m.group(1))
+                if x.strip() and x.strip().lower() not in ('the',)
+            ]
     return None
 
 # %% ../../nbs/15c_agent_offline.ipynb #30aad81b
-CAN_DO = ("I can load data (a bundled dataset or a local file), run QC, cluster, rank marker genes, annotate cell types "
-          "(kb offline, Ollama or OpenAI), compare backends, evaluate labels against the true ones, embed cells with scGPT, "
-          "tell which clusters look novel, train a tissue plugin, add a cell type from clusters, and plot. For example: "
-          + '; '.join(f'"{e}"' for e in EXAMPLES) + '.')
+CAN_DO = (
+    "I can load data (a bundled dataset or a local file), run QC, cluster, rank marker genes, annotate cell types "
+    "(kb offline, Ollama or OpenAI), compare backends, evaluate labels against the true ones, embed cells with scGPT, "
+    "tell which clusters look novel, train a tissue plugin, add a cell type from clusters, and plot. For example: "
+    + '; '.join(f'"{e}"' for e in EXAMPLES)
+    + '.'
+)
 
 def _done(st:AgentState, name:str)->bool:
     "Whether the state already holds what action `name` would produce (so a plan can skip it)."
@@ -148,12 +193,22 @@ def _targets(t:str, text:str, intents:set)->dict:
     "{action: args} the request asks for directly."
     T = {}
     bk = read_backends(text)
-    if 'annotate' in intents and not ('evaluate' in intents and not re.search(r'\bannotat', t)):   # "how accurate are the labels" reuses them
+    if 'annotate' in intents and not (
+        'evaluate' in intents and not re.search(r'\bannotat', t)
+    ):  # "how accurate are the labels" reuses them
         T['annotate'] = {'backend': bk[0]} if bk and 'compare' not in intents else {}
     if 'compare' in intents: T['compare_backends'] = {'backends': bk} if len(bk) > 1 else {}
     if 'evaluate' in intents: T['evaluate'] = {}
     if 'qc' in intents:
-        s = 'smoothed_knee' if re.search(r'smooth', t) else 'knee' if 'knee' in t else 'threshold' if re.search(r'threshold|\d+\s*genes', t) else None
+        s = (
+            'smoothed_knee'
+            if re.search(r'smooth', t)
+            else 'knee'
+            if 'knee' in t
+            else 'threshold'
+            if re.search(r'threshold|\d+\s*genes', t)
+            else None
+        )
         g = re.search(r'(\d+)\s*genes', t)
         T['qc'] = {k: v for k, v in dict(strategy=s, min_genes=int(g.group(1)) if g else None).items() if v is not None}
     if 'cluster' in intents:
@@ -163,20 +218,41 @@ def _targets(t:str, text:str, intents:set)->dict:
     if 'embed' in intents: T['embed'] = {}
     if 'novelty' in intents:
         h = read_hold_out(text)
-        T['build_reference'] = ({'hold_out': h} if h else {}) | ({'use_encoder': True} if re.search(r'scgpt|encoder|embedding', t) else {})
+        T['build_reference'] = ({'hold_out': h} if h else {}) | (
+            {'use_encoder': True} if re.search(r'scgpt|encoder|embedding', t) else {}
+        )
         T['assess_novelty'] = {}
     if 'plugins' in intents: T['route'] = {}
     if 'plot' in intents:
-        kind = 'novelty' if 'novel' in t else 'confusion' if 'confusion' in t else 'markers' if re.search(r'marker|dot ?plot', t) else 'umap'
+        kind = (
+            'novelty'
+            if 'novel' in t
+            else 'confusion'
+            if 'confusion' in t
+            else 'markers'
+            if re.search(r'marker|dot ?plot', t)
+            else 'umap'
+        )
         c = re.search(r'colou?r(?:ed)? by\s+(?:the\s+)?([\w.+-]+)', text, flags=re.I)
         T['plot'] = {'kind': kind} | ({'color': c.group(1)} if c and kind == 'umap' else {})
     return T
 
-_WHY = dict(load_data='load the cells', qc='drop barcodes that are not good cells', cluster='clusters to annotate',
-            markers='marker genes per cluster', annotate='a cell type per cluster', compare_backends='each backend on the same clusters',
-            evaluate='score the labels against the true ones', embed='scGPT embeddings', build_reference='known types and a calibrated threshold',
-            assess_novelty='novelty of each cluster', train_plugin='a plugin to extend', route='plugin labels',
-            add_cell_type='learn the new type', plot='a figure')
+_WHY = dict(
+    load_data='load the cells',
+    qc='drop barcodes that are not good cells',
+    cluster='clusters to annotate',
+    markers='marker genes per cluster',
+    annotate='a cell type per cluster',
+    compare_backends='each backend on the same clusters',
+    evaluate='score the labels against the true ones',
+    embed='scGPT embeddings',
+    build_reference='known types and a calibrated threshold',
+    assess_novelty='novelty of each cluster',
+    train_plugin='a plugin to extend',
+    route='plugin labels',
+    add_cell_type='learn the new type',
+    plot='a figure',
+)
 
 def plan_offline(request:str, # what the user wants, in words
                  st:AgentState|None=None, # the session state (data already loaded and processed is not redone)
@@ -194,8 +270,11 @@ def plan_offline(request:str, # what the user wants, in words
     if 'add_type' in intents:
         name, clusters = read_new_type(text)
         if not name or not clusters:
-            P.refusal = ("To add a cell type, say its name and the clusters of its cells, e.g. \"add a cell type called Platelet from "
-                         f"cells in cluster 5\" (I read name={name!r}, clusters={clusters!r}).")
+            P.refusal = (
+                "To add a cell type, say its name and the clusters of its cells, e.g. \"add a cell type called "
+                "Platelet from "
+                f"cells in cluster 5\" (I read name={name!r}, clusters={clusters!r})."
+            )
             return P
         T['add_cell_type'] = {'name': name, 'clusters': clusters}
     ds = read_dataset(text)
@@ -212,7 +291,8 @@ def plan_offline(request:str, # what the user wants, in words
     while stack:
         for d in ACTIONS[stack.pop()].after:
             if d not in need and (fresh or not _done(st, d)): need[d] = {}; stack.append(d)
-    if fresh and not ds: P.notes.append(f"no dataset named: using settings data.dataset ({st.settings.get('data.dataset')})")
+    if fresh and not ds:
+        P.notes.append(f"no dataset named: using settings data.dataset ({st.settings.get('data.dataset')})")
     if 'plot' in need and 'color' not in need['plot'] and need['plot']['kind'] == 'umap' and 'annotate' in need:
         need['plot']['color'] = 'deepseq_label'
     P.steps = [Step(a, need[a], _WHY[a]) for a in ORDER if a in need]
@@ -232,19 +312,39 @@ def _fmt(rec:dict)->str:
     if a == 'markers': return "Top markers: " + '; '.join(f"{c}: {', '.join(g[:3])}" for c, g in r['top'].items())
     if a == 'annotate': return f"Labels ({r['backend']}): " + '; '.join(f"{c} → {l}" for c, l in r['labels'].items())
     if a == 'compare_backends':
-        return 'Backends: ' + '; '.join(f"{b}: " + (v['error'] if 'error' in v else f"agreement {v['agreement']}" if v['agreement'] is not None
-                                                     else 'no true labels to score') for b, v in r['backends'].items())
+        return 'Backends: ' + '; '.join(
+            f"{b}: "
+            + (
+                v['error']
+                if 'error' in v
+                else f"agreement {v['agreement']}"
+                if v['agreement'] is not None
+                else 'no true labels to score'
+            )
+            for b, v in r['backends'].items()
+        )
     if a == 'evaluate': return ', '.join(f"{k} {v}" for k, v in r.items() if isinstance(v, float))
-    if a == 'build_reference': return (f"Reference of {len(r['types'])} types ({r['n_memory']} cells in memory, {r['n_calibration']} to calibrate"
-                                       + (f"; held out: {', '.join(r['held_out'])}" if r['held_out'] else '') + ')')
+    if a == 'build_reference':
+        return (
+            f"Reference of {len(r['types'])} types ({r['n_memory']} cells in memory, {r['n_calibration']} to calibrate"
+            + (f"; held out: {', '.join(r['held_out'])}" if r['held_out'] else '')
+            + ')'
+        )
     if a == 'assess_novelty':
         nov = r['novel_clusters']
         if not nov: return "No cluster looks novel"
-        return 'Novel-looking clusters: ' + '; '.join(f"{c} ({r['clusters'][c]['n_cells']} cells, {r['clusters'][c]['share_novel']:.0%} flagged, "
-                                                     f"markers read as {r['clusters'][c]['markers_read_as']})" for c in nov)
+        return 'Novel-looking clusters: ' + '; '.join(
+            f"{c} ({r['clusters'][c]['n_cells']} cells, {r['clusters'][c]['share_novel']:.0%} flagged, "
+            f"markers read as {r['clusters'][c]['markers_read_as']})"
+            for c in nov
+        )
     if a == 'train_plugin': return f"Trained the {r['tissue']} plugin on {len(r['types'])} types"
-    if a == 'add_cell_type': return f"Added {r['added']!r} to the {r['tissue']} plugin from {r['n_cells']} cells (slot {r['slot']})"
-    if a == 'route': return 'Plugin labels by cluster: ' + '; '.join(f"{c} → {l}" for c, l in r.get('by_cluster', r['labels']).items())
+    if a == 'add_cell_type':
+        return f"Added {r['added']!r} to the {r['tissue']} plugin from {r['n_cells']} cells (slot {r['slot']})"
+    if a == 'route':
+        return 'Plugin labels by cluster: ' + '; '.join(
+            f"{c} → {l}" for c, l in r.get('by_cluster', r['labels']).items()
+        )
     if a == 'plot': return f"Figure: {r['path']}"
     if a == 'embed': return f"Embedded the cells ({r['dims']} dims)"
     return f"{a}: {json.dumps(r, default=str)[:200]}"
@@ -257,5 +357,6 @@ def compose_answer(log:list, # step records (`run_step`)
         if r['status'] == 'ok': out.append(f"{_fmt(r)} [{r['step']}].")
         elif r['status'] == 'declined': out.append(f"{r['action']} was not run: consent was declined [{r['step']}].")
         elif r['status'] == 'error': out.append(f"{r['action']} failed: {r['error']} [{r['step']}].")
-        elif r['status'] == 'skipped': out.append(f"{r['action']} was not run (an earlier step did not succeed) [{r['step']}].")
+        elif r['status'] == 'skipped':
+            out.append(f"{r['action']} was not run (an earlier step did not succeed) [{r['step']}].")
     return '\n'.join(out)

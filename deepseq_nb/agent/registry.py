@@ -25,8 +25,8 @@ class AgentConfig:
     "The `[agent]` section: the planner, the step bound, the cells a session loads and the novelty check's reference."
     planner:str='offline' # 'offline' (rules, no LLM), 'ollama:MODEL' or 'openai:MODEL'
     max_steps:int=12 # most actions (tool calls) in one session
-    max_cells:int=0 # cells kept when a dataset is loaded (a seeded random draw); 0 keeps every cell
-    reference:str='' # labelled reference of the novelty check and the plugins: a bundled name or a path ('': the session's cells)
+    max_cells:int=0  # cells kept when a dataset is loaded (a seeded random draw); 0 keeps every cell
+    reference: str = ''  # labelled reference of the novelty check and the plugins: a bundled name or a path ('': the session's cells)
     calib_frac:float=0.2 # share of the reference held out to calibrate the novelty score
     false_novel_rate:float=0.05 # share of known cells allowed above the novelty threshold
     seed:int=0 # seed of the cell draw and the calibration split
@@ -107,7 +107,10 @@ class Action:
     @property
     def tool(self)->dict:
         "The tool description for an LLM (Ollama and OpenAI chat format)."
-        return {'type': 'function', 'function': {'name': self.name, 'description': self.description, 'parameters': self.parameters}}
+        return {
+            'type': 'function',
+            'function': {'name': self.name, 'description': self.description, 'parameters': self.parameters},
+        }
 
 ACTIONS: dict[str, Action] = {}
 
@@ -116,7 +119,8 @@ def action_schema(fn)->dict:
     props, req = {}, []
     for name, d in list(docments(fn, full=True).items())[1:]:
         if name == 'return' or d['kind'] in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL): continue
-        if d['anno'] is inspect.Parameter.empty: raise TypeError(f"{fn.__name__}: parameter {name!r} has no type annotation.")
+        if d['anno'] is inspect.Parameter.empty:
+            raise TypeError(f"{fn.__name__}: parameter {name!r} has no type annotation.")
         props[name] = type_schema(d['anno']) | ({'description': d['docment']} if d['docment'] else {})
         if d['default'] is inspect.Parameter.empty: req.append(name)
         else: props[name]['default'] = d['default']
@@ -142,7 +146,9 @@ def _coerce(v, s:dict, name:str):
     if v is None:
         if s.get('nullable'): return None
         raise ArgumentError(f"{name} must not be null")
-    bad = lambda: ArgumentError(f"{name} must be {'an' if t[0] in 'aeiou' else 'a'} {t}, got {json.dumps(v, default=str)}")
+    bad = lambda: ArgumentError(
+        f"{name} must be {'an' if t[0] in 'aeiou' else 'a'} {t}, got {json.dumps(v, default=str)}"
+    )
     if t == 'integer':
         if isinstance(v, bool): raise bad()
         if isinstance(v, int): out = v
@@ -155,8 +161,10 @@ def _coerce(v, s:dict, name:str):
         except ValueError: out = None
         if out is None or out != out: raise bad()
     elif t == 'boolean':
-        if isinstance(v, bool): out = v
-        elif isinstance(v, str) and v.strip().lower() in ('true', 'false', 'yes', 'no'): out = v.strip().lower() in ('true', 'yes')
+        if isinstance(v, bool):
+            out = v
+        elif isinstance(v, str) and v.strip().lower() in ('true', 'false', 'yes', 'no'):
+            out = v.strip().lower() in ('true', 'yes')
         else: raise bad()
     elif t == 'string':
         if isinstance(v, str): out = v
@@ -165,12 +173,17 @@ def _coerce(v, s:dict, name:str):
     elif t == 'array':
         if isinstance(v, str): v = [x.strip() for x in v.strip('[]').split(',') if x.strip()]
         elif not isinstance(v, (list, tuple)): v = [v]
-        out = [_coerce(x, s.get('items', {'type': 'string'}), f'{name}[{i}]') for i, x in enumerate(v)] if 'items' in s else list(v)
+        out = (
+            [_coerce(x, s.get('items', {'type': 'string'}), f'{name}[{i}]') for i, x in enumerate(v)]
+            if 'items' in s
+            else list(v)
+        )
     elif t == 'object':
         if not isinstance(v, dict): raise bad()
         out = v
     else: raise ArgumentError(f"{name}: unsupported schema type {t}")
-    if 'enum' in s and out not in s['enum']: raise ArgumentError(f"{name} must be one of {s['enum']}, got {json.dumps(out)}")
+    if 'enum' in s and out not in s['enum']:
+        raise ArgumentError(f"{name} must be one of {s['enum']}, got {json.dumps(out)}")
     return out
 
 def validate_args(act:Action, # the action called
@@ -178,10 +191,13 @@ def validate_args(act:Action, # the action called
                  )->dict:
     "The arguments checked and completed with defaults; raises `ArgumentError` listing every problem."
     if isinstance(args, str):
-        try: args = json.loads(args) if args.strip() else {}
-        except json.JSONDecodeError as e: raise ArgumentError(f"arguments of {act.name} are not valid JSON ({e})") from None
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError as e:
+            raise ArgumentError(f"arguments of {act.name} are not valid JSON ({e})") from None
     if args is None: args = {}
-    if not isinstance(args, dict): raise ArgumentError(f"arguments of {act.name} must be a JSON object, got {json.dumps(args, default=str)}")
+    if not isinstance(args, dict):
+        raise ArgumentError(f"arguments of {act.name} must be a JSON object, got {json.dumps(args, default=str)}")
     P, errs, out = act.parameters['properties'], [], {}
     for k in args:
         if k not in P: errs.append(f"unknown argument {k!r}")
@@ -193,8 +209,12 @@ def validate_args(act:Action, # the action called
             except ArgumentError as e: errs.append(str(e))
         elif 'default' in s: out[k] = s['default']
     if errs:
-        allowed = ', '.join(f"{k} ({s['type']}{', required' if k in act.parameters['required'] else ''})" for k, s in P.items())
-        raise ArgumentError(f"invalid arguments for {act.name}: {'; '.join(errs)}. Its arguments are: {allowed or 'none'}.")
+        allowed = ', '.join(
+            f"{k} ({s['type']}{', required' if k in act.parameters['required'] else ''})" for k, s in P.items()
+        )
+        raise ArgumentError(
+            f"invalid arguments for {act.name}: {'; '.join(errs)}. Its arguments are: {allowed or 'none'}."
+        )
     return out
 
 # %% ../../nbs/15a_agent_registry.ipynb #d7695356
@@ -204,14 +224,27 @@ def terminal_ask(name:str, args:dict, reason:str)->bool:
     try: return input(f"{name} {reason}. Run it? [y/N] ").strip().lower() in ('y', 'yes')
     except EOFError: return False
 
-def run_step(st:AgentState, name:str, args, # the state; the action's name; its arguments (dict or JSON text)
-             *, n:int=1, # the step's number (cited in answers)
-             yes:bool=False, ask=terminal_ask, # consent: given in advance, or asked per action
-             dry_run:bool=False, # validate and ask nothing, run nothing
-            )->dict:
+def run_step(
+    st: AgentState,
+    name: str,
+    args,  # the state; the action's name; its arguments (dict or JSON text)
+    *,
+    n: int = 1,  # the step's number (cited in answers)
+    yes: bool = False,
+    ask=terminal_ask,  # consent: given in advance, or asked per action
+    dry_run: bool = False,  # validate and ask nothing, run nothing
+) -> dict:
     "Validate, ask consent, run and record one action call; the record has status ok, error, declined or planned."
-    rec = dict(step=n, action=str(name), args=jsonable(args) if not isinstance(args, str) else args, status='', result=None, error='',
-               consent='', seconds=0.0)
+    rec = dict(
+        step=n,
+        action=str(name),
+        args=jsonable(args) if not isinstance(args, str) else args,
+        status='',
+        result=None,
+        error='',
+        consent='',
+        seconds=0.0,
+    )
     act = ACTIONS.get(name)
     if act is None:
         rec.update(status='error', error=f"unknown tool {name!r}; the tools are: {', '.join(ACTIONS)}"); return rec
@@ -223,7 +256,10 @@ def run_step(st:AgentState, name:str, args, # the state; the action's name; its 
         ok = bool(yes) or bool(ask(name, args, reason))
         rec['consent'] = ('given in advance (yes)' if yes else 'given') if ok else f'declined: {reason}'
         if not ok:
-            rec.update(status='declined', error=f"not run: the user did not consent ({name} {reason}); pass yes=True (--yes) to allow it")
+            rec.update(
+                status='declined',
+                error=f"not run: the user did not consent ({name} {reason}); pass yes=True (--yes) to allow it",
+            )
             return rec
     t0 = time.perf_counter()
     try: rec.update(status='ok', result=jsonable(act.fn(st, **args)))

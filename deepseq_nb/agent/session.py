@@ -45,28 +45,56 @@ class AgentRun:
 
     def to_dict(self)->dict:
         "JSON-able record of the session."
-        return jsonable(dict(request=self.request, planner=self.planner, dry_run=self.dry_run, refusal=self.plan.refusal,
-                              plan=[asdict(s) for s in self.plan.steps], notes=self.plan.notes, steps=self.log, answer=self.answer,
-                              llm=self.llm, messages=self.messages, figures=self.state.figures if self.state else []))
+        return jsonable(
+            dict(
+                request=self.request,
+                planner=self.planner,
+                dry_run=self.dry_run,
+                refusal=self.plan.refusal,
+                plan=[asdict(s) for s in self.plan.steps],
+                notes=self.plan.notes,
+                steps=self.log,
+                answer=self.answer,
+                llm=self.llm,
+                messages=self.messages,
+                figures=self.state.figures if self.state else [],
+            )
+        )
 
     def to_markdown(self)->str:
         "The session as a readable Markdown transcript."
         L = [f"# deepseq agent session", '', f"**Request:** {self.request}", '', f"**Planner:** {self.planner}"
              + (' (dry run: nothing was run)' if self.dry_run else ''), '']
         if self.plan.refusal: return '\n'.join(L + [f"**Refused:** {self.plan.refusal}", ''])
-        L += ['## Plan', '', '```', self.plan.show(), '```', '', '## Steps', '', '| # | action | arguments | status | result |',
-              '|---|---|---|---|---|']
+        L += [
+            '## Plan',
+            '',
+            '```',
+            self.plan.show(),
+            '```',
+            '',
+            '## Steps',
+            '',
+            '| # | action | arguments | status | result |',
+            '|---|---|---|---|---|',
+        ]
         for r in self.log:
             res = r['error'] if r['error'] else json.dumps(r['result'], default=str)
-            L.append(f"| {r['step'] if r['step'] is not None else ''} | {r['action']} | `{json.dumps(r['args'], default=str)}` | {r['status']}"
-                     f"{' (consent ' + r['consent'] + ')' if r['consent'] else ''} | {res[:300].replace('|', '/')} |")
+            L.append(
+                f"| {r['step'] if r['step'] is not None else ''} | {r['action']} | "
+                f"`{json.dumps(r['args'], default=str)}` | {r['status']}"
+                f"{' (consent ' + r['consent'] + ')' if r['consent'] else ''} | {res[:300].replace('|', '/')} |"
+            )
         L += ['', '## Answer', '', self.answer or '(none)', '']
         if self.llm: L += ['## LLM', '', ', '.join(f'{k}: {v}' for k, v in self.llm.items()), '']
-        if self.state is not None and self.state.figures: L += ['## Figures', ''] + [f'![]({p})' for p in self.state.figures] + ['']
+        if self.state is not None and self.state.figures:
+            L += ['## Figures', ''] + [f'![]({p})' for p in self.state.figures] + ['']
         return '\n'.join(L)
 
-    def save(self, path:str|Path, # transcript path; `.json` and `.md` files are written beside each other
-            )->tuple:
+    def save(
+        self,
+        path: str | Path,  # transcript path; `.json` and `.md` files are written beside each other
+    ) -> tuple:
         "Write the transcript as JSON and Markdown; returns both paths."
         p = Path(path); p = p.with_suffix('') if p.suffix in ('.json', '.md') else p
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -80,33 +108,59 @@ class AgentRun:
 def _run_offline(P:Plan, st:AgentState, *, max_steps:int, yes:bool, ask, dry_run:bool, echo)->tuple:
     "(log, answer) of an offline plan."
     if len(P.steps) > max_steps:
-        P.refusal = f"The plan needs {len(P.steps)} steps, more than max_steps={max_steps}: raise max_steps or ask for less."
+        P.refusal = (
+            f"The plan needs {len(P.steps)} steps, more than max_steps={max_steps}: raise max_steps or ask for less."
+        )
         return [], P.refusal
     log, failed = [], False
     for i, s in enumerate(P.steps, 1):
         if failed:
-            log.append(dict(step=i, action=s.action, args=s.args, status='skipped', result=None, error='', consent='', seconds=0.0)); continue
+            log.append(
+                dict(
+                    step=i,
+                    action=s.action,
+                    args=s.args,
+                    status='skipped',
+                    result=None,
+                    error='',
+                    consent='',
+                    seconds=0.0,
+                )
+            )
+            continue
         rec = run_step(st, s.action, s.args, n=i, yes=yes, ask=ask, dry_run=dry_run)
         log.append(rec)
-        if not dry_run: echo(f"[{i}] {s.call()} → {rec['status']}" + (f" ({rec['seconds']} s)" if rec['status'] == 'ok' else f": {rec['error'][:200]}"))
+        if not dry_run:
+            echo(
+                f"[{i}] {s.call()} → {rec['status']}"
+                + (f" ({rec['seconds']} s)" if rec['status'] == 'ok' else f": {rec['error'][:200]}")
+            )
         failed = rec['status'] not in ('ok', 'planned')
-    if dry_run: return log, f"Dry run: nothing was run. The plan has {len(P.steps)} steps" + \
-        (f"; invalid: {'; '.join(r['error'] for r in log if r['status'] == 'error')}" if any(r['status'] == 'error' for r in log) else '.')
+    if dry_run:
+        return log, f"Dry run: nothing was run. The plan has {len(P.steps)} steps" + (
+            f"; invalid: {'; '.join(r['error'] for r in log if r['status'] == 'error')}"
+            if any(r['status'] == 'error' for r in log)
+            else '.'
+        )
     return log, compose_answer(log)
 
-def agent(request:str, # what the user wants, in words
-          planner:str|LLMPlanner|None=None, # 'offline', 'ollama:MODEL', 'openai:MODEL' or an `LLMPlanner` (default: settings agent.planner)
-          adata:ad.AnnData|None=None, # cells to work on (default: the planner loads what the request names)
-          *, yes:bool=False, # consent in advance to every slow or model-changing action
-          dry_run:bool=False, # show (and check) the plan, run nothing
-          transcript:str|Path|None=None, # write the transcript to this path (.json and .md)
-          max_steps:int|None=None, # most actions in the session (default: settings agent.max_steps)
-          settings=None, # `Settings` (default: settings.ini)
-          state:AgentState|None=None, # continue a session (its data and models)
-          ask=terminal_ask, # consent function `ask(action, args, reason) -> bool` when `yes` is False
-          verbose:bool=True, # print the plan and each step
-          **planner_kw, # options of the LLM planner's backend (cache=, host=, base_url=, ...)
-         )->AgentRun:
+def agent(
+    request: str,  # what the user wants, in words
+    planner: str
+    | LLMPlanner
+    | None = None,  # 'offline', 'ollama:MODEL', 'openai:MODEL' or an `LLMPlanner` (default: settings agent.planner)
+    adata: ad.AnnData | None = None,  # cells to work on (default: the planner loads what the request names)
+    *,
+    yes: bool = False,  # consent in advance to every slow or model-changing action
+    dry_run: bool = False,  # show (and check) the plan, run nothing
+    transcript: str | Path | None = None,  # write the transcript to this path (.json and .md)
+    max_steps: int | None = None,  # most actions in the session (default: settings agent.max_steps)
+    settings=None,  # `Settings` (default: settings.ini)
+    state: AgentState | None = None,  # continue a session (its data and models)
+    ask=terminal_ask,  # consent function `ask(action, args, reason) -> bool` when `yes` is False
+    verbose: bool = True,  # print the plan and each step
+    **planner_kw,  # options of the LLM planner's backend (cache=, host=, base_url=, ...)
+) -> AgentRun:
     "Turn a request into actions over the toolkit, run them (with consent where needed) and answer citing them."
     st = state if state is not None else AgentState(settings=settings if settings is not None else load_settings())
     if adata is not None: st.adata = adata
@@ -117,21 +171,33 @@ def agent(request:str, # what the user wants, in words
     if isinstance(planner, str) and planner == 'offline':
         P = plan_offline(request, st)
         echo(f"Plan ({P.planner}{', dry run' if dry_run else ''}):\n{P.show()}")
-        log, answer = ([], P.refusal) if P.refusal else _run_offline(P, st, max_steps=max_steps, yes=yes, ask=ask, dry_run=dry_run, echo=echo)
+        log, answer = (
+            ([], P.refusal)
+            if P.refusal
+            else _run_offline(P, st, max_steps=max_steps, yes=yes, ask=ask, dry_run=dry_run, echo=echo)
+        )
         run = AgentRun(request, 'offline', P, log, answer or P.refusal, st, dry_run)
     else:
         L = planner if isinstance(planner, LLMPlanner) else LLMPlanner(planner, settings=st.settings, **planner_kw)
         echo(f"Planning with {L.spec}{' (dry run)' if dry_run else ''}; at most {max_steps} steps:")
-        try: log, answer, msgs = run_llm(request, L, st, max_steps=max_steps, yes=yes, ask=ask, dry_run=dry_run, echo=echo)
+        try:
+            log, answer, msgs = run_llm(
+                request, L, st, max_steps=max_steps, yes=yes, ask=ask, dry_run=dry_run, echo=echo
+            )
         except AgentError as e:
-            if transcript: AgentRun(request, L.spec, Plan(request, L.spec), [], f'(failed: {e})', st, dry_run, L.stats).save(transcript)
+            if transcript:
+                AgentRun(request, L.spec, Plan(request, L.spec), [], f'(failed: {e})', st, dry_run, L.stats).save(
+                    transcript
+                )
             raise
         P = Plan(request, L.spec, [Step(r['action'], r['args'] if isinstance(r['args'], dict) else {}) for r in log
                                    if r['status'] in ('ok', 'planned')])
         run = AgentRun(request, L.spec, P, log, answer, st, dry_run, L.stats, msgs)
     echo(f"\nAnswer:\n{run.answer}")
     if st.adata is not None and not dry_run and log:
-        st.adata.uns['agent'] = dict(request=run.request, planner=run.planner, answer=run.answer, log=json.dumps(jsonable(log)))
+        st.adata.uns['agent'] = dict(
+            request=run.request, planner=run.planner, answer=run.answer, log=json.dumps(jsonable(log))
+        )
     if transcript: echo(f"transcript: {', '.join(map(str, run.save(transcript)))}")
     return run
 
@@ -139,21 +205,36 @@ def agent(request:str, # what the user wants, in words
 def add_agent_parser(subparsers, # the `add_subparsers()` object of the `deepseq` parser
                     ):
     "Add the `agent` subcommand."
-    p = subparsers.add_parser('agent', help='turn a request in words into actions (offline rules or an LLM planner) and run them',
-                              description='Plan a request over the toolkit, show the plan, run it (asking before training) and answer.',
-                              epilog='examples:\n  deepseq agent "annotate pbmc3k and tell me which clusters look novel"\n'
-                                     '  deepseq agent "add a cell type called Platelet from cells in cluster 5" --dataset pbmc3k --yes\n'
-                                     '  deepseq agent "compare backends on this dataset" --dataset my.h5ad --dry-run\n'
-                                     '  deepseq agent "annotate this data" --planner ollama:llama3.2:3b --transcript session',
-                              formatter_class=__import__('argparse').RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        'agent',
+        help='turn a request in words into actions (offline rules or an LLM planner) and run them',
+        description='Plan a request over the toolkit, show the plan, run it (asking before training) and answer.',
+        epilog='examples:\n  deepseq agent "annotate pbmc3k and tell me which clusters look novel"\n'
+        '  deepseq agent "add a cell type called Platelet from cells in cluster 5" --dataset pbmc3k --yes\n'
+        '  deepseq agent "compare backends on this dataset" --dataset my.h5ad --dry-run\n'
+        '  deepseq agent "annotate this data" --planner ollama:llama3.2:3b --transcript session',
+        formatter_class=__import__('argparse').RawDescriptionHelpFormatter,
+    )
     p.add_argument('request', help='what you want, in words (quote it)')
-    p.add_argument('--planner', help='offline (rules, no LLM), ollama:MODEL or openai:MODEL (default: settings agent.planner)')
-    p.add_argument('--dataset', metavar='NAME_OR_PATH', help='cells to work on: a bundled dataset or a path (default: what the request names)')
-    p.add_argument('--yes', action='store_true', help='consent in advance to training and other slow or model-changing steps')
+    p.add_argument(
+        '--planner', help='offline (rules, no LLM), ollama:MODEL or openai:MODEL (default: settings agent.planner)'
+    )
+    p.add_argument(
+        '--dataset',
+        metavar='NAME_OR_PATH',
+        help='cells to work on: a bundled dataset or a path (default: what the request names)',
+    )
+    p.add_argument(
+        '--yes', action='store_true', help='consent in advance to training and other slow or model-changing steps'
+    )
     p.add_argument('--dry-run', action='store_true', help='show and check the plan; run nothing')
     p.add_argument('--transcript', metavar='PATH', help='write the session to PATH.json and PATH.md')
-    p.add_argument('--max-steps', type=int, metavar='N', help='most actions in the session (default: settings agent.max_steps)')
-    p.add_argument('--set', action='append', metavar='SECTION.KEY=VALUE', help='override a settings.ini value (repeatable)')
+    p.add_argument(
+        '--max-steps', type=int, metavar='N', help='most actions in the session (default: settings agent.max_steps)'
+    )
+    p.add_argument(
+        '--set', action='append', metavar='SECTION.KEY=VALUE', help='override a settings.ini value (repeatable)'
+    )
     p.add_argument('--quiet', action='store_true', help='print only the answer')
     p.set_defaults(func=cmd_agent, command='agent')
     return p
@@ -167,12 +248,25 @@ def cmd_agent(args)->int:
             from deepseq_nb.data import load
             a = load(args.dataset, x_is=S.get('data.x_is') or 'auto')
             n = agent_settings(S)['max_cells']
-            if n and n < a.n_obs: a = a[np.sort(np.random.default_rng(agent_settings(S)['seed']).choice(a.n_obs, n, replace=False))].copy()
+            if n and n < a.n_obs:
+                a = a[
+                    np.sort(np.random.default_rng(agent_settings(S)['seed']).choice(a.n_obs, n, replace=False))
+                ].copy()
     except (FileNotFoundError, KeyError, ValueError) as e:
-        print(f"deepseq agent: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr); return 2
+        print(f"deepseq agent: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+        return 2
     try:
-        run = agent(args.request, planner=args.planner, adata=a, yes=args.yes, dry_run=args.dry_run, transcript=args.transcript,
-                    max_steps=args.max_steps, settings=S, verbose=not args.quiet)
+        run = agent(
+            args.request,
+            planner=args.planner,
+            adata=a,
+            yes=args.yes,
+            dry_run=args.dry_run,
+            transcript=args.transcript,
+            max_steps=args.max_steps,
+            settings=S,
+            verbose=not args.quiet,
+        )
     except (AgentError, ValueError) as e:
         print(f"deepseq agent: error: {e}", file=sys.stderr); return 2
     if args.quiet: print(run.answer)

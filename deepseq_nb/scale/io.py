@@ -65,21 +65,25 @@ def _write_chunked_h5ad(path:Path, chunks, var:pd.DataFrame, obs_cats:dict, uns:
             obs_parts.append(obs)
         obs = pd.concat(obs_parts)
         for c, cats in obs_cats.items(): obs[c] = pd.Categorical(obs[c], categories=cats)
-        for k, v in dict(obs=obs, var=var, uns=uns, obsm={}, varm={}, layers={}, obsp={}, varp={}).items(): ad.io.write_elem(f, k, v)
+        for k, v in dict(obs=obs, var=var, uns=uns, obsm={}, varm={}, layers={}, obsp={}, varp={}).items():
+            ad.io.write_elem(f, k, v)
         f.attrs['encoding-type'], f.attrs['encoding-version'] = 'anndata', '0.1.0'
     tmp.replace(path)
 
 # %% ../../nbs/17a_scale_io.ipynb #c50bfdf9
-def synthetic_counts(n_cells:int, # number of cells to generate
-                     *, base:str|ad.AnnData='pbmc3k', # bundled dataset name (raw counts) or an AnnData of counts
-                     seed:int=0, # random seed
-                     chunk_cells:int=50_000, # cells generated at a time (bounds the temporary memory)
-                     path:str|Path|None=None, # write an .h5ad here chunk by chunk and return its path (None: return the AnnData)
-                     label_key:str|None='cell_type', # obs column of base copied to the synthetic cells
-                    )->ad.AnnData|Path:
+def synthetic_counts(
+    n_cells: int,  # number of cells to generate
+    *,
+    base: str | ad.AnnData = 'pbmc3k',  # bundled dataset name (raw counts) or an AnnData of counts
+    seed: int = 0,  # random seed
+    chunk_cells: int = 50_000,  # cells generated at a time (bounds the temporary memory)
+    path: str | Path | None = None,  # write an .h5ad here chunk by chunk and return its path (None: return the AnnData)
+    label_key: str | None = 'cell_type',  # obs column of base copied to the synthetic cells
+) -> ad.AnnData | Path:
     "Synthetic counts resampled from `base`: each cell a binomial mix of two same-label cells drawn with replacement."
     b = load_dataset(base) if isinstance(base, str) else base
-    if b.uns.get('x_is', 'counts') != 'counts' or not looks_like_counts(b.X): raise InputError("synthetic_counts needs a base of raw counts.")
+    if b.uns.get('x_is', 'counts') != 'counts' or not looks_like_counts(b.X):
+        raise InputError("synthetic_counts needs a base of raw counts.")
     b = ad.AnnData(sp.csr_matrix(b.X, dtype=np.float32), obs=b.obs, var=b.var)
     rng = np.random.default_rng(seed)
     ds = dict(name=f"synthetic_{base if isinstance(base, str) else 'custom'}_{n_cells}", seed=seed,
@@ -95,7 +99,9 @@ def synthetic_counts(n_cells:int, # number of cells to generate
         _write_chunked_h5ad(Path(path), chunks(), b.var, cats, uns)
         return Path(path)
     parts = list(chunks())
-    a = ad.AnnData(sp.vstack([p[0] for p in parts], format='csr'), obs=pd.concat([p[1] for p in parts]), var=b.var.copy(), uns=uns)
+    a = ad.AnnData(
+        sp.vstack([p[0] for p in parts], format='csr'), obs=pd.concat([p[1] for p in parts]), var=b.var.copy(), uns=uns
+    )
     for c, v in cats.items(): a.obs[c] = pd.Categorical(a.obs[c], categories=v)
     return a
 
@@ -128,8 +134,10 @@ def _h5ad_parts(f:h5py.File)->tuple:
     else:
         enc = g.attrs.get('encoding-type', '')
         if enc != 'csr_matrix':
-            raise InputError(f"X is stored as {enc or 'an unknown encoding'}; read_lazy reads cells (rows) in chunks and needs CSR. "
-                             "Rewrite it with adata.X = scipy.sparse.csr_matrix(adata.X) before writing.")
+            raise InputError(
+                f"X is stored as {enc or 'an unknown encoding'}; read_lazy reads cells (rows) in chunks and needs CSR. "
+                "Rewrite it with adata.X = scipy.sparse.csr_matrix(adata.X) before writing."
+            )
         layout, shape = 'csr', tuple(g.attrs['shape'])
     uns = ad.io.read_elem(f['uns']) if 'uns' in f else {}
     return ad.io.read_elem(f['obs']), ad.io.read_elem(f['var']), uns, 'X', layout, shape
@@ -149,15 +157,18 @@ def _tenx_parts(f:h5py.File)->tuple:
     return obs, var, {}, key, 'csr', (n_cells, n_genes)
 
 # %% ../../nbs/17a_scale_io.ipynb #c9c70539
-def read_lazy(path:str|Path, # an .h5ad or a 10x .h5 file
-              *, chunk_cells:int=50_000, # cells (rows) per Dask block
-              x_is:str='auto', # what X holds: 'counts', 'lognorm', or 'auto' (uns['x_is'], else a check of the first block)
-             )->ad.AnnData:
+def read_lazy(
+    path: str | Path,  # an .h5ad or a 10x .h5 file
+    *,
+    chunk_cells: int = 50_000,  # cells (rows) per Dask block
+    x_is: str = 'auto',  # what X holds: 'counts', 'lognorm', or 'auto' (uns['x_is'], else a check of the first block)
+) -> ad.AnnData:
     "Open an .h5ad or 10x .h5 with obs/var in memory and X as a lazy Dask array of CSR blocks."
     p = Path(path).expanduser()
     if not p.is_file(): raise FileNotFoundError(f"No such file: {p}. read_lazy reads .h5ad and 10x .h5 files.")
     name = p.name.lower()
-    if not name.endswith(('.h5ad', '.h5')): raise InputError(f"read_lazy reads .h5ad and 10x .h5 files, not {p.name}; use deepseq_nb.data.read.")
+    if not name.endswith(('.h5ad', '.h5')):
+        raise InputError(f"read_lazy reads .h5ad and 10x .h5 files, not {p.name}; use deepseq_nb.data.read.")
     with h5py.File(p, 'r') as f:
         obs, var, uns, group, layout, shape = (_h5ad_parts if name.endswith('.h5ad') else _tenx_parts)(f)
     X = _lazy_matrix(p, group, shape, layout, chunk_cells)
@@ -165,7 +176,8 @@ def read_lazy(path:str|Path, # an .h5ad or a 10x .h5 file
     if 'feature_types' in a.var and (a.var['feature_types'] != 'Gene Expression').any():
         a = a[:, (a.var['feature_types'] == 'Gene Expression').to_numpy()].copy()
     fix_gene_names(a)
-    if x_is == 'auto': x_is = a.uns.get('x_is') or ('counts' if looks_like_counts(a.X.blocks[0].compute()) else 'lognorm')
+    if x_is == 'auto':
+        x_is = a.uns.get('x_is') or ('counts' if looks_like_counts(a.X.blocks[0].compute()) else 'lognorm')
     a.uns['x_is'] = x_is
     a.uns['lazy'] = dict(path=str(p), chunk_cells=int(chunk_cells), layout=layout)
     return a
@@ -174,25 +186,40 @@ def read_lazy(path:str|Path, # an .h5ad or a 10x .h5 file
 _ADDRESS = re.compile(r'^(tcp|tls|ucx|ws|wss)://[^\s/]+$|^inproc://\S+$|^[A-Za-z0-9.\-]+:\d+$')
 
 @contextlib.contextmanager
-def dask_client(address:str|None=None, # scheduler address (None or '': start a LocalCluster)
-                *, n_workers:int=2, threads_per_worker:int=1, # LocalCluster: worker processes and threads per worker
-                memory_limit:str|int='6GiB', # LocalCluster: memory limit per worker
-                processes:bool=True, # LocalCluster: workers in processes (False: threads of this process)
-                timeout:float=10, # seconds to wait for a remote scheduler
-               ):
+def dask_client(
+    address: str | None = None,  # scheduler address (None or '': start a LocalCluster)
+    *,
+    n_workers: int = 2,
+    threads_per_worker: int = 1,  # LocalCluster: worker processes and threads per worker
+    memory_limit: str | int = '6GiB',  # LocalCluster: memory limit per worker
+    processes: bool = True,  # LocalCluster: workers in processes (False: threads of this process)
+    timeout: float = 10,  # seconds to wait for a remote scheduler
+):
     "Yield a `distributed.Client` on a new LocalCluster (closed on exit) or on the scheduler at `address`."
     Client, LocalCluster = require('distributed').Client, require('distributed').LocalCluster
     if address:
         if not _ADDRESS.match(str(address)):
-            raise ValueError(f"{address!r} is not a Dask scheduler address: give one like 'tcp://10.0.0.5:8786' (or host:port).")
+            raise ValueError(
+                f"{address!r} is not a Dask scheduler address: give one like 'tcp://10.0.0.5:8786' (or host:port)."
+            )
         try: client = Client(address, timeout=f'{timeout}s')
         except (OSError, TimeoutError) as e:
-            raise ConnectionError(f"No Dask scheduler answered at {address} within {timeout:g} s ({type(e).__name__}). Check the "
-                                  "address and port, that `dask scheduler` runs there and is reachable from this machine, "
-                                  "or pass address=None for a LocalCluster.") from e
+            raise ConnectionError(
+                f"No Dask scheduler answered at {address} within {timeout:g} s ({type(e).__name__}). Check the "
+                "address and port, that `dask scheduler` runs there and is reachable from this machine, "
+                "or pass address=None for a LocalCluster."
+            ) from e
         try: yield client
         finally: client.close()
         return
-    with LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, memory_limit=memory_limit, processes=processes,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=threads_per_worker,
+            memory_limit=memory_limit,
+            processes=processes,
+            dashboard_address=None,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         yield client

@@ -21,13 +21,22 @@ from sklearn.base import BaseEstimator, TransformerMixin
 
 class KNNGraph(TransformerMixin, BaseEstimator):
     "k nearest neighbours as the sparse distance matrix `sc.pp.neighbors(transformer=...)` takes: exact (faiss) or NN-descent."
-    def __init__(self, n_neighbors:int=15, # neighbours per cell, the cell itself included (as scanpy counts them)
-                 method:str='auto', # 'auto' (exact below exact_max cells, NN-descent from it), 'exact' or 'nndescent'
-                 exact_max:int=200_000, # cells from which 'auto' uses NN-descent
-                 recall_sample:int=1000, # cells whose neighbours are also found exactly to measure an approximate graph
-                 seed:int=0, n_threads:int=2, batch_cells:int=100_000, # NN-descent / sample seed; threads; cells searched at a time
-                ):
-        self.n_neighbors, self.method, self.exact_max, self.recall_sample = n_neighbors, method, exact_max, recall_sample
+    def __init__(
+        self,
+        n_neighbors: int = 15,  # neighbours per cell, the cell itself included (as scanpy counts them)
+        method: str = 'auto',  # 'auto' (exact below exact_max cells, NN-descent from it), 'exact' or 'nndescent'
+        exact_max: int = 200_000,  # cells from which 'auto' uses NN-descent
+        recall_sample: int = 1000,  # cells whose neighbours are also found exactly to measure an approximate graph
+        seed: int = 0,
+        n_threads: int = 2,
+        batch_cells: int = 100_000,  # NN-descent / sample seed; threads; cells searched at a time
+    ):
+        self.n_neighbors, self.method, self.exact_max, self.recall_sample = (
+            n_neighbors,
+            method,
+            exact_max,
+            recall_sample,
+        )
         self.seed, self.n_threads, self.batch_cells = seed, n_threads, batch_cells
 
 # %% ../../nbs/17c_scale_neighbours.ipynb #b33cad23
@@ -52,8 +61,19 @@ def _nndescent_knn(X:np.ndarray, k:int, seed:int, n_threads:int)->tuple:
     "NN-descent neighbour graph (pynndescent, scanpy's parameters), without building a search index."
     from pynndescent import NNDescent
     n = len(X)
-    nd = NNDescent(X, n_neighbors=k + 1, metric='euclidean', n_trees=min(64, 5 + round(n ** 0.5 / 20)), n_iters=max(5, round(np.log2(n))),
-                   max_candidates=60, low_memory=True, n_jobs=n_threads, random_state=seed, compressed=False, verbose=False)
+    nd = NNDescent(
+        X,
+        n_neighbors=k + 1,
+        metric='euclidean',
+        n_trees=min(64, 5 + round(n**0.5 / 20)),
+        n_iters=max(5, round(np.log2(n))),
+        max_candidates=60,
+        low_memory=True,
+        n_jobs=n_threads,
+        random_state=seed,
+        compressed=False,
+        verbose=False,
+    )
     I, D = nd.neighbor_graph
     return _self_first(I.astype(np.int64), D.astype(np.float32), np.arange(n), k)
 
@@ -62,14 +82,18 @@ def _nndescent_knn(X:np.ndarray, k:int, seed:int, n_threads:int)->tuple:
 def fit_transform(self:KNNGraph, X, y=None)->sp.csr_matrix:
     "The kNN distance graph of the cells `X` (cells × components) as CSR: each row itself, then its neighbours by distance."
     from deepseq_nb.memory import set_threads
-    if self.method not in ('auto', 'exact', 'nndescent'): raise ValueError(f"method must be 'auto', 'exact' or 'nndescent'; got {self.method!r}.")
+
+    if self.method not in ('auto', 'exact', 'nndescent'):
+        raise ValueError(f"method must be 'auto', 'exact' or 'nndescent'; got {self.method!r}.")
     X = np.ascontiguousarray(X, dtype=np.float32)
     n, k = len(X), min(self.n_neighbors, len(X))
     set_threads(self.n_threads)
     self.method_ = self.method if self.method != 'auto' else ('nndescent' if n >= self.exact_max else 'exact')
     if self.method_ == 'exact': I, D = _exact_knn(X, X, np.arange(n), k, self.batch_cells)
     else: I, D = _nndescent_knn(X, k, self.seed, self.n_threads)
-    self.recall_ = 1.0 if self.method_ == 'exact' else _knn_recall(X, I, self.recall_sample, self.seed, self.batch_cells)
+    self.recall_ = (
+        1.0 if self.method_ == 'exact' else _knn_recall(X, I, self.recall_sample, self.seed, self.batch_cells)
+    )
     return sp.csr_matrix((D.ravel(), I.ravel(), np.arange(0, n * k + 1, k)), shape=(n, n))
 
 def _knn_recall(X:np.ndarray, I:np.ndarray, n_sample:int, seed:int, batch_cells:int)->float:

@@ -64,48 +64,73 @@ def sample_indices(labels, # cluster of each cell
     return np.sort(np.concatenate(out)) if out else np.array([], int)
 
 # %% ../../nbs/17d_scale_pipeline.ipynb #b74ab8bb
-def rank_genes_sampled(adata:ad.AnnData, groupby:str='leiden', # obs column of clusters
-                       *, n_cells:int=50_000, # cells drawn (see `sample_indices`; 0: every cell, the full computation)
-                       min_cells:int=200, # at least this many per cluster
-                       seed:int=0, # seed of the draw (and of logreg)
-                       n_genes:int=10, method:str='wilcoxon', # see `top_markers`
-                       key_added:str|None='markers', # uns key of the table (as `top_markers`)
-                       **kwargs, # further `top_markers` arguments (only_positive, exclude_pattern)
-                      )->pd.DataFrame:
+def rank_genes_sampled(
+    adata: ad.AnnData,
+    groupby: str = 'leiden',  # obs column of clusters
+    *,
+    n_cells: int = 50_000,  # cells drawn (see `sample_indices`; 0: every cell, the full computation)
+    min_cells: int = 200,  # at least this many per cluster
+    seed: int = 0,  # seed of the draw (and of logreg)
+    n_genes: int = 10,
+    method: str = 'wilcoxon',  # see `top_markers`
+    key_added: str | None = 'markers',  # uns key of the table (as `top_markers`)
+    **kwargs,  # further `top_markers` arguments (only_positive, exclude_pattern)
+) -> pd.DataFrame:
     "`top_markers` on a uniform sample of `n_cells` cells: the marker table, also stored in `uns[key_added]`."
     if groupby not in adata.obs: raise KeyError(f"obs has no column {groupby!r}; cluster first or pass groupby=.")
     idx = sample_indices(adata.obs[groupby], n_cells, min_cells, seed)
     X = adata.X[idx]
     X = X.compute() if is_dask(X) else X
     obs = adata.obs[[groupby]].iloc[idx].copy()
-    if not isinstance(obs[groupby].dtype, pd.CategoricalDtype): obs[groupby] = obs[groupby].astype(str).astype('category')
+    if not isinstance(obs[groupby].dtype, pd.CategoricalDtype):
+        obs[groupby] = obs[groupby].astype(str).astype('category')
     obs[groupby] = obs[groupby].cat.remove_unused_categories()
-    sub = ad.AnnData(sp.csr_matrix(X), obs=obs, var=pd.DataFrame(index=adata.var_names), uns={'x_is': adata.uns.get('x_is', 'lognorm')})
+    sub = ad.AnnData(
+        sp.csr_matrix(X),
+        obs=obs,
+        var=pd.DataFrame(index=adata.var_names),
+        uns={'x_is': adata.uns.get('x_is', 'lognorm')},
+    )
     df = top_markers(sub, groupby=groupby, n_genes=n_genes, method=method, seed=seed, key_added='markers', **kwargs)
     if key_added:
-        adata.uns[key_added] = {'table': df, 'params': {**sub.uns['markers']['params'], 'n_cells': int(n_cells), 'min_cells': int(min_cells),
-                                                        'seed': int(seed), 'n_cells_used': int(len(idx))}}
+        adata.uns[key_added] = {
+            'table': df,
+            'params': {
+                **sub.uns['markers']['params'],
+                'n_cells': int(n_cells),
+                'min_cells': int(min_cells),
+                'seed': int(seed),
+                'n_cells_used': int(len(idx)),
+            },
+        }
     return df
 
 # %% ../../nbs/17d_scale_pipeline.ipynb #7e15bcac
-def marker_agreement(full:pd.DataFrame, sampled:pd.DataFrame, # `top_markers` tables: all cells and a sample
-                     n_genes:int|None=None, # compare the top n of each (None: all rows)
-                    )->pd.DataFrame:
+def marker_agreement(
+    full: pd.DataFrame,
+    sampled: pd.DataFrame,  # `top_markers` tables: all cells and a sample
+    n_genes: int | None = None,  # compare the top n of each (None: all rows)
+) -> pd.DataFrame:
     "Per cluster: overlap of the top-n marker sets (share of the full set found) and whether the top gene agrees."
     F, C = markers_by_cluster(full), markers_by_cluster(sampled)
     rows = []
     for c, g in F.items():
         f, k = g[:n_genes], C.get(c, [])[:n_genes]
-        rows.append(dict(cluster=c, n=len(f), overlap=len(set(f) & set(k)) / max(len(f), 1), top1_same=bool(f[:1] == k[:1])))
+        rows.append(
+            dict(cluster=c, n=len(f), overlap=len(set(f) & set(k)) / max(len(f), 1), top1_same=bool(f[:1] == k[:1]))
+        )
     return pd.DataFrame(rows)
 
 # %% ../../nbs/17d_scale_pipeline.ipynb #d20d42ae
-def embed_batched(adata:ad.AnnData, encoder=None, # the cells (X in memory or Dask); an `Encoder` (default: the default encoder)
-                  *, batch_cells:int=10_000, # cells tokenised and embedded at a time
-                  key_added:str='X_scgpt', # obsm key; parameters in uns[key_added without 'X_']
-                  progress:bool=False, # a progress bar over batches
-                  **embed_kw, # further `deepseq_nb.encoder.embed` arguments (layer, max_len, pooling, batch_size, ...)
-                 )->None:
+def embed_batched(
+    adata: ad.AnnData,
+    encoder=None,  # the cells (X in memory or Dask); an `Encoder` (default: the default encoder)
+    *,
+    batch_cells: int = 10_000,  # cells tokenised and embedded at a time
+    key_added: str = 'X_scgpt',  # obsm key; parameters in uns[key_added without 'X_']
+    progress: bool = False,  # a progress bar over batches
+    **embed_kw,  # further `deepseq_nb.encoder.embed` arguments (layer, max_len, pooling, batch_size, ...)
+) -> None:
     "`deepseq_nb.encoder.embed` over `batch_cells` cells at a time into one float32 obsm array."
     from tqdm.auto import tqdm
     from deepseq_nb.encoder import default_encoder, embed
@@ -135,13 +160,27 @@ STAGES = ('read', 'qc', 'normalise', 'hvg', 'pca', 'neighbours', 'leiden', 'mark
 def _settings_args(S, overrides:dict)->dict:
     "The run's parameters: settings sections [qc], [cluster], [markers], [scale], then non-None overrides."
     Q, C, M, K = S.section('qc'), S.section('cluster'), S.section('markers'), scale_settings(S)
-    p = dict(strategy=Q.get('strategy', 'threshold'), min_genes=Q.get('min_genes', 200), min_cells=Q.get('min_cells', 3),
-             smooth_frac=Q.get('smooth_frac', 0.1), sensitivity=Q.get('knee_sensitivity', 1.0),
-             target_sum=C.get('target_sum', 1e4), n_top_genes=C.get('n_top_genes', 2000), n_pcs=C.get('n_pcs', 40),
-             n_neighbors=C.get('n_neighbors', 15), resolution=C.get('resolution', 1.0), leiden_flavor=C.get('leiden_flavor', 'igraph'),
-             n_iterations=C.get('n_iterations', 2), seed=C.get('seed', 0), n_threads=C.get('n_threads', 2),
-             n_genes=M.get('n_genes', 10), method=M.get('method', 'wilcoxon'), only_positive=M.get('only_positive', True),
-             exclude_pattern=M.get('exclude_pattern') or None, **K)
+    p = dict(
+        strategy=Q.get('strategy', 'threshold'),
+        min_genes=Q.get('min_genes', 200),
+        min_cells=Q.get('min_cells', 3),
+        smooth_frac=Q.get('smooth_frac', 0.1),
+        sensitivity=Q.get('knee_sensitivity', 1.0),
+        target_sum=C.get('target_sum', 1e4),
+        n_top_genes=C.get('n_top_genes', 2000),
+        n_pcs=C.get('n_pcs', 40),
+        n_neighbors=C.get('n_neighbors', 15),
+        resolution=C.get('resolution', 1.0),
+        leiden_flavor=C.get('leiden_flavor', 'igraph'),
+        n_iterations=C.get('n_iterations', 2),
+        seed=C.get('seed', 0),
+        n_threads=C.get('n_threads', 2),
+        n_genes=M.get('n_genes', 10),
+        method=M.get('method', 'wilcoxon'),
+        only_positive=M.get('only_positive', True),
+        exclude_pattern=M.get('exclude_pattern') or None,
+        **K,
+    )
     return {**p, **{k: v for k, v in overrides.items() if v is not None}}
 
 # %% ../../nbs/17d_scale_pipeline.ipynb #34bf8a13
@@ -156,7 +195,9 @@ def _load_input(data, dask_:bool, chunk_cells:int, copy:bool)->tuple:
 def _preprocess(a:ad.AnnData, P:dict, tick)->tuple:
     "QC → normalisation → HVG → PCA (in memory or on Dask); the AnnData, and whether `tick` said to stop."
     if tick('qc'): return a, True
-    qc_flags(a, strategy=P['strategy'], min_genes=P['min_genes'], smooth_frac=P['smooth_frac'], sensitivity=P['sensitivity'])
+    qc_flags(
+        a, strategy=P['strategy'], min_genes=P['min_genes'], smooth_frac=P['smooth_frac'], sensitivity=P['sensitivity']
+    )
     a = drop_failed(a, min_cells=P['min_cells'])
     if tick('normalise'): return a, True
     normalise(a, target_sum=P['target_sum'])
@@ -167,21 +208,27 @@ def _preprocess(a:ad.AnnData, P:dict, tick)->tuple:
     return a, False
 
 # %% ../../nbs/17d_scale_pipeline.ipynb #d9f824ff
-def run_scaled(data:ad.AnnData|str|Path, # counts: an AnnData, or a path (.h5ad / 10x .h5 lazily with dask; any `read` format without)
-               *, dask:bool=False, # QC → PCA on Dask arrays on a Dask cluster
-               address:str|None=None, # Dask scheduler address (None: settings scale.address, '' there: a LocalCluster)
-               settings=None, # `Settings` (default: settings.ini)
-               annotate:bool=True, backend:str='kb', # label clusters with this backend (kb: offline)
-               until:str|None=None, # stop after this stage (one of `STAGES`)
-               on_stage=None, # called with each stage's name as it starts, and 'done'
-               copy:bool=False, # with an AnnData: work on a copy and return it
-               **overrides, # settings values that win (min_genes, n_top_genes, n_pcs, resolution, marker_cells, ...)
-              )->ad.AnnData|None:
+def run_scaled(
+    data: ad.AnnData
+    | str
+    | Path,  # counts: an AnnData, or a path (.h5ad / 10x .h5 lazily with dask; any `read` format without)
+    *,
+    dask: bool = False,  # QC → PCA on Dask arrays on a Dask cluster
+    address: str | None = None,  # Dask scheduler address (None: settings scale.address, '' there: a LocalCluster)
+    settings=None,  # `Settings` (default: settings.ini)
+    annotate: bool = True,
+    backend: str = 'kb',  # label clusters with this backend (kb: offline)
+    until: str | None = None,  # stop after this stage (one of `STAGES`)
+    on_stage=None,  # called with each stage's name as it starts, and 'done'
+    copy: bool = False,  # with an AnnData: work on a copy and return it
+    **overrides,  # settings values that win (min_genes, n_top_genes, n_pcs, resolution, marker_cells, ...)
+) -> ad.AnnData | None:
     "QC → markers (and kb annotation) on up to 10^6+ cells with bounded memory; seconds per stage in `uns['scale']`."
     from deepseq_nb.config import load_settings, set_seed
     S = settings or load_settings()
     P = _settings_args(S, overrides)
-    if until is not None and until not in STAGES: raise ValueError(f"until must be one of {', '.join(STAGES)}; got {until!r}.")
+    if until is not None and until not in STAGES:
+        raise ValueError(f"until must be one of {', '.join(STAGES)}; got {until!r}.")
     set_seed(P['seed'], P['n_threads'])
     times, cur = {}, [None, 0.0]
     def tick(name):
@@ -197,19 +244,44 @@ def run_scaled(data:ad.AnnData|str|Path, # counts: an AnnData, or a path (.h5ad 
         a, inplace = _load_input(data, dask, P['chunk_cells'], copy)
         a, stop = _preprocess(a, P, tick)
         if not stop and not tick('neighbours'):
-            knn = KNNGraph(P['n_neighbors'], method=P['knn_method'], exact_max=P['knn_exact_max'], seed=P['seed'], n_threads=P['n_threads'])
+            knn = KNNGraph(
+                P['n_neighbors'],
+                method=P['knn_method'],
+                exact_max=P['knn_exact_max'],
+                seed=P['seed'],
+                n_threads=P['n_threads'],
+            )
             sc.pp.neighbors(a, use_rep='X_pca', transformer=knn)
             a.uns['neighbors']['params'].update(knn_method=knn.method_, knn_recall=knn.recall_)
             if not tick('leiden'):
-                leiden(a, resolution=P['resolution'], flavor=P['leiden_flavor'], n_iterations=P['n_iterations'], seed=P['seed'])
+                leiden(
+                    a,
+                    resolution=P['resolution'],
+                    flavor=P['leiden_flavor'],
+                    n_iterations=P['n_iterations'],
+                    seed=P['seed'],
+                )
                 if not tick('markers'):
-                    rank_genes_sampled(a, 'leiden', n_cells=P['marker_cells'], min_cells=P['marker_min_cells'], seed=P['seed'],
-                                       n_genes=P['n_genes'], method=P['method'], only_positive=P['only_positive'],
-                                       exclude_pattern=P['exclude_pattern'])
+                    rank_genes_sampled(
+                        a,
+                        'leiden',
+                        n_cells=P['marker_cells'],
+                        min_cells=P['marker_min_cells'],
+                        seed=P['seed'],
+                        n_genes=P['n_genes'],
+                        method=P['method'],
+                        only_positive=P['only_positive'],
+                        exclude_pattern=P['exclude_pattern'],
+                    )
                     if annotate and not tick('annotate'):
                         from deepseq_nb.annotate import annotate as _annotate
                         _annotate(a, groupby='leiden', backend=backend, settings=S)
         tick('done')
-    a.uns['scale'] = dict(stages=times, dask=bool(dask), address=addr or ('LocalCluster' if dask else ''), n_cells=int(a.n_obs),
-                          params={k: v for k, v in P.items() if k not in ('address',)})
+    a.uns['scale'] = dict(
+        stages=times,
+        dask=bool(dask),
+        address=addr or ('LocalCluster' if dask else ''),
+        n_cells=int(a.n_obs),
+        params={k: v for k, v in P.items() if k not in ('address',)},
+    )
     return None if inplace else a

@@ -34,7 +34,11 @@ def is_dask(X, # a matrix
 def _nnz_blockwise(x:da.Array, axis:int=0)->da.Array:
     "Non-zeros per gene (axis 0) of a Dask matrix, summed over row blocks (bounded memory)."
     from scanpy._utils import axis_nnz
-    if axis != 0 or x.numblocks[0] == 1: return x.map_blocks(lambda b: axis_nnz(b, axis=axis), dtype=np.int64, meta=np.array([], np.int64), drop_axis=axis)
+
+    if axis != 0 or x.numblocks[0] == 1:
+        return x.map_blocks(
+            lambda b: axis_nnz(b, axis=axis), dtype=np.int64, meta=np.array([], np.int64), drop_axis=axis
+        )
     per = x.rechunk({1: -1}).map_blocks(lambda b: np.asarray(axis_nnz(b, axis=0)).reshape(1, -1), dtype=np.int64,
                                         meta=np.zeros((0, 0), np.int64))
     return per.sum(axis=0)
@@ -65,7 +69,8 @@ def qc_flags(adata:ad.AnnData, # cells × genes counts, X in memory or a Dask ar
         probe = ad.AnnData(first[:min(first.shape[0], 2000)], var=pd.DataFrame(index=adata.var_names))
         qc_metrics(probe, species=species)  # gene flags and the count check, on a sample
         adata.var['mt'], adata.var['ribo'] = probe.var['mt'].to_numpy(), probe.var['ribo'].to_numpy()
-        with _blockwise_axis_nnz(): sc.pp.calculate_qc_metrics(adata, qc_vars=['mt', 'ribo'], percent_top=None, log1p=False, inplace=True)
+        with _blockwise_axis_nnz():
+            sc.pp.calculate_qc_metrics(adata, qc_vars=['mt', 'ribo'], percent_top=None, log1p=False, inplace=True)
     filter_cells(adata, strategy=strategy, min_genes=min_genes, key_added=key_added, **filter_kw)
 
 # %% ../../nbs/17b_scale_preprocessing.ipynb #48cc285a
@@ -101,15 +106,31 @@ def _subset_inplace(adata:ad.AnnData, rows:np.ndarray, cols:np.ndarray)->None:
     ptr = _compact_csr(X.indptr, X.indices, X.data, rows, newcol)
     nnz = int(ptr[-1])
     data, indices = X.data, X.indices
-    data, indices = data[:nnz], indices[:nnz]  # views of the compacted front: no copy (resizing in place could free memory other views use)
-    Xn = sp.csr_matrix((data, indices, ptr.astype(indices.dtype) if nnz < 2**31 else ptr), shape=(int(rows.sum()), int(cols.sum())), copy=False)
-    adata._init_as_actual(X=Xn, obs=adata.obs[rows], var=adata.var[cols], uns=adata.uns,
-                          obsm={k: v[rows] for k, v in adata.obsm.items()}, varm={k: v[cols] for k, v in adata.varm.items()})
+    data, indices = (
+        data[:nnz],
+        indices[:nnz],
+    )  # views of the compacted front: no copy (resizing in place could free memory other views use)
+    Xn = sp.csr_matrix(
+        (data, indices, ptr.astype(indices.dtype) if nnz < 2**31 else ptr),
+        shape=(int(rows.sum()), int(cols.sum())),
+        copy=False,
+    )
+    adata._init_as_actual(
+        X=Xn,
+        obs=adata.obs[rows],
+        var=adata.var[cols],
+        uns=adata.uns,
+        obsm={k: v[rows] for k, v in adata.obsm.items()},
+        varm={k: v[cols] for k, v in adata.varm.items()},
+    )
 
 # %% ../../nbs/17b_scale_preprocessing.ipynb #f9172597
-def drop_failed(adata:ad.AnnData, *, key:str='qc_pass', # obs column of the QC flag
-                min_cells:int=3, # then drop genes detected in fewer cells (0 keeps all)
-               )->ad.AnnData:
+def drop_failed(
+    adata: ad.AnnData,
+    *,
+    key: str = 'qc_pass',  # obs column of the QC flag
+    min_cells: int = 3,  # then drop genes detected in fewer cells (0 keeps all)
+) -> ad.AnnData:
     "Keep the cells that pass QC and the genes seen in `min_cells` of them; in memory `adata` is subset in place, without a copy of X."
     keep = adata.obs[key].to_numpy(bool)
     if is_dask(adata.X):
@@ -129,9 +150,12 @@ def drop_failed(adata:ad.AnnData, *, key:str='qc_pass', # obs column of the QC f
     return adata
 
 # %% ../../nbs/17b_scale_preprocessing.ipynb #4564531b
-def normalise(adata:ad.AnnData, *, target_sum:float=1e4, # counts per cell after scaling
-              keep_counts:bool=False, # copy the counts to layers['counts'] first (one more matrix in memory)
-             )->None:
+def normalise(
+    adata: ad.AnnData,
+    *,
+    target_sum: float = 1e4,  # counts per cell after scaling
+    keep_counts: bool = False,  # copy the counts to layers['counts'] first (one more matrix in memory)
+) -> None:
     "Scale each cell to `target_sum` and log1p, in place, in float32; a no-op on log-normalised data."
     if adata.uns.get('x_is') == 'lognorm' or adata.uns.get('log1p') is not None: adata.uns['x_is'] = 'lognorm'; return
     X = adata.X
@@ -144,19 +168,28 @@ def normalise(adata:ad.AnnData, *, target_sum:float=1e4, # counts per cell after
     adata.uns['x_is'] = 'lognorm'
 
 # %% ../../nbs/17b_scale_preprocessing.ipynb #cd9d3a62
-def as_dask(X, chunk_cells:int=50_000, # rows per block
-           )->da.Array:
+def as_dask(
+    X,
+    chunk_cells: int = 50_000,  # rows per block
+) -> da.Array:
     "An in-memory matrix as a Dask array of row blocks (no copy); a Dask array is returned as it is."
     return X if is_dask(X) else da.from_array(X, chunks=(min(chunk_cells, max(X.shape[0], 1)), -1), asarray=False)
 
-def highly_variable(adata:ad.AnnData, *, n_top_genes:int=2000, # 0 or >= n_vars: every gene
-                    flavor:str='seurat', # scanpy flavour (seurat, as `deepseq_nb.cluster.cluster`)
-                    chunk_cells:int=50_000, # rows per block for an in-memory X
-                   )->None:
+def highly_variable(
+    adata: ad.AnnData,
+    *,
+    n_top_genes: int = 2000,  # 0 or >= n_vars: every gene
+    flavor: str = 'seurat',  # scanpy flavour (seurat, as `deepseq_nb.cluster.cluster`)
+    chunk_cells: int = 50_000,  # rows per block for an in-memory X
+) -> None:
     "`var['highly_variable']` by scanpy's HVG selection, computed block by block."
     if not n_top_genes or n_top_genes >= adata.n_vars: adata.var['highly_variable'] = True; return
     if is_dask(adata.X): return sc.pp.highly_variable_genes(adata, n_top_genes=n_top_genes, flavor=flavor)
-    tmp = ad.AnnData(as_dask(adata.X, chunk_cells), var=pd.DataFrame(index=adata.var_names), uns={'log1p': adata.uns.get('log1p', {})})
+    tmp = ad.AnnData(
+        as_dask(adata.X, chunk_cells),
+        var=pd.DataFrame(index=adata.var_names),
+        uns={'log1p': adata.uns.get('log1p', {})},
+    )
     with dask.config.set(scheduler='threads'): sc.pp.highly_variable_genes(tmp, n_top_genes=n_top_genes, flavor=flavor)
     for c in tmp.var.columns: adata.var[c] = tmp.var[c].to_numpy()
     adata.uns['hvg'] = tmp.uns['hvg']
@@ -174,7 +207,9 @@ def gene_moments(X, # cells × genes, sparse/dense in memory or a Dask array of 
                 )->tuple:
     "Per-gene mean and variance (ddof=1, as `sc.pp.scale`) in float64, one block at a time."
     blocks = as_dask(X, chunk_cells).rechunk({1: -1}).to_delayed().ravel()
-    total = dask.delayed(np.sum)(dask.delayed(np.concatenate)([dask.delayed(_block_moments)(b) for b in blocks]), axis=0)
+    total = dask.delayed(np.sum)(
+        dask.delayed(np.concatenate)([dask.delayed(_block_moments)(b) for b in blocks]), axis=0
+    )
     with (contextlib.nullcontext() if is_dask(X) else dask.config.set(scheduler='threads')):
         s, s2 = total.compute()
     n = X.shape[0]
@@ -189,8 +224,12 @@ def _scale_block(b, lo:np.ndarray, hi:np.ndarray, inv:np.ndarray)->sp.csr_matrix
     b.data = (np.clip(b.data, lo[j], hi[j]) * inv[j]).astype(np.float32)
     return b
 
-def scaled_for_pca(X, *, max_value:float|None=10, # clip the scaled values at ±max_value as sc.pp.scale (None: no clip)
-                   chunk_cells:int=50_000)->tuple:
+def scaled_for_pca(
+    X,
+    *,
+    max_value: float | None = 10,  # clip the scaled values at ±max_value as sc.pp.scale (None: no clip)
+    chunk_cells: int = 50_000,
+) -> tuple:
     "`clip(X)/σ` (sparse, or lazy on Dask) whose centred PCA is that of `sc.pp.scale(max_value)`, and the genes whose zeros scanpy would clip."
     mean, var = gene_moments(X, chunk_cells)
     std = np.sqrt(var); std[std == 0] = 1
@@ -198,7 +237,9 @@ def scaled_for_pca(X, *, max_value:float|None=10, # clip the scaled values at ±
     lo, hi, inv = (mean - mv*std).astype(np.float32), (mean + mv*std).astype(np.float32), (1/std).astype(np.float32)
     zero_clipped = np.flatnonzero(mean/std > mv)
     if is_dask(X):
-        Z = X.map_blocks(_scale_block, lo=lo, hi=hi, inv=inv, dtype=np.float32, meta=sp.csr_matrix((0, X.shape[1]), dtype=np.float32))
+        Z = X.map_blocks(
+            _scale_block, lo=lo, hi=hi, inv=inv, dtype=np.float32, meta=sp.csr_matrix((0, X.shape[1]), dtype=np.float32)
+        )
     else: Z = _scale_block(X, lo, hi, inv)
     return Z, zero_clipped
 
@@ -224,7 +265,10 @@ def _blocks(X, chunk_cells:int)->list:
 
 def _tree_sum(parts:list):
     "Pairwise sum of delayed arrays (bounded fan-in)."
-    while len(parts) > 1: parts = [dask.delayed(np.add)(*parts[i:i+2]) if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
+    while len(parts) > 1:
+        parts = [
+            dask.delayed(np.add)(*parts[i : i + 2]) if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)
+        ]
     return parts[0]
 
 def _local(X): return contextlib.nullcontext() if is_dask(X) else dask.config.set(scheduler='threads')
@@ -233,8 +277,11 @@ def _project(b, mu:np.ndarray, V:np.ndarray)->np.ndarray:
     "PCA scores (b − μ)V of one block."
     return (np.asarray(b @ V) - mu @ V).astype(np.float32)
 
-def blockwise_pca(Z, n_comps:int=40, # cells × genes matrix (in memory or Dask); components
-                  chunk_cells:int=50_000)->tuple:
+def blockwise_pca(
+    Z,
+    n_comps: int = 40,  # cells × genes matrix (in memory or Dask); components
+    chunk_cells: int = 50_000,
+) -> tuple:
     "PCA of Z (centred implicitly) from its covariance summed over row blocks: scores, loadings, variances, variance ratios."
     n = Z.shape[0]
     with _local(Z):
@@ -250,25 +297,50 @@ def blockwise_pca(Z, n_comps:int=40, # cells × genes matrix (in memory or Dask)
     V *= np.sign(V[np.abs(V).argmax(0), np.arange(k)])  # sign: largest loading positive
     V = V.astype(np.float32)
     with _local(Z):
-        scores = np.concatenate(dask.compute(*[dask.delayed(_project)(b, mu.astype(np.float32), V) for b in _blocks(Z, chunk_cells)]))
+        scores = np.concatenate(
+            dask.compute(*[dask.delayed(_project)(b, mu.astype(np.float32), V) for b in _blocks(Z, chunk_cells)])
+        )
     return scores, V, w, w / np.trace(C)
 
 # %% ../../nbs/17b_scale_preprocessing.ipynb #31b533f8
-def sparse_pca(adata:ad.AnnData, *, n_comps:int=40, # principal components
-               use_highly_variable:bool=True, # PCA of var['highly_variable'] genes (when present)
-               scale:bool=True, max_value:float|None=10, # scale genes (and clip) as `sc.pp.scale` first
-               chunk_cells:int=50_000, # rows per block
-               key_added:str='X_pca', # obsm key; loadings go to varm['PCs'], variances to uns['pca']
-              )->None:
+def sparse_pca(
+    adata: ad.AnnData,
+    *,
+    n_comps: int = 40,  # principal components
+    use_highly_variable: bool = True,  # PCA of var['highly_variable'] genes (when present)
+    scale: bool = True,
+    max_value: float | None = 10,  # scale genes (and clip) as `sc.pp.scale` first
+    chunk_cells: int = 50_000,  # rows per block
+    key_added: str = 'X_pca',  # obsm key; loadings go to varm['PCs'], variances to uns['pca']
+) -> None:
     "PCA of the (scaled) HVGs with X sparse or on Dask: the result of dense scale + PCA, with no dense matrix."
-    mask = adata.var['highly_variable'].to_numpy(bool) if use_highly_variable and 'highly_variable' in adata.var else np.ones(adata.n_vars, bool)
+    mask = (
+        adata.var['highly_variable'].to_numpy(bool)
+        if use_highly_variable and 'highly_variable' in adata.var
+        else np.ones(adata.n_vars, bool)
+    )
     X = adata.X[:, mask] if is_dask(adata.X) else adata.X[:, np.flatnonzero(mask)]
     zc = np.array([], int)
     if scale: X, zc = scaled_for_pca(X, max_value=max_value, chunk_cells=chunk_cells)
-    if len(zc): warnings.warn(f"{len(zc)} genes have zeros that sc.pp.scale would clip at -{max_value}; their PCA differs slightly.", stacklevel=2)
+    if len(zc):
+        warnings.warn(
+            f"{len(zc)} genes have zeros that sc.pp.scale would clip at -{max_value}; their PCA differs slightly.",
+            stacklevel=2,
+        )
     E, V, var, ratio = blockwise_pca(X, n_comps, chunk_cells)
     adata.obsm[key_added] = E
     pcs = np.zeros((adata.n_vars, V.shape[1]), np.float32); pcs[mask] = V
     adata.varm['PCs'] = pcs
-    adata.uns['pca'] = dict(variance=var, variance_ratio=ratio, params=dict(zero_center=True, use_highly_variable=bool(use_highly_variable),
-                            scale=scale, max_value=max_value, n_genes=int(mask.sum()), zero_clipped_genes=int(len(zc)), solver='blockwise_covariance'))
+    adata.uns['pca'] = dict(
+        variance=var,
+        variance_ratio=ratio,
+        params=dict(
+            zero_center=True,
+            use_highly_variable=bool(use_highly_variable),
+            scale=scale,
+            max_value=max_value,
+            n_genes=int(mask.sum()),
+            zero_clipped_genes=int(len(zc)),
+            solver='blockwise_covariance',
+        ),
+    )
