@@ -26,10 +26,10 @@ Marker agreement (sizes <= --agreement-max): full Wilcoxon markers on every cell
 Prints one table per quantity (seconds, peak GiB) with stages as columns, the growth exponent b of t ~ n^b fitted
 per stage over the sizes run (log-log least squares), the ratio memory/plain of the totals, and the agreement.
 """
-import argparse, json, os, subprocess, sys, threading, time
+import argparse, json, os, subprocess, sys, threading, time, warnings
 for v in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS', 'NUMBA_NUM_THREADS'):
     os.environ.setdefault(v, '2')
-import warnings; warnings.filterwarnings('ignore')
+warnings.filterwarnings('ignore')
 
 STAGES = ('read', 'qc', 'normalise', 'hvg', 'pca', 'neighbours', 'leiden', 'markers', 'annotate', 'encoder', 'embed')
 
@@ -58,7 +58,7 @@ class Sampler:
 
 def plain(path, tick):
     "The pipeline as plain scanpy calls (as benchmarks/pipeline.py), stage by stage."
-    import anndata as ad, numpy as np, scanpy as sc
+    import anndata as ad, scanpy as sc
     tick('read'); a = ad.read_h5ad(path)
     tick('qc'); a.var['mt'] = a.var_names.str.startswith('MT-')
     sc.pp.calculate_qc_metrics(a, qc_vars=['mt'], percent_top=None, log1p=False, inplace=True)

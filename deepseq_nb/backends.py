@@ -14,7 +14,7 @@ import pandas as pd
 
 from .config import parse_value, require
 from .prompts import ClusterQuery, ANSWER_SCHEMA
-from deepseq_nb.llm_transport import (
+from deepseq_nb.llm_transport import (  # noqa: F401 (re-exported: `_all_` below)
     BackendError,
     BackendUnavailable,
     ModelNotFound,
@@ -30,7 +30,7 @@ from deepseq_nb.llm_transport import (
     RateLimiter,
     call_cost,
 )
-from .llm_cache import CACHE_MODES, cache_key, default_cache_path, AnswerCache
+from .llm_cache import CACHE_MODES, cache_key, default_cache_path, AnswerCache  # noqa: F401 (re-exported)
 from .llm_backend import (Answer, RunStats, Answers, record_run, chunk_queries, Reply, LLMBackend, Turn)
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ class OllamaBackend(LLMBackend):
         c = ollama.Client(host=self.host, timeout=self.timeout, event_hooks={'response': [remember]})
         where = self.host or 'http://127.0.0.1:11434 (the default; set OLLAMA_HOST or [annotate] ollama_host)'
         try: listed = retry_call(c.list, **{**self.retry, 'max_retries': min(self.retry['max_retries'], 1)})
-        except ConnectionError as e:
+        except ConnectionError:
             raise BackendUnavailable(f"Cannot reach an Ollama server at {where}. Start one with `ollama serve` and "
                                      f"`ollama pull {self.model}`, or point OLLAMA_HOST at a running server.") from None
         names = [m.model for m in listed.models]

@@ -10,7 +10,7 @@ import argparse, os, sys, time, traceback, warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from .config import load_settings, set_seed, atomic_write, check_out_path, missing_extra
+from .config import load_settings, atomic_write, check_out_path, missing_extra
 
 # %% auto #0
 __all__ = ['step', 'cmd_qc', 'cmd_cluster', 'cmd_markers', 'cmd_figures', 'cmd_annotate', 'annotate_marker_table',
@@ -210,7 +210,6 @@ def cmd_annotate(args)->int:
 # %% ../nbs/91_cli.ipynb #5523a563
 def _split_markers(s)->list:
     "Genes of a comma-separated marker string ([] for NA)."
-    import pandas as pd
     return [] if not isinstance(s, str) else [g.strip() for g in s.split(',') if g.strip()]
 
 def annotate_marker_table(df, backend:str='kb', species:str='human', settings=None, progress:bool=True):
@@ -241,7 +240,6 @@ def annotate_marker_table(df, backend:str='kb', species:str='human', settings=No
 # %% ../nbs/91_cli.ipynb #01b5056f
 def cmd_benchmark(args)->int:
     "Annotate a benchmark CSV with a backend and score it against `manual_annotation`."
-    import pandas as pd
     from deepseq_nb.evaluate import score_benchmark
     S = _settings(args); _outputs(args, 'out'); _check_backend(args.backend, S)
     p = Path(args.csv)
@@ -296,7 +294,7 @@ def cmd_evaluate(args)->int:
         print('stage 1: marker validation (canonical markers of the label among the cluster top markers)')
         print(st1[['cluster', 'label', 'n_found', 'n_canonical', 'supported', 'reason']].to_string(index=False))
         print(
-            f"clusters whose markers do not support their label: {int((st1['supported'] == False).sum())} of {len(st1)}"
+            f"clusters whose markers do not support their label: {int(st1['supported'].eq(False).sum())} of {len(st1)}"
         )
     else: print('stage 1: skipped (no marker table in uns["markers"] or no cluster column)')
     print('stage 2: agreement')

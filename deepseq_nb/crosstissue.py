@@ -612,7 +612,7 @@ def run_cross_tissue(
     t0 = time.perf_counter()
     embed_reference(ref, enc)
     timings['embed (frozen, once for every seed)'] = time.perf_counter() - t0
-    rows, vals, first = [], [], None
+    rows, vals = [], []
     for s in seeds[::-1]:   # the first seed last: its split, predictions, tuned space and plugins stay in `ref`
         preds, val_t, ps = _one_seed(ref, enc, P, PP, MK, s, timings)
         rows.append(score_methods(ref, preds).assign(seed=s)); vals.append(val_t)

@@ -12,8 +12,9 @@ from functools import lru_cache
 
 from rapidfuzz import fuzz, process
 
-from .cell_ontology import (CL_FILE, BROAD_TYPES, cl_terms, resolve_id, cl_name, ancestors, descendants,
-                                      broad_type)  # CL itself; importable from here as before
+# CL itself, importable from here as before (re-exported: `_all_` below)
+from .cell_ontology import (CL_FILE, BROAD_TYPES, cl_terms, resolve_id, cl_name, ancestors,  # noqa: F401
+                                      descendants, broad_type)
 _all_ = ['CL_FILE', 'BROAD_TYPES', 'cl_terms', 'resolve_id', 'cl_name', 'ancestors', 'descendants', 'broad_type']
 
 # %% auto #0

@@ -3,7 +3,7 @@ offline sessions with real results, consent, and LLM tool-calling sessions throu
 against the loopback stand-in server (tools/standin_server.py): multi-step, repaired arguments, an unknown tool refused,
 the step bound, consent, dry run, and a session resumed from the cache after a failure. No network.
 """
-import argparse, json, sys
+import argparse, json
 from pathlib import Path
 
 import numpy as np
@@ -244,7 +244,7 @@ def test_offline_session_finds_the_held_out_type(clustered, tmp_path):
     assert run.log[1]['result']['held_out'] == ['B'] and 'B' not in run.log[1]['result']['types']
     labels = run.log[0]['result']['labels']
     assert a.obs['deepseq_label'].astype(str).to_dict() == a.obs['leiden'].astype(str).map(labels).to_dict()
-    assert f"[3]" in run.answer and res['novel_clusters'][0] in run.answer.splitlines()[-1]
+    assert "[3]" in run.answer and res['novel_clusters'][0] in run.answer.splitlines()[-1]
     assert json.loads(a.uns['agent']['log'])[2]['result'] == res
     md = (tmp_path/'s.md').read_text()
     assert 'assess_novelty' in md and '## Answer' in md

@@ -5,15 +5,15 @@ tools, OpenAI web_search output items); 429 with Retry-After, 500s, answers slow
 N of M calls and a rerun that asks only M-N; a cached rerun with zero requests; replay-only failing on a miss; the
 API key absent from every file written; clear errors; consensus.
 """
-import json, logging, os, time
+import json, logging
 
 import pytest
 
-from standin_server import (StandinServer, Reply, ollama_chat, openai_chat, openai_response, label_by_first_marker,
-                            last_user_text, numbered_rows)
-from deepseq_nb.prompts import make_queries, batch_prompt, cluster_prompt, TEMPLATE_VERSION
+from standin_server import (Reply, ollama_chat, openai_chat, openai_response, label_by_first_marker, last_user_text,
+                            numbered_rows)
+from deepseq_nb.prompts import make_queries, batch_prompt, cluster_prompt
 from deepseq_nb.backends import (get_backend, AnswerCache, BackendError, BackendUnavailable, ModelNotFound, MissingKey,
-                                 ReplayMiss, ContextTooLong, OllamaBackend)
+                                 ReplayMiss, ContextTooLong)
 
 TABLE = {'CD3D': 'CD4+ T cell', 'MS4A1': 'B cell', 'LYZ': 'CD14+ monocyte', 'NKG7': 'NK cell', 'PPBP': 'Platelet',
          'FCER1A': 'Dendritic cell'}

@@ -1,7 +1,7 @@
 "The `deepseq` command as a user runs it, and a papermill run of a paper figure."
 import subprocess, sys, json, hashlib
 from pathlib import Path
-import pandas as pd, pytest
+import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSEQ = [str(Path(sys.executable).parent/'deepseq')]  # the installed console script
@@ -125,7 +125,6 @@ def test_figures_same_settings_same_tables(tmp_path):
 
 def test_figures_on_a_users_dataset(tmp_path):
     "A user's unlabelled h5ad: the figures that apply run, the others are skipped with the reason; bad input fails early."
-    import anndata as ad
     sys.path.insert(0, str(ROOT))
     from deepseq_nb.data import load_dataset
     a = load_dataset('pbmc3k')[:600].copy()

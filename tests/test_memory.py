@@ -1,5 +1,5 @@
 "CellMemory: clear errors, save/load, the Flat -> IVF switch with ids kept, determinism, label transfer, AnnData helpers."
-import json, warnings
+import json
 import anndata as ad
 import numpy as np, pandas as pd, pytest
 from deepseq_nb.data import InputError
@@ -105,7 +105,7 @@ def test_l2_metric_distances():
 def test_two_spaces_and_filling_a_space_later(data):
     X, y = data
     m = CellMemory()
-    ids = m.add({'frozen': X[:100], 'tuned': X[:100, :8]}, {'label': y[:100], 'dataset': 'd1'})
+    m.add({'frozen': X[:100], 'tuned': X[:100, :8]}, {'label': y[:100], 'dataset': 'd1'})
     assert m.size('frozen') == m.size('tuned') == 100 and m.dim('tuned') == 8
     new = m.add(X[100:150], {'label': y[100:150]}, space='frozen')
     assert m.size('tuned') == 100 and new.tolist() == list(range(100, 150))

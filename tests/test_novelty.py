@@ -114,7 +114,7 @@ def test_llm_judge_cached_and_resumable(assessed, tmp_path, monkeypatch):
             calls['n'] += 1
             return Reply(500, {'error': 'boom'}) if calls['n'] == 3 else _judge_answers(path, body)
         srv.script = flaky
-        with pytest.raises(Exception, match="500|boom|Internal") as e:
+        with pytest.raises(Exception, match="500|boom|Internal"):
             judge_novelty(assessed, MARKERS, REF_TYPES, backend=backend(), tissue="blood")
         assert len(srv.calls('/v1/chat/completions')) == 3
         srv.reset(); srv.script = _judge_answers

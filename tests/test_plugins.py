@@ -1,5 +1,5 @@
 "Failure injection, determinism and save/load of the LoRA tissue plugins and the router (deepseq_nb.plugins)."
-import json, warnings
+import json
 
 import numpy as np
 import pytest
@@ -9,7 +9,6 @@ from deepseq_nb.data import InputError, load_dataset
 from deepseq_nb.encoder import make_vocab, new_encoder, tokenize
 from deepseq_nb.plugins import (
     PluginSet,
-    Router,
     SlotHead,
     add_plugin,
     base_weights_changed,

@@ -11,14 +11,15 @@ __all__ = ['AgentConfig', 'ACTIONS', 'Action', 'AgentState', 'ArgumentError', 'a
            'SYSTEM_PROMPT', 'AgentError', 'LLMPlanner', 'run_llm', 'AgentRun', 'add_agent_parser', 'agent', 'cmd_agent']
 
 # %% ../../nbs/15_agent.ipynb #63810b21
-from .registry import (AgentConfig, ACTIONS, Action, AgentState, ArgumentError, action,
+# the subpackage's public names, importable from deepseq_nb.agent (re-exported: `_all_` below)
+from .registry import (AgentConfig, ACTIONS, Action, AgentState, ArgumentError, action,  # noqa: F401
                                        action_schema, agent_settings, run_step, terminal_ask, type_schema,
                                        validate_args)
-from .actions import match_types
-from .offline import (Plan, Step, compose_answer, plan_offline, read_backends, read_dataset,
+from .actions import match_types  # noqa: F401
+from .offline import (Plan, Step, compose_answer, plan_offline, read_backends, read_dataset,  # noqa: F401
                                       read_hold_out, read_new_type)
-from .llm import AGENT_TEMPLATE, SYSTEM_PROMPT, AgentError, LLMPlanner, run_llm
-from .session import AgentRun, add_agent_parser, agent, cmd_agent
+from .llm import AGENT_TEMPLATE, SYSTEM_PROMPT, AgentError, LLMPlanner, run_llm  # noqa: F401
+from .session import AgentRun, add_agent_parser, agent, cmd_agent  # noqa: F401
 
 _all_ = ['AgentConfig', 'ACTIONS', 'Action', 'AgentState', 'ArgumentError', 'action', 'action_schema',
          'agent_settings', 'run_step', 'terminal_ask', 'type_schema', 'validate_args', 'match_types', 'Plan', 'Step',

@@ -63,7 +63,7 @@ class AgentRun:
 
     def to_markdown(self)->str:
         "The session as a readable Markdown transcript."
-        L = [f"# deepseq agent session", '', f"**Request:** {self.request}", '', f"**Planner:** {self.planner}"
+        L = ["# deepseq agent session", '', f"**Request:** {self.request}", '', f"**Planner:** {self.planner}"
              + (' (dry run: nothing was run)' if self.dry_run else ''), '']
         if self.plan.refusal: return '\n'.join(L + [f"**Refused:** {self.plan.refusal}", ''])
         L += [

@@ -11,11 +11,12 @@ __all__ = ['synthetic_counts', 'read_lazy', 'dask_client', 'is_dask', 'as_dask',
            'embed_batched', 'run_scaled']
 
 # %% ../../nbs/17_scale.ipynb #c36c0b7b
-from .io import synthetic_counts, read_lazy, dask_client
-from .preprocessing import (is_dask, as_dask, qc_flags, drop_failed, normalise, highly_variable,
+# the subpackage's public names, importable from deepseq_nb.scale (re-exported: `_all_` below)
+from .io import synthetic_counts, read_lazy, dask_client  # noqa: F401
+from .preprocessing import (is_dask, as_dask, qc_flags, drop_failed, normalise, highly_variable,  # noqa: F401
                                             gene_moments, scaled_for_pca, blockwise_pca, sparse_pca)
-from .neighbours import KNNGraph
-from .pipeline import (ScaleConfig, STAGES, scale_settings, sample_indices, rank_genes_sampled,
+from .neighbours import KNNGraph  # noqa: F401
+from .pipeline import (ScaleConfig, STAGES, scale_settings, sample_indices, rank_genes_sampled,  # noqa: F401
                                        marker_agreement, embed_batched, run_scaled)
 
 _all_ = ['synthetic_counts', 'read_lazy', 'dask_client', 'is_dask', 'as_dask', 'qc_flags', 'drop_failed',
