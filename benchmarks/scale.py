@@ -13,7 +13,8 @@ Modes:
           >= 200 genes, normalize_total + log1p (counts kept in a layer), seurat HVG, densifying sc.pp.scale +
           arpack PCA, neighbours, Leiden, Wilcoxon markers on every cell (no annotation).
   memory  run_scaled(path) in memory: copy-free normalisation, chunked HVG, sparse blockwise PCA, neighbours, Leiden,
-          Wilcoxon markers from a uniform sample of [scale] marker_cells cells (>= marker_min_cells per cluster), kb annotation.
+          Wilcoxon markers from a uniform sample of [scale] marker_cells cells (>= marker_min_cells per cluster),
+          kb annotation.
   dask    run_scaled(path, dask=True): lazy read, QC -> PCA on a LocalCluster (2 worker processes, 1 thread each);
           then neighbours and Leiden in memory on X_pca, markers from the sampled cells' rows fetched from the lazy
           matrix, kb annotation. X is never held in memory, which is how 10^6 cells (7 GB of CSR) fit.
@@ -88,7 +89,7 @@ def agreement(a):
     ag = marker_agreement(full, sampled['table'], n_genes=10)
     mine, size = a.uns['deepseq']['table'].set_index('cluster')['label'], a.obs['leiden'].astype(str).value_counts()
     def same(key):
-        "kb labels from the marker table uns[key] (annotating an X-less AnnData that holds it) vs the run's: share of clusters, of cells."
+        "kb labels from the marker table uns[key] (on an X-less AnnData) vs the run's: share of clusters, of cells."
         b = ad.AnnData(obs=a.obs[['leiden']], uns={'markers': a.uns[key], 'dataset': a.uns.get('dataset', {})})
         annotate(b, groupby='leiden', backend='kb')
         eq = mine == b.uns['deepseq']['table'].set_index('cluster')['label'].reindex(mine.index)

@@ -153,7 +153,7 @@ def _print_annotation(tab, cols=('cluster', 'n_cells', 'label', 'cl_name', 'conf
         print(tab[[c for c in cols if c in tab]].to_string(index=False))
 
 def _check_backend(spec:str, S):
-    "Build the backend named by `spec` once, before any work: an unknown name, a bad option or an unusable cache fails here."
+    "Build the backend named by `spec` once, before any work: an unknown name, bad option or unusable cache fails here."
     from deepseq_nb.backends import get_backend, backend_options
     return get_backend(spec, **({} if spec == 'kb' else backend_options(S, spec)))
 
@@ -213,7 +213,7 @@ def _split_markers(s)->list:
     return [] if not isinstance(s, str) else [g.strip() for g in s.split(',') if g.strip()]
 
 def annotate_marker_table(df, backend:str='kb', species:str='human', settings=None, progress:bool=True):
-    "Annotate a benchmark-style table (one marker list per row) with any backend; returns prediction and reason per row."
+    "Annotate a benchmark-style table (one marker list per row) with any backend; prediction and reason per row."
     import pandas as pd
     from deepseq_nb.backends import get_backend, backend_options
     from deepseq_nb.prompts import ClusterQuery
@@ -394,7 +394,8 @@ def build_parser()->argparse.ArgumentParser:
         const=True,
         default=False,
         metavar='RUN_DIR',
-        help='compare the tables with paper_figures/results under <name>.tolerances.json; rc 1 outside them (RUN_DIR: an earlier run, not rerun)',
+        help='compare the tables with paper_figures/results under <name>.tolerances.json; rc 1 outside them '
+        '(RUN_DIR: an earlier run, not rerun)',
     )
     f.add_argument(
         '--update-results',
@@ -402,7 +403,8 @@ def build_parser()->argparse.ArgumentParser:
         const=True,
         default=False,
         metavar='RUN_DIR',
-        help='copy the run into the committed record paper_figures/results and its README (RUN_DIR: an earlier run, not rerun)',
+        help='copy the run into the committed record paper_figures/results and its README '
+        '(RUN_DIR: an earlier run, not rerun)',
     )
     f.set_defaults(func=cmd_figures)
     n = sub.add_parser('annotate', help='QC, clusters, markers and a cell-type label per cluster')

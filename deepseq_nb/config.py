@@ -99,7 +99,8 @@ def _override_items(overrides:list|dict):
     return [_split_override(o) for o in overrides]
 
 # %% ../nbs/00_config.ipynb #5e7a1c01
-SETTING_TYPES = {  # key -> 'number' | 'int' | 'bool' | 'list' | 'number?' (None allowed): only where the default cannot say
+# key -> 'number' | 'int' | 'bool' | 'list' | 'number?' (None allowed): only where the default cannot say
+SETTING_TYPES = {
     'cluster.target_sum': 'number',
     'cluster.resolution': 'number',
     'qc.smooth_frac': 'number',

@@ -88,7 +88,7 @@ def cross_tissue_reference(
     seed: int = 0,  # seed of the splits
     max_cells: int | None = None,  # about this many cells per study (see `utils.subsample_types`; None: all)
 ) -> ad.AnnData:
-    "All studies in one AnnData: log-normalised X, obs dataset / tissue / label / label_orig / split; the label map in uns."
+    "All studies in one AnnData: log-normalised X, obs dataset/tissue/label/label_orig/split; the label map in uns."
     if min_cells < 2:
         raise InputError(f"min_cells={min_cells}: a type needs at least 2 cells to have both training and test cells.")
     parts, dropped = [], []
@@ -173,7 +173,7 @@ def celltypist_baseline(ref:ad.AnnData, # from `cross_tissue_reference`
                         max_iter:int=500, # iterations of CellTypist's logistic regression
                         seed:int=0,
                        )->pd.Series:
-    "Predicted label of every test cell from a per-tissue CellTypist model (`celltypist.train` → `celltypist.annotate`)."
+    "Predicted label of every test cell by a per-tissue CellTypist model (`celltypist.train` → `celltypist.annotate`)."
     import celltypist, logging
     logging.getLogger('celltypist').setLevel(logging.WARNING)
     out = []
@@ -263,7 +263,7 @@ def memory_knn(
     space: str = 'frozen',  # name of that space in the memory
     memory=None,  # a memory from `reference_memory` (default: built here)
 ):
-    "Predicted label of every test cell by kNN over a memory of all training cells (any tissue); returns (labels, memory)."
+    "Predicted label of every test cell by kNN over a memory of all training cells (any tissue): (labels, memory)."
     mem = memory if memory is not None else reference_memory(ref, {space: use_rep})
     te = ref[ref.obs.split == 'test']
     res = mem.transfer_labels(te.obsm[use_rep], k=k, space=space)
@@ -275,7 +275,7 @@ def plugin_methods(ref:ad.AnnData, # from `cross_tissue_reference`
                    *, params:dict|None=None, # plugin settings (default: `plugins.plugin_settings()`, i.e. `[plugins]`)
                    tuned_key:str='X_scgpt_tuned', # obsm key of the plugin-tuned embedding of every cell
                   ):
-    "Train a plugin per tissue and the router on the training cells; returns ({'plugin': (b), 'router': (c)} test labels and the router's test weights, PluginSet)."
+    "Train a plugin per tissue and the router: ({'plugin', 'router'} test labels, router test weights, PluginSet)."
     from deepseq_nb.encoder import default_encoder
     from deepseq_nb.plugins import plugin_settings, plugin_kwargs, train_plugin, train_router, predict
     p = plugin_settings() if params is None else params
@@ -325,7 +325,7 @@ def validation_mask(ref:ad.AnnData, # from `cross_tissue_reference`, with obs sp
     return out
 
 def _expr_head(ref, tissue, fit, n_hvg, C, seed, use_rep):
-    "A logistic regression on [frozen embedding, HVG expression] of `tissue`, fitted on the cells `fit`; (predict_proba of cells, classes)."
+    "Logistic regression on [frozen embedding, HVGs] of `tissue`, fitted on cells `fit`: (predict_proba, classes)."
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
     genes = shared_genes(ref, tissue)
@@ -345,7 +345,7 @@ def _macro_f1(y, p)->float:
     return float(f1_score(y, p, labels=sorted(set(y)), average='macro', zero_division=0))
 
 def plugin_heads(
-    ref: ad.AnnData,  # with obs split/label/tissue, obsm[use_rep] and the `validation_mask` cells excluded from the plugins' training
+    ref: ad.AnnData,  # obs split/label/tissue, obsm[use_rep]; `validation_mask` cells left out of the plugins' training
     plugins,  # the `PluginSet` of the tissues (its LoRA heads are the `lora` candidates)
     val: np.ndarray,  # `validation_mask(ref, ...)`
     *,
@@ -355,7 +355,7 @@ def plugin_heads(
     seed: int = 0,
     n_threads: int = 1,  # frozen embedding; seed; torch threads
 ) -> dict:
-    "Per tissue, the head with the best validation macro-F1 (LoRA or expression); test-cell probabilities of each chosen head."
+    "Per tissue, the head with the best validation macro-F1 (LoRA or expression); test-cell probabilities of each."
     from deepseq_nb.plugins import plugin_outputs
     from deepseq_nb.encoder import tokenize
 
@@ -393,7 +393,7 @@ def head_predictions(
     heads: dict,  # `plugin_heads(...)`
     weights: pd.DataFrame,  # router weights per test cell (cells × tissues; `predict`'s obsm '<key>_weights')
 ) -> dict:
-    "Test labels from the chosen heads: {'plugin': told the tissue, 'router': the router's weights mixing every chosen head}."
+    "Test labels from the chosen heads: {'plugin': told the tissue, 'router': router weights mixing every chosen head}."
     idx, ch = heads['test_index'], heads['chosen']
     tissue = ref.obs.loc[idx, 'tissue'].astype(str).to_numpy()
     union = list(dict.fromkeys(l for h in ch.values() for l in h['labels'] if l is not None))
@@ -427,7 +427,7 @@ class CrossTissueConfig:
     # validation share of the plugins' own early stopping (overriding [plugins] val_fraction)
     plugin_val_fraction: float = 0.0
     head_cs:list=field(default_factory=lambda: [0.1, 1.0])  # strengths of the logistic heads chosen on validation
-    methods: str = 'knn,knn_tuned,plugin,router,plugin_sel,router_sel,logreg,celltypist'  # methods run, comma-separated (`METHOD_NAMES`)
+    methods: str = 'knn,knn_tuned,plugin,router,plugin_sel,router_sel,logreg,celltypist'  # run, comma-separated
 
 
 def ct_settings(settings=None, # a `Settings` (default: `load_settings()`)
@@ -522,7 +522,7 @@ def _resplit(ref:ad.AnnData, test_frac:float, seed:int)->None:
     ref.obs['split'] = pd.Categorical(split.to_numpy(), categories=['test', 'train'])
 
 def _plugin_view(ref:ad.AnnData, val:np.ndarray, max_cells:int, seed:int)->ad.AnnData:
-    "The reference as the plugins see it: validation cells and training cells beyond a draw of `max_cells` per tissue are not 'train'."
+    "The reference as plugins see it: validation cells, training cells beyond `max_cells` per tissue are not 'train'."
     v = ad.AnnData(ref.X, obs=ref.obs.copy(), var=ref.var.copy())
     split = np.where(val, 'validation', v.obs.split.astype(str)).astype(object)
     for t in v.obs.tissue.cat.categories:
@@ -533,7 +533,7 @@ def _plugin_view(ref:ad.AnnData, val:np.ndarray, max_cells:int, seed:int)->ad.An
     return v
 
 def _one_seed(ref, enc, P, PP, MK, seed, timings):
-    "Every method on the split of `seed`: (test predictions by method name, validation table of the heads, PluginSet or None)."
+    "Every method on the split of `seed`: (test predictions by method, heads' validation table, PluginSet or None)."
     _resplit(ref, P['test_frac'], seed)
     PPs, ps, plug, val_t = (
         dict(PP, seed=seed, epochs=P['plugin_epochs'], val_fraction=P['plugin_val_fraction']),
@@ -580,7 +580,7 @@ def run_cross_tissue(
     cache=None,  # path of an .h5ad cache of the result (None: no cache); the first seed's plugins are saved beside it
     encoder=None,  # an `encoder.Encoder` (default: the settings' encoder)
 ) -> dict:
-    "Reference, frozen embeddings (once), every method on each seed's split; the table as mean ± sd over seeds; cached when asked."
+    "Reference, frozen embeddings (once), every method per seed's split; mean ± sd over seeds; cached if asked."
     import hashlib, json
     from pathlib import Path
     from deepseq_nb.config import load_settings

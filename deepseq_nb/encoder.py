@@ -6,7 +6,8 @@ Docs: https://deepseq-nb.github.io/deepseq_nb/encoder.html.md"""
 
 # %% ../nbs/10_encoder.ipynb #cf0e9c7c
 from __future__ import annotations
-import contextlib, fcntl, functools, hashlib, importlib.util, json, logging, math, os, shutil, sys, time, types, warnings, zlib
+import contextlib, fcntl, functools, hashlib, importlib.util, json, logging, math, os, shutil, sys, time, types
+import warnings, zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def _scgpt_package()->types.ModuleType:
 
 @functools.cache
 def scgpt_classes()->tuple[type, type]:
-    "scgpt's `TransformerModel` and `GeneVocab`, imported without scgpt's `__init__` and with torchtext or our stand-in."
+    "scgpt's `TransformerModel` and `GeneVocab`, imported without scgpt's `__init__`, with torchtext or our stand-in."
     install_torchtext()
     _scgpt_package()
     with warnings.catch_warnings():
@@ -118,7 +119,7 @@ def gene_coverage(matched:pd.DataFrame)->dict:
 def bin_values(X:sp.spmatrix|np.ndarray, # cells × genes, non-negative
                n_bins:int=51, # bins including zero: non-zero values go to 1 … n_bins-1
               )->sp.csr_matrix:
-    "Per cell, each non-zero value → its equal-frequency bin among the cell's non-zero values (1 … n_bins-1); zeros stay 0."
+    "Per cell, each non-zero value → its equal-frequency bin among the cell's non-zeros (1 … n_bins-1); zeros stay 0."
     if n_bins < 3: raise ValueError(f"n_bins must be at least 3 (zero and two value bins); got {n_bins}.")
     X = sp.csr_matrix(X, dtype=np.float64, copy=True)
     X.eliminate_zeros()
@@ -322,7 +323,7 @@ class Tokens:
 
 # %% ../nbs/10_encoder.ipynb #bcb34251
 def _draw(idx:np.ndarray, v:np.ndarray, k:int, seed:int, select:str='top')->np.ndarray:
-    "Positions of `k` of a cell's genes: the highest `v` (ties at random) or a uniform draw; seeded by `seed` and the genes."
+    "Positions of `k` of a cell's genes: the highest `v` (ties at random) or a uniform draw; seeded by `seed`, genes."
     rng = np.random.default_rng([seed, zlib.crc32(idx.astype(np.int64).tobytes())])
     if select == 'top': return np.sort(np.lexsort((rng.random(len(idx)), -v))[:k])
     if select == 'random': return np.sort(rng.choice(len(idx), k, replace=False))
@@ -338,7 +339,7 @@ def pack_tokens(
     obs_names: pd.Index | None = None,
     coverage: dict | None = None,  # carried into the Tokens
 ) -> Tokens:
-    "Token tensors of binned cells: `<cls>` + the cell's genes (`max_len-1` of them, by `select`, when it has more), padded."
+    "Token tensors of binned cells: `<cls>` + the cell's genes (`max_len-1`, by `select`, when it has more), padded."
     L_max = int(max_len or encoder.max_len)
     if L_max < 2: raise ValueError(f"max_len must be at least 2 (<cls> and one gene); got {L_max}.")
     n, nnz = binned.shape[0], np.diff(binned.indptr)
@@ -427,7 +428,7 @@ def flash_to_torch_names(state:dict)->dict:
     return out
 
 def torch_to_flash_names(state:dict)->dict:
-    "Rename torch's attention weights (`self_attn.in_proj_*`) to flash-attn's (`self_attn.Wqkv.*`), as official files have them."
+    "Rename torch's attention weights (`self_attn.in_proj_*`) to flash-attn's (`self_attn.Wqkv.*`), as official files."
     out = {}
     for k, v in state.items():
         for a, b in _FLASH: k = k.replace(b, a)
@@ -477,7 +478,7 @@ def _read_state(p:Path)->dict:
 def load_scgpt(directory:str|Path, # a checkpoint directory in the official layout
                *, device:str|torch.device='cpu', # where to put the model
               )->Encoder:
-    "Load an scGPT checkpoint (official layout; flash-attn weight names mapped to torch's) as an `Encoder` in eval mode."
+    "Load an scGPT checkpoint (official layout; flash-attn weight names mapped to torch's) as an eval-mode `Encoder`."
     d = Path(directory).expanduser()
     if not d.is_dir(): raise FileNotFoundError(f"Checkpoint directory {d} does not exist. {_HOWTO}")
     missing = [f for f in FILES if not (d/f).is_file()]
@@ -837,7 +838,7 @@ def pretrained_encoder(
 def default_encoder(settings:dict|None=None, # settings (default: settings.ini)
                     *, progress:bool=True, # progress bar when it has to pretrain
                    )->Encoder:
-    "The encoder settings.ini names: `[encoder] checkpoint` if set, else the cached small one pretrained on the bundled data."
+    "The encoder settings.ini names: `[encoder] checkpoint` if set, else the cached small one trained on bundled data."
     s = encoder_settings(settings)
     if s.get('checkpoint'): return load_scgpt(s['checkpoint'])
     params = {k: s[k] for k in PRETRAIN_KEYS if k in s and s[k] != ''}

@@ -116,7 +116,7 @@ def rehearsal_sample(
     memory=None,
     space: str | None = None,  # a `CellMemory` of the reference: take the cells nearest each centroid
 ) -> np.ndarray:
-    "Sorted positions in `reference` of up to `n` cells of each of `labels`: a seeded draw, or the most typical by the memory."
+    "Sorted positions in `reference` of <= `n` cells of each of `labels`: a seeded draw, or the memory's most typical."
     if label_key not in reference.obs:
         raise InputError(
             f"The reference has no obs column {label_key!r}; its columns are: "
@@ -220,7 +220,7 @@ def add_cell_type(
     seed: int = 0,
     n_threads: int | None = 1,  # seed of the rehearsal draw, the slot's weights, order and dropout; torch threads
 ) -> PluginSet:
-    "Add a cell type to `tissue`'s plugin from a few labelled cells (a free head slot; rehearsal of old types); all or nothing."
+    "Add a cell type to `tissue`'s plugin from a few labelled cells (free slot; old types rehearsed); all or nothing."
     t0 = time.perf_counter()
     head = plugins.heads[plugins.check_tissue(tissue)]
     label, new = _new_cells(adata_new, label, label_key)
@@ -318,7 +318,7 @@ def type_scores(
     old: list,
     new: list = (),  # types the plugin knew before; types added
 ) -> dict:
-    "New types' F1 (over all cells); old types' accuracy and macro-F1 (on old-type cells); macro-F1 of all on their cells."
+    "New types' F1 (over all cells); old types' accuracy, macro-F1 (on old-type cells); macro-F1 of all on their cells."
     y, p = np.asarray(y_true).astype(str), np.asarray(y_pred).astype(str)
     o, seen = np.isin(y, list(old)), np.isin(y, list(old) + list(new))
     out = dict(
@@ -392,7 +392,7 @@ def new_type_curve(
     add_params: dict | None = None,  # overrides of `[plugins]` and `[incremental]`
     log=None,  # called with a line of progress (e.g. print)
 ) -> pd.DataFrame:
-    "Per held-out type, k and variant: new-type F1 and old-type accuracy / macro-F1 on test cells, before and after the addition."
+    "Per held-out type, k, variant: new-type F1, old-type accuracy / macro-F1 on test cells, before and after adding."
     from deepseq_nb.encoder import default_encoder
     enc = encoder if encoder is not None else default_encoder()
     a, test = _prepare(adata, label_key, test_frac, max_cells, seed)
@@ -494,7 +494,7 @@ def forgetting_curve(
     add_params: dict | None = None,  # overrides of `[plugins]` and `[incremental]`
     log=None,  # called with a line of progress (e.g. print)
 ) -> pd.DataFrame:
-    "Scores after each of `steps` sequential additions, per variant and for retraining from scratch on the same labelled cells."
+    "Scores after each of `steps` sequential additions, per variant and for retraining from scratch on the same cells."
     if scratch not in (True, False, 'every', 'last', 'none'):
         raise InputError(f"scratch must be True/'every', 'last' or False/'none'; got {scratch!r}.")
     from deepseq_nb.encoder import default_encoder

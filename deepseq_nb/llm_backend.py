@@ -331,7 +331,8 @@ def _annotate(self:LLMBackend, queries:list[ClusterQuery])->Answers:
     pbar = _progress(self, len(chunks))
     try: results, errors = self._run_pool(chunks, pbar)
     except KeyboardInterrupt:
-        self._stop.set()  # pending prompts are never sent; a call in flight is abandoned (its answer is cached if it lands)
+        # pending prompts are never sent; a call in flight is abandoned (its answer is cached if it lands)
+        self._stop.set()
         self.stats.wall = time.perf_counter() - t0
         record_run(self.spec, getattr(self, 'model', None), self.stats, len(queries), ok=False)
         where = f"cached in {self.cache.path}" if self.cache is not None else "not cached (no cache)"

@@ -25,7 +25,7 @@ def cache_key(parts:dict)->str:
 
 # %% ../nbs/05b_llm_cache.ipynb #5e93d1fc
 def default_cache_path()->Path:
-    "The answer cache shared by CLI, notebooks and figures: `answers.sqlite` in the per-user cache (`config.cache_dir`)."
+    "The answer cache of CLI, notebooks and figures: `answers.sqlite` in the per-user cache (`config.cache_dir`)."
     return cache_dir('llm')/'answers.sqlite'
 
 class AnswerCache:

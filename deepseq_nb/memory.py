@@ -313,7 +313,7 @@ def _build(self:CellMemory, kind:str, nlist:int|None, X:np.ndarray, ids:np.ndarr
     return idx
 
 def _put(self:CellMemory, space:str, X:np.ndarray, ids:np.ndarray):
-    "Add vectors to a space; when the new size calls for another index, build it once from old and new vectors together."
+    "Add vectors to a space; when the new size calls for another index, build it once from old and new vectors."
     idx = self._index[space]
     kind, nlist = _target(self, space, idx.ntotal + len(ids))
     if not _stale(idx, kind, nlist): return idx.add_with_ids(X, ids)

@@ -52,7 +52,7 @@ def novelty_features(
     proba_key: str | None = 'plugin_proba',  # obsm key of class probabilities (None or absent: skipped)
     key: str = 'label',  # memory column of the types (for the centroids)
 ) -> pd.DataFrame:
-    "Evidence of novelty per cell, larger = less like the reference: `{space}_knn`, `{space}_centroid`, `proba_gap`, `entropy`."
+    "Novelty evidence per cell (larger: less like the reference): `{space}_knn`, `_centroid`, `proba_gap`, `entropy`."
     use, F = _spaces(adata, memory, spaces), {}
     for s, o in use.items():
         X = np.asarray(adata.obsm[o], np.float32)
@@ -180,7 +180,7 @@ def assess_novelty(
     proba_key: str | None = 'plugin_proba',  # as in `novelty_features`
     copy: bool = False,
 ) -> ad.AnnData | None:
-    "Novelty scores and flags: obs `{key}_novelty_score`/`{key}_is_novel`, obsm `{key}_novelty_evidence`, uns `{key}_novelty`."
+    "Novelty scores, flags: obs `{key}_novelty_score`/`_is_novel`, obsm `{key}_novelty_evidence`, uns `{key}_novelty`."
     adata = adata.copy() if copy else adata
     F = novelty_features(adata, memory, spaces=spaces, k=k, proba_key=proba_key)
     S = calibration.scores(F)
@@ -226,7 +226,7 @@ def known_match(label:str, # a cell-type name (e.g. the kb annotator's reading)
 JUDGE_KEYS = ('is_novel', 'closest_type', 'explanation')
 
 def parse_judgement(text:str)->dict:
-    "`{is_novel: bool, closest_type: str, explanation: str}` from an LLM's answer; raises ValueError when it holds none."
+    "`{is_novel: bool, closest_type: str, explanation: str}` from an LLM's answer; ValueError when it holds none."
     s = re.sub(r'```(?:json)?', '', text or '')
     objs = []
     for m in re.finditer(r'\{', s):
@@ -326,7 +326,7 @@ def judge_novelty(
     species: str = 'human',
     nearest: dict | None = None,  # context; {cluster: nearest known type}
 ) -> pd.DataFrame:
-    "Per cluster: the rule's verdict, the kb reading, and the judge's `is_novel`, `closest_type`, `explanation`; also in `uns[f'{key}_novelty']['judge']`."
+    "Per cluster: the rule's verdict, kb reading, the judge's `is_novel`, `closest_type`, `explanation` (also in uns)."
     from deepseq_nb.prompts import ClusterQuery
     U = adata.uns.get(f'{key}_novelty', {})
     if 'clusters' not in U:
@@ -438,7 +438,7 @@ def fit_reference(
     plugin_params: dict | None = None,  # the plugin's tissue; `plugin_settings()` (default: settings)
     pca: bool = True,  # also a PCA space of the reference (the baseline)
 ):
-    "A plugin trained on `cells` and a memory of them in the frozen, tuned (and PCA) spaces: (PluginSet, CellMemory, PCASpace|None)."
+    "A plugin fit on `cells`, their memory in frozen, tuned (and PCA) space: (PluginSet, CellMemory, PCASpace|None)."
     from deepseq_nb.plugins import train_plugin, predict
     from deepseq_nb.memory import CellMemory
     kw = _plugin_kw(plugin_params)
@@ -453,7 +453,7 @@ def fit_reference(
     return ps, mem, P
 
 def score_cells(cells:ad.AnnData, plugins, memory, pca:PCASpace|None=None, *, tissue:str, k:int=15)->pd.DataFrame:
-    "Annotate `cells` with the plugin (tuned space, probabilities), project them on the PCA; return their novelty evidence."
+    "Annotate `cells` with the plugin (tuned space, probabilities), project them on the PCA; their novelty evidence."
     from deepseq_nb.plugins import predict
     predict(cells, plugins, tissue=tissue, n_threads=1)
     if pca is not None: cells.obsm['X_pca_ref'] = pca.transform(cells)
@@ -486,7 +486,7 @@ def mnn_adapt(YR:np.ndarray, # reference coordinates
               YQ:np.ndarray, # query coordinates, same space
               k:int=20, # neighbours searched each way for mutual pairs
              )->np.ndarray:
-    "Query coordinates moved onto the reference: each cell takes a kernel-weighted mean offset of the mutual-nearest-neighbour pairs."
+    "Query coordinates moved onto the reference, each cell by a kernel-weighted mean offset of mutual-NN pairs."
     from sklearn.neighbors import NearestNeighbors
     k = min(k, len(YR), len(YQ))
     iq = NearestNeighbors(n_neighbors=k).fit(YR).kneighbors(YQ, return_distance=False)
@@ -570,7 +570,7 @@ def query_clusters(YQ:np.ndarray, # query coordinates
 def relative_scores(share:np.ndarray, # `reference_share` per query cell
                     clusters:np.ndarray, # cluster per query cell
                    )->tuple[np.ndarray, np.ndarray]:
-    "(cell score, cluster score): 1 - share / mean share of the query's better-mixed half; the cluster score is its cells' mean."
+    "(cell score, cluster score): 1 - share / mean share of the query's better-mixed half; cluster: its cells' mean."
     share = np.asarray(share, np.float64)
     typical = share[share >= np.median(share)].mean()
     cell = 1 - share / max(typical, 1e-6)
@@ -583,7 +583,7 @@ def kb_reading(query:ad.AnnData, # log-normalised query cells
                *, tissue:str|None=None, species:str='human',
                n_genes:int=20, # top genes per cluster (t-test, one against the rest) read by the kb
               )->pd.DataFrame:
-    "Per cluster: the `kb` annotator's reading of its top genes, and the reference type it names (`known_match`; '' if none)."
+    "Per cluster: the `kb` reading of its top genes and the reference type it names (`known_match`; '' if none)."
     import scanpy as sc
     from deepseq_nb.knowledge import kb_annotate
     genes = measured_genes(query)
@@ -636,7 +636,7 @@ def relative_novelty(
     tissue: str | None = None,
     seed: int = 0,
 ) -> dict:
-    "Per query cell: cluster, scores and flag; the thresholds (reference-side, query-side, used); the clusters' kb reading; the mixing."
+    "Per query cell: cluster, scores, flag; thresholds (reference-, query-side, used); clusters' kb reading; mixing."
     if calibration.n_obs < 20:
         raise InputError(f"{calibration.n_obs} calibration cells: at least 20 held-out reference cells are needed.")
     types = sorted(set(reference.obs['label'].astype(str)))

@@ -34,7 +34,7 @@ def shared_embedding(
     *,
     key_added: str = 'X_scgpt',  # obsm key written in both
 ) -> int:
-    "Frozen embeddings of both studies from the genes both measured, in place (`obsm[key_added]`); the number of those genes."
+    "Frozen embeddings of both studies from the genes both measured, in place (`obsm[key_added]`); how many genes."
     from deepseq_nb.encoder import embed, default_encoder
     genes = measured_genes(reference).intersection(measured_genes(query))
     if len(genes) < 10:
@@ -48,7 +48,7 @@ def shared_embedding(
 
 # %% ../nbs/13a_novelty_experiments.ipynb #e67bcce6
 def _ref_distance(R:np.ndarray, C:np.ndarray, Q:np.ndarray, k:int, rate:float)->tuple[np.ndarray, float]:
-    "Reference-only baseline: mean distance of query cells to their k nearest reference cells, and its threshold on calibration cells."
+    "Reference-only baseline: mean distance of query cells to their k nearest reference cells; calibrated threshold."
     from sklearn.neighbors import NearestNeighbors
     nn = NearestNeighbors(n_neighbors=min(k, len(R))).fit(R)
     return nn.kneighbors(Q)[0].mean(1), upper_quantile(nn.kneighbors(C)[0].mean(1), rate)
@@ -57,7 +57,7 @@ RELATIVE_SPACES = {'pca': None, 'frozen': 'X_scgpt'}  # query-relative scores: j
 
 def _fold(R:ad.AnnData, C:ad.AnnData, Q:ad.AnnData, *, tissue:str, k:int, resolution:float, adapter:str,
           false_novel_rate:float, kb:bool, seed:int)->tuple[pd.DataFrame, dict, dict]:
-    "Scores, flags and query clusters of one reference/calibration/query fold: query-relative in each space, reference-only baselines."
+    "Scores, flags, query clusters of a reference/calibration/query fold: per space, and reference-only baselines."
     S, F, CL = {}, {}, {}
     for s, rep in RELATIVE_SPACES.items():
         if rep is not None and rep not in Q.obsm: continue
@@ -78,7 +78,7 @@ def _fold_rates(
     known: np.ndarray,  # scores; flags; new and known cells
     clusters: dict | None = None,  # space -> query cluster per cell (the per-cluster rates)
 ) -> dict:
-    "AUROC (new vs known), detection of the new cells and false-novel rate of the known cells, per space; per cluster where it has clusters."
+    "AUROC (new vs known), detection of new cells, false-novel rate of known cells per space; per cluster if any."
     from sklearn.metrics import roc_auc_score
     out = {}
     for s in S:
@@ -170,9 +170,9 @@ def batch_effect(
     kb: bool = True,
     false_novel_rate: float = 0.05,
     seed: int = 0,
-    encoder=None,  # embed both studies from their shared genes into X_scgpt with it (`shared_embedding`; None: as given)
+    encoder=None,  # embeds both studies from their shared genes into X_scgpt (`shared_embedding`; None: as given)
 ) -> dict:
-    "Across studies: false-novel rate of `query`'s known types, detection of a type held out of the reference, and `query`'s own unknown types."
+    "Across studies: false-novel rate of `query`'s known types, detection of a held-out type and of its own new types."
     r, q = ref[ref.obs.dataset == reference].copy(), ref[ref.obs.dataset == query].copy()
     if r.n_obs == 0 or q.n_obs == 0:
         raise InputError(f"Study {reference if r.n_obs == 0 else query!r} is not in the reference.")
@@ -220,7 +220,7 @@ def run_novelty(settings=None, # `Settings` (default: settings.ini)
                 *, cache=None, # path of a JSON cache of the result (None: no cache)
                 encoder=None, # an `encoder.Encoder` (default: the settings' encoder)
                 progress:bool=True)->dict:
-    "Leave-one-type-out on each `[novelty] datasets` study and the across-study pairs, for every seed; tables of rates and per-cell scores."
+    "Leave-one-type-out on each `[novelty] datasets` study and study pair, every seed: tables of rates, cell scores."
     from pathlib import Path
     from deepseq_nb.config import load_settings
     from deepseq_nb.encoder import encoder_settings, default_encoder

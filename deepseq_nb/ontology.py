@@ -66,14 +66,14 @@ def _singular(w:str)->str:
     return w
 
 # %% ../nbs/03_ontology.ipynb #7421ad87
-# Sources. CL synonym (checked against the shipped CL): nk, pdc, cdc, mdc, treg, tfh, th1/2/17, mep, rbc, lec, smc, vsmc,
-# rpe, nsc, esc, epithelial, endothelial, stromal, myeloid. Textbook immunology/haematology abbreviations (Janeway's
-# Immunobiology; the CD nomenclature of HCDM): nkt, ilc, dc, cdc1/cdc2 (BDCA3+/BDCA1+ DCs), mait, gdt, ctl, tem, tcm,
-# hsc, hspc, msc, cmp, gmp, clp, mono, mac, mphi, neut, eos, baso, mk, plt, ery, pmn, mdsc, apc, pc (plasma cell).
-# Neurobiology: opc, ipc, rgc, oligo, astro, astroglia, microglia, glia, excitatory/inhibitory neurons (glutamatergic/
-# GABAergic). Histology: ec, stroma, epithelium, endothelium, fibro, tenocyte (= tendon cell), at1/at2 (alveolar type
-# I/II pneumocytes), caf (cancer-associated fibroblast). Stem-cell biology: hesc, mesc, ipsc, ips. Lung capillary
-# nomenclature of Gillich et al. 2020 (Nature 586:785): aerocyte/aCap, gCap. Nephron segments (standard renal
+# Sources. CL synonym (checked against the shipped CL): nk, pdc, cdc, mdc, treg, tfh, th1/2/17, mep, rbc, lec, smc,
+# vsmc, rpe, nsc, esc, epithelial, endothelial, stromal, myeloid. Textbook immunology/haematology abbreviations
+# (Janeway's Immunobiology; the CD nomenclature of HCDM): nkt, ilc, dc, cdc1/cdc2 (BDCA3+/BDCA1+ DCs), mait, gdt, ctl,
+# tem, tcm, hsc, hspc, msc, cmp, gmp, clp, mono, mac, mphi, neut, eos, baso, mk, plt, ery, pmn, mdsc, apc, pc (plasma
+# cell). Neurobiology: opc, ipc, rgc, oligo, astro, astroglia, microglia, glia, excitatory/inhibitory neurons
+# (glutamatergic/GABAergic). Histology: ec, stroma, epithelium, endothelium, fibro, tenocyte (= tendon cell), at1/at2
+# (alveolar type I/II pneumocytes), caf (cancer-associated fibroblast). Stem-cell biology: hesc, mesc, ipsc, ips. Lung
+# capillary nomenclature of Gillich et al. 2020 (Nature 586:785): aerocyte/aCap, gCap. Nephron segments (standard renal
 # physiology abbreviations): tal, dct, cnt.
 ABBREVIATIONS = {
     'nk': 'natural killer',
@@ -266,7 +266,7 @@ def taxon_synonyms()->dict:
 
 @lru_cache(maxsize=1)
 def shared_synonyms()->dict:
-    "Normalised synonym → set of CL ids, for the synonyms that several live terms share (resolved by tissue, see `to_cl`)."
+    "Normalised synonym → set of CL ids, for synonyms that several live terms share (resolved by tissue: `to_cl`)."
     syn = {}
     for k, t in cl_terms().items():
         if t.get('deprecated'): continue
@@ -287,7 +287,7 @@ class CLMatch:
     def exact(self)->bool: return self.id is not None and self.how != 'head'
 
 def _digits_kept(q:str, k:str)->bool:
-    "Fuzzy guard: tokens with digits and one-letter tokens agree, and no token differs by a prefix (`mature`/`immature`)."
+    "Fuzzy guard: tokens with digits and one-letter tokens agree, no token differs by a prefix (`mature`/`immature`)."
     sig = lambda x: {w for w in x.split() if any(c.isdigit() for c in w) or len(w) <= 2}
     if sig(q) != sig(k): return False
     qa, ka = set(q.split()) - set(k.split()), set(k.split()) - set(q.split())
@@ -299,7 +299,7 @@ def _keys()->list: return list(cl_index())
 
 @lru_cache(maxsize=1)
 def _bag_index()->dict:
-    "Sorted words → CL id, for word bags that only one term has (`alveolar epithelial type 2` ≡ `type 2 alveolar epithelial`)."
+    "Sorted words → CL id, for bags only one term has (`alveolar epithelial type 2` ≡ `type 2 alveolar epithelial`)."
     bags = {}
     for k, (i, _) in cl_index().items(): bags.setdefault(' '.join(sorted(k.split())), set()).add(resolve_id(i))
     return {b: next(iter(ids)) for b, ids in bags.items() if len(ids) == 1}

@@ -196,7 +196,7 @@ def adapter_name(tissue:str)->str:
 
 # %% ../nbs/11_plugins.ipynb #87c60f09
 class PluginSet:
-    "LoRA tissue plugins (one peft adapter and one `SlotHead` per tissue) over a copy of a frozen encoder, and a router."
+    "LoRA tissue plugins (a peft adapter and a `SlotHead` per tissue) over a copy of a frozen encoder, and a router."
 
     def __init__(
         self,
@@ -297,7 +297,7 @@ def lora_parameters(plugins:PluginSet, tissue:str)->dict:
     return {n: p for n, p in plugins.model.named_parameters() if 'lora_' in n and n.split('.')[-2] == name}
 
 def _activate(plugins:PluginSet, tissue:str)->None:
-    "Make `tissue`'s adapter the active one (peft's `set_adapter`, only when it is not already: it resets `requires_grad`)."
+    "Make `tissue`'s adapter the active one (peft's `set_adapter`, only if it is not: it resets `requires_grad`)."
     name = adapter_name(plugins.check_tissue(tissue))
     if plugins.peft.active_adapter != name: plugins.peft.set_adapter(name)
 
@@ -578,7 +578,7 @@ def train_plugin(
 
 # %% ../nbs/11_plugins.ipynb #5a4501b7
 def base_weights_changed(plugins:PluginSet)->list:
-    "Names of base weights in the plugins' model copy that differ from the encoder's (empty when all are bit-identical)."
+    "Names of base weights in the plugins' model copy that differ from the encoder's (empty if all are bit-identical)."
     if plugins.model is None: return []
     ref = plugins.encoder.model.state_dict()
     cur = {re.sub(r'\.base_layer\.', '.', k): v for k, v in plugins.model.state_dict().items() if 'lora_' not in k}

@@ -88,7 +88,7 @@ def _register()->None:
     sys.modules['torchtext'], sys.modules['torchtext.vocab'] = pkg, mod
 
 def install_torchtext()->str:
-    "Make `import torchtext.vocab` work: the real torchtext if it loads, else this stand-in. Returns 'torchtext' or 'compat'."
+    "Make `import torchtext.vocab` work: the real torchtext if it loads, else this stand-in; 'torchtext' or 'compat'."
     global _REASON
     m = sys.modules.get('torchtext.vocab')
     if m is not None: return 'compat' if getattr(m, '__deepseq_compat__', False) else 'torchtext'

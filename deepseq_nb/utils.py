@@ -66,7 +66,7 @@ def subsample_types(labels, # one label per cell
                     max_cells:int, # cells wanted in all
                     seed:int=0, # seed of the draw
                    )->np.ndarray:
-    "Sorted indices of about `max_cells` cells drawn per label in proportion to its size, at least 2 per label (all if fewer)."
+    "Sorted indices of about `max_cells` cells drawn per label in proportion to its size, >= 2 each (all if fewer)."
     labels = np.asarray(labels).astype(str)
     rng = np.random.default_rng(seed)
     keep = []

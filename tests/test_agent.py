@@ -1,7 +1,7 @@
-"""The agent (deepseq_nb.agent): action schemas and validation, the offline planner on many phrasings (plans and refusals),
-offline sessions with real results, consent, and LLM tool-calling sessions through the real ollama and openai clients
-against the loopback stand-in server (tools/standin_server.py): multi-step, repaired arguments, an unknown tool refused,
-the step bound, consent, dry run, and a session resumed from the cache after a failure. No network.
+"""The agent (deepseq_nb.agent): action schemas and validation, the offline planner on many phrasings (plans and
+refusals), offline sessions with real results, consent, and LLM tool-calling sessions through the real ollama and openai
+clients against the loopback stand-in server (tools/standin_server.py): multi-step, repaired arguments, an unknown tool
+refused, the step bound, consent, dry run, and a session resumed from the cache after a failure. No network.
 """
 import argparse, json
 from pathlib import Path
@@ -35,8 +35,9 @@ def settings(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def clustered(settings):
-    """300 pbmc3k cells, QC'd, log-normalised, with markers: the start of most sessions. The clusters are the Seurat tutorial's
-    (obs seurat_cluster) in place of Leiden: the neighbour graph's numba compilation alone takes ~20 s; the notebook runs `cluster`."""
+    """300 pbmc3k cells, QC'd, log-normalised, with markers: the start of most sessions. The clusters are the Seurat
+    tutorial's (obs seurat_cluster) in place of Leiden: the neighbour graph's numba compilation alone takes ~20 s; the
+    notebook runs `cluster`."""
     from deepseq_nb.cluster import normalize
     st = AgentState(settings=settings)
     for name, args in [('load_data', {'dataset': 'pbmc3k'}), ('qc', {})]:
@@ -107,7 +108,7 @@ def test_validation_repairs_and_rejects():
     with pytest.raises(ArgumentError, match='not valid JSON'): validate_args(ACTIONS['qc'], '{"strategy": ')
 
 
-# --- the offline planner -------------------------------------------------------------------------------------------------
+# --- the offline planner ----------------------------------------------------------------------------------------------
 
 PIPE = ['load_data', 'qc', 'cluster', 'markers']
 PHRASINGS = [
@@ -211,7 +212,7 @@ def test_offline_plan_skips_what_the_data_holds(clustered):
     }
 
 
-# --- offline sessions ----------------------------------------------------------------------------------------------------
+# --- offline sessions -------------------------------------------------------------------------------------------------
 
 def test_offline_dry_run_runs_nothing(settings, tmp_path):
     run = agent(
@@ -260,7 +261,7 @@ def test_failed_step_stops_the_plan(clustered):
     assert [r['status'] for r in run.log] == ['ok', 'error'] and 'no true labels' in run.log[1]['error'] and not run.ok
 
 
-# --- consent --------------------------------------------------------------------------------------------------------------
+# --- consent ----------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope='module')
 def trained(clustered):
@@ -332,7 +333,7 @@ def test_plugin_actions_route_embed_plot(trained, tmp_path):
     )
 
 
-# --- the LLM planner through the stand-in server -------------------------------------------------------------------------
+# --- the LLM planner through the stand-in server ----------------------------------------------------------------------
 
 def test_compare_backends_with_a_reachable_and_a_missing_model(clustered, tmp_path):
     from standin_server import label_by_first_marker, last_user_text
@@ -388,7 +389,7 @@ def tool_msgs(body):
 
 
 def ollama_script(turns):
-    "Answer the n-th chat request (n = tool results so far, counted per turn) from `turns`: a list of tool-call lists or a final text."
+    "Answer the n-th chat request (n = tool results so far, per turn) from `turns`: tool-call lists or a final text."
     def script(path, body):
         n = sum(1 for m in body['messages'] if m['role'] == 'assistant')
         t = turns[min(n, len(turns) - 1)]
@@ -584,7 +585,7 @@ def test_resume_from_cache_after_a_failure(server, clustered, tmp_path):
     assert run.answer == 'Done: labels in [2].' and 'deepseq_label' in st.adata.obs
 
 
-# --- the command line -----------------------------------------------------------------------------------------------------
+# --- the command line -------------------------------------------------------------------------------------------------
 
 def parse(*argv):
     P = argparse.ArgumentParser(prog='deepseq')

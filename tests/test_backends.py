@@ -1,4 +1,5 @@
-"""The Ollama and OpenAI backends through the real clients, against a loopback stand-in server (tools/standin_server.py).
+"""The Ollama and OpenAI backends through the real clients, against a loopback stand-in server
+(tools/standin_server.py).
 
 Covers: the prompt that reaches the server; messy answers and re-asking missing rows; tool-call round trips (Ollama
 tools, OpenAI web_search output items); 429 with Retry-After, 500s, answers slower than the timeout; a crash after

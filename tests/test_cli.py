@@ -124,7 +124,7 @@ def test_figures_same_settings_same_tables(tmp_path):
     assert kb and kb[0]['runs'] >= 1 and kb[0]['calls'] == 0 and kb[0]['cost'] == 0
 
 def test_figures_on_a_users_dataset(tmp_path):
-    "A user's unlabelled h5ad: the figures that apply run, the others are skipped with the reason; bad input fails early."
+    "A user's unlabelled h5ad: the figures that apply run, the others are skipped with why; bad input fails early."
     sys.path.insert(0, str(ROOT))
     from deepseq_nb.data import load_dataset
     a = load_dataset('pbmc3k')[:600].copy()

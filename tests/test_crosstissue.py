@@ -1,4 +1,4 @@
-"The cross-tissue experiment end to end on a few cells: every method, the cache, the saved plugins (deepseq_nb.crosstissue)."
+"The cross-tissue experiment (deepseq_nb.crosstissue) end to end on a few cells: every method, cache, saved plugins."
 import numpy as np
 import pandas as pd
 import pytest

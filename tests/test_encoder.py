@@ -21,7 +21,7 @@ TINY = dict(d_model=16, nlayers=1, nhead=2, d_hid=32, max_len=32, epochs=1, batc
 
 
 def _run(code: str, pythonpath: Path | None = None) -> dict:
-    "Run `code` in a fresh interpreter (optionally with `pythonpath` first on sys.path); return the JSON it prints last."
+    "Run `code` in a fresh interpreter (optionally with `pythonpath` first on sys.path); the JSON it prints last."
     env = dict(os.environ)
     if pythonpath: env['PYTHONPATH'] = os.pathsep.join([str(pythonpath), env.get('PYTHONPATH', '')])
     r = subprocess.run(
@@ -38,8 +38,9 @@ PROBE = """
     TransformerModel, GeneVocab = E.scgpt_classes()
     import torchtext.vocab as tv
     v = E.make_vocab(['CD3E', 'MS4A1'])
-    print(json.dumps(dict(status=torchtext_status(), base=GeneVocab.__mro__[1].__module__, fake=getattr(tv, 'FAKE', False),
-                          itos=v.get_itos(), scgpt_shell=getattr(sys.modules['scgpt'], '__deepseq_shell__', False))))
+    print(json.dumps(dict(status=torchtext_status(), base=GeneVocab.__mro__[1].__module__,
+                          fake=getattr(tv, 'FAKE', False), itos=v.get_itos(),
+                          scgpt_shell=getattr(sys.modules['scgpt'], '__deepseq_shell__', False))))
 """
 
 

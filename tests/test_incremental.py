@@ -1,4 +1,4 @@
-"Adding a cell type to a plugin (deepseq_nb.incremental): slot bookkeeping, frozen logits, errors, rollback, determinism, protocols."
+"Adding a type to a plugin (deepseq_nb.incremental): slots, frozen logits, errors, rollback, determinism, protocols."
 import numpy as np
 import pandas as pd
 import pytest
@@ -121,7 +121,7 @@ def test_training_lora_does_change_old_logits(fresh, cells):
     assert not np.array_equal(before[:, :3], logits(ps, cells)[:, :3])
 
 
-# --- errors ------------------------------------------------------------------------------------------------------------
+# --- errors -----------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('kwargs, match', [
     (dict(tissue='liver'), "No plugin for tissue 'liver'"),
@@ -160,7 +160,7 @@ def test_reference_without_label_column_and_missing_types(fresh):
         add_cell_type(delta, ps, tissue='pancreas', reference=ref[ref.obs.cell_type != 'gamma'], rehearsal=3, **ADD)
 
 
-# --- rollback ------------------------------------------------------------------------------------------------------------
+# --- rollback ---------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('exc', [RuntimeError, KeyboardInterrupt])
 def test_failure_mid_training_rolls_back(fresh, cells, monkeypatch, exc):
@@ -187,7 +187,7 @@ def test_failure_mid_training_rolls_back(fresh, cells, monkeypatch, exc):
     assert ps.heads['pancreas'].known[-1] == 'delta'
 
 
-# --- determinism ---------------------------------------------------------------------------------------------------------
+# --- determinism ------------------------------------------------------------------------------------------------------
 
 def test_same_seed_same_plugin_other_seed_not(fresh, cells):
     ps, state, ref, delta = fresh
@@ -200,7 +200,7 @@ def test_same_seed_same_plugin_other_seed_not(fresh, cells):
     assert not np.array_equal(out[0][0], out[2][0])
 
 
-# --- rehearsal ---------------------------------------------------------------------------------------------------------
+# --- rehearsal --------------------------------------------------------------------------------------------------------
 
 def test_rehearsal_sample(cells):
     y = cells.obs.cell_type.to_numpy()
@@ -250,7 +250,7 @@ def test_settings_overlay():
         incremental_settings({'incremental': {'rehearsal': 'ten'}})
 
 
-# --- protocols -------------------------------------------------------------------------------------------------------------
+# --- protocols --------------------------------------------------------------------------------------------------------
 
 def test_new_type_curve_caps_k_and_scores(cells, enc):
     df = new_type_curve(
@@ -314,7 +314,7 @@ def test_forgetting_curve_rows(cells, enc):
 
 
 def test_forgetting_curve_scratch_last_only(cells, enc):
-    "scratch='last' retrains once, at the last step, on the same cells as every step: its row equals the full run's last row."
+    "scratch='last' retrains once, at the last step, on the same cells as every step: its row is the full run's last."
     kw = dict(
         tissue='pancreas',
         held_out=['gamma', 'delta'],

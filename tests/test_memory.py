@@ -1,4 +1,4 @@
-"CellMemory: clear errors, save/load, the Flat -> IVF switch with ids kept, determinism, label transfer, AnnData helpers."
+"CellMemory: clear errors, save/load, Flat -> IVF switch with ids kept, determinism, label transfer, AnnData helpers."
 import json
 import anndata as ad
 import numpy as np, pandas as pd, pytest

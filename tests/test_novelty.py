@@ -1,4 +1,4 @@
-"Novelty calibration, assessment on AnnData, and the LLM judge through the real OpenAI client against the stand-in server."
+"Novelty calibration, assessment on AnnData, and the LLM judge through the real OpenAI client against a stand-in."
 import json
 
 import anndata as ad
@@ -191,7 +191,7 @@ def test_mnn_adapter_moves_the_query_onto_the_reference():
 
 
 def test_renorm_puts_two_gene_panels_on_one_scale():
-    "A query study that measured 60 of the reference's 200 genes (normalised over its own panel) lands on the reference once renormalised."
+    "A query with 60 of the reference's 200 genes (normalised on its panel) lands on the reference once renormalised."
     from deepseq_nb.novelty import joint_space
     rng = np.random.default_rng(0)
     prog = rng.gamma(2, 1, size=(3, 200)) * (np.arange(200)[None] // 20 == np.arange(3)[:, None]) + 0.2

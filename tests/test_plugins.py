@@ -301,7 +301,7 @@ def test_settings_and_split():
 
 
 def test_stop_on_macro_f1_keeps_the_best_f1_epoch(cells, enc):
-    "stop_on='val_macro_f1' keeps the epoch with the best validation macro-F1 (not the lowest loss); a bad criterion is refused."
+    "stop_on='val_macro_f1' keeps the epoch of best validation macro-F1 (not lowest loss); a bad criterion is refused."
     ps = train_plugin(
         cells['pancreas'], enc, tissue='pancreas', **dict(FAST, epochs=6, patience=6, stop_on='val_macro_f1')
     )

@@ -1,4 +1,4 @@
-"Scaling: the Dask path equals the in-memory one, lazy reading, the Dask client, sampled markers, sparse PCA, batched embedding."
+"Scaling: the Dask path equals the in-memory one; lazy reading, Dask client, sampled markers, sparse PCA, embedding."
 import warnings
 import numpy as np, pandas as pd, pytest, scipy.sparse as sp, h5py
 import anndata as ad, scanpy as sc, dask, dask.array as da

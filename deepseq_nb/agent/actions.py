@@ -246,7 +246,7 @@ def _norm_type(s:str)->str:
 def match_types(names:list, # type names as a user writes them ('B cells', 'platelets')
                 types:list, # the reference's type names
                )->dict:
-    "`{name: reference type}` by normalised name, else by Cell Ontology term; raises `InputError` for a name that matches none."
+    "`{name: reference type}` by normalised name, else by Cell Ontology term; `InputError` for a name matching none."
     from deepseq_nb.ontology import to_cl
     out = {}
     for n in names:
@@ -269,8 +269,7 @@ def _lognorm(a:ad.AnnData)->ad.AnnData:
 @action(consent=lambda st, args: _encoder_missing(st) if args.get('use_encoder') else '', after=('cluster',))
 def act_build_reference(
     st: AgentState,
-    dataset: str
-    | None = None,  # bundled name or path of labelled reference cells (default: settings agent.reference, else the session's own cells)
+    dataset: str | None = None,  # labelled reference: bundled name or path (default: agent.reference, else own cells)
     label_key: str | None = None,  # obs column of the reference's labels (default: the dataset's)
     hold_out: list[str] | None = None,  # cell types left out of the reference (to check that they are found novel)
     use_encoder: bool = False,  # also compare cells in the frozen scGPT space (embeds reference and query)

@@ -31,11 +31,11 @@ SYSTEM_PROMPT = (
 
 # %% ../../nbs/15d_agent_llm.ipynb #ad2c884f
 class LLMPlanner:
-    "An Ollama or OpenAI model that plans through tool calling; each turn is the LLM layer's `chat` (cached, retried, priced)."
+    "An Ollama or OpenAI model planning by tool calls; each turn is the LLM layer's `chat` (cached, retried, priced)."
     def __init__(
         self,
         spec: str,  # 'ollama:MODEL' or 'openai:MODEL'
-        settings=None,  # `Settings` for the backend options ([annotate] host, cache, retries, seed; default: settings.ini)
+        settings=None,  # `Settings` of backend options ([annotate] host, cache, retries, seed; default: settings.ini)
         **backend_kw,
     ): # options of `backends.get_backend` (cache=, cache_mode=, host=, base_url=, sleep=, ...)
         from deepseq_nb.backends import get_backend, backend_options, parse_spec

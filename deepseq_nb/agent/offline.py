@@ -68,10 +68,14 @@ EXAMPLES = ('annotate pbmc3k', 'which clusters look novel?', 'add a cell type ca
 
 INTENTS = {  # intent -> pattern on the lower-cased request
     'add_type': r"\b(add|learn|teach|register|incorporate|extend\b.*\bwith)\b.*\b(types?|class|label|called|named)\b",
-    'novelty': r"\bnovel|\bunknown\b|\bunseen\b|never seen|not in the reference|out[- ]of[- ]distribution|\bnew (cell )?types?\b",
-    'compare': r"\bcompar\w*\b.*\b(backends?|annotators?|models?|llms?|methods?)\b|\b(backends?|annotators?|models?)\b.*\bcompar|which (backend|annotator|model) is best",
-    'evaluate': r"\bevaluat|\baccura|\bagree(ment|s)? with\b|ground[- ]truth|true labels|how (good|well|accurate)|\bscore\b",
-    'annotate': r"\bannotat|\blabel(s|l?ing)?\b|\bcell[- ]?types?\b|\bidentify\b|what (are these |kind of )?cells|which cells|\bclassify",
+    'novelty': r"\bnovel|\bunknown\b|\bunseen\b|never seen|not in the reference|out[- ]of[- ]distribution"
+               r"|\bnew (cell )?types?\b",
+    'compare': r"\bcompar\w*\b.*\b(backends?|annotators?|models?|llms?|methods?)\b"
+               r"|\b(backends?|annotators?|models?)\b.*\bcompar|which (backend|annotator|model) is best",
+    'evaluate': r"\bevaluat|\baccura|\bagree(ment|s)? with\b|ground[- ]truth|true labels|how (good|well|accurate)"
+                r"|\bscore\b",
+    'annotate': r"\bannotat|\blabel(s|l?ing)?\b|\bcell[- ]?types?\b|\bidentify\b|what (are these |kind of )?cells"
+                r"|which cells|\bclassify",
     'qc': r"\bqc\b|quality control|filter (the )?(cells|barcodes)|\bknee\b|empty droplets",
     'cluster': r"\bclust(er|ering|ers)\b|\bleiden\b",
     'markers': r"\bmarkers?\b|differentially expressed|top genes",
@@ -280,7 +284,8 @@ def plan_offline(request:str, # what the user wants, in words
     ds = read_dataset(text)
     fresh = st.adata is None or (ds is not None and not re.search(r'\bthis\b|\bthese\b|\bmy data\b', t))
     if ds is not None and ds not in _bundled() and not Path(ds).expanduser().exists():
-        P.refusal = f"No file or directory {ds!r} here; give an existing path, or one of the bundled datasets ({', '.join(_bundled())})."
+        P.refusal = (f"No file or directory {ds!r} here; give an existing path, or one of the bundled datasets "
+                     f"({', '.join(_bundled())}).")
         return P
     need = dict(T)
     if fresh: need['load_data'] = {'dataset': ds} if ds else {}

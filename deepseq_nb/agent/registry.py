@@ -26,7 +26,7 @@ class AgentConfig:
     planner:str='offline' # 'offline' (rules, no LLM), 'ollama:MODEL' or 'openai:MODEL'
     max_steps:int=12 # most actions (tool calls) in one session
     max_cells:int=0  # cells kept when a dataset is loaded (a seeded random draw); 0 keeps every cell
-    reference: str = ''  # labelled reference of the novelty check and the plugins: a bundled name or a path ('': the session's cells)
+    reference: str = ''  # labelled reference of novelty and plugins: a bundled name or a path ('': the session's cells)
     calib_frac:float=0.2 # share of the reference held out to calibrate the novelty score
     false_novel_rate:float=0.05 # share of known cells allowed above the novelty threshold
     seed:int=0 # seed of the cell draw and the calibration split

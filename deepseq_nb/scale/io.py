@@ -34,7 +34,7 @@ def _partners(labels:np.ndarray, src:np.ndarray, rng:np.random.Generator)->np.nd
     return order[starts[c] + (rng.random(len(src)) * sizes[c]).astype(np.int64)]
 
 def _synth_chunk(base:ad.AnnData, n:int, rng:np.random.Generator, labels:np.ndarray|None, n_parents:int=4)->tuple:
-    "`n` cells, each a binomial mix of `n_parents` cells of `base` with the same label (CSR float32), and the first parents."
+    "`n` cells, each a binomial mix of `n_parents` same-label cells of `base` (CSR float32), and the first parents."
     src = rng.integers(0, base.n_obs, n)
     w = rng.dirichlet(np.ones(n_parents), n)
     X = None
@@ -143,7 +143,7 @@ def _h5ad_parts(f:h5py.File)->tuple:
     return ad.io.read_elem(f['obs']), ad.io.read_elem(f['var']), uns, 'X', layout, shape
 
 def _tenx_parts(f:h5py.File)->tuple:
-    "obs, var, uns, the matrix group and its layout of an open 10x .h5 file (v3 `matrix/features` or v2 `<genome>/genes`)."
+    "obs, var, uns, matrix group and its layout of an open 10x .h5 file (v3 `matrix/features` or v2 `<genome>/genes`)."
     key = 'matrix' if 'matrix' in f else next(iter(f.keys()))
     g = f[key]
     if 'features' in g:

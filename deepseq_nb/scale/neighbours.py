@@ -20,7 +20,7 @@ from fastcore.basics import patch
 from sklearn.base import BaseEstimator, TransformerMixin
 
 class KNNGraph(TransformerMixin, BaseEstimator):
-    "k nearest neighbours as the sparse distance matrix `sc.pp.neighbors(transformer=...)` takes: exact (faiss) or NN-descent."
+    "k nearest neighbours as the sparse distances `sc.pp.neighbors(transformer=)` takes: exact (faiss) or NN-descent."
     def __init__(
         self,
         n_neighbors: int = 15,  # neighbours per cell, the cell itself included (as scanpy counts them)
@@ -80,7 +80,7 @@ def _nndescent_knn(X:np.ndarray, k:int, seed:int, n_threads:int)->tuple:
 # %% ../../nbs/17c_scale_neighbours.ipynb #60e1a42a
 @patch
 def fit_transform(self:KNNGraph, X, y=None)->sp.csr_matrix:
-    "The kNN distance graph of the cells `X` (cells × components) as CSR: each row itself, then its neighbours by distance."
+    "The kNN distance graph of cells `X` (cells × components) as CSR: each row itself, then its neighbours by distance."
     from deepseq_nb.memory import set_threads
 
     if self.method not in ('auto', 'exact', 'nndescent'):

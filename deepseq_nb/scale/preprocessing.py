@@ -131,7 +131,7 @@ def drop_failed(
     key: str = 'qc_pass',  # obs column of the QC flag
     min_cells: int = 3,  # then drop genes detected in fewer cells (0 keeps all)
 ) -> ad.AnnData:
-    "Keep the cells that pass QC and the genes seen in `min_cells` of them; in memory `adata` is subset in place, without a copy of X."
+    "Keep cells that pass QC and genes seen in `min_cells` of them; in memory `adata` is subset in place, X not copied."
     keep = adata.obs[key].to_numpy(bool)
     if is_dask(adata.X):
         adata = adata[keep].copy()
@@ -230,7 +230,7 @@ def scaled_for_pca(
     max_value: float | None = 10,  # clip the scaled values at ±max_value as sc.pp.scale (None: no clip)
     chunk_cells: int = 50_000,
 ) -> tuple:
-    "`clip(X)/σ` (sparse, or lazy on Dask) whose centred PCA is that of `sc.pp.scale(max_value)`, and the genes whose zeros scanpy would clip."
+    "`clip(X)/σ` (sparse or lazy) whose centred PCA is `sc.pp.scale(max_value)`'s; genes whose zeros scanpy clips."
     mean, var = gene_moments(X, chunk_cells)
     std = np.sqrt(var); std[std == 0] = 1
     mv = np.inf if max_value is None else max_value
@@ -282,7 +282,7 @@ def blockwise_pca(
     n_comps: int = 40,  # cells × genes matrix (in memory or Dask); components
     chunk_cells: int = 50_000,
 ) -> tuple:
-    "PCA of Z (centred implicitly) from its covariance summed over row blocks: scores, loadings, variances, variance ratios."
+    "PCA of Z (centred implicitly) from its covariance summed over row blocks: scores, loadings, variances, ratios."
     n = Z.shape[0]
     with _local(Z):
         blocks = _blocks(Z, chunk_cells)
