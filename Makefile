@@ -19,7 +19,7 @@ export PYTHONHASHSEED := 0
 # OpenBLAS picks its kernels by CPU; Haswell's (what it picks on most x86-64 CPUs, AMD included) on every machine.
 export OPENBLAS_CORETYPE := Haswell
 
-.PHONY: figures results check-figures test test-fast test-slow check-sync nbtest pytest bench install install-locked lock docs docs-check clean wheel
+.PHONY: figures results check-figures test test-fast test-slow check-sync lint nbtest pytest bench install install-locked lock docs docs-check clean wheel
 
 install: $(STAMP)
 
@@ -69,8 +69,8 @@ results: install
 check-figures: install
 	$(BIN)/deepseq figures $(ONLY_ARGS) --check $(RUN)
 
-# The CI suite: notebooks and package in sync, notebook tests, the docs site, pytest (slow checks excluded).
-test: install check-sync nbtest docs-check pytest
+# The CI suite: notebooks and package in sync, ruff, notebook tests, the docs site, pytest (slow checks excluded).
+test: install check-sync lint nbtest docs-check pytest
 
 # Export and clean must leave the tree as it was (the package is generated from the notebooks).
 check-sync: install
@@ -79,6 +79,11 @@ check-sync: install
 	after=$$(git status --porcelain | md5sum; git diff | md5sum); \
 	if [ "$$before" != "$$after" ]; then echo "nbdev-export/nbdev-clean changed files: commit the exported package and clean notebooks"; git status --short; exit 1; fi
 	@echo "notebooks and package in sync"
+
+# ruff (pyflakes, pycodestyle, lines up to 120; settings in pyproject.toml) on the notebooks and the other sources;
+# deepseq_nb/ is generated from the notebooks, so it is checked through them.
+lint: install
+	$(BIN)/ruff check nbs tests benchmarks tools paper_figures
 
 nbtest: install
 	$(BIN)/nbdev-test --n-workers 2 --timing
