@@ -427,7 +427,7 @@ class CrossTissueConfig:
     # validation share of the plugins' own early stopping (overriding [plugins] val_fraction)
     plugin_val_fraction: float = 0.0
     head_cs:list=field(default_factory=lambda: [0.1, 1.0])  # strengths of the logistic heads chosen on validation
-    methods: str = 'knn,knn_tuned,plugin,router,plugin_sel,router_sel,logreg,celltypist'  # run, comma-separated
+    methods: str = 'knn,knn_tuned,plugin,router,plugin_sel,router_sel,logreg,celltypist'  # run (`METHOD_NAMES`)
 
 
 def ct_settings(settings=None, # a `Settings` (default: `load_settings()`)

@@ -323,7 +323,7 @@ class Tokens:
 
 # %% ../nbs/10_encoder.ipynb #bcb34251
 def _draw(idx:np.ndarray, v:np.ndarray, k:int, seed:int, select:str='top')->np.ndarray:
-    "Positions of `k` of a cell's genes: the highest `v` (ties at random) or a uniform draw; seeded by `seed`, genes."
+    "Positions of `k` of a cell's genes: the top `v` (ties at random) or a uniform draw; seed: `seed` and the genes."
     rng = np.random.default_rng([seed, zlib.crc32(idx.astype(np.int64).tobytes())])
     if select == 'top': return np.sort(np.lexsort((rng.random(len(idx)), -v))[:k])
     if select == 'random': return np.sort(rng.choice(len(idx), k, replace=False))
@@ -428,7 +428,7 @@ def flash_to_torch_names(state:dict)->dict:
     return out
 
 def torch_to_flash_names(state:dict)->dict:
-    "Rename torch's attention weights (`self_attn.in_proj_*`) to flash-attn's (`self_attn.Wqkv.*`), as official files."
+    "Rename torch's attention weights (`self_attn.in_proj_*`) to flash-attn's (`self_attn.Wqkv.*`) like official files."
     out = {}
     for k, v in state.items():
         for a, b in _FLASH: k = k.replace(b, a)

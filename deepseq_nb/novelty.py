@@ -52,7 +52,7 @@ def novelty_features(
     proba_key: str | None = 'plugin_proba',  # obsm key of class probabilities (None or absent: skipped)
     key: str = 'label',  # memory column of the types (for the centroids)
 ) -> pd.DataFrame:
-    "Novelty evidence per cell (larger: less like the reference): `{space}_knn`, `_centroid`, `proba_gap`, `entropy`."
+    "Per-cell novelty evidence, larger is more novel: `{space}_knn`, `{space}_centroid`, `proba_gap`, `entropy`."
     use, F = _spaces(adata, memory, spaces), {}
     for s, o in use.items():
         X = np.asarray(adata.obsm[o], np.float32)
@@ -180,7 +180,7 @@ def assess_novelty(
     proba_key: str | None = 'plugin_proba',  # as in `novelty_features`
     copy: bool = False,
 ) -> ad.AnnData | None:
-    "Novelty scores, flags: obs `{key}_novelty_score`/`_is_novel`, obsm `{key}_novelty_evidence`, uns `{key}_novelty`."
+    "Scores and flags: obs `{key}_novelty_score`/`{key}_is_novel`, obsm `{key}_novelty_evidence`, uns `{key}_novelty`."
     adata = adata.copy() if copy else adata
     F = novelty_features(adata, memory, spaces=spaces, k=k, proba_key=proba_key)
     S = calibration.scores(F)

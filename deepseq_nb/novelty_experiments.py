@@ -57,7 +57,7 @@ RELATIVE_SPACES = {'pca': None, 'frozen': 'X_scgpt'}  # query-relative scores: j
 
 def _fold(R:ad.AnnData, C:ad.AnnData, Q:ad.AnnData, *, tissue:str, k:int, resolution:float, adapter:str,
           false_novel_rate:float, kb:bool, seed:int)->tuple[pd.DataFrame, dict, dict]:
-    "Scores, flags, query clusters of a reference/calibration/query fold: per space, and reference-only baselines."
+    "Scores, flags, query clusters of a reference/calibration/query fold: query-relative per space, and the baselines."
     S, F, CL = {}, {}, {}
     for s, rep in RELATIVE_SPACES.items():
         if rep is not None and rep not in Q.obsm: continue
