@@ -297,13 +297,21 @@ def antigen_scores(
         if v: out[i] = float(min(v))  # a gate is a conjunction: the worst antigen decides
     return out
 
+def _contenders(kids:list, # children at the node
+                best:np.ndarray, # best own score in each candidate's subtree (`subtree_best`)
+                arg:np.ndarray, # the candidate giving it
+               )->list:
+    "The `TOP` children with the best subtree scores, children whose best type is the same counted as one."
+    top = []
+    for i in sorted(kids, key=lambda i: -best[i]):
+        if len(top) < TOP and arg[i] not in [arg[x] for x in top]: top.append(i)
+    return top
+
 def _step(net, own, best, arg, node, s, ag=None)->tuple:
     "One decision at `node`: (next candidate or None, record)."
     kids = net.children.get(node, [])
     if not kids: return None, None
-    top = []
-    for i in sorted(kids, key=lambda i: -best[i])[:TOP]:
-        if arg[i] not in [arg[x] for x in top]: top.append(i)
+    top = _contenders(kids, best, arg)
     b, r, d = top[0], None, float(best[top[0]])
     if len(top) > 1:
         lineage_score = lambda i: own[net.lineage[arg[i]]] if net.lineage[arg[i]] >= 0 else 0.0
