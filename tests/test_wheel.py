@@ -79,8 +79,7 @@ def test_installed_cli_runs_with_no_settings_file(installed):
     assert r.returncode == 2 and 'settings file missing.ini not found' in r.stderr and 'Traceback' not in r.stderr
 
 
-@pytest.mark.slow
-def test_installed_annotate_and_readme_snippet(installed):
+def test_installed_annotate_and_readme_snippet(installed):  # in CI (about 1.5 min on 2 cores): issue 23's check
     r = _deepseq(installed, 'annotate', 'pbmc3k', '--out', 'annotated.h5ad', '-q')
     assert r.returncode == 0, r.stderr
     got = _python(installed, """import json, anndata as ad, deepseq_nb
