@@ -22,8 +22,7 @@ __all__ = ['LINEAGES', 'SHRINK', 'MIN_MARKERS', 'TOP_MARKERS', 'LABEL_WEIGHT', '
            'ROOT_RATIO', 'NICHE', 'INHERIT', 'DEFINING', 'TISSUE_DROP', 'ANTIGEN', 'GATE', 'MIN_DETECT', 'NEXT',
            'GATE_MODE', 'UNREAD', 'label_markers', 'defining_antigens', 'cluster_stats', 'gene_evidence',
            'MarkerNetwork', 'own_scores', 'subtree_best', 'pairwise', 'antigen_scores', 'descend', 'short_name',
-           'infer_species', 'infer_tissue', 'celltype', 'panglao_network', 'ora_labels', 'score_annotation', 'knobs',
-           'lodo', 'celltypist_labels']
+           'infer_species', 'infer_tissue', 'celltype', 'score_annotation', 'knobs', 'lodo']
 
 # %% ../nbs/04a_celltyping.ipynb #f553ec08
 LINEAGES = [  # (CL id, short name, positive markers, negative markers)
@@ -498,39 +497,6 @@ def celltype(adata:ad.AnnData, # cells × genes (counts or log-normalised), clus
         ev, columns=['cluster', 'at', 'role', 'candidate', 'cl_id', 'score', 'genes_for', 'genes_against']
     )
 
-# %% ../nbs/04a_celltyping.ipynb #9627317d
-def panglao_network(species:str='human')->pd.DataFrame:
-    "PanglaoDB canonical markers as a decoupler network (source = cell type, target = gene as the data writes it)."
-    from deepseq_nb.knowledge import load_kb
-    kb = load_kb(species)
-    kb = kb[(kb.source == 'PanglaoDB') & kb.canonical]
-    return (
-        pd.DataFrame({'source': kb.cell_type.values, 'target': kb.gene_raw.values})
-        .drop_duplicates()
-        .reset_index(drop=True)
-    )
-
-def ora_labels(adata:ad.AnnData, # log-normalised cells × genes, clustered
-               groupby:str='leiden', # obs column of clusters
-               species:str|None=None, # default: from the data
-               method:str='ora', # decoupler method: 'ora' (the tutorial's first version) or 'ulm' (its current one)
-              )->pd.Series:
-    "Per cluster: the PanglaoDB type ranked first for the cluster by decoupler (`rankby_group`, t-test vs the rest)."
-    import decoupler as dc
-    species = infer_species(adata, species, warn=False)
-    net = panglao_network(species)
-    up = {g.upper(): g for g in adata.var_names}
-    net = net.assign(target=net.target.str.upper().map(up)).dropna()
-    if method == 'ulm': net = net.assign(weight=1.0)
-    b = ad.AnnData(adata.X.copy(), obs=adata.obs[[groupby]].copy(), var=pd.DataFrame(index=adata.var_names))
-    b.obs[groupby] = b.obs[groupby].astype(str).astype('category')
-    getattr(dc.mt, method)(b, net, tmin=3, verbose=False)
-    acts = dc.pp.get_obsm(b, f'score_{method}')
-    r = dc.tl.rankby_group(acts, groupby=groupby, reference='rest', method='t-test_overestim_var')
-    r = r[r.stat > 0].sort_values('stat', ascending=False)
-    top = r.groupby('group').head(1).set_index('group')['name'].astype(str)
-    return top.reindex(list(b.obs[groupby].cat.categories)).fillna('Unknown')
-
 # %% ../nbs/04a_celltyping.ipynb #12b288cc
 def score_annotation(truth, # true label per cell
                      pred, # predicted label per cell
@@ -586,42 +552,3 @@ def lodo(scores:pd.DataFrame, # settings × datasets: one score per dataset, hig
             )
         )
     return pd.DataFrame(rows)
-
-# %% ../nbs/04a_celltyping.ipynb #b0dd4084
-def _to_1e4(X)->sp.csr_matrix:
-    "log1p of expression rescaled to 10,000 per cell, from log1p values on any per-cell scale."
-    expr = sp.csr_matrix(X, dtype=np.float64); expr.data = np.expm1(expr.data)
-    tot = np.asarray(expr.sum(1)).ravel(); tot[tot == 0] = 1
-    expr = sp.csr_matrix(sp.diags(1e4/tot) @ expr); expr.data = np.log1p(expr.data)
-    return expr
-
-def celltypist_labels(query:ad.AnnData, # log-normalised cells × genes to label
-                      reference:ad.AnnData, # log-normalised, labelled study of the same tissue
-                      label_key:str='cell_type', # reference obs column of labels
-                      max_iter:int=300, # CellTypist's logistic-regression iterations
-                      seed:int=0,
-                     )->pd.Series:
-    "Per-cell labels of `query` from a CellTypist model trained on `reference` (shared genes, upper-case matched)."
-    import celltypist, logging
-    logging.getLogger('celltypist').setLevel(logging.WARNING)
-    up = lambda a: pd.Index([g.upper() for g in a.var_names])
-    qi, ri = up(query), up(reference)
-    genes = qi[~qi.duplicated()].intersection(ri[~ri.duplicated()])
-    q = ad.AnnData(
-        _to_1e4(query.X[:, qi.get_indexer(genes)]),
-        obs=pd.DataFrame(index=query.obs_names),
-        var=pd.DataFrame(index=genes),
-    )
-    r = ad.AnnData(
-        _to_1e4(reference.X[:, ri.get_indexer(genes)]),
-        obs=pd.DataFrame(index=reference.obs_names),
-        var=pd.DataFrame(index=genes),
-    )
-    np.random.seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        m = celltypist.train(
-            r, labels=reference.obs[label_key].astype(str).values, feature_selection=False, max_iter=max_iter, n_jobs=1
-        )
-        res = celltypist.annotate(q, model=m, majority_voting=False)
-    return res.predicted_labels['predicted_labels'].astype(str).reindex(query.obs_names)
