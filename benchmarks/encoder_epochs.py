@@ -22,6 +22,7 @@ def main(argv=None):
     import torch; torch.set_num_threads(1)
     import pandas as pd
     import deepseq_nb.crosstissue as ct
+    import deepseq_nb.crosstissue_run as ctr
     from deepseq_nb.config import load_settings
     from deepseq_nb.encoder import encoder_settings, pretrained_encoder, default_encoder, PRETRAIN_KEYS
     s = encoder_settings(load_settings())
@@ -39,7 +40,7 @@ def main(argv=None):
         print(pd.DataFrame(log['val']).to_string(index=False))
         r = ref.copy(); ct.embed_reference(r, enc)
         for seed in a.seeds:
-            ct._resplit(r, 0.3, seed)
+            ctr._resplit(r, 0.3, seed)
             t = ct.score_methods(r, {'knn': ct.memory_knn(r, k=15)[0]})
             rows += [dict(epochs=ep, seed=seed, tissue=x.tissue, macro_f1=x.macro_f1) for x in t.itertuples()]
     df = pd.DataFrame(rows)

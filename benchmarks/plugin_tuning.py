@@ -4,9 +4,9 @@ Usage: python benchmarks/plugin_tuning.py [--seed 0] [--max-cells 600] [--config
 
 Splits the cross-tissue reference with `--seed` as `run_cross_tissue` does, carves the validation share out of the blood
 training cells (`crosstissue.validation_mask`), trains the blood plugin on at most `--max-cells` of the remaining
-training cells (`crosstissue._plugin_view`) with each configuration (the [plugins] settings with one change), and prints
-its macro-F1 on the validation cells, the epoch kept, the epochs run and the seconds. The test cells are never read.
-This is how [crosstissue] plugin_stop_on was chosen (seed 0).
+training cells (`crosstissue_run._plugin_view`) with each configuration (the [plugins] settings with one change), and
+prints its macro-F1 on the validation cells, the epoch kept, the epochs run and the seconds. The test cells are never
+read. This is how [crosstissue] plugin_stop_on was chosen (seed 0).
 """
 import argparse, os, time
 os.environ.setdefault('OMP_NUM_THREADS', '1')
@@ -33,12 +33,13 @@ def main(argv=None):
     import torch; torch.set_num_threads(1)
     import pandas as pd
     import deepseq_nb.crosstissue as ct
+    import deepseq_nb.crosstissue_run as ctr
     from deepseq_nb.encoder import default_encoder
     from deepseq_nb.plugins import plugin_settings, train_plugin, plugin_outputs
     enc, ref, PP = default_encoder(), ct.cross_tissue_reference(), plugin_settings()
-    ct._resplit(ref, 0.3, a.seed)
+    ctr._resplit(ref, 0.3, a.seed)
     val = ct.validation_mask(ref, PP['val_fraction'], a.seed)
-    view = ct._plugin_view(ref, val, a.max_cells, a.seed)
+    view = ctr._plugin_view(ref, val, a.max_cells, a.seed)
     mine = (ref.obs.tissue == a.tissue).to_numpy()
     tr, vv = view[(view.obs.split == 'train').to_numpy() & mine].copy(), ref[val & mine].copy()
     rows = []

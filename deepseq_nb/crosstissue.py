@@ -7,7 +7,6 @@ Docs: https://deepseq-nb.github.io/deepseq_nb/crosstissue.html.md"""
 # %% ../nbs/16_crosstissue.ipynb #964aba70
 from __future__ import annotations
 import time, warnings
-from dataclasses import dataclass, field
 
 import anndata as ad
 import numpy as np
@@ -15,18 +14,15 @@ import pandas as pd
 import scipy.sparse as sp
 import scanpy as sc
 
-from .config import read_section
 from .data import load_dataset, InputError
 from .utils import train_test_labels, subsample_types
 from .cluster import normalize
 from .ontology import to_cl, ancestors, cl_name
 
 # %% auto #0
-__all__ = ['CROSS_TISSUE', 'PUBLISHED', 'METHOD_NAMES', 'PLUGIN_METHODS', 'TABLE_COLUMNS', 'label_term', 'harmonise_label',
-           'merge_to_shared', 'cross_tissue_reference', 'shared_genes', 'logreg_baseline', 'celltypist_baseline',
-           'score_methods', 'embed_reference', 'reference_memory', 'memory_knn', 'plugin_methods', 'validation_mask',
-           'plugin_heads', 'head_predictions', 'CrossTissueConfig', 'ct_settings', 'summarise_seeds',
-           'run_cross_tissue']
+__all__ = ['CROSS_TISSUE', 'PUBLISHED', 'label_term', 'harmonise_label', 'merge_to_shared', 'cross_tissue_reference',
+           'shared_genes', 'logreg_baseline', 'celltypist_baseline', 'score_methods', 'embed_reference',
+           'reference_memory', 'memory_knn', 'plugin_methods', 'validation_mask', 'plugin_heads', 'head_predictions']
 
 # %% ../nbs/16_crosstissue.ipynb #e4b53ad5
 CROSS_TISSUE = {'blood': ('pbmc3k', 'pbmc68k_reduced'), 'pancreas': ('pancreas_xin', 'pancreas_wang')}
@@ -408,234 +404,4 @@ def head_predictions(
     return dict(
         plugin=pd.Series(told, index=idx).astype(str),
         router=pd.Series(np.asarray(union, dtype=object)[mix.argmax(1)], index=idx).astype(str),
-    )
-
-# %% ../nbs/16_crosstissue.ipynb #919b9f54
-@dataclass
-class CrossTissueConfig:
-    "The `[crosstissue]` section: the experiment's splits, seeds, methods and plugin training."
-    test_frac:float=0.3 # share of each study's cells per type held out for testing
-    seed:int=0  # seed of the UMAPs
-    # seeds of the repeated experiment (learned numbers: mean ± sd over them)
-    seeds: list = field(default_factory=lambda: [0, 1, 2])
-    min_cells:int=10 # types with fewer cells in a study are dropped (too few to split)
-    max_cells:int=0 # at most this many cells per study (a stratified draw); 0 keeps every cell
-    k:int=15 # neighbours that vote in the memory kNN
-    n_hvg:int=2000 # highly variable genes of the logistic-regression baseline and the chosen heads
-    plugin_max_cells:int=600 # training cells per tissue of the plugin methods (a stratified draw; 0: all)
-    plugin_epochs:int=20  # epochs of the cross-tissue LoRA plugins (overriding [plugins] epochs)
-    # validation share of the plugins' own early stopping (overriding [plugins] val_fraction)
-    plugin_val_fraction: float = 0.0
-    head_cs:list=field(default_factory=lambda: [0.1, 1.0])  # strengths of the logistic heads chosen on validation
-    methods: str = 'knn,knn_tuned,plugin,router,plugin_sel,router_sel,logreg,celltypist'  # run (`METHOD_NAMES`)
-
-
-def ct_settings(settings=None, # a `Settings` (default: `load_settings()`)
-               )->dict:
-    "The `[crosstissue]` settings over `CrossTissueConfig`'s defaults; methods and seeds as lists."
-    out = read_section(CrossTissueConfig, settings, 'crosstissue')
-    out['methods'] = [
-        m.strip()
-        for m in (out['methods'] if isinstance(out['methods'], str) else ','.join(out['methods'])).split(',')
-        if m.strip()
-    ]
-    out['seeds'] = [int(s) for s in (out['seeds'] if isinstance(out['seeds'], (list, tuple)) else [out['seeds']])] or [
-        int(out['seed'])
-    ]
-    return out
-
-METHOD_NAMES = {
-    'knn': '(a) memory kNN, frozen',
-    'knn_tuned': '(a) memory kNN, tuned',
-    'plugin': '(b) tissue plugin (told)',
-    'router': '(c) router (not told)',
-    'plugin_sel': '(b) tissue plugin, head chosen on validation (told)',
-    'router_sel': '(c) router, heads chosen on validation (not told)',
-    'logreg': '(d) logistic regression (HVG)',
-    'celltypist': '(d) CellTypist',
-}
-PLUGIN_METHODS = (
-    'knn_tuned',
-    'plugin',
-    'router',
-    'plugin_sel',
-    'router_sel',
-)  # the methods that need the trained plugins
-TABLE_COLUMNS = (
-    'method',
-    'tissue',
-    'n',
-    'n_seeds',
-    'accuracy_mean',
-    'accuracy_sd',
-    'macro_f1_mean',
-    'macro_f1_sd',
-)  # `summarise_seeds`' columns
-
-
-def summarise_seeds(per_seed:pd.DataFrame, # `score_methods` rows with a `seed` column
-                   )->pd.DataFrame:
-    "Mean and standard deviation (ddof 1) over seeds of accuracy and macro-F1 per method and tissue, with n_seeds."
-    g = per_seed.groupby(['method', 'tissue'], sort=False)
-    out = g.agg(
-        n=('n', 'first'),
-        n_seeds=('seed', 'nunique'),
-        accuracy_mean=('accuracy', 'mean'),
-        accuracy_sd=('accuracy', 'std'),
-        macro_f1_mean=('macro_f1', 'mean'),
-        macro_f1_sd=('macro_f1', 'std'),
-    ).reset_index()
-    return out[list(TABLE_COLUMNS)]
-
-# %% ../nbs/16_crosstissue.ipynb #f6e544a6
-def _memory_kwargs(settings)->dict:
-    "CellMemory arguments from the `[memory]` settings (defaults for missing keys)."
-    from deepseq_nb.memory import MemoryConfig
-    return read_section(MemoryConfig, settings if settings is not None else {}, 'memory')
-
-def _cached_run(cache, key:str):
-    "The cached result of a run with this key, or None."
-    from pathlib import Path
-    if cache is None or not Path(cache).exists(): return None
-    ref = ad.read_h5ad(cache)
-    run = ref.uns.get('cross_tissue_run', {})
-    if run.get('key') != key: return None
-    cols = lambda d, names: pd.DataFrame(d)[list(names)]   # h5ad stores the columns sorted by name
-    return dict(
-        ref=ref,
-        table=cols(run['table'], TABLE_COLUMNS),
-        per_seed=cols(run['per_seed'], ('seed',) + _SCORE_COLUMNS),
-        validation=cols(run['validation'], _VAL_COLUMNS).astype({'chosen': bool}),
-        timings=pd.Series(run['timings']),
-        n_test=int((ref.obs.split == 'test').sum()),
-    )
-
-_SCORE_COLUMNS = ('method', 'tissue', 'n', 'accuracy', 'macro_f1')   # `score_methods`' columns
-_VAL_COLUMNS = ('seed', 'tissue', 'head', 'val_macro_f1', 'chosen')
-
-def _resplit(ref:ad.AnnData, test_frac:float, seed:int)->None:
-    "A new stratified train/test split of every study with `seed` (in place)."
-    split = pd.Series('train', index=ref.obs_names, dtype=object)
-    for d in ref.obs.dataset.cat.categories:
-        m = (ref.obs.dataset == d).to_numpy()
-        split[m] = train_test_labels(ref.obs.label.to_numpy()[m], test_frac, seed)
-    ref.obs['split'] = pd.Categorical(split.to_numpy(), categories=['test', 'train'])
-
-def _plugin_view(ref:ad.AnnData, val:np.ndarray, max_cells:int, seed:int)->ad.AnnData:
-    "The reference as plugins see it: validation cells, training cells beyond `max_cells` per tissue are not 'train'."
-    v = ad.AnnData(ref.X, obs=ref.obs.copy(), var=ref.var.copy())
-    split = np.where(val, 'validation', v.obs.split.astype(str)).astype(object)
-    for t in v.obs.tissue.cat.categories:
-        idx = np.flatnonzero((split == 'train') & (v.obs.tissue == t).to_numpy())
-        if max_cells and len(idx) > max_cells:
-            split[np.setdiff1d(idx, idx[subsample_types(v.obs.label.to_numpy()[idx], max_cells, seed)])] = 'spare'
-    v.obs['split'] = pd.Categorical(split)
-    return v
-
-def _one_seed(ref, enc, P, PP, MK, seed, timings):
-    "Every method on the split of `seed`: (test predictions by method, heads' validation table, PluginSet or None)."
-    _resplit(ref, P['test_frac'], seed)
-    PPs, ps, plug, val_t = (
-        dict(PP, seed=seed, epochs=P['plugin_epochs'], val_fraction=P['plugin_val_fraction']),
-        None,
-        {},
-        pd.DataFrame(columns=list(_VAL_COLUMNS)),
-    )
-    tick = lambda name, t0: timings.__setitem__(name, timings.get(name, 0) + time.perf_counter() - t0)
-    if any(m in PLUGIN_METHODS for m in P['methods']):
-        t0 = time.perf_counter()
-        val = validation_mask(ref, PP['val_fraction'], seed)
-        view = _plugin_view(ref, val, P['plugin_max_cells'], seed)
-        plug, ps = plugin_methods(view, enc, params=PPs)
-        ref.obsm['X_scgpt_tuned'] = view.obsm['X_scgpt_tuned']; ref.obs['router_tissue'] = view.obs.router_tissue.values
-        ref.uns['plugins'] = view.uns['plugins']
-        tick('plugins + router: train, then annotate every cell', t0)
-        if {'plugin_sel', 'router_sel'} & set(P['methods']):
-            t0 = time.perf_counter()
-            heads = plugin_heads(ref, ps, val, n_hvg=P['n_hvg'], Cs=P['head_cs'], seed=seed, n_threads=PP['n_threads'])
-            sel = head_predictions(ref, heads, plug['router_weights'])
-            plug |= dict(plugin_sel=sel['plugin'], router_sel=sel['router'])
-            val_t = heads['validation'].assign(seed=seed)[list(_VAL_COLUMNS)]
-            tick('heads chosen on validation', t0)
-    mem = reference_memory(ref, **MK)
-    run = dict(
-        knn=lambda: memory_knn(ref, k=P['k'], memory=mem)[0],
-        knn_tuned=lambda: memory_knn(ref, use_rep='X_scgpt_tuned', space='tuned', k=P['k'], memory=mem)[0],
-        plugin=lambda: plug['plugin'],
-        router=lambda: plug['router'],
-        plugin_sel=lambda: plug['plugin_sel'],
-        router_sel=lambda: plug['router_sel'],
-        logreg=lambda: logreg_baseline(ref, n_hvg=P['n_hvg'], seed=seed),
-        celltypist=lambda: celltypist_baseline(ref, seed=seed),
-    )
-    preds = {}
-    for m in P['methods']:
-        t0 = time.perf_counter(); preds[METHOD_NAMES[m]] = run[m]()
-        if m not in PLUGIN_METHODS or m == 'knn_tuned': tick(METHOD_NAMES[m], t0)
-    return preds, val_t, ps
-
-def run_cross_tissue(
-    settings=None,  # `Settings` (default: settings.ini)
-    *,
-    cache=None,  # path of an .h5ad cache of the result (None: no cache); the first seed's plugins are saved beside it
-    encoder=None,  # an `encoder.Encoder` (default: the settings' encoder)
-) -> dict:
-    "Reference, frozen embeddings (once), every method per seed's split; mean ± sd over seeds; cached if asked."
-    import hashlib, json
-    from pathlib import Path
-    from deepseq_nb.config import load_settings
-    from deepseq_nb.encoder import encoder_settings, default_encoder
-    from deepseq_nb.plugins import plugin_settings
-    from deepseq_nb.plugin_store import save_plugins
-    S = settings if settings is not None else load_settings()
-    P, PP, MK = ct_settings(S), plugin_settings(S), _memory_kwargs(S)
-    unknown = [m for m in P['methods'] if m not in METHOD_NAMES]
-    if unknown:
-        raise InputError(
-            f"Unknown cross-tissue methods {unknown} in [crosstissue] methods; known: {', '.join(METHOD_NAMES)}"
-        )
-    seeds = P['seeds']
-    timings = {}
-    t0 = time.perf_counter()
-    ref = cross_tissue_reference(
-        min_cells=P['min_cells'], test_frac=P['test_frac'], seed=seeds[0], max_cells=P['max_cells'] or None
-    )
-    timings['reference'] = time.perf_counter() - t0
-    # the key holds the harmonised labels too: a change of the ontology mapping must not reuse a stale result
-    labels = hashlib.sha256(
-        '\n'.join(ref.obs_names + '\t' + ref.obs['label'].astype(str) + '\t' + ref.obs['split'].astype(str)).encode()
-    ).hexdigest()
-    key = json.dumps(dict(P, encoder=encoder if encoder is None else str(encoder), encoder_settings=encoder_settings(S),
-                          plugins=PP, memory=MK, labels=labels), sort_keys=True, default=str)
-    if (hit := _cached_run(cache, key)) is not None: return hit
-    enc = encoder if encoder is not None else default_encoder()
-    t0 = time.perf_counter()
-    embed_reference(ref, enc)
-    timings['embed (frozen, once for every seed)'] = time.perf_counter() - t0
-    rows, vals = [], []
-    for s in seeds[::-1]:   # the first seed last: its split, predictions, tuned space and plugins stay in `ref`
-        preds, val_t, ps = _one_seed(ref, enc, P, PP, MK, s, timings)
-        rows.append(score_methods(ref, preds).assign(seed=s)); vals.append(val_t)
-    if cache is not None and ps is not None: save_plugins(ps, Path(cache).with_name(Path(cache).stem + '_plugins'))
-    per_seed = pd.concat(rows[::-1], ignore_index=True)[['seed', *_SCORE_COLUMNS]]
-    validation = pd.concat(vals[::-1], ignore_index=True)[list(_VAL_COLUMNS)]
-    table = summarise_seeds(per_seed)
-    for name, p in preds.items():
-        ref.obs['pred_' + name.split(' ', 1)[1]] = pd.Series(p).reindex(ref.obs_names).astype(str).values
-    ref.uns['cross_tissue_run'] = dict(
-        key=key,
-        table=table.to_dict('list'),
-        per_seed=per_seed.to_dict('list'),
-        seeds=list(seeds),
-        validation=validation.astype({'chosen': int}).to_dict('list'),
-        timings={k: round(v, 2) for k, v in timings.items()},
-    )
-    if cache is not None: Path(cache).parent.mkdir(parents=True, exist_ok=True); ref.write_h5ad(cache)
-    return dict(
-        ref=ref,
-        table=table,
-        per_seed=per_seed,
-        validation=validation,
-        timings=pd.Series(ref.uns['cross_tissue_run']['timings']),
-        n_test=int((ref.obs.split == 'test').sum()),
     )

@@ -6,7 +6,7 @@ Docs: https://deepseq-nb.github.io/deepseq_nb/novelty.html.md"""
 
 # %% ../nbs/13_novelty.ipynb #1c5bab61
 from __future__ import annotations
-import json, math, re, time, warnings
+import json, math, re, time
 from dataclasses import dataclass, field
 
 import anndata as ad
@@ -16,12 +16,10 @@ import pandas as pd
 from .data import InputError
 
 # %% auto #0
-__all__ = ['SPACES', 'SCORE_GROUPS', 'COMBINED', 'JUDGE_KEYS', 'JUDGE_TEMPLATE', 'ADAPTERS', 'novelty_features',
-           'NoveltyCalibration', 'calibrate_novelty', 'cluster_novelty', 'assess_novelty', 'known_match',
-           'parse_judgement', 'judge_prompt', 'judge_novelty', 'NoveltyConfig', 'novelty_settings', 'PCASpace',
-           'fit_reference', 'score_cells', 'own_genes', 'calibration_split', 'measured_genes', 'mnn_adapt',
-           'adapt_query', 'joint_space', 'reference_share', 'query_clusters', 'relative_scores', 'kb_reading',
-           'upper_quantile', 'relative_novelty', 'rates']
+__all__ = ['SPACES', 'SCORE_GROUPS', 'COMBINED', 'JUDGE_KEYS', 'JUDGE_TEMPLATE', 'novelty_features', 'NoveltyCalibration',
+           'calibrate_novelty', 'cluster_novelty', 'assess_novelty', 'known_match', 'parse_judgement', 'judge_prompt',
+           'judge_novelty', 'NoveltyConfig', 'novelty_settings', 'as_dense', 'PCASpace', 'fit_reference', 'score_cells',
+           'own_genes', 'calibration_split', 'rates']
 
 # %% ../nbs/13_novelty.ipynb #619fb54e
 SPACES = {
@@ -405,7 +403,9 @@ def _plugin_kw(params:dict|None)->dict:
     from deepseq_nb.plugins import plugin_kwargs as _plugin_kwargs
     return _plugin_kwargs(params if params is not None else plugin_settings())[0]
 
-def _dense(X)->np.ndarray: return np.asarray(X.toarray() if hasattr(X, 'toarray') else X, np.float32)
+def as_dense(X)->np.ndarray:
+    "An expression matrix (sparse or dense) as a dense float32 array."
+    return np.asarray(X.toarray() if hasattr(X, 'toarray') else X, np.float32)
 
 @dataclass
 class PCASpace:
@@ -419,7 +419,7 @@ class PCASpace:
         from sklearn.decomposition import PCA
         hv = sc.pp.highly_variable_genes(cells, n_top_genes=min(n_hvg, cells.n_vars), flavor='seurat', inplace=False)
         genes = cells.var_names[hv.highly_variable.to_numpy()]
-        X = _dense(cells[:, genes].X)
+        X = as_dense(cells[:, genes].X)
         p = PCA(n_components=min(n_comps, X.shape[0] - 1, X.shape[1]), random_state=seed).fit(X)
         return cls(genes, p.mean_.astype(np.float32), p.components_.astype(np.float32))
 
@@ -427,7 +427,7 @@ class PCASpace:
         "Coordinates of `cells` (genes they lack count as zero)."
         idx = pd.Index(cells.var_names).get_indexer(self.genes)
         X = np.zeros((cells.n_obs, len(self.genes)), np.float32)
-        X[:, idx >= 0] = _dense(cells.X[:, idx[idx >= 0]])
+        X[:, idx >= 0] = as_dense(cells.X[:, idx[idx >= 0]])
         return (X - self.mean) @ self.components.T
 
 def fit_reference(
@@ -471,198 +471,6 @@ def calibration_split(obs:pd.DataFrame, frac:float, seed:int)->np.ndarray:
     cal = np.zeros(len(obs), bool)
     cal[np.flatnonzero(tr)] = stratified_split(obs.label[tr].astype(str).to_numpy(), frac, seed=seed)
     return cal
-
-# %% ../nbs/13_novelty.ipynb #268ddbc4
-def measured_genes(cells:ad.AnnData)->pd.Index:
-    "Genes the cells' study measured (var `in_{dataset}` of the cross-tissue reference), else all of them."
-    d = str(cells.obs['dataset'].iloc[0]) if 'dataset' in cells.obs and cells.n_obs else None
-    return (
-        cells.var_names[cells.var[f'in_{d}'].to_numpy()]
-        if d is not None and f'in_{d}' in cells.var
-        else cells.var_names
-    )
-
-def mnn_adapt(YR:np.ndarray, # reference coordinates
-              YQ:np.ndarray, # query coordinates, same space
-              k:int=20, # neighbours searched each way for mutual pairs
-             )->np.ndarray:
-    "Query coordinates moved onto the reference, each cell by a kernel-weighted mean offset of mutual-NN pairs."
-    from sklearn.neighbors import NearestNeighbors
-    k = min(k, len(YR), len(YQ))
-    iq = NearestNeighbors(n_neighbors=k).fit(YR).kneighbors(YQ, return_distance=False)
-    ir = NearestNeighbors(n_neighbors=k).fit(YQ).kneighbors(YR, return_distance=False)
-    back = np.zeros((len(YQ), len(YR)), bool)
-    back[ir.ravel(), np.repeat(np.arange(len(YR)), k)] = True
-    q, j = np.nonzero(np.take_along_axis(back, iq, 1))
-    if len(q) == 0: return np.array(YQ, np.float32)
-    r, anchors = iq[q, j], np.unique(q)
-    V = np.stack([(YR[r[q == a]] - YQ[a]).mean(0) for a in anchors])
-    D = ((YQ[:, None, :] - YQ[anchors][None]) ** 2).sum(-1)
-    W = np.exp(-(D - D.min(1, keepdims=True)) / (2 * np.median(np.sort(D, 1)[:, :k]) + 1e-12))
-    return (YQ + (W / W.sum(1, keepdims=True)) @ V).astype(np.float32)
-
-ADAPTERS = ('none', 'mnn')
-
-def adapt_query(
-    YR: np.ndarray,
-    YQ: np.ndarray,  # reference and query coordinates
-    adapter: str = 'none',  # 'none' or 'mnn'
-) -> np.ndarray:
-    "The query's coordinates after the adapter."
-    adapter = adapter or 'none'   # `adapter = none` in settings.ini reads as None
-    if adapter not in ADAPTERS: raise InputError(f"adapter must be one of {ADAPTERS}; got {adapter!r}.")
-    return np.asarray(YQ, np.float32) if adapter == 'none' else mnn_adapt(YR, YQ)
-
-def _renorm(X:np.ndarray, target:float=1e4)->np.ndarray:
-    "Log-normalised values renormalised over these genes only: log1p of counts per `target`."
-    Z = np.expm1(X.astype(np.float64))
-    return np.log1p(Z / np.maximum(Z.sum(1, keepdims=True), 1e-12) * target).astype(np.float32)
-
-def joint_space(
-    reference: ad.AnnData,
-    query: ad.AnnData,  # log-normalised cells of both (their studies may differ)
-    *,
-    n_comps: int = 30,  # principal components
-    n_hvg: int = 2000,  # most dispersed shared genes used
-    adapter: str = 'none',  # 'none' or 'mnn' (`adapt_query`)
-    renorm: bool = True,  # renormalise each cell over the shared genes first (`_renorm`)
-    seed: int = 0,
-) -> tuple[np.ndarray, np.ndarray]:
-    "Reference and query coordinates in one PCA fitted on both, on the genes both studies measured."
-    from sklearn.decomposition import PCA
-    genes = measured_genes(reference).intersection(measured_genes(query))
-    if len(genes) < 10:
-        raise InputError(f"Reference and query share {len(genes)} measured genes; at least 10 are needed.")
-    XR, XQ = _dense(reference[:, genes].X), _dense(query[:, genes].X)
-    if renorm: XR, XQ = _renorm(XR), _renorm(XQ)
-    X = np.vstack([XR, XQ])
-    disp = X.var(0) / np.maximum(X.mean(0), 1e-6)
-    g = np.argsort(-disp)[:min(n_hvg, len(genes))]
-    p = PCA(n_components=min(n_comps, len(g) - 1, len(X) - 1), random_state=seed).fit(X[:, g])
-    YR, YQ = p.transform(XR[:, g]).astype(np.float32), p.transform(XQ[:, g]).astype(np.float32)
-    return YR, adapt_query(YR, YQ, adapter)
-
-# %% ../nbs/13_novelty.ipynb #5087561f
-def reference_share(
-    YR: np.ndarray,
-    YQ: np.ndarray,  # reference and query coordinates in one space
-    k: int = 15,  # neighbours of each query cell among reference and query cells together
-) -> np.ndarray:
-    "Per query cell, the share of reference cells among its `k` nearest neighbours in the joint set (itself excluded)."
-    from sklearn.neighbors import NearestNeighbors
-    Y = np.vstack([YR, YQ]).astype(np.float32)
-    isref = np.r_[np.ones(len(YR), bool), np.zeros(len(YQ), bool)]
-    idx = NearestNeighbors(n_neighbors=min(k + 1, len(Y))).fit(Y).kneighbors(YQ, return_distance=False)[:, 1:]
-    return isref[idx].mean(1)
-
-def query_clusters(YQ:np.ndarray, # query coordinates
-                   resolution:float=1.0, # Leiden resolution
-                   k:int=15, # neighbours of the kNN graph
-                   seed:int=0,
-                  )->np.ndarray:
-    "Leiden clusters of the query cells (scanpy, igraph flavour) as strings."
-    import scanpy as sc
-    a = ad.AnnData(np.zeros((len(YQ), 1), np.float32)); a.obsm['X'] = np.asarray(YQ, np.float32)
-    sc.pp.neighbors(a, n_neighbors=max(2, min(k, len(YQ) - 1)), use_rep='X', random_state=seed)
-    sc.tl.leiden(a, resolution=resolution, random_state=seed, flavor='igraph', n_iterations=2, directed=False)
-    return a.obs.leiden.astype(str).to_numpy()
-
-def relative_scores(share:np.ndarray, # `reference_share` per query cell
-                    clusters:np.ndarray, # cluster per query cell
-                   )->tuple[np.ndarray, np.ndarray]:
-    "(cell score, cluster score): 1 - share / mean share of the query's better-mixed half; cluster: its cells' mean."
-    share = np.asarray(share, np.float64)
-    typical = share[share >= np.median(share)].mean()
-    cell = 1 - share / max(typical, 1e-6)
-    return cell, pd.Series(cell).groupby(np.asarray(clusters)).transform('mean').to_numpy()
-
-# %% ../nbs/13_novelty.ipynb #c28ffca2
-def kb_reading(query:ad.AnnData, # log-normalised query cells
-               clusters:np.ndarray, # cluster per query cell
-               reference_types:list, # the reference's type names
-               *, tissue:str|None=None, species:str='human',
-               n_genes:int=20, # top genes per cluster (t-test, one against the rest) read by the kb
-              )->pd.DataFrame:
-    "Per cluster: the `kb` reading of its top genes and the reference type it names (`known_match`; '' if none)."
-    import scanpy as sc
-    from deepseq_nb.knowledge import kb_annotate
-    genes = measured_genes(query)
-    a = ad.AnnData(_dense(query[:, genes].X), var=pd.DataFrame(index=genes))
-    a.obs['cl'] = pd.Categorical(np.asarray(clusters).astype(str))
-    if a.obs.cl.nunique() < 2:
-        return pd.DataFrame(
-            dict(kb_type='Unknown', kb_known_type=''), index=pd.Index(a.obs.cl.cat.categories, name='cluster')
-        )
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        sc.tl.rank_genes_groups(a, 'cl', method='t-test', n_genes=min(n_genes, len(genes)))
-    rows = []
-    for c, top in pd.DataFrame(a.uns['rank_genes_groups']['names']).items():
-        kb = kb_annotate(list(top), tissue=tissue, species=species, top=1)
-        t = str(kb.cell_type.iloc[0]) if len(kb) else 'Unknown'
-        rows.append(
-            dict(
-                cluster=str(c),
-                kb_type=t,
-                kb_known_type=(known_match(t, reference_types, tissue) if t != 'Unknown' else None) or '',
-            )
-        )
-    return pd.DataFrame(rows).set_index('cluster')
-
-def upper_quantile(x:np.ndarray, rate:float)->float:
-    "The value that a share `rate` of `x` exceeds (-inf for no values)."
-    return float(np.quantile(x, 1 - rate, method='higher')) if len(x) else -np.inf
-
-def _coords(reference, query, space, use_rep, adapter, seed):
-    "Reference and query coordinates: the joint PCA, or an obsm embedding with the adapter."
-    if space == 'pca': return joint_space(reference, query, adapter=adapter, seed=seed)
-    if use_rep not in reference.obsm or use_rep not in query.obsm:
-        raise InputError(f"No obsm[{use_rep!r}] in the reference or the query; embed them first.")
-    YR = np.asarray(reference.obsm[use_rep], np.float32)
-    return YR, adapt_query(YR, np.asarray(query.obsm[use_rep], np.float32), adapter)
-
-def relative_novelty(
-    reference: ad.AnnData,  # labelled reference cells (obs `label`)
-    query: ad.AnnData,  # query cells (any study)
-    calibration: ad.AnnData,  # held-out reference cells of known types, queried the same way for the nominal threshold
-    *,
-    space: str = 'pca',  # 'pca' (`joint_space`) or any other name: the embedding `obsm[use_rep]`
-    use_rep: str = 'X_scgpt',  # obsm key when space is not 'pca'
-    adapter: str = 'none',
-    k: int = 15,
-    resolution: float = 1.0,  # `adapt_query`; neighbours; Leiden resolution
-    false_novel_rate: float = 0.05,  # share of known cells allowed above the threshold (both calibrations)
-    kb: bool = True,  # read the query clusters' markers (query-side calibration and veto)
-    tissue: str | None = None,
-    seed: int = 0,
-) -> dict:
-    "Per query cell: cluster, scores, flag; thresholds (reference-, query-side, used); clusters' kb reading; mixing."
-    if calibration.n_obs < 20:
-        raise InputError(f"{calibration.n_obs} calibration cells: at least 20 held-out reference cells are needed.")
-    types = sorted(set(reference.obs['label'].astype(str)))
-    YR, YQ = _coords(reference, query, space, use_rep, adapter, seed)
-    cl = query_clusters(YQ, resolution, k, seed)
-    share = reference_share(YR, YQ, k)
-    if share.max() == 0:
-        warnings.warn(
-            f"No query cell has a reference cell among its {k} neighbours in the {space!r} space: the studies do not "
-            "overlap there (embed both from their shared genes), so every score ties at 1 and none is called novel."
-        )
-    cell, clus = relative_scores(share, cl)
-    YR2, YC = _coords(reference, calibration, space, use_rep, adapter, seed)
-    thr_ref = upper_quantile(
-        relative_scores(reference_share(YR2, YC, k), query_clusters(YC, resolution, k, seed))[1], false_novel_rate
-    )
-    K = kb_reading(query, cl, types, tissue=tissue) if kb else None
-    known = np.isin(cl, K.index[K.kb_known_type != '']) if kb else np.zeros(len(cl), bool)
-    thr_query = upper_quantile(clus[known], false_novel_rate)
-    thr = max(thr_ref, thr_query)
-    flag = (clus > thr) & ~known
-    cells = pd.DataFrame(
-        dict(cluster=cl, cell_score=cell, score=clus, kb_known=known, is_novel=flag), index=query.obs_names
-    )
-    return dict(cells=cells, thresholds=dict(reference=thr_ref, query=thr_query, used=thr), kb=K,
-                mixing=dict(share=float(share.mean()), expected=len(YR) / (len(YR) + len(YQ))))
 
 # %% ../nbs/13_novelty.ipynb #d552eb24
 def rates(scores:pd.DataFrame, is_new, calibration:NoveltyCalibration)->dict:

@@ -15,13 +15,11 @@ import pandas as pd
 from .data import InputError
 from deepseq_nb.novelty import (
     PCASpace,
-    relative_novelty,
     novelty_settings,
-    measured_genes,
     own_genes,
     calibration_split,
-    upper_quantile,
 )
+from .novelty_query import relative_novelty, measured_genes, upper_quantile
 
 # %% auto #0
 __all__ = ['RELATIVE_SPACES', 'shared_embedding', 'leave_one_type_out', 'batch_effect', 'run_novelty']

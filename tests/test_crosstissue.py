@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import deepseq_nb.crosstissue as ct
+import deepseq_nb.crosstissue_run as ctr
 from deepseq_nb.config import load_settings
 from deepseq_nb.data import InputError
 from deepseq_nb.encoder import make_vocab, new_encoder
@@ -32,15 +33,15 @@ def enc():
 @pytest.fixture(scope='module')
 def run(enc, tmp_path_factory):
     cache = tmp_path_factory.mktemp('ct')/'cross_tissue.h5ad'
-    return ct.run_cross_tissue(load_settings(overrides=SMALL), cache=cache, encoder=enc), cache
+    return ctr.run_cross_tissue(load_settings(overrides=SMALL), cache=cache, encoder=enc), cache
 
 
 def test_every_method_scored_per_tissue(run):
     res, _ = run
     t, per_seed = res['table'], res['per_seed']
-    assert set(t.method) == set(ct.METHOD_NAMES.values())
+    assert set(t.method) == set(ctr.METHOD_NAMES.values())
     assert set(t.tissue) == {'blood', 'pancreas', 'all'}
-    n = t[t.method == ct.METHOD_NAMES['router']].set_index('tissue').n
+    n = t[t.method == ctr.METHOD_NAMES['router']].set_index('tissue').n
     assert n['all'] == n['blood'] + n['pancreas'] == res['n_test'] == (res['ref'].obs.split == 'test').sum()
     assert t[['accuracy_mean', 'macro_f1_mean']].apply(lambda c: c.between(0, 1)).all().all()
     # two seeds: the table is their mean and sd, and the seeds' splits differ
@@ -61,14 +62,14 @@ def test_every_method_scored_per_tissue(run):
     # a prediction column per method, filled for test cells only
     ref = res['ref']
     test = (ref.obs.split == 'test').to_numpy()
-    for name in ct.METHOD_NAMES.values():
+    for name in ctr.METHOD_NAMES.values():
         col = ref.obs['pred_' + name.split(' ', 1)[1]]
         assert (col[test] != 'nan').all() and (col[~test] == 'nan').all()
     # the plugin-tuned space covers every cell; the router chose one of the two tissues for each
     assert ref.obsm['X_scgpt_tuned'].shape == (ref.n_obs, 16) and set(ref.obs.router_tissue) <= {'blood', 'pancreas'}
     # scores recomputed from the stored predictions give the table
     y = ref.obs.label[test].astype(str)
-    acc = (ref.obs['pred_' + ct.METHOD_NAMES['knn'].split(' ', 1)[1]][test] == y).mean()
+    acc = (ref.obs['pred_' + ctr.METHOD_NAMES['knn'].split(' ', 1)[1]][test] == y).mean()
     assert acc == pytest.approx(
         per_seed.query("seed == 0 and method == '(a) memory kNN, frozen' and tissue == 'all'").accuracy.item()
     )
@@ -77,8 +78,8 @@ def test_every_method_scored_per_tissue(run):
 def test_cache_reused_only_for_the_same_settings(run, enc, monkeypatch):
     res, cache = run
     def boom(*a, **k): raise AssertionError('recomputed')
-    monkeypatch.setattr(ct, 'embed_reference', boom)   # the first step after the (cheap) reference is built
-    again = ct.run_cross_tissue(load_settings(overrides=SMALL), cache=cache, encoder=enc)
+    monkeypatch.setattr(ctr, 'embed_reference', boom)   # the first step after the (cheap) reference is built
+    again = ctr.run_cross_tissue(load_settings(overrides=SMALL), cache=cache, encoder=enc)
     pd.testing.assert_frame_equal(again['table'], res['table'])
     pd.testing.assert_frame_equal(again['per_seed'], res['per_seed'])
     real_ref = ct.cross_tissue_reference
@@ -88,14 +89,14 @@ def test_cache_reused_only_for_the_same_settings(run, enc, monkeypatch):
         r.obs['label'] = r.obs['label'].astype(str)
         r.obs.iloc[0, r.obs.columns.get_loc('label')] = 'other'
         return r
-    monkeypatch.setattr(ct, 'cross_tissue_reference', relabelled)
+    monkeypatch.setattr(ctr, 'cross_tissue_reference', relabelled)
     with pytest.raises(AssertionError, match='recomputed'):
-        ct.run_cross_tissue(load_settings(overrides=SMALL), cache=cache, encoder=enc)
-    monkeypatch.setattr(ct, 'cross_tissue_reference', real_ref)
+        ctr.run_cross_tissue(load_settings(overrides=SMALL), cache=cache, encoder=enc)
+    monkeypatch.setattr(ctr, 'cross_tissue_reference', real_ref)
     with pytest.raises(AssertionError, match='recomputed'):   # another k is another experiment
-        ct.run_cross_tissue(load_settings(overrides=SMALL + ['crosstissue.k=5']), cache=cache, encoder=enc)
+        ctr.run_cross_tissue(load_settings(overrides=SMALL + ['crosstissue.k=5']), cache=cache, encoder=enc)
     with pytest.raises(AssertionError, match='recomputed'):   # so are other plugin settings
-        ct.run_cross_tissue(load_settings(overrides=SMALL + ['plugins.lora_r=4']), cache=cache, encoder=enc)
+        ctr.run_cross_tissue(load_settings(overrides=SMALL + ['plugins.lora_r=4']), cache=cache, encoder=enc)
 
 
 def test_saved_plugins_reproduce_the_router(run, enc):
@@ -105,27 +106,27 @@ def test_saved_plugins_reproduce_the_router(run, enc):
     ref = res['ref']
     te = ref[ref.obs.split == 'test'][:40].copy()
     predict(te, ps, key_added='again')
-    col = 'pred_' + ct.METHOD_NAMES['router'].split(' ', 1)[1]
+    col = 'pred_' + ctr.METHOD_NAMES['router'].split(' ', 1)[1]
     assert (te.obs.again_label.astype(str) == te.obs[col]).all()
     np.testing.assert_allclose(te.obsm['X_scgpt_tuned'], ref[te.obs_names].obsm['X_scgpt_tuned'], atol=1e-5)
 
 
 def test_unknown_method_is_refused_before_any_work(enc, monkeypatch):
     def boom(*a, **k): raise AssertionError('started')
-    monkeypatch.setattr(ct, 'cross_tissue_reference', boom)
+    monkeypatch.setattr(ctr, 'cross_tissue_reference', boom)
     with pytest.raises(InputError, match="Unknown cross-tissue methods \\['knn_frozen'\\].*known: knn, knn_tuned"):
-        ct.run_cross_tissue(load_settings(overrides=['crosstissue.methods=knn_frozen,router']), encoder=enc)
+        ctr.run_cross_tissue(load_settings(overrides=['crosstissue.methods=knn_frozen,router']), encoder=enc)
 
 
 def test_baselines_only_train_no_plugins(enc, tmp_path):
-    res = ct.run_cross_tissue(
+    res = ctr.run_cross_tissue(
         load_settings(
             overrides=['crosstissue.max_cells=40', 'crosstissue.n_hvg=100', 'crosstissue.methods=knn,logreg']
         ),
         cache=tmp_path / 'c.h5ad',
         encoder=enc,
     )
-    assert set(res['table'].method) == {ct.METHOD_NAMES['knn'], ct.METHOD_NAMES['logreg']}
+    assert set(res['table'].method) == {ctr.METHOD_NAMES['knn'], ctr.METHOD_NAMES['logreg']}
     assert 'X_scgpt_tuned' not in res['ref'].obsm and not (tmp_path/'c_plugins').exists()
 
 
@@ -137,7 +138,7 @@ def test_heads_are_chosen_without_the_test_labels(enc):
     val = ct.validation_mask(ref, 0.15, seed=0)
     assert val.any() and not (val & (ref.obs.split == 'test').to_numpy()).any()
     _, ps = ct.plugin_methods(
-        ct._plugin_view(ref, val, 40, 0), enc, params=plugin_settings() | dict(epochs=2, router_epochs=2)
+        ctr._plugin_view(ref, val, 40, 0), enc, params=plugin_settings() | dict(epochs=2, router_epochs=2)
     )
     h1 = ct.plugin_heads(ref, ps, val, n_hvg=100)
     shuffled = ref.copy()

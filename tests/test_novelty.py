@@ -165,7 +165,7 @@ def study(n, types, shift, seed, name):
 
 
 def test_relative_novelty_flags_the_new_cluster_only():
-    from deepseq_nb.novelty import relative_novelty
+    from deepseq_nb.novelty_query import relative_novelty
 
     ref, cal, q = (
         study(300, [0, 1, 2], 0, 0, 'r'),
@@ -181,7 +181,7 @@ def test_relative_novelty_flags_the_new_cluster_only():
 
 
 def test_mnn_adapter_moves_the_query_onto_the_reference():
-    from deepseq_nb.novelty import joint_space
+    from deepseq_nb.novelty_query import joint_space
     ref, q = study(300, [0, 1, 2], 0, 0, 'r'), study(300, [0, 1, 2], 1.0, 2, 'q')
     near = lambda R, Q: np.median(np.min(((Q[:, None] - R[None]) ** 2).sum(-1), 1))
     assert near(*joint_space(ref, q, adapter='mnn')) < 0.8 * near(*joint_space(ref, q, adapter='none'))
@@ -192,7 +192,7 @@ def test_mnn_adapter_moves_the_query_onto_the_reference():
 
 def test_renorm_puts_two_gene_panels_on_one_scale():
     "A query with 60 of the reference's 200 genes (normalised on its panel) lands on the reference once renormalised."
-    from deepseq_nb.novelty import joint_space
+    from deepseq_nb.novelty_query import joint_space
     rng = np.random.default_rng(0)
     prog = rng.gamma(2, 1, size=(3, 200)) * (np.arange(200)[None] // 20 == np.arange(3)[:, None]) + 0.2
     def cells(n, genes, seed, name):
@@ -207,7 +207,7 @@ def test_renorm_puts_two_gene_panels_on_one_scale():
 
 
 def test_relative_novelty_warns_when_the_studies_do_not_overlap():
-    from deepseq_nb.novelty import relative_novelty
+    from deepseq_nb.novelty_query import relative_novelty
     ref, cal, q = study(200, [0, 1, 2], 0, 0, 'r'), study(100, [0, 1, 2], 0, 1, 'r'), study(200, [0, 1, 2], 0, 2, 'q')
     for i, (a, off) in enumerate(((ref, 0), (cal, 0), (q, 100))):
         # the query far from both
