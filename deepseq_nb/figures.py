@@ -11,15 +11,13 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-import pandas as pd
-
 from .config import load_settings, project_root, settings_path, atomic_write, require
 
 # %% auto #0
 __all__ = ['FIGURES', 'PACKAGES', 'figures_dir', 'list_figures', 'dataset_info', 'applies', 'dataset_overrides', 'dataset_name',
            'run_dir', 'sha256', 'versions', 'bundled_inputs', 'read_ledger', 'atomic_write_text', 'atomic_copy',
-           'scrub_paths', 'write_manifest', 'figure_of', 'to_html', 'pinned_env', 'run_figures', 'publish_results',
-           'results_readme', 'compare_tables', 'load_tolerances', 'check_run', 'format_check']
+           'scrub_paths', 'load_manifest', 'write_manifest', 'figure_of', 'to_html', 'pinned_env', 'run_figures',
+           'publish_results', 'results_readme']
 
 # %% ../nbs/90_figures.ipynb #5f40a5f2
 def figures_dir(root:str|Path|None=None)->Path:
@@ -251,7 +249,7 @@ def _outputs(out:Path, name:str)->list[dict]:
     return [dict(file=p.name, bytes=p.stat().st_size, sha256=sha256(p)) for p in sorted(out.glob(f'{name}*'))
             if p.is_file() and figure_of(p.name, [name]) == name]
 
-def _load_manifest(out:Path)->dict:
+def load_manifest(out:Path)->dict:
     p = Path(out)/'manifest.json'
     return json.loads(p.read_text()) if p.exists() else {}
 
@@ -260,7 +258,7 @@ def write_manifest(out:Path, # run directory
                    S, # the run's `Settings`
                    overrides:list, info:dict|None=None, root=None)->dict:
     "Write `out/manifest.json`: this run's figures merged over those of earlier runs into the same directory."
-    old = _load_manifest(out)
+    old = load_manifest(out)
     sp, root = settings_path(), Path(root) if root else project_root()
     m = dict(created=datetime.now(timezone.utc).isoformat(timespec='seconds'), versions=versions(),
              settings_file=dict(path=_rel(sp, root), sha256=sha256(sp)), overrides=list(overrides),
@@ -351,13 +349,14 @@ def run_figures(
     if given is not None:
         if not (given/'manifest.json').exists():
             raise FileNotFoundError(f"{given}/manifest.json not found: give the directory of a `deepseq figures` run.")
-        m, out = _load_manifest(given), given
+        m, out = load_manifest(given), given
         names = _select(only, list(m['figures']))
     else:
         m, out, names = _run(only, overrides, dataset, out_dir, html, root, log)
     fdir = figures_dir(root)
     if update_results: publish_results(out, fdir, names, log=log)
     if check:
+        from deepseq_nb.figure_check import check_run, format_check  # it reads this module's manifests
         rep = check_run(out, fdir, names)
         print(format_check(rep), flush=True)
         m['check'] = dict(ok=bool(rep['ok'].all()) if len(rep) else True, moved=int(len(rep)),
@@ -410,7 +409,7 @@ def publish_results(out:Path, # a run directory of the bundled defaults
                     log=print)->Path:
     "Copy the figures run in `out` into `fdir/results`, merge their records into its manifest; rewrite the gallery."
     out, fdir = Path(out), Path(fdir)
-    run = _load_manifest(out)
+    run = load_manifest(out)
     if not run: raise FileNotFoundError(f"{out}/manifest.json not found: run `deepseq figures` first.")
     if run.get('dataset') or run.get('overrides'):
         raise ValueError(
@@ -425,7 +424,7 @@ def publish_results(out:Path, # a run directory of the bundled defaults
         for p in res.iterdir():
             if figure_of(p.name, figs) == n and p.name not in keep: p.unlink()
         for f in keep: atomic_copy(out/f, res/f)
-    old = _load_manifest(res)
+    old = load_manifest(res)
     new = {n: dict(run['figures'][n], versions=run['figures'][n].get('versions') or run.get('versions')) for n in names}
     m = dict(run, figures=dict(sorted({**old.get('figures', {}), **new}.items())))
     atomic_write_text(res/'manifest.json', json.dumps(m, indent=1, default=str))
@@ -475,143 +474,4 @@ def results_readme(m:dict, # a manifest
         lines += [f'![{p}](results/{p})' for p in pngs] + ([''] if pngs else [])
         if csvs: lines += ['Tables: ' + ', '.join(f'[{c}](results/{c})' for c in csvs), '']
         if f'{n}.html' in files: lines += [f'Executed notebook: [results/{n}.html](results/{n}.html)', '']
-    return '\n'.join(lines)
-
-# %% ../nbs/90_figures.ipynb #e3ffecfe
-_PUBLISHED_COLS = ('source', 'kind', 'method')
-
-def _num(v):
-    "A float for a numeric cell, else None."
-    if isinstance(v, bool): return None
-    try: return float(v)
-    except (TypeError, ValueError): return None
-
-def _keyed(df:pd.DataFrame, key:list)->pd.DataFrame:
-    "`df` indexed by the `key` columns plus the occurrence number of each key."
-    df = df.copy(); df['#'] = df.groupby(key, dropna=False, sort=False).cumcount()
-    return df.set_index(key+['#'])
-
-def _is_published(row:pd.Series)->bool:
-    "Whether a `source`, `kind` or `method` cell of the row says `published`."
-    return any('published' in str(row[c]).lower() for c in _PUBLISHED_COLS if c in row.index)
-
-def _tol(col:str, row:str, tolerance:dict, row_tolerance:dict)->float:
-    "The tolerance of a cell: by column name, by a regex on column names, by a regex on the row's key, else 0 (exact)."
-    if col in tolerance: return float(tolerance[col])
-    for pat, t in tolerance.items():
-        if re.fullmatch(pat, col): return float(t)
-    for pat, t in row_tolerance.items():
-        if re.fullmatch(pat, row): return float(t)
-    return 0.0
-
-# %% ../nbs/90_figures.ipynb #76cac03c
-def compare_tables(old:pd.DataFrame, # the committed table
-                   new:pd.DataFrame, # the rerun's table
-                   key:list|None=None, # columns that identify a row (default: the first column)
-                   tolerance:dict|None=None, # column (or regex on column names) -> absolute tolerance; others are exact
-                   ignore:list|tuple=(), # columns (or regexes) not compared
-                   row_tolerance:dict|None=None, # regex on a row's first key -> absolute tolerance (wide tables)
-                  )->pd.DataFrame:
-    "What moved between two tables: a row per changed value, missing/extra row or column, with `diff`, `tol` and `ok`."
-    key, tolerance, row_tolerance = list(key or old.columns[:1]), dict(tolerance or {}), dict(row_tolerance or {})
-    rows = []
-    def add(row, col, what, a=None, b=None, diff=None, tol=0.0, ok=False):
-        rows.append(dict(row=row, column=col, what=what, committed=a, rerun=b, diff=diff, tol=tol, ok=ok))
-    for c in old.columns.difference(new.columns): add('', c, 'column missing in rerun')
-    for c in new.columns.difference(old.columns): add('', c, 'column not in committed table')
-    o, n = _keyed(old, key), _keyed(new, key)
-    fmt = lambda k: ', '.join(f'{c}={v}' for c, v in zip(key, k[:-1])) + (f' #{k[-1]}' if k[-1] else '')
-    for k in o.index.difference(n.index, sort=False): add(fmt(k), '', 'row missing in rerun')
-    for k in n.index.difference(o.index, sort=False): add(fmt(k), '', 'row not in committed table')
-    cols = [c for c in old.columns if c in new.columns and c not in key and not any(re.fullmatch(i, c) for i in ignore)]
-    for k in o.index.intersection(n.index, sort=False):
-        a_row, b_row = o.loc[k], n.loc[k]
-        pub = _is_published(a_row)
-        for c in cols:
-            a, b = a_row[c], b_row[c]
-            if pd.isna(a) and pd.isna(b): continue
-            x, y = _num(a), _num(b)
-            if x is not None and y is not None and not (pd.isna(x) or pd.isna(y)):
-                if x == y: continue
-                tol = 0.0 if pub else _tol(c, str(k[0]), tolerance, row_tolerance)
-                d = y - x
-                add(
-                    fmt(k),
-                    c,
-                    'published value' if pub else 'value',
-                    a,
-                    b,
-                    d,
-                    tol,
-                    abs(d) <= tol + 1e-9 * max(1.0, abs(x)),
-                )
-            elif str(a) != str(b): add(fmt(k), c, 'published text' if pub else 'text', a, b)
-    return pd.DataFrame(rows, columns=['row', 'column', 'what', 'committed', 'rerun', 'diff', 'tol', 'ok'])
-
-# %% ../nbs/90_figures.ipynb #b3badd5a
-def load_tolerances(name:str, # figure notebook name
-                    fdir:Path, # paper_figures/
-                   )->dict:
-    "Tolerances of figure `name`: `fdir/<name>.tolerances.json` (table -> key, abs, abs_rows, ignore), or {} (exact)."
-    p = Path(fdir)/f'{name}.tolerances.json'
-    return json.loads(p.read_text()).get('tables', {}) if p.exists() else {}
-
-def check_run(out:Path, # a run directory
-              fdir:Path, # paper_figures/ (its results/ is the committed record)
-              names:list|None=None, # figures to check (default: every figure of the committed record)
-             )->pd.DataFrame:
-    "Every difference between the tables (CSV) of run `out` and the committed record, with its tolerance and verdict."
-    out, fdir = Path(out), Path(fdir); res = fdir/'results'
-    run, rec = _load_manifest(out), _load_manifest(res)
-    names = names or list(rec.get('figures', {}))
-    figs, parts = list_figures(fdir.parent), []
-    for n in names:
-        r = run.get('figures', {}).get(n, {})
-        tabs = sorted(p.name for p in res.glob('*.csv') if figure_of(p.name, figs) == n)
-        if r.get('status') != 'ran':
-            parts.append(
-                pd.DataFrame(
-                    [dict(figure=n, table='', what=f"did not run ({r.get('status', 'not in the run')})", ok=False)]
-                )
-            )
-            continue
-        tols = load_tolerances(n, fdir)
-        for t in tabs:
-            if not (out/t).exists():
-                parts.append(pd.DataFrame([dict(figure=n, table=t, what='table missing in rerun', ok=False)])); continue
-            tol = tols.get(t, {})
-            d = compare_tables(pd.read_csv(res/t), pd.read_csv(out/t), key=tol.get('key'), tolerance=tol.get('abs'),
-                               ignore=tol.get('ignore', ()), row_tolerance=tol.get('abs_rows'))
-            parts.append(d.assign(figure=n, table=t))
-        for t in sorted(p.name for p in out.glob('*.csv') if figure_of(p.name, figs) == n and p.name not in tabs):
-            parts.append(pd.DataFrame([dict(figure=n, table=t, what='table not in the committed record', ok=False)]))
-    cols = ['figure', 'table', 'row', 'column', 'what', 'committed', 'rerun', 'diff', 'tol', 'ok']
-    parts = [p.reindex(columns=cols) for p in parts if len(p)]
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=cols)
-
-# %% ../nbs/90_figures.ipynb #4d2a8bd8
-def format_check(rep:pd.DataFrame, # `check_run`'s report
-                 max_lines:int=40, # failures listed one by one at most
-                )->str:
-    "Failures one by one; moves within tolerance summed up per table and column (count, largest move); a verdict."
-    if not len(rep): return 'check: every table equals the committed one.'
-    rep = rep.assign(ok=rep['ok'].astype(bool))
-    bad, good, lines = rep[~rep['ok']], rep[rep['ok']], []
-    for r in bad.head(max_lines).itertuples():
-        where = ' · '.join(str(x) for x in (r.table, r.row, r.column) if isinstance(x, str) and x)
-        if isinstance(r.diff, (int, float)) and not pd.isna(r.diff):
-            what = f'{r.committed} -> {r.rerun} (moved {r.diff:+.4g}, tolerance {r.tol:g})'
-        elif not (pd.isna(r.committed) and pd.isna(r.rerun)): what = f'{r.committed!r} -> {r.rerun!r}'
-        else: what = ''
-        lines.append(f"FAIL {r.figure}: {where}: {r.what} {what}".rstrip())
-    if len(bad) > max_lines: lines.append(f'FAIL ... and {len(bad)-max_lines} more')
-    for (f, t, c), g in good.groupby(['figure', 'table', 'column'], sort=False):
-        i = g['diff'].abs().idxmax()
-        lines.append(f"ok   {f}: {t} · {c}: {len(g)} value(s) moved, most {g.loc[i, 'diff']:+.4g} ({g.loc[i, 'row']}: "
-                 f"{g.loc[i, 'committed']} -> {g.loc[i, 'rerun']}), tolerance {g['tol'].max():g}")
-    where = sorted(set(t or f for t, f in zip(bad['table'].fillna(''), bad['figure'])))
-    lines.append(
-        f"check: {len(rep)} difference(s), {len(bad)} outside tolerance"
-        + (f" in {', '.join(where)}" if len(bad) else ': every table within tolerance.')
-    )
     return '\n'.join(lines)

@@ -2,7 +2,8 @@
 import hashlib, json, re, shutil, subprocess, sys
 from pathlib import Path
 import pandas as pd, pytest
-from deepseq_nb.figures import compare_tables, publish_results, list_figures
+from deepseq_nb.figures import publish_results, list_figures
+from deepseq_nb.figure_check import compare_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 FIG = ROOT/'paper_figures'
