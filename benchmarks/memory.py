@@ -55,7 +55,8 @@ def memory_benchmark(sizes=(10**4, 10**5, 10**6), # numbers of reference entries
                      verbose:bool=True, # print each row as it is measured
                     )->pd.DataFrame:
     "Build time, queries/s and recall@k of Flat and IVF-Flat memories for each size and dimension."
-    from deepseq_nb.memory import CellMemory, synthetic_embeddings, set_threads
+    from deepseq_nb.memory import CellMemory
+    from deepseq_nb.vector_index import set_threads, synthetic_embeddings
     set_threads(threads)
     rows = []
     def emit(r):

@@ -6,8 +6,8 @@ Docs: https://deepseq-nb.github.io/deepseq_nb/memory.html.md"""
 
 # %% ../nbs/12_memory.ipynb #9cbf05b3
 from __future__ import annotations
-import json, math, re, time, warnings
-from dataclasses import dataclass, field
+import json, re, time, warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
@@ -21,129 +21,19 @@ try: import faiss
 except ModuleNotFoundError as e: raise ModuleNotFoundError(missing_extra(e), name=e.name) from None
 
 from .data import InputError
+from deepseq_nb.vector_index import (
+    Neighbours, as_vectors, export_index, flat_index, index_kind, ivf_index, ivf_nlist, normalise_rows, set_threads
+)
 
 # %% auto #0
-__all__ = ['MEMORY_FORMAT', 'METRICS', 'INDEX_KINDS', 'BASE_COLUMNS', 'set_threads', 'as_vectors', 'ivf_nlist', 'Neighbours',
-           'CellMemory', 'vote_weights', 'knn_annotate', 'MemoryConfig', 'memory_from_settings', 'synthetic_embeddings']
+__all__ = ['MEMORY_FORMAT', 'METRICS', 'INDEX_KINDS', 'BASE_COLUMNS', 'CellMemory', 'vote_weights', 'knn_annotate',
+           'MemoryConfig', 'memory_from_settings']
 
 # %% ../nbs/12_memory.ipynb #d9513b57
 MEMORY_FORMAT = 1  # version of the on-disk layout written by `CellMemory.save`
 METRICS = ('cosine', 'l2')
 INDEX_KINDS = ('auto', 'flat', 'ivf')
 BASE_COLUMNS = ('label', 'tissue', 'dataset')
-
-def set_threads(n:int|None, # OpenMP threads faiss uses; None leaves the setting as it is
-               )->None:
-    "Fix the number of threads faiss uses (a process-wide setting)."
-    if n: faiss.omp_set_num_threads(int(n))
-
-# %% ../nbs/12_memory.ipynb #290c0bf4
-def as_vectors(x, # (n, d) or (d,) array-like, sparse matrix or DataFrame
-               dim:int|None=None, # the dimension expected; None accepts any
-               *, space:str|None=None, # the space, named in error messages
-               what:str='vectors', # what the vectors are, named in error messages
-               copy:bool=False, # always return a new array (so it can be changed in place)
-              )->np.ndarray:
-    "A C-contiguous float32 (n, d) matrix of `x`; clear errors for a wrong dimension, NaN or inf."
-    if sp.issparse(x): x = x.toarray()
-    if isinstance(x, (pd.DataFrame, pd.Series)): x = x.to_numpy()
-    a = np.array(x, dtype=np.float32, order='C', copy=True) if copy else np.ascontiguousarray(x, dtype=np.float32)
-    if a.ndim == 1: a = a[None, :]
-    where = f" for space {space!r}" if space else ''
-    if a.ndim != 2: raise InputError(f"{what}{where} must be a 2-D (n, d) matrix; got shape {a.shape}.")
-    if dim is not None and a.shape[1] != dim:
-        raise InputError(
-            f"Dimension mismatch{where}: it holds {dim}-dimensional vectors, but the {what} have {a.shape[1]} "
-            "dimensions."
-        )
-    s = a.sum(1)  # NaN and inf survive a sum; a finite row can only overflow it, so check those rows exactly
-    bad = np.flatnonzero(~np.isfinite(s))
-    if len(bad): bad = bad[~np.isfinite(a[bad]).all(1)]
-    if len(bad):
-        raise InputError(
-            f"{len(bad)} of {len(a)} {what}{where} hold NaN or inf (first: row {bad[0]}); drop or impute them first."
-        )
-    return a
-
-def _normalise(a:np.ndarray, what:str='vectors')->np.ndarray:
-    "Scale the rows of `a` to unit L2 norm in place; zero rows are an error (they have no direction)."
-    nrm = np.sqrt(np.einsum('ij,ij->i', a, a, dtype=np.float64))
-    zero = np.flatnonzero(nrm == 0)
-    if len(zero):
-        raise InputError(
-            f"{len(zero)} {what} are all zeros (first: row {zero[0]}): the cosine metric needs a direction."
-        )
-    a /= nrm[:, None].astype(np.float32)
-    return a
-
-# %% ../nbs/12_memory.ipynb #08da3199
-def ivf_nlist(n:int, # number of vectors
-              nlist_max:int=1024, # upper clip
-             )->int:
-    "Number of IVF cells for `n` vectors: 4·√n clipped to [16, nlist_max], with ≥ 39 training points per cell."
-    return int(max(1, min(max(16, round(4*math.sqrt(n))), nlist_max, n // 39)))
-
-def _flat_index(d:int)->faiss.Index: return faiss.IndexIDMap2(faiss.IndexFlatL2(d))
-
-def _ivf_index(X:np.ndarray, ids:np.ndarray, nlist:int, nprobe:int, seed:int=0)->faiss.Index:
-    "An IVF-Flat index of `X` keyed by `ids`, trained on a seeded sample of at most 64 points per cell."
-    d = X.shape[1]
-    idx = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist, faiss.METRIC_L2)
-    idx.cp.seed = seed
-    m = min(len(X), 64*nlist)
-    idx.train(X if m == len(X) else X[np.sort(np.random.default_rng(seed).choice(len(X), m, replace=False))])
-    idx.set_direct_map_type(faiss.DirectMap.Hashtable)
-    idx.nprobe = nprobe
-    if len(X): idx.add_with_ids(X, ids)
-    return idx
-
-def _kind(idx:faiss.Index)->str: return 'ivf' if isinstance(idx, faiss.IndexIVF) else 'flat'
-
-# %% ../nbs/12_memory.ipynb #876da87c
-def _export(idx:faiss.Index, vectors:bool=True)->tuple:
-    "All `(ids, vectors)` of an index, sorted by id (`vectors` is None when not asked for)."
-    d = idx.d
-    if _kind(idx) == 'flat':
-        ids = faiss.vector_to_array(idx.id_map).astype(np.int64)
-        X = (
-            idx.index.reconstruct_n(0, idx.ntotal)
-            if vectors and idx.ntotal
-            else np.zeros((0, d), np.float32)
-            if vectors
-            else None
-        )
-    else:
-        inv, n, at = idx.invlists, idx.ntotal, 0
-        ids = np.empty(n, np.int64); X = np.empty((n, d), np.float32) if vectors else None
-        for l in range(idx.nlist):
-            sz = inv.list_size(l)
-            if not sz: continue
-            ids[at:at+sz] = faiss.rev_swig_ptr(inv.get_ids(l), sz)
-            if vectors:
-                X[at : at + sz] = (
-                    faiss.rev_swig_ptr(inv.get_codes(l), sz * inv.code_size).view(np.float32).reshape(sz, d)
-                )
-            at += sz
-    if len(ids) > 1 and (np.diff(ids) < 0).any():
-        o = np.argsort(ids, kind='stable'); ids = ids[o]; X = X[o] if X is not None else None
-    return ids, X
-
-# %% ../nbs/12_memory.ipynb #24a82f81
-@dataclass
-class Neighbours:
-    "The k nearest reference entries of each query in one space."
-    distances:np.ndarray # (n_queries, k) distances in the memory's metric, nearest first; inf where missing
-    ids:np.ndarray # (n_queries, k) entry ids; -1 where missing
-    labels:np.ndarray # (n_queries, k) the neighbours' labels (object array); None where missing
-    space:str # the space searched
-    meta:pd.DataFrame = field(repr=False, default=None) # the memory's metadata when it was searched
-
-    def frame(self)->pd.DataFrame:
-        "Long format: one row per (query, rank) with distance, id and the neighbour's metadata."
-        n, k = self.ids.shape
-        f = pd.DataFrame({'query': np.repeat(np.arange(n), k), 'rank': np.tile(np.arange(k), n),
-                          'id': self.ids.ravel(), 'distance': self.distances.ravel()})
-        return f.join(self.meta, on='id')
 
 # %% ../nbs/12_memory.ipynb #411c04b0
 _SPACE_RE = re.compile(r'^[A-Za-z0-9_.-]+$')
@@ -182,13 +72,13 @@ class CellMemory:
     def _new_space(self, space:str, d:int):
         _check_name(space)
         if d < 1: raise InputError(f"Space {space!r} needs a positive dimension; got {d}.")
-        self._dims[space], self._index[space] = d, _flat_index(d)
+        self._dims[space], self._index[space] = d, flat_index(d)
 
     @property
     def spaces(self)->list: return list(self._index)
     def dim(self, space:str|None=None)->int: return self._dims[self._space(space)]
     def size(self, space:str|None=None)->int: return int(self._index[self._space(space)].ntotal)
-    def index_type(self, space:str|None=None)->str: return _kind(self._index[self._space(space)])
+    def index_type(self, space:str|None=None)->str: return index_kind(self._index[self._space(space)])
     def __len__(self)->int: return len(self.obs)
 
     def _space(self, space:str|None)->str:
@@ -214,7 +104,7 @@ def _prep(self:CellMemory, x, space:str, what:str='vectors', create:bool=False)-
         _check_name(space)
         a = as_vectors(x, space=space, what=what, copy=self.metric == 'cosine')
     else: a = as_vectors(x, self._dims[self._space(space)], space=space, what=what, copy=self.metric == 'cosine')
-    return _normalise(a, what) if self.metric == 'cosine' else a
+    return normalise_rows(a, what) if self.metric == 'cosine' else a
 
 def _meta_frame(obs, n:int)->pd.DataFrame:
     "Metadata for `n` new entries: the given columns (index dropped) plus NA `tissue`/`dataset` when absent."
@@ -262,7 +152,7 @@ def add(
         if obs is not None:
             raise InputError("These ids are existing entries: pass no obs (their metadata is already stored).")
         for s in X:
-            if s in self._index and np.isin(ids, _export(self._index[s], vectors=False)[0]).any():
+            if s in self._index and np.isin(ids, export_index(self._index[s], vectors=False)[0]).any():
                 raise InputError(f"Some of these entries already have vectors in space {s!r}; remove them first.")
     else: meta = _meta_frame(obs, n).set_index(pd.Index(ids, name='id'))
     for s, v in X.items():
@@ -278,7 +168,7 @@ def add(
 def _target(self:CellMemory, space:str, n:int|None=None)->tuple:
     "(kind, nlist) a space should have with `n` entries (default: its size now)."
     idx = self._index[space]
-    n, cur = idx.ntotal if n is None else n, _kind(idx)
+    n, cur = idx.ntotal if n is None else n, index_kind(idx)
     kind = (
         self.index
         if self.index != 'auto'
@@ -299,16 +189,16 @@ def rebuild(
     for s in ([self._space(space)] if space is not None else self.spaces):
         kind, nlist = _target(self, s)
         if force or _stale(self._index[s], kind, nlist):
-            self._index[s] = _build(self, kind, nlist, *_export(self._index[s])[::-1])
+            self._index[s] = _build(self, kind, nlist, *export_index(self._index[s])[::-1])
 
 def _stale(idx:faiss.Index, kind:str, nlist:int|None)->bool:
     "Does `idx` need rebuilding to be of `kind` (an IVF index: when `nlist` is twice its own)?"
-    return kind != _kind(idx) or (kind == 'ivf' and nlist >= 2*idx.nlist)
+    return kind != index_kind(idx) or (kind == 'ivf' and nlist >= 2*idx.nlist)
 
 def _build(self:CellMemory, kind:str, nlist:int|None, X:np.ndarray, ids:np.ndarray)->faiss.Index:
     "A new index of `kind` holding `X` keyed by `ids`."
-    if kind == 'ivf': return _ivf_index(X, ids, nlist, self.nprobe, self.seed)
-    idx = _flat_index(X.shape[1])
+    if kind == 'ivf': return ivf_index(X, ids, nlist, self.nprobe, self.seed)
+    idx = flat_index(X.shape[1])
     if len(ids): idx.add_with_ids(X, ids)
     return idx
 
@@ -318,7 +208,7 @@ def _put(self:CellMemory, space:str, X:np.ndarray, ids:np.ndarray):
     kind, nlist = _target(self, space, idx.ntotal + len(ids))
     if not _stale(idx, kind, nlist): return idx.add_with_ids(X, ids)
     if idx.ntotal:
-        oi, ox = _export(idx)
+        oi, ox = export_index(idx)
         X, ids = np.concatenate([ox, X]), np.concatenate([oi, ids])
         if (np.diff(ids) < 0).any(): o = np.argsort(ids, kind='stable'); X, ids = X[o], ids[o]
     self._index[space] = _build(self, kind, nlist, X, ids)
@@ -411,9 +301,9 @@ def vectors(
     "The stored vectors of `space` (normalised under the cosine metric), in the order of `ids`."
     space = self._space(space)
     idx = self._index[space]
-    if ids is None: return _export(idx)[1]
+    if ids is None: return export_index(idx)[1]
     ids = np.asarray(ids, dtype=np.int64).ravel()
-    have = _export(idx, vectors=False)[0]
+    have = export_index(idx, vectors=False)[0]
     miss = ids[~np.isin(ids, have)]
     if len(miss): raise InputError(f"{len(miss)} ids have no vector in space {space!r} (first: {miss[:5].tolist()}).")
     return idx.reconstruct_batch(ids) if len(ids) else np.zeros((0, idx.d), np.float32)
@@ -421,7 +311,7 @@ def vectors(
 @patch
 def entry_ids(self:CellMemory, space:str|None=None)->np.ndarray:
     "Sorted ids of the entries that have a vector in `space`."
-    return _export(self._index[self._space(space)], vectors=False)[0]
+    return export_index(self._index[self._space(space)], vectors=False)[0]
 
 @patch
 def centroids(
@@ -437,7 +327,7 @@ def centroids(
     if key not in self.obs: raise InputError(f"Unknown metadata column {key!r}; obs has {list(self.obs.columns)}.")
     if self.size(space) == 0:
         raise InputError(f"The memory is empty: space {space!r} holds no entries; add reference vectors first.")
-    ids, X = _export(self._index[space])
+    ids, X = export_index(self._index[space])
     codes, classes = pd.factorize(self.obs[key].reindex(ids), sort=True)
     ok = codes >= 0
     M = sp.csr_matrix((np.ones(ok.sum(), np.float32), (codes[ok], np.flatnonzero(ok))), shape=(len(classes), len(ids)))
@@ -531,10 +421,10 @@ def save(
         spaces[s] = dict(
             file=f'{s}.faiss',
             dim=self._dims[s],
-            index_type=_kind(idx),
+            index_type=index_kind(idx),
             size=int(idx.ntotal),
-            nlist=int(idx.nlist) if _kind(idx) == 'ivf' else None,
-            nprobe=int(idx.nprobe) if _kind(idx) == 'ivf' else None,
+            nlist=int(idx.nlist) if index_kind(idx) == 'ivf' else None,
+            nprobe=int(idx.nprobe) if index_kind(idx) == 'ivf' else None,
         )
     self.obs.to_csv(p/'obs.csv', index_label='id')
     man = dict(
@@ -595,7 +485,7 @@ def load(
                 f"{info['dim']}-d."
             )
         m._dims[s], m._index[s] = int(info['dim']), idx
-        extra = np.setdiff1d(_export(idx, vectors=False)[0], m.obs.index.to_numpy())
+        extra = np.setdiff1d(export_index(idx, vectors=False)[0], m.obs.index.to_numpy())
         if len(extra):
             raise InputError(
                 f"Space {s!r} in {p} holds {len(extra)} ids missing from obs.csv: the directory is inconsistent."
@@ -697,32 +587,3 @@ def memory_from_settings(settings=None, # a `Settings` (default: `load_settings(
                         )->CellMemory:
     "A `CellMemory` configured by the `[memory]` settings (over `MemoryConfig`'s defaults)."
     return CellMemory(**read_section(MemoryConfig, settings, 'memory') | overrides)
-
-# %% ../nbs/12_memory.ipynb #ce4235dd
-def synthetic_embeddings(n:int, # number of cells
-                         dim:int=128, # embedding dimension
-                         n_types:int=100, # number of cell types
-                         *, latent:int=32, # intrinsic dimension (at most `dim`)
-                         rank:int=8, # rank of each type's covariance in the latent space
-                         type_spread:float=0.5, # spread of type centres around their lineage centre
-                         noise:float=0.3, # isotropic noise, relative to the latent scale
-                         seed:int=0, # random seed
-                         chunk:int=100_000, # cells drawn at a time (bounds the temporary memory)
-                        )->tuple:
-    "Clustered synthetic embeddings `(X float32 (n, dim), labels int (n,))`: lineages → types → cells."
-    rng = np.random.default_rng(seed)
-    latent = min(latent, dim)
-    n_lin = max(1, n_types // 12)
-    lin = rng.standard_normal((n_lin, latent)) * 3.0
-    centres = lin[rng.integers(0, n_lin, n_types)] + rng.standard_normal((n_types, latent)) * type_spread
-    load = rng.standard_normal((n_types, rank, latent)) * rng.uniform(0.3, 1.0, (n_types, rank, 1))
-    W = np.linalg.qr(rng.standard_normal((dim, latent)))[0].T  # latent → dim, orthonormal rows
-    labels = rng.choice(n_types, n, p=rng.dirichlet(np.full(n_types, 0.7)))
-    X = np.empty((n, dim), np.float32)
-    for s in range(0, n, chunk):
-        l = labels[s:s+chunk]
-        lat = centres[l] + np.einsum('nr,nrl->nl', rng.standard_normal((len(l), rank)), load[l])
-        X[s : s + chunk] = lat @ W + rng.standard_normal((len(l), dim), dtype=np.float32) * np.float32(
-            noise * math.sqrt(latent / dim)
-        )
-    return X, labels

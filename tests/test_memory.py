@@ -3,14 +3,8 @@ import json
 import anndata as ad
 import numpy as np, pandas as pd, pytest
 from deepseq_nb.data import InputError
-from deepseq_nb.memory import (
-    CellMemory,
-    knn_annotate,
-    synthetic_embeddings,
-    ivf_nlist,
-    set_threads,
-    memory_from_settings,
-)
+from deepseq_nb.memory import CellMemory, knn_annotate, memory_from_settings
+from deepseq_nb.vector_index import ivf_nlist, set_threads, synthetic_embeddings
 
 set_threads(2)
 

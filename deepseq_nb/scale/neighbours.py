@@ -81,7 +81,7 @@ def _nndescent_knn(X:np.ndarray, k:int, seed:int, n_threads:int)->tuple:
 @patch
 def fit_transform(self:KNNGraph, X, y=None)->sp.csr_matrix:
     "The kNN distance graph of cells `X` (cells × components) as CSR: each row itself, then its neighbours by distance."
-    from deepseq_nb.memory import set_threads
+    from deepseq_nb.vector_index import set_threads
 
     if self.method not in ('auto', 'exact', 'nndescent'):
         raise ValueError(f"method must be 'auto', 'exact' or 'nndescent'; got {self.method!r}.")
