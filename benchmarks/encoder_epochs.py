@@ -23,7 +23,7 @@ def main(argv=None):
     import pandas as pd
     import deepseq_nb.crosstissue as ct
     from deepseq_nb.config import load_settings
-    from deepseq_nb.encoder import encoder_settings, pretrained_encoder, default_encoder, PRETRAIN_KEYS
+    from deepseq_nb.pretrain import encoder_settings, pretrained_encoder, default_encoder, PRETRAIN_KEYS
     s = encoder_settings(load_settings())
     p = {k: s[k] for k in PRETRAIN_KEYS if s.get(k, '') != ''}
     ref, rows = ct.cross_tissue_reference(), []

@@ -33,7 +33,7 @@ def main(argv=None):
     import torch; torch.set_num_threads(1)
     import pandas as pd
     import deepseq_nb.crosstissue as ct
-    from deepseq_nb.encoder import default_encoder
+    from deepseq_nb.pretrain import default_encoder
     from deepseq_nb.plugins import plugin_settings, train_plugin, plugin_outputs
     enc, ref, PP = default_encoder(), ct.cross_tissue_reference(), plugin_settings()
     ct._resplit(ref, 0.3, a.seed)

@@ -222,7 +222,8 @@ def embed_reference(
     **kwargs,  # obsm key; progress bar; passed to `embed`
 ) -> None:
     "Frozen scGPT embedding of every cell into `obsm[key_added]`, with the gene coverage per study in `uns`."
-    from deepseq_nb.encoder import embed, default_encoder
+    from deepseq_nb.encoder import embed
+    from deepseq_nb.pretrain import default_encoder
     enc = encoder if encoder is not None else default_encoder(progress=progress)
     parts, cov = [], {}
     for d in ref.obs.dataset.cat.categories:
@@ -276,7 +277,7 @@ def plugin_methods(ref:ad.AnnData, # from `cross_tissue_reference`
                    tuned_key:str='X_scgpt_tuned', # obsm key of the plugin-tuned embedding of every cell
                   ):
     "Train a plugin per tissue and the router: ({'plugin', 'router'} test labels, router test weights, PluginSet)."
-    from deepseq_nb.encoder import default_encoder
+    from deepseq_nb.pretrain import default_encoder
     from deepseq_nb.plugins import plugin_settings, plugin_kwargs, train_plugin, train_router, predict
     p = plugin_settings() if params is None else params
     kw_plugin, kw_router = plugin_kwargs(p)
@@ -584,7 +585,7 @@ def run_cross_tissue(
     import hashlib, json
     from pathlib import Path
     from deepseq_nb.config import load_settings
-    from deepseq_nb.encoder import encoder_settings, default_encoder
+    from deepseq_nb.pretrain import encoder_settings, default_encoder
     from deepseq_nb.plugins import plugin_settings
     from deepseq_nb.plugin_store import save_plugins
     S = settings if settings is not None else load_settings()
