@@ -25,7 +25,7 @@ BUNDLED = ['pbmc3k', 'pbmc68k_reduced', 'pancreas_xin', 'pancreas_wang', 'testis
 
 def bench_pretraining(params: dict | None = None) -> tuple[list[dict], object]:
     "Pretrain the settings.ini small encoder from scratch in a temporary directory; one row, and the encoder."
-    from deepseq_nb.encoder import encoder_settings, pretrain_encoder, PRETRAIN_KEYS
+    from deepseq_nb.pretrain import encoder_settings, pretrain_encoder, PRETRAIN_KEYS
     s = encoder_settings()
     p = {k: s[k] for k in PRETRAIN_KEYS if s.get(k, '') != ''} | (params or {})
     with tempfile.TemporaryDirectory() as d:
@@ -125,7 +125,7 @@ def main():
     )
     a = p.parse_args()
     import torch
-    from deepseq_nb.encoder import default_encoder
+    from deepseq_nb.pretrain import default_encoder
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs visible, 2 torch threads")
     if a.cached: enc = default_encoder(progress=False)
     else:

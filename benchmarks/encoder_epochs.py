@@ -24,7 +24,7 @@ def main(argv=None):
     import deepseq_nb.crosstissue as ct
     import deepseq_nb.crosstissue_run as ctr
     from deepseq_nb.config import load_settings
-    from deepseq_nb.encoder import encoder_settings, pretrained_encoder, default_encoder, PRETRAIN_KEYS
+    from deepseq_nb.pretrain import encoder_settings, pretrained_encoder, default_encoder, PRETRAIN_KEYS
     s = encoder_settings(load_settings())
     p = {k: s[k] for k in PRETRAIN_KEYS if s.get(k, '') != ''}
     ref, rows = ct.cross_tissue_reference(), []

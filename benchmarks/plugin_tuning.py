@@ -34,7 +34,7 @@ def main(argv=None):
     import pandas as pd
     import deepseq_nb.crosstissue as ct
     import deepseq_nb.crosstissue_run as ctr
-    from deepseq_nb.encoder import default_encoder
+    from deepseq_nb.pretrain import default_encoder
     from deepseq_nb.plugins import plugin_settings, train_plugin, plugin_outputs
     enc, ref, PP = default_encoder(), ct.cross_tissue_reference(), plugin_settings()
     ctr._resplit(ref, 0.3, a.seed)

@@ -112,7 +112,7 @@ def child(n, mode, path, agree):
     if mode == 'plain': a = plain(path, tick)
     elif mode == 'embed':
         from deepseq_nb.scale import read_lazy, embed_batched, scale_settings
-        from deepseq_nb.encoder import default_encoder
+        from deepseq_nb.pretrain import default_encoder
         tick('read'); a = read_lazy(path)
         tick('encoder'); enc = default_encoder(progress=False)
         tick('embed'); embed_batched(a, enc, batch_cells=scale_settings()['embed_batch_cells'])

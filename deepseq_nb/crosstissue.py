@@ -211,14 +211,15 @@ def score_methods(ref:ad.AnnData, # from `cross_tissue_reference`
 # %% ../nbs/16_crosstissue.ipynb #69fc764b
 def embed_reference(
     ref: ad.AnnData,  # from `cross_tissue_reference`
-    encoder=None,  # an `encoder.Encoder` (default: `encoder.default_encoder()`)
+    encoder=None,  # an `encoder.Encoder` (default: `pretrain.default_encoder()`)
     *,
     key_added: str = 'X_scgpt',
     progress: bool = False,
     **kwargs,  # obsm key; progress bar; passed to `embed`
 ) -> None:
     "Frozen scGPT embedding of every cell into `obsm[key_added]`, with the gene coverage per study in `uns`."
-    from deepseq_nb.encoder import embed, default_encoder
+    from deepseq_nb.encoder import embed
+    from deepseq_nb.pretrain import default_encoder
     enc = encoder if encoder is not None else default_encoder(progress=progress)
     parts, cov = [], {}
     for d in ref.obs.dataset.cat.categories:
@@ -267,12 +268,12 @@ def memory_knn(
 
 # %% ../nbs/16_crosstissue.ipynb #2ef129f5
 def plugin_methods(ref:ad.AnnData, # from `cross_tissue_reference`
-                   encoder=None, # an `encoder.Encoder` (default: `encoder.default_encoder()`)
+                   encoder=None, # an `encoder.Encoder` (default: `pretrain.default_encoder()`)
                    *, params:dict|None=None, # plugin settings (default: `plugins.plugin_settings()`, i.e. `[plugins]`)
                    tuned_key:str='X_scgpt_tuned', # obsm key of the plugin-tuned embedding of every cell
                   ):
     "Train a plugin per tissue and the router: ({'plugin', 'router'} test labels, router test weights, PluginSet)."
-    from deepseq_nb.encoder import default_encoder
+    from deepseq_nb.pretrain import default_encoder
     from deepseq_nb.plugins import plugin_settings, plugin_kwargs, train_plugin, train_router, predict
     p = plugin_settings() if params is None else params
     kw_plugin, kw_router = plugin_kwargs(p)

@@ -208,7 +208,7 @@ def run_cross_tissue(
     import hashlib, json
     from pathlib import Path
     from deepseq_nb.config import load_settings
-    from deepseq_nb.encoder import encoder_settings, default_encoder
+    from deepseq_nb.pretrain import encoder_settings, default_encoder
     from deepseq_nb.plugins import plugin_settings
     from deepseq_nb.plugin_store import save_plugins
     S = settings if settings is not None else load_settings()

@@ -1,4 +1,4 @@
-"""scGPT as a cell encoder: official checkpoints, a small encoder pretrained on the bundled data on CPU, and cell embeddings.
+"""scGPT as a cell encoder: vocabularies, tokens, official checkpoints and cell embeddings.
 
 Docs: https://deepseq-nb.github.io/deepseq_nb/encoder.html.md"""
 
@@ -6,7 +6,7 @@ Docs: https://deepseq-nb.github.io/deepseq_nb/encoder.html.md"""
 
 # %% ../nbs/10_encoder.ipynb #cf0e9c7c
 from __future__ import annotations
-import contextlib, fcntl, functools, hashlib, importlib.util, json, logging, math, os, shutil, sys, time, types
+import contextlib, functools, importlib.util, json, logging, math, sys, types
 import warnings, zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,18 +21,13 @@ except ModuleNotFoundError as e:   # the [scagent] extra: name it rather than a 
     raise ModuleNotFoundError(missing_extra(e) or str(e), name=e.name) from None
 from tqdm.auto import tqdm
 
-from .config import load_settings
-from .data import DATASETS, load_dataset
-from .config import cache_dir
 from .torchtext_compat import install_torchtext, torchtext_status
 
 # %% auto #0
-__all__ = ['PAD', 'CLS', 'EOC', 'SPECIAL_TOKENS', 'PAD_VALUE', 'MASK_VALUE', 'FILES', 'PRETRAIN_DATASETS', 'ENCODER_VERSION',
-           'PRETRAIN_KEYS', 'scgpt_classes', 'make_vocab', 'scgpt_vocab', 'match_genes', 'gene_coverage', 'bin_values',
-           'Encoder', 'new_encoder', 'bin_cells', 'Tokens', 'pack_tokens', 'tokenize', 'no_fastpath', 'cell_embeddings',
-           'flash_to_torch_names', 'torch_to_flash_names', 'save_scgpt', 'load_scgpt', 'torch_threads', 'embed',
-           'pretrain_vocab', 'mask_values', 'pretrain_loss', 'pretrain_encoder', 'encoder_settings', 'pretrained_dir',
-           'is_complete', 'pretrained_encoder', 'default_encoder']
+__all__ = ['PAD', 'CLS', 'EOC', 'SPECIAL_TOKENS', 'PAD_VALUE', 'MASK_VALUE', 'FILES', 'scgpt_classes', 'make_vocab',
+           'scgpt_vocab', 'match_genes', 'gene_coverage', 'bin_values', 'Encoder', 'new_encoder', 'bin_cells', 'Tokens',
+           'pack_tokens', 'tokenize', 'no_fastpath', 'cell_embeddings', 'flash_to_torch_names', 'torch_to_flash_names',
+           'save_scgpt', 'load_scgpt', 'torch_threads', 'embed']
 
 # %% ../nbs/10_encoder.ipynb #001850e9
 def _scgpt_package()->types.ModuleType:
@@ -545,6 +540,7 @@ def embed(
     copy: bool = False,  # work on a copy and return it
 ) -> ad.AnnData | None:
     "Embed every cell with the scGPT encoder into `obsm[key_added]`; parameters and gene coverage in `uns`."
+    from deepseq_nb.pretrain import default_encoder  # here, not at the top: pretrain builds on this module
     adata = adata.copy() if copy else adata
     enc = encoder if encoder is not None else default_encoder(progress=progress)
     tok = tokenize(adata, enc, layer=layer, gene_col=gene_col, max_len=max_len, seed=seed, select=select)
@@ -576,270 +572,3 @@ def embed(
     )
     adata.uns[key_added.removeprefix('X_')] = {'params': params, 'coverage': tok.coverage}
     return adata if copy else None
-
-# %% ../nbs/10_encoder.ipynb #7ebc20c8
-PRETRAIN_DATASETS = ('pbmc3k', 'pbmc68k_reduced', 'pancreas_xin', 'pancreas_wang', 'testis_mca')
-
-def _vocab_symbol(g:str, species:str)->str: return g.upper() if species == 'mouse' else g
-
-def pretrain_vocab(adatas:dict[str, ad.AnnData])->object:
-    "Vocabulary of the union of the datasets' genes (mouse symbols upper-cased) plus the special tokens."
-    genes = {
-        _vocab_symbol(g, DATASETS.get(n, {}).get('species', 'human')) for n, a in adatas.items() for g in a.var_names
-    }
-    return make_vocab(sorted(genes))
-
-def mask_values(
-    values: torch.Tensor,
-    padding_mask: torch.Tensor,  # (cells, L) bins; True at padding
-    *,
-    mask_ratio: float = 0.4,
-    mask_value: float = MASK_VALUE,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    "Hide a random `mask_ratio` of each cell's gene values (never `<cls>` or padding): the masked values and the mask."
-    m = (torch.rand(values.shape, generator=generator) < mask_ratio) & ~padding_mask
-    m[:, 0] = False
-    return values.masked_fill(m, mask_value), m
-
-def pretrain_loss(
-    encoder: Encoder,
-    batch: dict,  # the encoder (its model needs the MVC head); a batch dict
-    *,
-    mask_ratio: float = 0.4,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, dict]:
-    "scGPT's GEP + GEPC loss on a batch (MSE of the masked bins from the gene outputs and from `<cls>`), and its parts."
-    masked, m = mask_values(
-        batch['values'],
-        batch['padding_mask'],
-        mask_ratio=mask_ratio,
-        mask_value=encoder.mask_value,
-        generator=generator,
-    )
-    out = encoder.model(batch['genes'], masked, batch['padding_mask'], MVC=True)
-    t = batch['values'][m]
-    gep, gepc = F.mse_loss(out['mlm_output'][m], t), F.mse_loss(out['mvc_output'][m], t)
-    return gep + gepc, dict(gep=float(gep.detach()), gepc=float(gepc.detach()), n=int(m.sum()), mask=m)
-
-# %% ../nbs/10_encoder.ipynb #c45eeea0
-def _evaluate(
-    encoder: Encoder, tok: Tokens, gene_mean: np.ndarray, *, mask_ratio: float, seed: int, batch_size: int = 128
-) -> dict:
-    "Validation GEP/GEPC losses with fixed masks and no dropout, and the per-gene mean-bin baseline on the same masks."
-    was = encoder.model.training; encoder.model.eval()
-    g, tot = torch.Generator().manual_seed(seed + 10_007), dict(gep=0.0, gepc=0.0, baseline=0.0, n=0)
-    with torch.no_grad(), no_fastpath():
-        for b in tok.batches(batch_size):
-            _, parts = pretrain_loss(encoder, b, mask_ratio=mask_ratio, generator=g)
-            m = parts['mask']
-            base = float(((torch.from_numpy(gene_mean)[b['genes'][m]] - b['values'][m])**2).sum())
-            tot['gep'] += parts['gep'] * parts['n']
-            tot['gepc'] += parts['gepc'] * parts['n']
-            tot['baseline'] += base
-            tot['n'] += parts['n']
-    encoder.model.train(was)
-    n = max(tot['n'], 1)
-    return dict(
-        loss=round((tot['gep'] + tot['gepc']) / n, 4),
-        gep=round(tot['gep'] / n, 4),
-        gepc=round(tot['gepc'] / n, 4),
-        baseline_gep=round(tot['baseline'] / n, 4),
-    )
-
-def _gene_mean_bins(tok:Tokens, n_tokens:int)->np.ndarray:
-    "Mean bin of each token where it appears in `tok` (the overall mean for tokens never seen): the baseline predictor."
-    real = ~tok.padding_mask; real[:, 0] = False
-    ids, vals = tok.genes[real].numpy(), tok.values[real].numpy().astype(np.float64)
-    s, c = np.bincount(ids, vals, minlength=n_tokens), np.bincount(ids, minlength=n_tokens)
-    return np.where(c > 0, s / np.maximum(c, 1), vals.mean()).astype(np.float32)
-
-# %% ../nbs/10_encoder.ipynb #7636f420
-def pretrain_encoder(
-    datasets: tuple | list = PRETRAIN_DATASETS,  # bundled dataset names to pretrain on
-    *,
-    d_model: int = 64,
-    nlayers: int = 2,
-    nhead: int = 4,
-    d_hid: int = 128,
-    dropout: float = 0.1,  # model size
-    n_bins: int = 51,
-    max_len: int = 64,  # value bins; most tokens per cell (with <cls>)
-    epochs: int = 3,
-    mask_ratio: float = 0.4,
-    batch_size: int = 32,
-    lr: float = 1e-3,  # training
-    select: str = 'top',  # genes kept when a cell has more than max_len-1 (see `pack_tokens`)
-    seed: int = 0,
-    n_threads: int | None = 2,
-    val_frac: float = 0.05,  # seed of everything; torch threads; held-out cells
-    out_dir: str | Path | None = None,
-    progress: bool = True,  # save here in the official layout (None: don't save)
-) -> Encoder:
-    "Pretrain a small scGPT (GEP + GEPC masked-value objectives) on bundled datasets on CPU; optionally save it."
-    t0, c0 = time.perf_counter(), time.process_time()
-    adatas = {n: load_dataset(n) for n in datasets}
-    vocab = pretrain_vocab(adatas)
-    enc = new_encoder(
-        vocab,
-        d_model=d_model,
-        nlayers=nlayers,
-        nhead=nhead,
-        d_hid=d_hid,
-        dropout=dropout,
-        n_bins=n_bins,
-        max_len=max_len,
-        seed=seed,
-    )
-    B = sp.vstack([bin_cells(a, enc)[0] for a in adatas.values()]).tocsr()
-    rng = np.random.default_rng(seed)
-    val = np.zeros(B.shape[0], bool)
-    val[rng.choice(B.shape[0], max(1, int(round(val_frac * B.shape[0]))), replace=False)] = True
-    Btr, Bval = B[~val], B[val]
-    vtok = pack_tokens(Bval, enc, seed=seed, select=select)
-    gene_mean = _gene_mean_bins(pack_tokens(Btr, enc, seed=seed + 1, select=select), len(vocab))
-    steps_per_epoch = math.ceil(Btr.shape[0] / batch_size); n_steps = epochs * steps_per_epoch
-    warm = max(1, n_steps // 20)
-    with torch_threads(n_threads), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        gen = torch.Generator().manual_seed(seed)
-        opt = torch.optim.AdamW(enc.model.parameters(), lr=lr, weight_decay=0.01)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, n_steps) / n_steps))
-        )
-        log = dict(val=[dict(epoch=0, **_evaluate(enc, vtok, gene_mean, mask_ratio=mask_ratio, seed=seed))], loss=[])
-        bar = tqdm(total=n_steps, desc='Pretraining', disable=not progress)
-        for ep in range(epochs):
-            enc.model.train()
-            for b in pack_tokens(Btr, enc, seed=seed + 1 + ep, select=select).batches(
-                batch_size, shuffle=True, seed=seed + ep
-            ):
-                loss, _ = pretrain_loss(enc, b, mask_ratio=mask_ratio, generator=gen)
-                opt.zero_grad(); loss.backward()
-                torch.nn.utils.clip_grad_norm_(enc.model.parameters(), 1.0)
-                opt.step(); sched.step()
-                log['loss'].append(round(float(loss.detach()), 4))
-                bar.update(1)
-                bar.set_postfix(loss=f"{log['loss'][-1]:.2f}")
-            log['val'].append(dict(epoch=ep + 1, **_evaluate(enc, vtok, gene_mean, mask_ratio=mask_ratio, seed=seed)))
-        bar.close()
-    enc.model.eval()
-    params = dict(
-        datasets=list(datasets),
-        d_model=d_model,
-        nlayers=nlayers,
-        nhead=nhead,
-        d_hid=d_hid,
-        dropout=dropout,
-        n_bins=n_bins,
-        max_len=max_len,
-        select=select,
-        epochs=epochs,
-        mask_ratio=mask_ratio,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        n_threads=n_threads,
-        val_frac=val_frac,
-    )
-    enc.args.update(
-        gene_selection=select,
-        mask_ratio=mask_ratio,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        datasets=list(datasets),
-        trained_by='deepseq_nb.encoder.pretrain_encoder',
-    )
-    enc.info['pretrain'] = dict(
-        params=params,
-        n_cells=int(B.shape[0]),
-        n_train=int(Btr.shape[0]),
-        n_val=int(Bval.shape[0]),
-        n_tokens=len(vocab),
-        steps=n_steps,
-        seconds=round(time.perf_counter() - t0, 1),
-        cpu_seconds=round(time.process_time() - c0, 1),
-        torch=torch.__version__,
-        **log,
-    )
-    if out_dir is not None:
-        save_scgpt(enc, out_dir)
-        (Path(out_dir)/'pretrain_log.json').write_text(json.dumps(enc.info['pretrain'], indent=1))
-    return enc
-
-# %% ../nbs/10_encoder.ipynb #ff0af142
-ENCODER_VERSION = 1  # bump when pretraining changes: cached encoders are rebuilt
-PRETRAIN_KEYS = (
-    'datasets',
-    'd_model',
-    'nlayers',
-    'nhead',
-    'd_hid',
-    'dropout',
-    'n_bins',
-    'max_len',
-    'select',
-    'epochs',
-    'mask_ratio',
-    'batch_size',
-    'lr',
-    'seed',
-    'n_threads',
-    'val_frac',
-)
-
-def encoder_settings(settings:dict|None=None)->dict:
-    "The `[encoder]` section of settings.ini (or of `settings`)."
-    s = settings if settings is not None else load_settings()
-    sec = dict(s.get('encoder', {}) or {})
-    if not sec:
-        raise KeyError(
-            "settings.ini has no [encoder] section; see the documented section in the project's settings.ini."
-        )
-    return sec
-
-def pretrained_dir(params:dict, # pretraining parameters (keys of `PRETRAIN_KEYS`)
-                   root:str|Path|None=None, # default: cache_dir()/'encoders'
-                  )->Path:
-    "The cache directory of the small encoder pretrained with `params`."
-    p = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(params.items())}
-    h = hashlib.sha256(json.dumps(dict(p, version=ENCODER_VERSION), sort_keys=True).encode()).hexdigest()[:12]
-    return (Path(root).expanduser() if root else cache_dir()/'encoders')/f"scgpt_small-{h}"
-
-def is_complete(d:Path, # a pretrained encoder's directory
-               )->bool:
-    "Whether `d` holds every file of a pretrained encoder."
-    return all((d/f).is_file() for f in FILES)
-
-def pretrained_encoder(
-    root: str | Path | None = None,  # cache root (default: cache_dir()/'encoders')
-    *,
-    progress: bool = True,
-    **params,  # pretraining parameters (see `pretrain_encoder`)
-) -> Encoder:
-    "The small encoder pretrained with `params`: loaded from the cache, else pretrained once (under a lock) and cached."
-    bad = set(params) - set(PRETRAIN_KEYS)
-    if bad: raise TypeError(f"Unknown pretraining parameters {sorted(bad)}; valid: {', '.join(PRETRAIN_KEYS)}.")
-    d = pretrained_dir(params, root)
-    base, name = d.parent, d.name
-    if not is_complete(d):
-        base.mkdir(parents=True, exist_ok=True)
-        with open(base/f'{name}.lock', 'w') as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not is_complete(d):
-                tmp = base/f'{name}.tmp{os.getpid()}'
-                shutil.rmtree(tmp, ignore_errors=True); shutil.rmtree(d, ignore_errors=True)
-                pretrain_encoder(**params, out_dir=tmp, progress=progress)
-                os.rename(tmp, d)
-    return load_scgpt(d)
-
-def default_encoder(settings:dict|None=None, # settings (default: settings.ini)
-                    *, progress:bool=True, # progress bar when it has to pretrain
-                   )->Encoder:
-    "The encoder settings.ini names: `[encoder] checkpoint` if set, else the cached small one trained on bundled data."
-    s = encoder_settings(settings)
-    if s.get('checkpoint'): return load_scgpt(s['checkpoint'])
-    params = {k: s[k] for k in PRETRAIN_KEYS if k in s and s[k] != ''}
-    return pretrained_encoder(s.get('cache_dir') or None, progress=progress, **params)

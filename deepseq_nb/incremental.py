@@ -393,7 +393,7 @@ def new_type_curve(
     log=None,  # called with a line of progress (e.g. print)
 ) -> pd.DataFrame:
     "Per held-out type, k, variant: new-type F1, old-type accuracy / macro-F1 on test cells, before and after adding."
-    from deepseq_nb.encoder import default_encoder
+    from deepseq_nb.pretrain import default_encoder
     enc = encoder if encoder is not None else default_encoder()
     a, test = _prepare(adata, label_key, test_frac, max_cells, seed)
     y = a.obs[label_key].to_numpy()
@@ -497,7 +497,7 @@ def forgetting_curve(
     "Scores after each of `steps` sequential additions, per variant and for retraining from scratch on the same cells."
     if scratch not in (True, False, 'every', 'last', 'none'):
         raise InputError(f"scratch must be True/'every', 'last' or False/'none'; got {scratch!r}.")
-    from deepseq_nb.encoder import default_encoder
+    from deepseq_nb.pretrain import default_encoder
     enc = encoder if encoder is not None else default_encoder()
     a, test = _prepare(adata, label_key, test_frac, max_cells, seed)
     y = a.obs[label_key].to_numpy()

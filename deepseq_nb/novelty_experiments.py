@@ -28,12 +28,13 @@ __all__ = ['RELATIVE_SPACES', 'shared_embedding', 'leave_one_type_out', 'batch_e
 def shared_embedding(
     reference: ad.AnnData,
     query: ad.AnnData,  # cells of two studies (log-normalised; obs `dataset`)
-    encoder=None,  # an `encoder.Encoder` (default: `encoder.default_encoder()`)
+    encoder=None,  # an `encoder.Encoder` (default: `pretrain.default_encoder()`)
     *,
     key_added: str = 'X_scgpt',  # obsm key written in both
 ) -> int:
     "Frozen embeddings of both studies from the genes both measured, in place (`obsm[key_added]`); how many genes."
-    from deepseq_nb.encoder import embed, default_encoder
+    from deepseq_nb.encoder import embed
+    from deepseq_nb.pretrain import default_encoder
     genes = measured_genes(reference).intersection(measured_genes(query))
     if len(genes) < 10:
         raise InputError(f"Reference and query share {len(genes)} measured genes; at least 10 are needed.")
@@ -221,7 +222,7 @@ def run_novelty(settings=None, # `Settings` (default: settings.ini)
     "Leave-one-type-out on each `[novelty] datasets` study and study pair, every seed: tables of rates, cell scores."
     from pathlib import Path
     from deepseq_nb.config import load_settings
-    from deepseq_nb.encoder import encoder_settings, default_encoder
+    from deepseq_nb.pretrain import encoder_settings, default_encoder
     from deepseq_nb.crosstissue import cross_tissue_reference, embed_reference
     S = settings if settings is not None else load_settings()
     P = novelty_settings(S)

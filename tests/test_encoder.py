@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import deepseq_nb.encoder as E
+import deepseq_nb.pretrain as P
 from deepseq_nb.data import load_dataset
 
 TINY = dict(d_model=16, nlayers=1, nhead=2, d_hid=32, max_len=32, epochs=1, batch_size=128, datasets=['pancreas_wang'])
@@ -188,9 +189,9 @@ def test_bad_input_is_refused_clearly(random_encoder, wang):
 
 
 def test_pretraining_and_embedding_are_deterministic(wang):
-    a = E.pretrain_encoder(**TINY, progress=False)
-    b = E.pretrain_encoder(**TINY, progress=False)
-    c = E.pretrain_encoder(**{**TINY, 'seed': 1}, progress=False)
+    a = P.pretrain_encoder(**TINY, progress=False)
+    b = P.pretrain_encoder(**TINY, progress=False)
+    c = P.pretrain_encoder(**{**TINY, 'seed': 1}, progress=False)
     sa, sb, sc_ = a.model.state_dict(), b.model.state_dict(), c.model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc_[k]) for k in sa)
@@ -206,8 +207,8 @@ def test_pretraining_and_embedding_are_deterministic(wang):
 
 def test_cached_pretraining_is_safe_in_parallel(tmp_path):
     code = f"""
-        import json, deepseq_nb.encoder as E
-        e = E.pretrained_encoder({str(tmp_path)!r}, progress=False, **{TINY!r})
+        import json, deepseq_nb.pretrain as P
+        e = P.pretrained_encoder({str(tmp_path)!r}, progress=False, **{TINY!r})
         print(json.dumps(dict(dir=str(e.directory), first=float(e.model.encoder.embedding.weight[5, 0]))))
     """
     procs = [

@@ -216,7 +216,7 @@ def act_evaluate(
 def _encoder_missing(st:AgentState)->str:
     "Why getting the encoder is slow ('' when it is ready)."
     if st.encoder is not None: return ''
-    from deepseq_nb.encoder import encoder_settings, pretrained_dir, PRETRAIN_KEYS, is_complete
+    from deepseq_nb.pretrain import encoder_settings, pretrained_dir, PRETRAIN_KEYS, is_complete
     s = encoder_settings(st.settings)
     if s.get('checkpoint'): return ''
     d = pretrained_dir({k: s[k] for k in PRETRAIN_KEYS if k in s and s[k] != ''}, s.get('cache_dir') or None)
@@ -224,7 +224,7 @@ def _encoder_missing(st:AgentState)->str:
 
 def _encoder(st:AgentState):
     if st.encoder is None:
-        from deepseq_nb.encoder import default_encoder
+        from deepseq_nb.pretrain import default_encoder
         st.encoder = default_encoder(st.settings, progress=False)
     return st.encoder
 

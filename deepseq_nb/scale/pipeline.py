@@ -133,7 +133,8 @@ def embed_batched(
 ) -> None:
     "`deepseq_nb.encoder.embed` over `batch_cells` cells at a time into one float32 obsm array."
     from tqdm.auto import tqdm
-    from deepseq_nb.encoder import default_encoder, embed
+    from deepseq_nb.encoder import embed
+    from deepseq_nb.pretrain import default_encoder
     enc = encoder if encoder is not None else default_encoder(progress=progress)
     out, info, no_genes = None, None, 0
     starts = range(0, adata.n_obs, batch_cells)
