@@ -274,7 +274,8 @@ def plugin_methods(ref:ad.AnnData, # from `cross_tissue_reference`
                   ):
     "Train a plugin per tissue and the router: ({'plugin', 'router'} test labels, router test weights, PluginSet)."
     from deepseq_nb.pretrain import default_encoder
-    from deepseq_nb.plugins import plugin_settings, plugin_kwargs, train_plugin, train_router, predict
+    from deepseq_nb.plugins import plugin_settings, plugin_kwargs, train_plugin
+    from deepseq_nb.router import train_router, predict
     p = plugin_settings() if params is None else params
     kw_plugin, kw_router = plugin_kwargs(p)
     if 'stop_on' in p: kw_plugin['stop_on'] = p['stop_on']   # early-stopping criterion (`plugins.fit_plugin`)

@@ -64,7 +64,7 @@ def novelty_features(
     if not F:
         raise InputError(
             f"No evidence: the memory has spaces {memory.spaces} and obsm has {list(adata.obsm)}; embed the "
-            f"query (encoder.embed → X_scgpt) or annotate it with the plugins (plugins.predict)."
+            f"query (encoder.embed → X_scgpt) or annotate it with the plugins (router.predict)."
         )
     return pd.DataFrame(F, index=adata.obs_names)
 
@@ -439,7 +439,8 @@ def fit_reference(
     pca: bool = True,  # also a PCA space of the reference (the baseline)
 ):
     "A plugin fit on `cells`, their memory in frozen, tuned (and PCA) space: (PluginSet, CellMemory, PCASpace|None)."
-    from deepseq_nb.plugins import train_plugin, predict
+    from deepseq_nb.plugins import train_plugin
+    from deepseq_nb.router import predict
     from deepseq_nb.memory import CellMemory
     kw = _plugin_kw(plugin_params)
     ps = train_plugin(cells, encoder, tissue=tissue, label_key='label', **kw)
@@ -454,7 +455,7 @@ def fit_reference(
 
 def score_cells(cells:ad.AnnData, plugins, memory, pca:PCASpace|None=None, *, tissue:str, k:int=15)->pd.DataFrame:
     "Annotate `cells` with the plugin (tuned space, probabilities), project them on the PCA; their novelty evidence."
-    from deepseq_nb.plugins import predict
+    from deepseq_nb.router import predict
     predict(cells, plugins, tissue=tissue, n_threads=1)
     if pca is not None: cells.obsm['X_pca_ref'] = pca.transform(cells)
     return novelty_features(cells, memory, k=k)

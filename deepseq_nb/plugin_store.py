@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 from .data import InputError
 from .encoder import Encoder
 from .utils import jsonable
-from .plugins import PLUGIN_FORMAT, PluginSet, Router, add_plugin, adapter_name
+from .plugins import PLUGIN_FORMAT, PluginSet, add_plugin, adapter_name
+from .router import Router
 
 # %% auto #0
 __all__ = ['save_plugins', 'load_plugins']

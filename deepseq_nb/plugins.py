@@ -1,4 +1,4 @@
-"""Tissue plugins for the frozen scGPT encoder: one LoRA adapter per tissue (peft) with a classifier head that keeps free slots, and a router that weights the plugins per cell from the frozen embedding.
+"""Tissue plugins for the frozen scGPT encoder: one LoRA adapter per tissue (peft) with a classifier head that keeps free slots.
 
 Docs: https://deepseq-nb.github.io/deepseq_nb/plugins.html.md"""
 
@@ -26,9 +26,8 @@ from .encoder import Encoder, Tokens, cell_embeddings, tokenize
 # %% auto #0
 __all__ = ['PLUGIN_FORMAT', 'PLUGIN_TRAIN_KEYS', 'LORA_TARGETS', 'PluginConfig', 'plugin_settings', 'plugin_kwargs',
            'lora_target_regex', 'SlotHead', 'encoder_fingerprint', 'adapter_name', 'PluginSet', 'add_plugin',
-           'remove_plugin', 'lora_parameters', 'tuned_embeddings', 'PluginOutput', 'plugin_outputs', 'fit_plugin',
-           'train_plugin', 'base_weights_changed', 'Router', 'frozen_embeddings', 'train_router', 'route', 'predict',
-           'plugin_metrics']
+           'remove_plugin', 'lora_parameters', 'tuned_embeddings', 'PluginOutput', 'plugin_outputs', 'class_weights',
+           'fit_plugin', 'obs_labels', 'train_plugin', 'base_weights_changed']
 
 # %% ../nbs/11_plugins.ipynb #37075c30
 PLUGIN_FORMAT = 1  # version of the on-disk layout written by `save_plugins`
@@ -360,7 +359,7 @@ def plugin_outputs(
     return PluginOutput(tissue, L.cpu().numpy(), L.softmax(1).cpu().numpy(), E.cpu().numpy(), list(head.labels))
 
 # %% ../nbs/11_plugins.ipynb #076a2104
-def _class_weights(y:np.ndarray, n_slots:int)->torch.Tensor:
+def class_weights(y:np.ndarray, n_slots:int)->torch.Tensor:
     "Inverse-frequency weights over slots (mean 1 over the types present); 0 where absent."
     c = np.bincount(y, minlength=n_slots).astype(np.float64)
     w = np.where(c > 0, c.sum() / np.maximum(c, 1) / max((c > 0).sum(), 1), 0.0)
@@ -435,7 +434,7 @@ def fit_plugin(
     params = (lora if train_lora else []) + list(head.parameters())
     frozen = torch.zeros(head.n_slots, dtype=torch.bool); frozen[list(frozen_slots)] = True
     keep_w, keep_b = head.linear.weight.detach()[frozen].clone(), head.linear.bias.detach()[frozen].clone()
-    weight = _class_weights(y, head.n_slots) if balance else None
+    weight = class_weights(y, head.n_slots) if balance else None
     has_val = val_tokens is not None and val_y is not None and len(val_y) > 0
     vy = np.asarray(val_y, np.int64) if has_val else None
     log, best, bad, snap = [], math.inf, 0, None
@@ -471,7 +470,8 @@ def fit_plugin(
     return log
 
 # %% ../nbs/11_plugins.ipynb #4f6082f3
-def _labels(adata:ad.AnnData, label_key:str)->pd.Series:
+def obs_labels(adata:ad.AnnData, label_key:str)->pd.Series:
+    "The cell-type labels `obs[label_key]`; an `InputError` naming the obs columns when there is no such column."
     if label_key not in adata.obs:
         raise InputError(
             f"obs has no column {label_key!r} with cell-type labels; obs columns are: "
@@ -508,7 +508,7 @@ def train_plugin(
     "Train a LoRA plugin (adapter + head with free slots) for `tissue` on labelled cells; returns the PluginSet."
     t0 = time.perf_counter()
     ps = encoder if isinstance(encoder, PluginSet) else PluginSet(encoder, pooling=pooling)
-    lab = _labels(adata, label_key)
+    lab = obs_labels(adata, label_key)
     ok = lab.notna().to_numpy()
     if not ok.any(): raise InputError(f"obs[{label_key!r}] holds no label.")
     if not ok.all(): warnings.warn(f"{(~ok).sum()} cells without a {label_key!r} label are left out of training.")
@@ -584,289 +584,3 @@ def base_weights_changed(plugins:PluginSet)->list:
     cur = {re.sub(r'\.base_layer\.', '.', k): v for k, v in plugins.model.state_dict().items() if 'lora_' not in k}
     if set(cur) != set(ref): return sorted(set(cur) ^ set(ref))
     return [k for k in ref if not torch.equal(ref[k], cur[k])]
-
-# %% ../nbs/11_plugins.ipynb #546963d9
-class Router(torch.nn.Module):
-    "Gate over tissue plugins: frozen embedding → one weight per plugin (top-k kept, renormalised)."
-
-    def __init__(
-        self,
-        d_in: int,  # frozen embedding dimension
-        tissues: list,  # the plugins it chooses between, in output order
-        *,
-        hidden: int = 64,
-        top_k: int = 2,  # hidden units (0: linear); plugins kept per cell
-        dropout: float = 0.1,
-    ):
-        super().__init__()
-        self.tissues, self.top_k, self.hidden = list(tissues), int(top_k), int(hidden)
-        n = len(self.tissues)
-        self.register_buffer('center', torch.zeros(d_in)); self.register_buffer('scale', torch.ones(d_in))
-        self.net = (
-            torch.nn.Sequential(
-                torch.nn.Linear(d_in, hidden), torch.nn.ReLU(), torch.nn.Dropout(dropout), torch.nn.Linear(hidden, n)
-            )
-            if hidden
-            else torch.nn.Linear(d_in, n)
-        )
-
-    def forward(self, x:torch.Tensor)->torch.Tensor: return self.net((x - self.center) / self.scale)
-
-    def weights(
-        self,
-        x: torch.Tensor,  # frozen embeddings (cells × d)
-        *,
-        top_k: int | None = None,
-        candidates: list | None = None,  # plugins kept per cell (default: self.top_k); allowed plugins
-    ) -> torch.Tensor:
-        "Per-cell plugin weights (cells × plugins): softmax over `candidates`, top-k kept and renormalised."
-        lg = self(x)
-        if candidates is not None:
-            bad = sorted(set(candidates) - set(self.tissues))
-            if bad: raise InputError(f"The router does not know {bad}; it routes to {self.tissues}.")
-            allowed = torch.tensor([t in candidates for t in self.tissues])
-            if not allowed.any():
-                raise InputError("candidates is empty: the router needs at least one plugin to route to.")
-            lg = lg.masked_fill(~allowed, float('-inf'))
-        p = lg.softmax(1)
-        k = min(int(top_k or self.top_k), len(self.tissues) if candidates is None else len(candidates))
-        top = p.topk(k, dim=1)
-        w = torch.zeros_like(p).scatter(1, top.indices, top.values)
-        return w / w.sum(1, keepdim=True)
-
-# %% ../nbs/11_plugins.ipynb #a152abbc
-def frozen_embeddings(
-    plugins: PluginSet,
-    tokens: Tokens,  # the plugins; cells tokenised for `plugins.encoder`
-    *,
-    batch_size: int = 64,
-    n_threads: int | None = 1,
-) -> torch.Tensor:
-    "L2-normalised embeddings of the frozen encoder (no adapter), with the plugins' pooling."
-    enc = plugins.encoder
-    was = enc.model.training; enc.model.eval()
-    try:
-        with torch_threads(n_threads), no_fastpath():
-            E = (
-                cell_embeddings(enc, tokens, pooling=plugins.pooling, batch_size=batch_size)
-                if len(tokens)
-                else torch.zeros(0, enc.d_model)
-            )
-    finally: enc.model.train(was)
-    return F.normalize(E, dim=1)
-
-# %% ../nbs/11_plugins.ipynb #0eb3899e
-def _by_tissue(adata, tissue_key:str)->dict:
-    "{tissue: AnnData} from a dict, or from one AnnData split by obs[tissue_key]."
-    if isinstance(adata, dict): return {str(k): v for k, v in adata.items()}
-    if tissue_key not in adata.obs:
-        raise InputError(
-            f"obs has no column {tissue_key!r} naming each cell's tissue; obs columns are: "
-            f"{', '.join(map(str, adata.obs.columns))}. "
-            "Pass tissue_key= or a dict {tissue: AnnData}."
-        )
-    t = adata.obs[tissue_key].astype(str).to_numpy()
-    return {k: adata[t == k] for k in sorted(set(t))}
-
-def train_router(
-    adata: ad.AnnData | dict,
-    plugins: PluginSet,  # reference cells (obs[tissue_key]) or {tissue: AnnData}; the plugins
-    *,
-    tissue_key: str = 'tissue',  # obs column of tissues (ignored for a dict)
-    top_k: int = 2,
-    hidden: int = 64,  # plugins kept per cell; hidden units (0: linear gate)
-    epochs: int = 60,
-    lr: float = 3e-3,
-    batch_size: int = 128,
-    patience: int = 8,
-    val_fraction: float = 0.15,  # training
-    weight_decay: float = 0.01,
-    balance: bool = True,  # AdamW weight decay; weight tissues by inverse frequency
-    layer: str | None = None,
-    gene_col: str | None = None,  # values (default X); var column of symbols
-    seed: int = 0,
-    n_threads: int | None = 1,  # seed of split, weights and order; torch threads
-) -> PluginSet:
-    "Train the router (gate) that weights the plugins per cell from the frozen embedding; stored in `plugins.router`."
-    t0 = time.perf_counter()
-    parts = _by_tissue(adata, tissue_key)
-    unknown = sorted(set(parts) - set(plugins.tissues))
-    if unknown:
-        raise InputError(
-            f"Reference cells of tissues {unknown} have no plugin; plugins: {plugins.tissues}. Train them first or "
-            "drop the cells."
-        )
-    missing = [t for t in plugins.tissues if t not in parts or parts[t].n_obs == 0]
-    if missing:
-        raise InputError(f"Plugins {missing} have no reference cells: the router cannot learn when to use them.")
-    tissues = plugins.tissues
-    X = torch.cat(
-        [
-            frozen_embeddings(
-                plugins,
-                tokenize(parts[t], plugins.encoder, layer=layer, gene_col=gene_col, seed=seed),
-                n_threads=n_threads,
-            )
-            for t in tissues
-        ]
-    )
-    y = np.concatenate([np.full(parts[t].n_obs, i) for i, t in enumerate(tissues)])
-    val = stratified_split(y, val_fraction, seed=seed)
-    weight = _class_weights(y[~val], len(tissues)) if balance else None
-    Xtr, ytr, Xv, yv = X[~val], torch.from_numpy(y[~val]), X[val], torch.from_numpy(y[val])
-    log, best, bad, snap = [], math.inf, 0, None
-    with torch_threads(n_threads), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        router = Router(X.shape[1], tissues, hidden=hidden, top_k=top_k).to(X.device)
-        router.center.copy_(Xtr.mean(0)); router.scale.copy_(Xtr.std(0).clamp(min=1e-6))
-        opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
-        g = torch.Generator().manual_seed(seed)
-        for ep in range(epochs):
-            router.train(); tot = 0.0
-            for idx in torch.randperm(len(ytr), generator=g).split(batch_size):
-                loss = F.cross_entropy(router(Xtr[idx]), ytr[idx], weight=weight)
-                opt.zero_grad(); loss.backward(); opt.step(); tot += loss.item() * len(idx)
-            row = dict(epoch=ep + 1, loss=round(tot / len(ytr), 4))
-            if val.any():
-                router.eval()
-                with torch.no_grad(): lv = router(Xv)
-                row.update(
-                    val_loss=round(float(F.cross_entropy(lv, yv, weight=weight)), 4),
-                    val_accuracy=round(float((lv.argmax(1) == yv).float().mean()), 4),
-                )
-                if row['val_loss'] < best - 1e-4:
-                    best, bad, snap = row['val_loss'], 0, copy.deepcopy(router.state_dict())
-                else: bad += 1
-            log.append(row)
-            if val.any() and bad >= patience: break
-    if snap is not None: router.load_state_dict(snap)
-    plugins.router = router.eval()
-    plugins.info['_router'] = dict(
-        log=log,
-        best=min(log, key=lambda r: r.get('val_loss', math.inf)),
-        n_cells={t: int(parts[t].n_obs) for t in tissues},
-        seconds=round(time.perf_counter() - t0, 2),
-        params=dict(
-            top_k=top_k,
-            hidden=hidden,
-            epochs=epochs,
-            lr=lr,
-            batch_size=batch_size,
-            patience=patience,
-            val_fraction=val_fraction,
-            weight_decay=weight_decay,
-            balance=balance,
-            seed=seed,
-            tissue_key=tissue_key,
-        ),
-    )
-    return plugins
-
-# %% ../nbs/11_plugins.ipynb #7e847165
-def route(
-    plugins: PluginSet,
-    tokens: Tokens,  # the plugins; cells tokenised for `plugins.encoder`
-    *,
-    tissue: str | None = None,
-    top_k: int | None = None,
-    candidates: list | None = None,  # fixed tissue, else the router's top-k over candidates
-    batch_size: int = 64,
-    n_threads: int | None = 1,
-) -> np.ndarray:
-    "Plugin weights per cell (cells × plugins, in `plugins.tissues` order): one-hot for `tissue`, else the router's."
-    n, T = len(tokens), plugins.tissues
-    if tissue is not None:
-        W = np.zeros((n, len(T)), np.float32); W[:, T.index(plugins.check_tissue(tissue))] = 1
-        return W
-    if candidates is not None:
-        for t in candidates: plugins.check_tissue(t)
-    if len(T) == 1 and plugins.router is None: return np.ones((n, 1), np.float32)
-    if plugins.router is None:
-        raise InputError(
-            f"This PluginSet has {len(T)} plugins and no router: pass tissue= (one of {T}) or train_router() first."
-        )
-    if plugins.router.tissues != T:
-        raise InputError(
-            f"The router was trained for plugins {plugins.router.tissues}, but the set now has {T}: run "
-            "train_router() again."
-        )
-    X = frozen_embeddings(plugins, tokens, batch_size=batch_size, n_threads=n_threads)
-    with torch.no_grad():
-        return plugins.router.weights(X, top_k=top_k, candidates=candidates).cpu().numpy().astype(np.float32)
-
-# %% ../nbs/11_plugins.ipynb #1c8796a0
-def predict(
-    adata: ad.AnnData,
-    plugins: PluginSet,  # cells to annotate; trained plugins
-    *,
-    tissue: str | None = None,  # annotate with this tissue's plugin; None: let the router weigh the plugins
-    top_k: int | None = None,
-    candidates: list | None = None,  # router: plugins kept per cell (default: its own); allowed plugins
-    key_added: str = 'plugin',
-    embedding_key: str = 'X_scgpt_tuned',
-    normalize: bool = True,  # output keys; L2-normalise the tuned embedding
-    layer: str | None = None,
-    gene_col: str | None = None,
-    seed: int = 0,  # values (default X); var column of symbols; seed of the gene draw
-    batch_size: int = 64,
-    n_threads: int | None = 1,  # cells per forward pass; torch threads
-    copy: bool = False,  # work on a copy and return it
-) -> ad.AnnData | None:
-    "Annotate cells with the tissue plugins (one tissue, or the router's per-cell mixture); results in obs/obsm/uns."
-    if not plugins.tissues: raise InputError("The PluginSet has no plugin; train_plugin() first.")
-    adata = adata.copy() if copy else adata
-    tok = tokenize(adata, plugins.encoder, layer=layer, gene_col=gene_col, seed=seed)
-    W = route(
-        plugins, tok, tissue=tissue, top_k=top_k, candidates=candidates, batch_size=batch_size, n_threads=n_threads
-    )
-    T, n = plugins.tissues, adata.n_obs
-    union = list(dict.fromkeys(l for t in T for l in plugins.heads[t].known if W[:, T.index(t)].any()))
-    P, E = np.zeros((n, len(union)), np.float32), np.zeros((n, plugins.encoder.d_model), np.float32)
-    top = W.argmax(1)
-    for j, t in enumerate(T):
-        cells = np.flatnonzero(W[:, j] > 0)
-        if not len(cells): continue
-        o = plugin_outputs(plugins, tok[cells], t, batch_size=batch_size, n_threads=n_threads)
-        for s, l in enumerate(o.labels):
-            if l is not None: P[cells, union.index(l)] += W[cells, j] * o.proba[:, s]
-        mine = top[cells] == j
-        E[cells[mine]] = o.embedding[mine]
-    if normalize: E /= np.maximum(np.linalg.norm(E, axis=1, keepdims=True), 1e-12)
-    k = key_added
-    adata.obs[f'{k}_label'] = pd.Categorical(np.asarray(union, dtype=object)[P.argmax(1)], categories=union)
-    adata.obs[f'{k}_confidence'] = P.max(1)
-    adata.obs[f'{k}_tissue'] = pd.Categorical(np.asarray(T, dtype=object)[top], categories=T)
-    adata.obsm[f'{k}_proba'] = pd.DataFrame(P, index=adata.obs_names, columns=union)
-    adata.obsm[f'{k}_weights'] = pd.DataFrame(W, index=adata.obs_names, columns=T)
-    adata.obsm[embedding_key] = E
-    adata.uns[k] = {
-        'params': dict(
-            tissue=tissue or '',
-            router=tissue is None and plugins.router is not None,
-            top_k=int(top_k or (plugins.router.top_k if plugins.router is not None else 1)),
-            candidates=list(candidates or T),
-            plugins=T,
-            encoder=plugins.encoder.name,
-            fingerprint=plugins.fingerprint,
-            pooling=plugins.pooling,
-            embedding_key=embedding_key,
-            normalize=normalize,
-            layer=layer or '',
-            gene_col=gene_col or '',
-            seed=seed,
-        ),
-        'coverage': tok.coverage,
-    }
-    return adata if copy else None
-
-# %% ../nbs/11_plugins.ipynb #01dc1e67
-def plugin_metrics(
-    adata: ad.AnnData,  # annotated cells
-    *,
-    key_added: str = 'plugin',
-    label_key: str = 'cell_type',  # predict()'s key; obs column of true labels
-) -> dict:
-    "Accuracy and macro-F1 (over the true types) of `predict`'s labels against `obs[label_key]`."
-    y, p = _labels(adata, label_key).astype(str).to_numpy(), adata.obs[f'{key_added}_label'].astype(str).to_numpy()
-    return dict(n_cells=len(y), accuracy=round(float(accuracy_score(y, p)), 4),
-                macro_f1=round(float(f1_score(y, p, average='macro', labels=np.unique(y), zero_division=0)), 4))

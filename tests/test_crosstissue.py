@@ -9,7 +9,7 @@ import deepseq_nb.crosstissue_run as ctr
 from deepseq_nb.config import load_settings
 from deepseq_nb.data import InputError
 from deepseq_nb.encoder import make_vocab, new_encoder
-from deepseq_nb.plugins import predict
+from deepseq_nb.router import predict
 from deepseq_nb.plugin_store import load_plugins
 
 torch.set_num_threads(1)

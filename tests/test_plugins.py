@@ -18,10 +18,9 @@ from deepseq_nb.plugins import (
     lora_target_regex,
     plugin_outputs,
     plugin_settings,
-    predict,
     train_plugin,
-    train_router,
 )
+from deepseq_nb.router import predict, train_router
 from deepseq_nb.plugin_store import load_plugins, save_plugins
 from deepseq_nb.utils import stratified_split
 

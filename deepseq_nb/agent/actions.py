@@ -424,7 +424,7 @@ def act_route(
     groupby: str = 'leiden',  # obs column of clusters, for the per-cluster summary
 ) -> dict:
     "Annotate cells with the tissue plugins (obs plugin_label), routed by tissue or by the router."
-    from deepseq_nb.plugins import predict
+    from deepseq_nb.router import predict
     a = _need_adata(st, 'route')
     _need_plugins(st, tissue)
     predict(a, st.plugins, tissue=tissue, n_threads=1)
