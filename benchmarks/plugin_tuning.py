@@ -35,7 +35,7 @@ def main(argv=None):
     import deepseq_nb.crosstissue as ct
     import deepseq_nb.crosstissue_run as ctr
     from deepseq_nb.pretrain import default_encoder
-    from deepseq_nb.plugins import plugin_settings, train_plugin, plugin_outputs
+    from deepseq_nb.plugins import plugin_settings, plugin_kwargs, train_plugin, plugin_outputs
     enc, ref, PP = default_encoder(), ct.cross_tissue_reference(), plugin_settings()
     ctr._resplit(ref, 0.3, a.seed)
     val = ct.validation_mask(ref, PP['val_fraction'], a.seed)
@@ -45,7 +45,7 @@ def main(argv=None):
     rows = []
     for name in a.configs:
         over = CONFIGS[name]
-        kw, _ = ct._plugin_kwargs(dict(PP, **over, seed=a.seed))
+        kw, _ = plugin_kwargs(dict(PP, **over, seed=a.seed))
         if 'stop_on' in over: kw['stop_on'] = over['stop_on']
         t0 = time.perf_counter()
         ps = train_plugin(tr, enc, tissue=a.tissue, label_key='label', **kw)

@@ -60,12 +60,13 @@ sys.exit(main(['benchmark', 'm.csv', '--backend', 'ollama:llama3.2:1b', '--set',
 
 
 def test_scagent_modules_name_their_extra(tmp_path):
-    "encoder, plugins and incremental import torch at the top: without it a Python user is told which extra to install."
+    "scAgent modules import torch (faiss) at the top: without it a Python user is told which extra to install."
     r = _run("""
-for m in ('encoder', 'plugins', 'incremental'):
+for m in ('encoder', 'pretrain', 'plugins', 'router', 'incremental', 'vector_index'):
     try: __import__(f'deepseq_nb.{m}')
     except ModuleNotFoundError as e: print(m, '|', e)""", tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
-    assert [l.split(' |')[0] for l in lines] == ['encoder', 'plugins', 'incremental'], lines
+    names = ['encoder', 'pretrain', 'plugins', 'router', 'incremental', 'vector_index']
+    assert [l.split(' |')[0] for l in lines] == names, lines
     assert all("is not installed: it comes with the optional extra [scagent]" in l for l in lines), lines
