@@ -22,7 +22,7 @@ __all__ = ['KB_VERSION', 'SOURCES', 'STRONG_HOW', 'TISSUE_GROUPS', 'UBIQUITOUS',
            'KBIndex', 'kb_index', 'rank_weight', 'kb_annotate', 'kb_annotate_table', 'retrieve', 'canonical_markers']
 
 # %% ../nbs/04_knowledge.ipynb #79c96213
-KB_VERSION = 3  # bump when the parsing rules change: invalidates the on-disk cache
+KB_VERSION = 4  # bump when the parsing rules change: invalidates the on-disk cache
 SOURCES = ('PanglaoDB', 'CellMarker2', 'ScType')
 
 def _mdir()->Path: return data_dir()/'markers'
@@ -300,16 +300,17 @@ KB_COLUMNS = ['cell_type', 'cl_id', 'cl_name', 'tissue', 'species', 'gene', 'sou
               'negative', 'n_refs', 'canonical', 'gene_raw']
 
 def _build_kb()->pd.DataFrame:
-    "Parse the three databases into one tidy table (slow part: CL mapping of each distinct name)."
+    "Parse the three databases into one tidy table (slow part: CL mapping of each distinct name and tissue)."
     kb = pd.concat([_read_panglao(), _read_cellmarker(), _read_sctype()], ignore_index=True)
     kb['cell_type'] = kb.cell_type.astype(str).str.replace(r'\s+', ' ', regex=True).str.strip()
     kb['tissue'] = kb.tissue.fillna('Undefined').astype(str).str.strip()
     kb['gene_raw'] = kb.gene.astype(str)
     kb['gene'] = kb.gene_raw.map(norm_gene)
     kb = kb[kb.gene.str.len() > 0]
-    names = kb[['cell_type', 'tissue']].drop_duplicates('cell_type')
-    cl = {n: map_cl(n, tissue=t) for n, t in zip(names.cell_type, names.tissue)}
-    kb['cl_id'] = kb.cell_type.map(lambda n: cl[n][0]); kb['cl_name'] = kb.cell_type.map(lambda n: cl[n][1])
+    # a name is read in its own record's tissue: 'Ductal cell' is a different CL term in pancreas and in kidney
+    pairs = list(zip(kb.cell_type, kb.tissue))
+    cl = {nt: map_cl(nt[0], tissue=nt[1]) for nt in dict.fromkeys(pairs)}
+    kb['cl_id'] = [cl[nt][0] for nt in pairs]; kb['cl_name'] = [cl[nt][1] for nt in pairs]
     kb = kb.sort_values('n_refs', ascending=False).drop_duplicates(
         ['cell_type', 'tissue', 'species', 'gene', 'source', 'negative']).sort_index()
     return kb[KB_COLUMNS].reset_index(drop=True)
