@@ -16,10 +16,11 @@ import pandas as pd
 from .data import data_dir
 
 # %% auto #0
-__all__ = ['KB_VERSION', 'SOURCES', 'STRONG_HOW', 'TISSUE_GROUPS', 'UBIQUITOUS', 'KB_COLUMNS', 'BM25_K1', 'BM25_B',
+__all__ = ['KB_VERSION', 'SOURCES', 'STRONG_HOW', 'TISSUE_GROUPS', 'UBIQUITOUS', 'KB_COLUMNS', 'NAMED_HOW', 'BM25_K1', 'BM25_B',
            'OUT_OF_TISSUE', 'CL_NAMES', 'CAND_COLS', 'SPECIFIC_RATIO', 'MIN_EXPLAINED', 'cache_dir',
-           'cellmarker_curation', 'gene_aliases', 'norm_gene', 'map_cl', 'tissue_groups', 'load_kb', 'check_species',
-           'KBIndex', 'kb_index', 'rank_weight', 'kb_annotate', 'kb_annotate_table', 'retrieve', 'canonical_markers']
+           'cellmarker_curation', 'gene_aliases', 'norm_gene', 'map_cl', 'tissue_groups', 'map_in_tissue', 'kb_key',
+           'load_kb', 'check_species', 'KBIndex', 'kb_index', 'rank_weight', 'kb_annotate', 'kb_annotate_table',
+           'retrieve', 'canonical_markers']
 
 # %% ../nbs/04_knowledge.ipynb #79c96213
 KB_VERSION = 4  # bump when the parsing rules change: invalidates the on-disk cache
@@ -298,6 +299,17 @@ def tissue_groups(tissue:str|None, # a tissue or organ name in any of the databa
 # %% ../nbs/04_knowledge.ipynb #e4b24a16
 KB_COLUMNS = ['cell_type', 'cl_id', 'cl_name', 'tissue', 'species', 'gene', 'source', 'sensitivity', 'specificity',
               'negative', 'n_refs', 'canonical', 'gene_raw']
+NAMED_HOW = ('exact', 'synonym', 'abbreviation')  # the name itself is a CL term or one of its synonyms
+
+@functools.cache
+def map_in_tissue(name:str, # a cell-type name as a database record writes it
+                  tissue:str|None, # the record's tissue
+                 )->tuple:
+    "`map_cl` of a record's name: the CL term it names wherever listed, else its reading in the record's tissue."
+    own = _match(name, None)
+    if own is not None and own[2] in NAMED_HOW: return map_cl(name)  # 'Memory CD4+ T cell' in lung is not a TRM
+    in_tissue = map_cl(name, tissue=tissue)  # 'Ductal cell': pancreatic in pancreas, collecting duct in kidney
+    return in_tissue if in_tissue[0] else map_cl(name)
 
 def _build_kb()->pd.DataFrame:
     "Parse the three databases into one tidy table (slow part: CL mapping of each distinct name and tissue)."
@@ -307,15 +319,14 @@ def _build_kb()->pd.DataFrame:
     kb['gene_raw'] = kb.gene.astype(str)
     kb['gene'] = kb.gene_raw.map(norm_gene)
     kb = kb[kb.gene.str.len() > 0]
-    # a name is read in its own record's tissue: 'Ductal cell' is a different CL term in pancreas and in kidney
     pairs = list(zip(kb.cell_type, kb.tissue))
-    cl = {nt: map_cl(nt[0], tissue=nt[1]) for nt in dict.fromkeys(pairs)}
+    cl = {nt: map_in_tissue(*nt) for nt in dict.fromkeys(pairs)}
     kb['cl_id'] = [cl[nt][0] for nt in pairs]; kb['cl_name'] = [cl[nt][1] for nt in pairs]
     kb = kb.sort_values('n_refs', ascending=False).drop_duplicates(
         ['cell_type', 'tissue', 'species', 'gene', 'source', 'negative']).sort_index()
     return kb[KB_COLUMNS].reset_index(drop=True)
 
-def _kb_key()->str:
+def kb_key()->str:
     "Cache key: the bundled files plus the source of the code that parses them (this module, the ontology matcher)."
     k = _file_key('PanglaoDB_markers_27_Mar_2020.tsv', 'CellMarker2_Human_Aug.csv', 'CellMarker2_Mouse_Aug.csv',
                   'ScTypeDB_full.xlsx', 'Cell_marker_Mouse.xlsx')
@@ -326,7 +337,7 @@ def _kb_key()->str:
     return k + hashlib.sha1(src).hexdigest()[:8]
 
 @functools.cache
-def _kb_all()->pd.DataFrame: return _cached('kb', _kb_key(), _build_kb)
+def _kb_all()->pd.DataFrame: return _cached('kb', kb_key(), _build_kb)
 
 def load_kb(species:str|None=None, # 'human', 'mouse' or None for both
            )->pd.DataFrame:

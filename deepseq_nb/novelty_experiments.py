@@ -223,11 +223,13 @@ def run_novelty(settings=None, # `Settings` (default: settings.ini)
     from pathlib import Path
     from deepseq_nb.config import load_settings
     from deepseq_nb.pretrain import encoder_settings, default_encoder
+    from deepseq_nb.knowledge import kb_key
     from deepseq_nb.crosstissue import cross_tissue_reference, embed_reference
     S = settings if settings is not None else load_settings()
     P = novelty_settings(S)
     key = json.dumps(
-        dict(P, encoder=encoder_settings(S), custom_encoder=None if encoder is None else str(encoder), v=3),
+        dict(P, encoder=encoder_settings(S), custom_encoder=None if encoder is None else str(encoder), v=3,
+             kb=kb_key() if P['kb'] else None),  # the kb's readings veto clusters: its markers are part of the result
         sort_keys=True,
         default=str,
     )
