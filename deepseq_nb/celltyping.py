@@ -403,6 +403,27 @@ def _genes_for(net, s, i, n=6)->tuple:
     con += [str(net.genes[g]) + ' (neg)' for g in net.Wn[i].indices if s[g] > 0.1]
     return pro, con
 
+def _evidence(net, s, c, rec)->list:
+    "Rows of the evidence table for cluster c: each step's chosen (or best untaken) candidate and its rival."
+    ev = []
+    for r in rec:
+        for role, i in (('chosen' if r['descended'] else 'best (not taken)', r['best']), ('rival', r['rival'])):
+            if i is None: continue
+            pro, con = _genes_for(net, s, i)
+            ev.append(
+                dict(
+                    cluster=c,
+                    at=net.names[r['at']] if r['at'] is not None else 'root',
+                    role=role,
+                    candidate=net.names[i],
+                    cl_id=net.ids[i],
+                    score=r['best_score'] if role != 'rival' else r['rival_score'],
+                    genes_for=', '.join(pro),
+                    genes_against=', '.join(con),
+                )
+            )
+    return ev
+
 # %% ../nbs/04a_celltyping.ipynb #130b1009
 def _one(adata, key):
     "The single value of obs[key] or uns['dataset'][key], else None."
@@ -450,6 +471,7 @@ def celltype(adata:ad.AnnData, # cells × genes (counts or log-normalised), clus
                f"stopped: {net.names[last['best']]} {last['best_score']:.2f} vs "
                f"{net.names[last['rival']] if last['rival'] is not None else 'nothing'} {last['rival_score']:.2f} "
                f"(margin {last['margin']:.2f})" if not last['descended'] else 'reached a leaf')
+        ev += _evidence(net, evidence[k], c, rec)  # every cluster's, the Unknown ones' too
         if not path:
             rows.append(dict(cluster=c, label='Unknown', name='Unknown', cl_id=None, broad='Unknown', lineage='Unknown',
                              path='', confidence=0.0, stop=why)); continue
@@ -475,22 +497,6 @@ def celltype(adata:ad.AnnData, # cells × genes (counts or log-normalised), clus
                 else '',
             )
         )
-        for r in rec:
-            for role, i in (('chosen' if r['descended'] else 'best (not taken)', r['best']), ('rival', r['rival'])):
-                if i is None: continue
-                pro, con = _genes_for(net, evidence[k], i)
-                ev.append(
-                    dict(
-                        cluster=c,
-                        at=net.names[r['at']] if r['at'] is not None else 'root',
-                        role=role,
-                        candidate=net.names[i],
-                        cl_id=net.ids[i],
-                        score=r['best_score'] if role != 'rival' else r['rival_score'],
-                        genes_for=', '.join(pro),
-                        genes_against=', '.join(con),
-                    )
-                )
     tab = pd.DataFrame(rows).set_index('cluster')
     tab['n_cells'] = st['size'].astype(int)
     return tab, pd.DataFrame(
