@@ -520,7 +520,7 @@ def score_annotation(truth, # true label per cell
     return dict(
         mean_agreement=float((w * pairs.ag.fillna(0)).sum()),
         exact=float((w * (pairs.ag == 1)).sum()),
-        macro_f1=float(evaluate_labels(t, p)['macro_f1']),
+        macro_f1=float(evaluate_labels(t, p, tissue=tissue)['macro_f1']),
         lineage=float((w * pairs.lin).sum()),
         n_cells=int(len(t)),
     )
