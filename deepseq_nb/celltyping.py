@@ -8,6 +8,7 @@ Docs: https://deepseq-nb.github.io/deepseq_nb/celltyping.html.md"""
 from __future__ import annotations
 import re, warnings
 from contextlib import contextmanager
+from functools import cache
 
 import anndata as ad
 import numpy as np
@@ -20,9 +21,10 @@ from .ontology import ancestors, cl_name, broad_type
 # %% auto #0
 __all__ = ['LINEAGES', 'SHRINK', 'MIN_MARKERS', 'TOP_MARKERS', 'LABEL_WEIGHT', 'ABSOLUTE', 'TOP', 'FLOOR', 'MARGIN', 'PEERS',
            'ROOT_RATIO', 'NICHE', 'INHERIT', 'DEFINING', 'TISSUE_DROP', 'ANTIGEN', 'GATE', 'MIN_DETECT', 'NEXT',
-           'GATE_MODE', 'UNREAD', 'label_markers', 'defining_antigens', 'cluster_stats', 'gene_evidence',
-           'MarkerNetwork', 'own_scores', 'subtree_best', 'pairwise', 'antigen_scores', 'descend', 'short_name',
-           'infer_species', 'infer_tissue', 'celltype', 'score_annotation', 'knobs', 'lodo']
+           'GATE_MODE', 'UNREAD', 'ALTERNATIVE', 'label_markers', 'defining_antigens', 'label_alternatives',
+           'cluster_stats', 'gene_evidence', 'MarkerNetwork', 'own_scores', 'subtree_best', 'pairwise',
+           'antigen_scores', 'descend', 'short_name', 'infer_species', 'infer_tissue', 'celltype', 'score_annotation',
+           'knobs', 'lodo']
 
 # %% ../nbs/04a_celltyping.ipynb #f553ec08
 LINEAGES = [  # (CL id, short name, positive markers, negative markers)
@@ -97,6 +99,8 @@ NEXT = 'winner'  # the descent goes into the child that won the head-to-head ('l
 GATE_MODE = 'signed'
 # inherit from a lineage 'any': only if one of its markers is measured; 'share': by the share measured; 'off': always
 UNREAD = 'any'
+# a label antigen also reads as present when the CL term named alike but for one other antigen is clearly absent
+ALTERNATIVE = True
 
 # %% ../nbs/04a_celltyping.ipynb #40b7ff80
 def _lineages()->dict:
@@ -135,6 +139,20 @@ def defining_antigens(cl_id:str, # a CL id
     for how, m in _EXPRESSION_OF.findall(txt):
         if how == 'no': neg.append(norm_gene(m))
     return sorted(set(pos)), sorted(set(neg) - set(pos))
+
+# %% ../nbs/04a_celltyping.ipynb #a1tern02
+@cache
+def label_alternatives()->dict:
+    "CL id -> {antigen its label names: the other antigen of the one CL term labelled alike but for it}."
+    fam, one = {}, {}
+    for cid, t in cl_terms().items():
+        lab = t.get('label') or ''
+        ms = [m for m in _LABEL_MARK.finditer(lab) if m.group(2) == 'positive']
+        if len(ms) != 1: continue
+        key = lab[:ms[0].start()] + '#' + lab[ms[0].end():]  # the label with its antigen blanked out
+        one[cid] = (key, norm_gene(ms[0].group(1)))
+        fam.setdefault(key, set()).add(one[cid][1])
+    return {cid: {g: next(iter(fam[k] - {g}))} for cid, (k, g) in one.items() if len(fam[k]) == 2}
 
 # %% ../nbs/04a_celltyping.ipynb #b76b46e0
 def _row_blocks(X, chunk:int=50_000):
@@ -211,6 +229,8 @@ class MarkerNetwork:
             prior = OUT_OF_TISSUE if out else 1.0
             add(k, ix.cl_name[k], pos, set(ix.neg.get(k, ())) | set(ln), 'kb', prior, defining_antigens(k))
             if len(self.ids) and self.ids[-1] == k: nsrc[len(self.ids) - 1] = len(set().union(*ix.sources[k].values()))
+        alts = label_alternatives() if ALTERNATIVE else {}
+        self.alt = [{gpos[g]: gpos[h] for g, h in alts.get(c, {}).items() if g in gpos and h in gpos} for c in self.ids]
         n, n_genes = len(self.ids), len(genes)
         tri = lambda f: ([i for i, r in enumerate(rows) for _ in f(r)], [g for r in rows for g in f(r)])
         r, c = tri(lambda r: r[0])
@@ -292,7 +312,9 @@ def antigen_scores(
     r = np.where(ok, frac/np.maximum(top, 1e-9), np.nan) - GATE
     out = np.zeros(len(net.ids))
     for i, (pos, neg) in enumerate(net.antigens):
-        v = [r[g] for g in pos if ok[g]] + [-r[g] for g in neg if ok[g]]
+        alt = net.alt[i]  # a label antigen is also read as present when its CL alternative is clearly absent
+        v = [max(r[g] if ok[g] else -np.inf, -r[alt[g]] if g in alt and ok[alt[g]] else -np.inf) for g in pos]
+        v = [x for x in v if x > -np.inf] + [-r[g] for g in neg if ok[g]]
         if v: out[i] = float(min(v))  # a gate is a conjunction: the worst antigen decides
     return out
 
