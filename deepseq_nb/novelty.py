@@ -388,7 +388,7 @@ class NoveltyConfig:
     seed:int=0 # seed of the splits
     seeds:list=field(default_factory=lambda: [0, 1, 2]) # seeds of the experiments: numbers are their mean and spread
     resolution:float=1.0 # Leiden resolution of the query's clusters
-    adapter:str='none' # adapter of the joint space: 'none' or 'mnn'
+    adapter:str='none' # adapter of the joint space: 'none', 'mnn' or 'harmony'
     kb:bool=True # read the query clusters' markers with the kb (query-side calibration, veto)
 
 def novelty_settings(settings=None, # a `Settings`, a dict of sections, or None (`load_settings()`)

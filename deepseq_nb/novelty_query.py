@@ -16,8 +16,8 @@ from .data import InputError
 from .novelty import as_dense, known_match
 
 # %% auto #0
-__all__ = ['ADAPTERS', 'measured_genes', 'mnn_adapt', 'adapt_query', 'joint_space', 'reference_share', 'query_clusters',
-           'relative_scores', 'kb_reading', 'upper_quantile', 'relative_novelty']
+__all__ = ['ADAPTERS', 'measured_genes', 'mnn_adapt', 'harmony_adapt', 'adapt_query', 'joint_space', 'reference_share',
+           'query_clusters', 'relative_scores', 'nearest_types', 'kb_reading', 'upper_quantile', 'relative_novelty']
 
 # %% ../nbs/13b_novelty_query.ipynb #268ddbc4
 def measured_genes(cells:ad.AnnData)->pd.Index:
@@ -48,17 +48,35 @@ def mnn_adapt(YR:np.ndarray, # reference coordinates
     W = np.exp(-(D - D.min(1, keepdims=True)) / (2 * np.median(np.sort(D, 1)[:, :k]) + 1e-12))
     return (YQ + (W / W.sum(1, keepdims=True)) @ V).astype(np.float32)
 
-ADAPTERS = ('none', 'mnn')
+def harmony_adapt(YR:np.ndarray, # reference coordinates
+                  YQ:np.ndarray, # query coordinates, same space
+                  theta:float=2.0, # Harmony's diversity penalty (its default)
+                  seed:int=0,
+                 )->tuple[np.ndarray, np.ndarray]:
+    "Reference and query coordinates corrected together by Harmony (harmonypy), the study as the batch."
+    try: import harmonypy
+    except ImportError as e:
+        raise InputError("adapter='harmony' needs harmonypy: pip install 'deepseq_nb[scagent]'.") from e
+    Y = np.vstack([YR, YQ]).astype(np.float64)
+    study = pd.DataFrame({'study': np.repeat(['reference', 'query'], [len(YR), len(YQ)])})
+    Z = np.asarray(harmonypy.run_harmony(Y, study, 'study', theta=theta, random_state=seed, verbose=False).Z_corr)
+    Z = Z if Z.shape[0] == len(Y) else Z.T      # harmonypy has returned both orientations across versions
+    return Z[:len(YR)].astype(np.float32), Z[len(YR):].astype(np.float32)
+
+ADAPTERS = ('none', 'mnn', 'harmony')
 
 def adapt_query(
     YR: np.ndarray,
     YQ: np.ndarray,  # reference and query coordinates
-    adapter: str = 'none',  # 'none' or 'mnn'
-) -> np.ndarray:
-    "The query's coordinates after the adapter."
+    adapter: str = 'none',  # 'none', 'mnn' (moves the query) or 'harmony' (corrects both)
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    "Reference and query coordinates after the adapter."
     adapter = adapter or 'none'   # `adapter = none` in settings.ini reads as None
     if adapter not in ADAPTERS: raise InputError(f"adapter must be one of {ADAPTERS}; got {adapter!r}.")
-    return np.asarray(YQ, np.float32) if adapter == 'none' else mnn_adapt(YR, YQ)
+    YR = np.asarray(YR, np.float32)
+    if adapter == 'harmony': return harmony_adapt(YR, YQ, seed=seed)
+    return YR, (np.asarray(YQ, np.float32) if adapter == 'none' else mnn_adapt(YR, YQ))
 
 def _renorm(X:np.ndarray, target:float=1e4)->np.ndarray:
     "Log-normalised values renormalised over these genes only: log1p of counts per `target`."
@@ -71,7 +89,7 @@ def joint_space(
     *,
     n_comps: int = 30,  # principal components
     n_hvg: int = 2000,  # most dispersed shared genes used
-    adapter: str = 'none',  # 'none' or 'mnn' (`adapt_query`)
+    adapter: str = 'none',  # 'none', 'mnn' or 'harmony' (`adapt_query`)
     renorm: bool = True,  # renormalise each cell over the shared genes first (`_renorm`)
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -87,7 +105,7 @@ def joint_space(
     g = np.argsort(-disp)[:min(n_hvg, len(genes))]
     p = PCA(n_components=min(n_comps, len(g) - 1, len(X) - 1), random_state=seed).fit(X[:, g])
     YR, YQ = p.transform(XR[:, g]).astype(np.float32), p.transform(XQ[:, g]).astype(np.float32)
-    return YR, adapt_query(YR, YQ, adapter)
+    return adapt_query(YR, YQ, adapter, seed)
 
 # %% ../nbs/13b_novelty_query.ipynb #5087561f
 def reference_share(
@@ -122,6 +140,21 @@ def relative_scores(share:np.ndarray, # `reference_share` per query cell
     typical = share[share >= np.median(share)].mean()
     cell = 1 - share / max(typical, 1e-6)
     return cell, pd.Series(cell).groupby(np.asarray(clusters)).transform('mean').to_numpy()
+
+# %% ../nbs/13b_novelty_query.ipynb #f3a1c0d2
+def nearest_types(YR:np.ndarray, # reference coordinates
+                  labels:np.ndarray, # reference label per cell
+                  YQ:np.ndarray, # query coordinates, same space
+                  k:int=15, # reference neighbours that vote
+                 )->pd.DataFrame:
+    "Per query cell: the commonest label among its `k` nearest reference cells and that label's share of them."
+    from sklearn.neighbors import NearestNeighbors
+    codes, names = pd.factorize(np.asarray(labels).astype(str))
+    idx = NearestNeighbors(n_neighbors=min(k, len(YR))).fit(YR).kneighbors(YQ, return_distance=False)
+    votes = np.stack([np.bincount(row, minlength=len(names)) for row in codes[idx]])
+    return pd.DataFrame(
+        dict(nearest_type=np.asarray(names)[votes.argmax(1)], nearest_share=votes.max(1) / idx.shape[1])
+    )
 
 # %% ../nbs/13b_novelty_query.ipynb #c28ffca2
 def kb_reading(query:ad.AnnData, # log-normalised query cells
@@ -165,8 +198,7 @@ def _coords(reference, query, space, use_rep, adapter, seed):
     if space == 'pca': return joint_space(reference, query, adapter=adapter, seed=seed)
     if use_rep not in reference.obsm or use_rep not in query.obsm:
         raise InputError(f"No obsm[{use_rep!r}] in the reference or the query; embed them first.")
-    YR = np.asarray(reference.obsm[use_rep], np.float32)
-    return YR, adapt_query(YR, np.asarray(query.obsm[use_rep], np.float32), adapter)
+    return adapt_query(reference.obsm[use_rep], np.asarray(query.obsm[use_rep], np.float32), adapter, seed)
 
 def relative_novelty(
     reference: ad.AnnData,  # labelled reference cells (obs `label`)
@@ -183,7 +215,7 @@ def relative_novelty(
     tissue: str | None = None,
     seed: int = 0,
 ) -> dict:
-    "Per query cell: cluster, scores, flag; thresholds (reference-, query-side, used); clusters' kb reading; mixing."
+    "Per query cell: cluster, scores, flag, closest reference type; thresholds (reference, query, used); kb; mixing."
     if calibration.n_obs < 20:
         raise InputError(f"{calibration.n_obs} calibration cells: at least 20 held-out reference cells are needed.")
     types = sorted(set(reference.obs['label'].astype(str)))
@@ -196,6 +228,7 @@ def relative_novelty(
             "overlap there (embed both from their shared genes), so every score ties at 1 and none is called novel."
         )
     cell, clus = relative_scores(share, cl)
+    near = nearest_types(YR, reference.obs['label'].to_numpy(), YQ, k)
     YR2, YC = _coords(reference, calibration, space, use_rep, adapter, seed)
     thr_ref = upper_quantile(
         relative_scores(reference_share(YR2, YC, k), query_clusters(YC, resolution, k, seed))[1], false_novel_rate
@@ -206,7 +239,8 @@ def relative_novelty(
     thr = max(thr_ref, thr_query)
     flag = (clus > thr) & ~known
     cells = pd.DataFrame(
-        dict(cluster=cl, cell_score=cell, score=clus, kb_known=known, is_novel=flag), index=query.obs_names
+        dict(cluster=cl, cell_score=cell, score=clus, kb_known=known, is_novel=flag, **near.to_dict('list')),
+        index=query.obs_names,
     )
     return dict(cells=cells, thresholds=dict(reference=thr_ref, query=thr_query, used=thr), kb=K,
                 mixing=dict(share=float(share.mean()), expected=len(YR) / (len(YR) + len(YQ))))
