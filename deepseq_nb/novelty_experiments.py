@@ -55,20 +55,21 @@ def _ref_distance(R:np.ndarray, C:np.ndarray, Q:np.ndarray, k:int, rate:float)->
 RELATIVE_SPACES = {'pca': None, 'frozen': 'X_scgpt'}  # query-relative scores: joint PCA, frozen encoder embedding
 
 def _fold(R:ad.AnnData, C:ad.AnnData, Q:ad.AnnData, *, tissue:str, k:int, resolution:float, adapter:str,
-          false_novel_rate:float, kb:bool, seed:int)->tuple[pd.DataFrame, dict, dict]:
-    "Scores, flags, query clusters of a reference/calibration/query fold: query-relative per space, and the baselines."
-    S, F, CL = {}, {}, {}
+          false_novel_rate:float, kb:bool, seed:int)->tuple[pd.DataFrame, dict, dict, dict]:
+    "Scores, flags, query clusters, closest reference types of a fold: query-relative per space, and the baselines."
+    S, F, CL, NT = {}, {}, {}, {}
     for s, rep in RELATIVE_SPACES.items():
         if rep is not None and rep not in Q.obsm: continue
         o = relative_novelty(R, Q, C, space=s, use_rep=rep or 'X_scgpt', adapter=adapter, k=k, resolution=resolution,
                              false_novel_rate=false_novel_rate, kb=kb, tissue=tissue, seed=seed)
         S[s], F[s], CL[s] = o['cells'].score.to_numpy(), o['cells'].is_novel.to_numpy(), o['cells'].cluster.to_numpy()
+        NT[s] = o['cells'].nearest_type.to_numpy()
     P = PCASpace.fit(R, seed=seed)
     for s, f in (('pca_ref', P.transform), ('frozen_ref', lambda a: np.asarray(a.obsm['X_scgpt'], np.float32))):
         if s == 'frozen_ref' and 'X_scgpt' not in Q.obsm: continue
         d, thr = _ref_distance(f(R), f(C), f(Q), k, false_novel_rate)
         S[s], F[s] = d, d > thr
-    return pd.DataFrame(S, index=Q.obs_names), F, CL
+    return pd.DataFrame(S, index=Q.obs_names), F, CL, NT
 
 def _fold_rates(
     S: pd.DataFrame,
@@ -123,7 +124,7 @@ def leave_one_type_out(
     for h in types:
         t0, new = time.perf_counter(), lab == h
         Q = own_genes(d[test | new])
-        S, F, CL = _fold(
+        S, F, CL, _ = _fold(
             own_genes(d[~cal & ~test & ~new]),
             own_genes(d[cal & ~new]),
             Q,
@@ -171,7 +172,7 @@ def batch_effect(
     seed: int = 0,
     encoder=None,  # embeds both studies from their shared genes into X_scgpt (`shared_embedding`; None: as given)
 ) -> dict:
-    "Across studies: false-novel rate of `query`'s known types, detection of a held-out type and of its own new types."
+    "Across studies: false-novel rate of `query`'s known types, detection of a held-out type, label concordance."
     r, q = ref[ref.obs.dataset == reference].copy(), ref[ref.obs.dataset == query].copy()
     if r.n_obs == 0 or q.n_obs == 0:
         raise InputError(f"Study {reference if r.n_obs == 0 else query!r} is not in the reference.")
@@ -181,9 +182,9 @@ def batch_effect(
     cal = calibration_split(r.obs, calib_frac, seed)
     vc = pd.Series(rl).value_counts()
     types = list(types) if types is not None else [t for t, n in vc.items() if n >= min_cells and t in set(ql)]
-    Q, rows = own_genes(q), []
+    Q, rows, whole = own_genes(q), [], {}
     for h in [None] + types:
-        S, F, CL = _fold(
+        S, F, CL, NT = _fold(
             own_genes(r[~cal & (rl != h)]),
             own_genes(r[cal & (rl != h)]),
             Q,
@@ -196,6 +197,7 @@ def batch_effect(
             seed=seed,
         )
         new, known = ql == h, np.isin(ql, list(set(rl[rl != h])))
+        whole = whole or NT    # the closest reference types with nothing held out (the first run)
         row = dict(
             reference=reference,
             query=query,
@@ -206,6 +208,8 @@ def batch_effect(
             n_unknown=int((~known & ~new).sum()),
             nominal=false_novel_rate,
         )
+        # share of the held-out type's query cells that the whole reference places among that type
+        row |= {f'concordance_{s}': float((whole[s][new] == h).mean()) if new.any() else np.nan for s in whole}
         row |= {k_: v for k_, v in _fold_rates(S, F, new, known, CL).items() if not k_.startswith('auroc') or new.any()}
         row |= {
             f'flagged_unknown_{s}': float(F[s][~known & ~new].mean()) if (~known & ~new).any() else np.nan for s in S
@@ -228,7 +232,7 @@ def run_novelty(settings=None, # `Settings` (default: settings.ini)
     S = settings if settings is not None else load_settings()
     P = novelty_settings(S)
     key = json.dumps(
-        dict(P, encoder=encoder_settings(S), custom_encoder=None if encoder is None else str(encoder), v=3,
+        dict(P, encoder=encoder_settings(S), custom_encoder=None if encoder is None else str(encoder), v=4,
              kb=kb_key() if P['kb'] else None),  # the kb's readings veto clusters: its markers are part of the result
         sort_keys=True,
         default=str,
