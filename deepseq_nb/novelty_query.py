@@ -6,18 +6,20 @@ Docs: https://deepseq-nb.github.io/deepseq_nb/novelty_query.html.md"""
 
 # %% ../nbs/13b_novelty_query.ipynb #7336079d
 from __future__ import annotations
-import warnings
+import inspect, warnings
 
 import anndata as ad
 import numpy as np
 import pandas as pd
+from fastcore.meta import delegates
 
 from .data import InputError
 from .novelty import as_dense, known_match
 
 # %% auto #0
 __all__ = ['ADAPTERS', 'measured_genes', 'mnn_adapt', 'harmony_adapt', 'adapt_query', 'joint_space', 'reference_share',
-           'query_clusters', 'relative_scores', 'nearest_types', 'kb_reading', 'upper_quantile', 'relative_novelty']
+           'query_clusters', 'relative_scores', 'nearest_types', 'kb_reading', 'upper_quantile', 'relative_novelty',
+           'assess_relative_novelty']
 
 # %% ../nbs/13b_novelty_query.ipynb #268ddbc4
 def measured_genes(cells:ad.AnnData)->pd.Index:
@@ -213,12 +215,16 @@ def relative_novelty(
     false_novel_rate: float = 0.05,  # share of known cells allowed above the threshold (both calibrations)
     kb: bool = True,  # read the query clusters' markers (query-side calibration and veto)
     tissue: str | None = None,
+    species: str = 'human',  # tissue and species of the `kb` reading
+    label_key: str = 'label',  # reference obs column of the labels
     seed: int = 0,
 ) -> dict:
     "Per query cell: cluster, scores, flag, closest reference type; thresholds (reference, query, used); kb; mixing."
     if calibration.n_obs < 20:
         raise InputError(f"{calibration.n_obs} calibration cells: at least 20 held-out reference cells are needed.")
-    types = sorted(set(reference.obs['label'].astype(str)))
+    if label_key not in reference.obs:
+        raise InputError(f"The reference has no obs column {label_key!r} of labels; pass label_key=.")
+    types = sorted(set(reference.obs[label_key].astype(str)))
     YR, YQ = _coords(reference, query, space, use_rep, adapter, seed)
     cl = query_clusters(YQ, resolution, k, seed)
     share = reference_share(YR, YQ, k)
@@ -228,12 +234,12 @@ def relative_novelty(
             "overlap there (embed both from their shared genes), so every score ties at 1 and none is called novel."
         )
     cell, clus = relative_scores(share, cl)
-    near = nearest_types(YR, reference.obs['label'].to_numpy(), YQ, k)
+    near = nearest_types(YR, reference.obs[label_key].to_numpy(), YQ, k)
     YR2, YC = _coords(reference, calibration, space, use_rep, adapter, seed)
     thr_ref = upper_quantile(
         relative_scores(reference_share(YR2, YC, k), query_clusters(YC, resolution, k, seed))[1], false_novel_rate
     )
-    K = kb_reading(query, cl, types, tissue=tissue) if kb else None
+    K = kb_reading(query, cl, types, tissue=tissue, species=species) if kb else None
     known = np.isin(cl, K.index[K.kb_known_type != '']) if kb else np.zeros(len(cl), bool)
     thr_query = upper_quantile(clus[known], false_novel_rate)
     thr = max(thr_ref, thr_query)
@@ -244,3 +250,41 @@ def relative_novelty(
     )
     return dict(cells=cells, thresholds=dict(reference=thr_ref, query=thr_query, used=thr), kb=K,
                 mixing=dict(share=float(share.mean()), expected=len(YR) / (len(YR) + len(YQ))))
+
+# %% ../nbs/13b_novelty_query.ipynb #a55e0002
+@delegates(relative_novelty, but=['reference', 'query', 'calibration', 'label_key'])
+def assess_relative_novelty(
+    adata: ad.AnnData,  # query cells (log-normalised)
+    reference: ad.AnnData,  # labelled reference cells
+    calibration: ad.AnnData,  # held-out reference cells of known types (the nominal threshold)
+    *,
+    label_key: str = 'label',  # reference obs column of the labels
+    groupby: str | None = None,  # obs column of the query's clusters for a per-cluster verdict (None: cells only)
+    key_added: str = 'scagent',  # prefix of the obs/uns keys written
+    cluster_share: float = 0.5,  # share of flagged cells that makes a cluster novel
+    copy: bool = False,
+    **kwargs,
+) -> ad.AnnData | None:
+    "Query-relative novelty written into `adata` as `assess_novelty` writes it, plus each cell's closest known type."
+    from deepseq_nb.novelty import cluster_novelty
+    if groupby is not None and groupby not in adata.obs:
+        raise InputError(f"obs has no column {groupby!r} of clusters; columns are: {', '.join(map(str, adata.obs))}.")
+    adata = adata.copy() if copy else adata
+    o = relative_novelty(reference, adata, calibration, label_key=label_key, **kwargs)
+    C = o['cells']
+    adata.obs[f'{key_added}_novelty_score'] = C.score.to_numpy()
+    adata.obs[f'{key_added}_is_novel'] = C.is_novel.to_numpy()
+    adata.obs[f'{key_added}_nearest_type'] = pd.Categorical(C.nearest_type.to_numpy())
+    opts = {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool))}   # what h5ad can store
+    rate = kwargs.get('false_novel_rate', inspect.signature(relative_novelty).parameters['false_novel_rate'].default)
+    info = dict(
+        params=opts | dict(score='relative', threshold=o['thresholds']['used'], false_novel_rate=rate,
+                           groupby=groupby or '', cluster_share=cluster_share, n_calibration=calibration.n_obs,
+                           label_key=label_key),
+        thresholds=o['thresholds'],
+        mixing=o['mixing'],
+    )
+    if groupby is not None:
+        info['clusters'] = cluster_novelty(adata.obs, groupby, key_added, cluster_share).reset_index().to_dict('list')
+    adata.uns[f'{key_added}_novelty'] = info
+    return adata if copy else None

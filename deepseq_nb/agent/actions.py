@@ -303,6 +303,7 @@ def act_build_reference(
                                                                                 'obs_name': ref.obs_names[~cal]}))
     F = novelty_features(ref[cal], mem, spaces=spaces, k=N['k'], proba_key=None)
     st.calibration = calibrate_novelty(F, cfg['false_novel_rate'])
+    ref.obs['calibration'] = cal    # the held-out known cells, read again by assess_novelty's relative score
     st.reference, st.memory, st.pca, st.label_key = ref, mem, P, lk
     return dict(
         source=src or 'session cells',
@@ -320,39 +321,30 @@ def act_assess_novelty(
     st: AgentState,
     groupby: str = 'leiden',  # obs column of clusters
     cluster_share: float = 0.5,  # share of flagged cells that makes a cluster novel
+    relative: bool = True,  # relative to the query (a joint space, robust to a batch), else distance to the reference
 ) -> dict:
     "Score every cell's novelty against the reference and judge which clusters are cell types it does not know."
-    from deepseq_nb.novelty import assess_novelty as _assess, judge_novelty, novelty_settings
+    from deepseq_nb.novelty import judge_novelty
     from deepseq_nb.cluster import markers_from_settings, markers_by_cluster
     a = _need_adata(st, 'assess_novelty')
     if st.memory is None: raise InputError("No reference memory: call build_reference first.")
     _groupby(a, groupby)
-    a.obsm['X_pca_ref'] = st.pca.transform(_lognorm(a))
-    spaces = {'pca': 'X_pca_ref'}
-    if 'frozen' in st.memory.spaces:
-        if 'X_scgpt' not in a.obsm:
-            from deepseq_nb.encoder import embed as _embed
-            _embed(a, _encoder(st), progress=False)
-        spaces['frozen'] = 'X_scgpt'
-    _assess(
-        a,
-        st.memory,
-        st.calibration,
-        groupby=groupby,
-        spaces=spaces,
-        k=novelty_settings(st.settings)['k'],
-        proba_key=None,
-        cluster_share=cluster_share,
-    )
+    ds = _dataset_info(a)
+    tissue, species = ds.get('tissue') or st.settings.get('data.tissue'), ds.get('species') or 'human'
+    (_relative if relative else _distance)(st, a, groupby, cluster_share, tissue, species)
     mk = a.uns.get('markers', {})
     mk = (
         mk['table']
         if isinstance(mk, dict) and mk.get('params', {}).get('groupby') == groupby
         else markers_from_settings(a, st.settings, groupby=groupby)
     )
-    ds = _dataset_info(a)
+    near = (  # the reference type most of each cluster's cells sit among (relative score only)
+        a.obs.groupby(a.obs[groupby].astype(str))['scagent_nearest_type'].agg(lambda s: s.value_counts().index[0])
+        if relative
+        else pd.Series(dtype=str)
+    )
     J = judge_novelty(a, markers_by_cluster(mk), sorted(st.reference.obs[st.label_key].unique()), key='scagent',
-                      tissue=ds.get('tissue') or st.settings.get('data.tissue'), species=ds.get('species') or 'human')
+                      tissue=tissue, species=species, nearest=near.to_dict())
     clusters = {
         str(c): dict(
             n_cells=int(r.n_cells),
@@ -360,11 +352,41 @@ def act_assess_novelty(
             far=bool(r.rule_is_novel),
             markers_read_as=str(r.kb_type),
             is_novel=bool(r.is_novel),
+            closest_type=str(r.closest_type),
         )
+        | ({'nearest_reference_type': str(near[str(c)])} if str(c) in near else {})
         for c, r in J.iterrows()
     }
     return dict(novel_clusters=[c for c, r in clusters.items() if r['is_novel']], clusters=clusters,
+                score='relative to the query' if relative else 'distance to the reference',
                 threshold=round(float(a.uns['scagent_novelty']['params']['threshold']), 4))
+
+def _relative(st, a, groupby, cluster_share, tissue, species):
+    "Query-relative novelty (`novelty_query.assess_relative_novelty`) of `a` against the reference, written into `a`."
+    from deepseq_nb.novelty import novelty_settings
+    from deepseq_nb.novelty_query import assess_relative_novelty
+    N, R = novelty_settings(st.settings), st.reference
+    cal = R.obs['calibration'].to_numpy(bool)
+    q = _lognorm(a)
+    assess_relative_novelty(q, R[~cal], R[cal], label_key=st.label_key, groupby=groupby, cluster_share=cluster_share,
+                            k=N['k'], resolution=N['resolution'], adapter=N['adapter'], kb=N['kb'], tissue=tissue,
+                            species=species, false_novel_rate=st.cfg['false_novel_rate'], seed=st.cfg['seed'])
+    if q is not a:
+        for c in ('novelty_score', 'is_novel', 'nearest_type'): a.obs[f'scagent_{c}'] = q.obs[f'scagent_{c}'].to_numpy()
+        a.uns['scagent_novelty'] = q.uns['scagent_novelty']
+
+def _distance(st, a, groupby, cluster_share, tissue, species):
+    "Distance to the reference memory (`novelty.assess_novelty`), in the PCA and, if built, the frozen space."
+    from deepseq_nb.novelty import assess_novelty, novelty_settings
+    a.obsm['X_pca_ref'] = st.pca.transform(_lognorm(a))
+    spaces = {'pca': 'X_pca_ref'}
+    if 'frozen' in st.memory.spaces:
+        if 'X_scgpt' not in a.obsm:
+            from deepseq_nb.encoder import embed as _embed
+            _embed(a, _encoder(st), progress=False)
+        spaces['frozen'] = 'X_scgpt'
+    assess_novelty(a, st.memory, st.calibration, groupby=groupby, spaces=spaces, k=novelty_settings(st.settings)['k'],
+                   proba_key=None, cluster_share=cluster_share)
 
 # %% ../../nbs/15b_agent_actions.ipynb #6bff22ef
 def _ref_cells(st:AgentState)->tuple:
