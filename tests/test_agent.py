@@ -603,3 +603,23 @@ def test_cli(tmp_path, capsys):
     assert cmd_agent(parse('what is the weather?', '--quiet')) == 1 and 'did not recognise' in capsys.readouterr().out
     assert cmd_agent(parse('annotate pbmc3k', '--set', 'agent.max_stepz=3')) == 2
     assert 'Unknown setting agent.max_stepz' in capsys.readouterr().err
+
+
+def test_novelty_across_studies_is_relative_to_the_query(settings):
+    """pbmc68k_reduced (300 cells) against pbmc3k: the relative score calls no known cluster novel, the distance to the
+    reference most of them. At the cell level one poorly mixed joint-space cluster (pbmc68k_reduced's 'Dendritic'
+    cells with classical-monocyte markers) is flagged: 0.28 of the cells, spread over clusters, none made novel."""
+    st = AgentState(settings=settings)
+    for name, args in [('load_data', {'dataset': 'pbmc68k_reduced'}), ('cluster', {}), ('markers', {})]:
+        assert run_step(st, name, args, yes=True)['status'] == 'ok'
+    assert run_step(st, 'build_reference', {'dataset': 'pbmc3k'}, yes=True)['status'] == 'ok'
+    rel = run_step(st, 'assess_novelty', {}, yes=True)['result']
+    flagged = float(st.adata.obs['scagent_is_novel'].mean())
+    far = run_step(st, 'assess_novelty', {'relative': False}, yes=True)['result']
+    assert rel['score'] == 'relative to the query' and rel['novel_clusters'] == [], rel
+    assert len(far['novel_clusters']) >= 2 and st.adata.obs['scagent_is_novel'].mean() > max(0.5, 2 * flagged), flagged
+    truth = st.adata.obs.groupby('leiden', observed=True)['cell_type'].agg(lambda s: s.value_counts().index[0])
+    assert all(rel['clusters'][c]['nearest_reference_type'] == 'B' for c in truth.index[truth == 'CD19+ B'])
+    assert run_step(st, 'build_reference', {'dataset': 'pbmc3k', 'hold_out': ['B']}, yes=True)['status'] == 'ok'
+    held = run_step(st, 'assess_novelty', {}, yes=True)['result']   # B cells held out of the reference: found
+    assert held['novel_clusters'] and sorted(held['novel_clusters']) == sorted(truth.index[truth == 'CD19+ B'])
