@@ -303,7 +303,7 @@ def act_build_reference(
                                                                                 'obs_name': ref.obs_names[~cal]}))
     F = novelty_features(ref[cal], mem, spaces=spaces, k=N['k'], proba_key=None)
     st.calibration = calibrate_novelty(F, cfg['false_novel_rate'])
-    ref.obs['calibration'] = cal    # the held-out known cells, read again by assess_novelty's relative score
+    ref.obs['scagent_calibration'] = cal    # the held-out known cells, read again by assess_novelty's relative score
     st.reference, st.memory, st.pca, st.label_key = ref, mem, P, lk
     return dict(
         source=src or 'session cells',
@@ -366,7 +366,7 @@ def _relative(st, a, groupby, cluster_share, tissue, species):
     from deepseq_nb.novelty import novelty_settings
     from deepseq_nb.novelty_query import assess_relative_novelty
     N, R = novelty_settings(st.settings), st.reference
-    cal = R.obs['calibration'].to_numpy(bool)
+    cal = R.obs['scagent_calibration'].to_numpy(bool)
     q = _lognorm(a)
     assess_relative_novelty(q, R[~cal], R[cal], label_key=st.label_key, groupby=groupby, cluster_share=cluster_share,
                             k=N['k'], resolution=N['resolution'], adapter=N['adapter'], kb=N['kb'], tissue=tissue,
