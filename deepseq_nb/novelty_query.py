@@ -11,15 +11,16 @@ import inspect, warnings
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from fastcore.meta import delegates
 
 from .data import InputError
 from .novelty import as_dense, known_match
 
 # %% auto #0
-__all__ = ['ADAPTERS', 'measured_genes', 'mnn_adapt', 'harmony_adapt', 'adapt_query', 'joint_space', 'reference_share',
-           'query_clusters', 'relative_scores', 'nearest_types', 'kb_reading', 'upper_quantile', 'relative_novelty',
-           'assess_relative_novelty']
+__all__ = ['ADAPTERS', 'DENSE_MAX', 'measured_genes', 'mnn_adapt', 'harmony_adapt', 'adapt_query', 'joint_space',
+           'reference_share', 'query_clusters', 'relative_scores', 'nearest_types', 'kb_reading', 'upper_quantile',
+           'relative_novelty', 'assess_relative_novelty']
 
 # %% ../nbs/13b_novelty_query.ipynb #268ddbc4
 def measured_genes(cells:ad.AnnData)->pd.Index:
@@ -80,10 +81,25 @@ def adapt_query(
     if adapter == 'harmony': return harmony_adapt(YR, YQ, seed=seed)
     return YR, (np.asarray(YQ, np.float32) if adapter == 'none' else mnn_adapt(YR, YQ))
 
-def _renorm(X:np.ndarray, target:float=1e4)->np.ndarray:
-    "Log-normalised values renormalised over these genes only: log1p of counts per `target`."
-    Z = np.expm1(X.astype(np.float64))
-    return np.log1p(Z / np.maximum(Z.sum(1, keepdims=True), 1e-12) * target).astype(np.float32)
+def _renorm(X, target:float=1e4):
+    "Log-normalised values renormalised over these genes only: log1p of counts per `target` (sparse stays sparse)."
+    if not sp.issparse(X):
+        Z = np.expm1(np.asarray(X, np.float64))
+        return np.log1p(Z / np.maximum(Z.sum(1, keepdims=True), 1e-12) * target).astype(np.float32)
+    Z = sp.csr_matrix(X, dtype=np.float64, copy=True); Z.data = np.expm1(Z.data)
+    Z = sp.diags(target / np.maximum(np.asarray(Z.sum(1)).ravel(), 1e-12)) @ Z
+    Z.data = np.log1p(Z.data)
+    return Z.astype(np.float32).tocsr()
+
+DENSE_MAX = 50_000_000  # values (cells x shared genes) up to which both are densified; above, only the chosen genes
+
+def _dispersion(XR, XQ)->np.ndarray:
+    "Variance over mean of every gene across both sets of cells (dense or sparse), computed without densifying."
+    if not (sp.issparse(XR) or sp.issparse(XQ)):
+        X = np.vstack([XR, XQ]); return X.var(0) / np.maximum(X.mean(0), 1e-6)
+    X = sp.vstack([sp.csr_matrix(XR), sp.csr_matrix(XQ)]).astype(np.float64)
+    m = np.asarray(X.mean(0)).ravel()
+    return (np.asarray(X.multiply(X).mean(0)).ravel() - m ** 2) / np.maximum(m, 1e-6)
 
 def joint_space(
     reference: ad.AnnData,
@@ -100,13 +116,14 @@ def joint_space(
     genes = measured_genes(reference).intersection(measured_genes(query))
     if len(genes) < 10:
         raise InputError(f"Reference and query share {len(genes)} measured genes; at least 10 are needed.")
-    XR, XQ = as_dense(reference[:, genes].X), as_dense(query[:, genes].X)
+    XR, XQ = reference[:, genes].X, query[:, genes].X
+    if (reference.n_obs + query.n_obs) * len(genes) <= DENSE_MAX: XR, XQ = as_dense(XR), as_dense(XQ)
     if renorm: XR, XQ = _renorm(XR), _renorm(XQ)
+    g = np.argsort(-_dispersion(XR, XQ))[:min(n_hvg, len(genes))]
+    XR, XQ = as_dense(XR[:, g]), as_dense(XQ[:, g])
     X = np.vstack([XR, XQ])
-    disp = X.var(0) / np.maximum(X.mean(0), 1e-6)
-    g = np.argsort(-disp)[:min(n_hvg, len(genes))]
-    p = PCA(n_components=min(n_comps, len(g) - 1, len(X) - 1), random_state=seed).fit(X[:, g])
-    YR, YQ = p.transform(XR[:, g]).astype(np.float32), p.transform(XQ[:, g]).astype(np.float32)
+    p = PCA(n_components=min(n_comps, len(g) - 1, len(X) - 1), random_state=seed).fit(X)
+    YR, YQ = p.transform(XR).astype(np.float32), p.transform(XQ).astype(np.float32)
     return adapt_query(YR, YQ, adapter, seed)
 
 # %% ../nbs/13b_novelty_query.ipynb #5087561f
@@ -169,7 +186,8 @@ def kb_reading(query:ad.AnnData, # log-normalised query cells
     import scanpy as sc
     from deepseq_nb.knowledge import kb_annotate
     genes = measured_genes(query)
-    a = ad.AnnData(as_dense(query[:, genes].X), var=pd.DataFrame(index=genes))
+    X = query[:, genes].X
+    a = ad.AnnData(X.astype(np.float32) if sp.issparse(X) else as_dense(X), var=pd.DataFrame(index=genes))
     a.obs['cl'] = pd.Categorical(np.asarray(clusters).astype(str))
     if a.obs.cl.nunique() < 2:
         return pd.DataFrame(
