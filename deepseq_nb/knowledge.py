@@ -135,6 +135,7 @@ def gene_aliases()->dict:
 _CD_NAMES = {'CD16': 'FCGR3A', 'CD16A': 'FCGR3A', 'CD16B': 'FCGR3B', 'CD45RA': 'PTPRC', 'CD45RO': 'PTPRC',
              'HLA-DR': 'HLA-DRA', 'CD161': 'KLRB1', 'CD8': 'CD8A', 'CD3': 'CD3E'}
 
+@functools.lru_cache(maxsize=200_000)  # a dataset's 10^4-10^5 names are read again on every call of the engine
 def norm_gene(g:str, # a gene symbol or alias, any species' case (`Cd3e`, `CD3E`, `CD20`)
              )->str:
     "Harmonised upper-case symbol: same-named mouse and human orthologues meet, known aliases map to the symbol."
