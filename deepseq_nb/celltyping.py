@@ -21,10 +21,10 @@ from .ontology import ancestors, cl_name, broad_type
 # %% auto #0
 __all__ = ['LINEAGES', 'SHRINK', 'MIN_MARKERS', 'TOP_MARKERS', 'LABEL_WEIGHT', 'ABSOLUTE', 'TOP', 'FLOOR', 'MARGIN', 'PEERS',
            'ROOT_RATIO', 'NICHE', 'INHERIT', 'DEFINING', 'TISSUE_DROP', 'ANTIGEN', 'GATE', 'MIN_DETECT', 'NEXT',
-           'GATE_MODE', 'UNREAD', 'ALTERNATIVE', 'label_markers', 'defining_antigens', 'label_alternatives',
-           'cluster_stats', 'gene_evidence', 'MarkerNetwork', 'own_scores', 'subtree_best', 'pairwise',
-           'antigen_scores', 'descend', 'short_name', 'infer_species', 'infer_tissue', 'celltype', 'score_annotation',
-           'knobs', 'lodo']
+           'GATE_MODE', 'UNREAD', 'ALTERNATIVE', 'HOMOGENEOUS', 'label_markers', 'defining_antigens',
+           'label_alternatives', 'cluster_stats', 'gene_evidence', 'MarkerNetwork', 'own_scores', 'subtree_best',
+           'pairwise', 'antigen_scores', 'descend', 'short_name', 'infer_species', 'infer_tissue', 'celltype',
+           'score_annotation', 'knobs', 'lodo']
 
 # %% ../nbs/04a_celltyping.ipynb #f553ec08
 LINEAGES = [  # (CL id, short name, positive markers, negative markers)
@@ -101,6 +101,9 @@ GATE_MODE = 'signed'
 UNREAD = 'any'
 # a label antigen also reads as present when the CL term named alike but for one other antigen is clearly absent
 ALTERNATIVE = True
+# where every cluster at a node reads as the same child by plain detection, the clusters the contrast left at the node
+# are decided by plain detection ('failed'), every cluster there is ('all'), or none is ('off')
+HOMOGENEOUS = 'failed'
 
 # %% ../nbs/04a_celltyping.ipynb #40b7ff80
 def _lineages()->dict:
@@ -236,6 +239,9 @@ class MarkerNetwork:
         r, c = tri(lambda r: r[0])
         self.W = sp.csr_matrix(([w for x in rows for w in x[0].values()], (r, c)), shape=(n, n_genes))
         r, c = tri(lambda r: r[1]); self.Wn = sp.csr_matrix((np.ones(len(r)), (r, c)), shape=(n, n_genes))
+        # each candidate's markers {gene: weight} and negative markers, read once (head-to-heads read them often)
+        self.pos = [dict(zip(self.W.indices[a:b], self.W.data[a:b])) for a, b in zip(self.W.indptr, self.W.indptr[1:])]
+        self.neg = [self.Wn.indices[a:b] for a, b in zip(self.Wn.indptr, self.Wn.indptr[1:])]
         self.prior, self.genes, self.readable = np.array([x[2] for x in rows]), genes, np.array(read)
         self.n_sources = np.array([nsrc.get(i, 3) for i in range(n)])  # databases listing a type (lineages: all)
         self._hierarchy()
@@ -290,9 +296,9 @@ def subtree_best(net:MarkerNetwork, own:np.ndarray)->tuple:
 
 def pairwise(net:MarkerNetwork, s:np.ndarray, i:int, j:int)->float:
     "Evidence for candidate i over j from the genes that tell them apart (markers of one, not of the other)."
-    gi, gj = dict(zip(net.W[i].indices, net.W[i].data)), dict(zip(net.W[j].indices, net.W[j].data))
+    gi, gj = net.pos[i], net.pos[j]
     f = lambda d, gs: sum(d[g]*s[g] for g in gs)/(sum(d[g] for g in gs) + SHRINK)
-    neg = lambda k: float(np.mean(np.maximum(s[net.Wn[k].indices], 0))) if net.Wn[k].nnz else 0.0
+    neg = lambda k: float(np.mean(np.maximum(s[net.neg[k]], 0))) if len(net.neg[k]) else 0.0
     return (f(gi, [g for g in gi if g not in gj]) - neg(i)) - (f(gj, [g for g in gj if g not in gi]) - neg(j))
 
 # %% ../nbs/04a_celltyping.ipynb #937495f9
@@ -375,6 +381,21 @@ def _gate_ref(net, path, k)->list:
     ref = [j for j, p in enumerate(path) if lin is not None and lin in p]
     return ref if len(ref) >= 2 else list(range(len(path)))
 
+def _homogeneous(net:MarkerNetwork, # candidate network
+                 level:list, # each cluster's node (None: the root)
+                 active:set, # clusters still descending
+                 best:np.ndarray, # `subtree_best` of the plain-detection scores (clusters × candidates)
+                 arg:np.ndarray, # the candidate giving it
+                )->dict:
+    "Nodes where two or more clusters sit and all read as the same child by plain detection: node -> that child."
+    out = {}
+    for n in {level[k] for k in active}:
+        here, kids = [k for k in active if level[k] == n], net.children.get(n, [])
+        if len(here) < 2 or not kids: continue
+        picks = {_contenders(kids, best[k], arg[k])[0] for k in here}
+        if len(picks) == 1: out[n] = picks.pop()
+    return out
+
 def descend(net:MarkerNetwork, # candidate network
             st:dict, # `cluster_stats`
            )->tuple:
@@ -382,6 +403,7 @@ def descend(net:MarkerNetwork, # candidate network
     n_clusters = len(st['clusters'])
     evidence = gene_evidence(st['frac_in'], st['frac_out'])
     own_all = own_scores(net, evidence); best_all, arg0 = subtree_best(net, own_all)
+    plain = own_scores(net, st['frac_in']); best_plain, arg_plain = subtree_best(net, plain)  # no contrast
     nz, size = st['frac_in']*st['size'][:, None], st['size']
     node, path, steps, active = (
         [None] * n_clusters,
@@ -390,7 +412,7 @@ def descend(net:MarkerNetwork, # candidate network
         set(range(n_clusters)),
     )
     while active:
-        level = list(node)
+        level, dec = list(node), {}
         for k in sorted(active):
             peers = [j for j in range(n_clusters) if j != k and level[j] == level[k]] if level[k] is not None else []
             if peers:
@@ -401,7 +423,13 @@ def descend(net:MarkerNetwork, # candidate network
             # antigens are gated within the cluster's lineage, as CD4/CD8 within CD3+ cells
             ref = _gate_ref(net, path, k)
             ag = antigen_scores(net, st['frac_in'][k], st['frac_in'][ref])
-            nxt, rec = _step(net, p, a, g, level[k], s, ag)
+            dec[k] = (*_step(net, p, a, g, level[k], s, ag), ag)
+        one = _homogeneous(net, level, active, best_plain, arg_plain) if HOMOGENEOUS != 'off' else {}
+        for n in one:  # clusters of one type: the contrast among them is noise, plain detection decides
+            for k in [k for k in dec if level[k] == n and (dec[k][0] is None or HOMOGENEOUS == 'all')]:
+                nxt, rec = _step(net, plain[k], best_plain[k], arg_plain[k], n, st['frac_in'][k], dec[k][2])
+                if nxt is not None: dec[k] = (nxt, dict(rec, plain=True), dec[k][2])
+        for k, (nxt, rec, _) in dec.items():
             if rec: steps[k].append(rec)
             if nxt is None: active.discard(k)
             else: node[k] = nxt; path[k].append(nxt)
@@ -496,7 +524,7 @@ def celltype(adata:ad.AnnData, # cells × genes (counts or log-normalised), clus
         ev += _evidence(net, evidence[k], c, rec)  # every cluster's, the Unknown ones' too
         if not path:
             rows.append(dict(cluster=c, label='Unknown', name='Unknown', cl_id=None, broad='Unknown', lineage='Unknown',
-                             path='', confidence=0.0, stop=why)); continue
+                             path='', confidence=0.0, stop=why, by_detection='')); continue
         n = path[-1]; cid = net.ids[n]
         ok = [r for r in rec if r['descended']]
         conf = float(
@@ -514,6 +542,7 @@ def celltype(adata:ad.AnnData, # cells × genes (counts or log-normalised), clus
                 path=' > '.join(net.names[i] for i in path),
                 confidence=conf,
                 stop=why,
+                by_detection=', '.join(net.names[r['best']] for r in rec if r.get('plain')),  # one-type nodes
                 tied=';'.join(net.ids[i] for i in (last['best'], last['rival']) if i is not None)
                 if not last['descended']
                 else '',

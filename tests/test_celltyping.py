@@ -216,3 +216,33 @@ def test_unmeasured_lineage_passes_no_evidence():
     with knobs(ct, UNREAD='any'): p_any = own_scores(net, S)[0, b]
     with knobs(ct, UNREAD='off'): p_off = own_scores(net, S)[0, b]
     assert net.readable[net.lineage[b]] == 0 and p_any > p_off > 0
+
+def _one_type(n=50, seed=0):
+    "Three clusters of B cells that differ by state genes only (a sorted population clustered on its own)."
+    rng = np.random.default_rng(seed)
+    genes = ['PTPRC'] + PLANTED['B'] + FILLER
+    X = rng.poisson(0.05, (3*n, len(genes))).astype(np.float32)
+    X[:, 0] += rng.poisson(3, 3*n)
+    for g in PLANTED['B']: X[:, genes.index(g)] += rng.poisson(rng.choice([1.0, 4.0], 3).repeat(n))  # depth differs
+    for c in range(3): X[c*n:(c + 1)*n, 1 + len(PLANTED['B']) + 20*c:1 + len(PLANTED['B']) + 20*(c + 1)] += 3
+    obs = pd.DataFrame({'leiden': pd.Categorical(np.repeat(['0', '1', '2'], n)), 'species': 'human'},
+                       index=[f'c{i}' for i in range(3*n)])
+    a = ad.AnnData(sp.csr_matrix(X), obs=obs); a.var_names = genes
+    return a
+
+def test_one_type_rule_reads_a_sorted_population_by_detection():
+    import deepseq_nb.celltyping as ct
+    a = _one_type()
+    with ct.knobs(ct, HOMOGENEOUS='off'): off, _ = celltype(a, tissue='blood')
+    on, _ = celltype(a, tissue='blood')
+    assert (on.broad == 'B cell').all()  # every cluster of the population is read as what it is
+    assert (off.broad != 'B cell').any()  # the contrast among clusters of one type alone does not get there
+    assert (on.by_detection != '').any() and (on.by_detection[off.broad == 'B cell'] == '').all()
+
+def test_one_type_rule_leaves_a_sample_of_several_types_alone():
+    import deepseq_nb.celltyping as ct
+    a = _toy(); a.obs['species'] = 'human'
+    with ct.knobs(ct, HOMOGENEOUS='off'): off, ev_off = celltype(a, tissue='blood')
+    on, ev_on = celltype(a, tissue='blood')
+    assert on.drop(columns='by_detection').equals(off.drop(columns='by_detection')) and ev_on.equals(ev_off)
+    assert (on.by_detection == '').all()
