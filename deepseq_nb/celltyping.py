@@ -221,8 +221,9 @@ class MarkerNetwork:
         by_type = ix.M.tocsc()
         for j, k in enumerate(ix.keys):
             if not k.startswith('CL:') or k in lin or k in general or _SPECIES_TAG.search(ix.cl_name[k] or ''): continue
-            col = by_type[:, j]; w = col.data*ix.idf[col.indices]
-            pos = {ix.genes[col.indices[i]]: w[i] for i in np.argsort(-w)[:TOP_MARKERS]}
+            at = slice(by_type.indptr[j], by_type.indptr[j + 1])  # column j, read off the CSC arrays (no copy)
+            idx = by_type.indices[at]; w = by_type.data[at]*ix.idf[idx]
+            pos = {ix.genes[idx[i]]: w[i] for i in np.argsort(-w)[:TOP_MARKERS]}
             lp, ln = label_markers(k); mw = np.mean(list(pos.values())) if pos else 1.0
             for g in lp: pos[g] = LABEL_WEIGHT*mw
             if DEFINING and (_ISOFORM.search(ix.cl_name[k] or '') or (lp and not any(g in gpos for g in lp))): continue
