@@ -289,10 +289,14 @@ def own_scores(net:MarkerNetwork, # candidate network
 def subtree_best(net:MarkerNetwork, own:np.ndarray)->tuple:
     "(best, arg): the best own score in each candidate's subtree (itself included) and the candidate giving it."
     best, arg = np.empty_like(own), np.empty(own.shape, int)
-    for k, p in enumerate(own):  # one sparse (candidates × subtree) product per cluster: max and argmax per row
+    idx, start = net.D.indices, net.D.indptr[:-1]  # each candidate's subtree, itself included, in column order
+    at = np.arange(len(idx))
+    for k, p in enumerate(own):  # per cluster: max and first argmax over every subtree at once
         c = 1.0 - p.min()
-        shifted = net.D.multiply(p + c).tocsr()
-        best[k] = shifted.max(axis=1).toarray().ravel() - c; arg[k] = np.asarray(shifted.argmax(axis=1)).ravel()
+        v = p[idx] + c  # shifted as the sparse (candidates × subtree) product it replaces, so results match to the bit
+        top = np.maximum.reduceat(v, start)
+        first = np.minimum.reduceat(np.where(v == np.repeat(top, np.diff(net.D.indptr)), at, len(idx)), start)
+        best[k] = top - c; arg[k] = idx[first]
     return best, arg
 
 def pairwise(net:MarkerNetwork, s:np.ndarray, i:int, j:int)->float:
