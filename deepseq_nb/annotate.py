@@ -10,14 +10,14 @@ import anndata as ad
 import pandas as pd
 
 from .backends import get_backend, backend_options
-from .celltyping import celltype, infer_species, infer_tissue
+from .celltyping import celltype, cluster_stats, infer_species, infer_tissue
 from .cluster import markers_from_settings, markers_by_cluster
 from .config import load_settings
 from .ontology import to_cl
 from .prompts import make_queries
 
 # %% auto #0
-__all__ = ['REFINE', 'annotate']
+__all__ = ['REFINE', 'expression_evidence', 'annotate']
 
 # %% ../nbs/07_annotate.ipynb #1de0185e
 def _markers_for(adata:ad.AnnData, groupby:str, n_genes:int, settings)->dict:
@@ -108,6 +108,38 @@ def _annotate_expression(a:ad.AnnData, groupby:str, tissue, species, key_added:s
                                        seconds=round(time.perf_counter() - t0, 3)))
     return a if copy else None
 
+# %% ../nbs/07_annotate.ipynb #a8e67c13
+def _genes(s)->list[str]:
+    "Gene names of an evidence cell ('CD3E, CD4 (neg)' -> ['CD3E', 'CD4'])."
+    return [g.strip().removesuffix(' (neg)').strip() for g in s.split(',') if g.strip()] if isinstance(s, str) else []
+
+def expression_evidence(
+    adata: ad.AnnData,
+    groupby: str = 'leiden',  # obs column of clusters
+    tissue: str | None = None,  # tissue (default: from the data, as in `annotate`)
+    species: str | None = None,  # species (default: from the data)
+    n_genes: int = 12,  # genes per cluster at most
+    per_candidate: int = 3,  # genes for, and genes against, each candidate weighed
+) -> dict[str, str]:
+    "`{cluster: 'GENE in% (out%), ...'}` for the genes the expression engine weighed, deepest decision first."
+    species, tissue = infer_species(adata, species), infer_tissue(adata, tissue)
+    _, ev = celltype(adata, groupby=groupby, species=species, tissue=tissue)
+    st = cluster_stats(adata, groupby)
+    col = {g: j for j, g in reversed(list(enumerate(st['genes'])))}  # harmonised name -> first column
+    row = {c: k for k, c in enumerate(st['clusters'])}
+    out = {}
+    for c, e in ev.groupby(ev['cluster'].astype(str), sort=False):
+        genes = []
+        for _, r in e.iloc[::-1].iterrows():  # deepest node first
+            genes += _genes(r.genes_for)[:per_candidate] + _genes(r.genes_against)[:per_candidate]
+        genes = [g for g in dict.fromkeys(genes) if g in col][:n_genes]
+        k = row[c]
+        out[c] = ', '.join(
+            f"{adata.var_names[col[g]]} {100 * st['frac_in'][k, col[g]]:.0f}% ({100 * st['frac_out'][k, col[g]]:.0f}%)"
+            for g in genes
+        )
+    return {c: out[c] for c in st['clusters'] if out.get(c)}
+
 # %% ../nbs/07_annotate.ipynb #00e83b30
 def annotate(
     adata: ad.AnnData,
@@ -119,6 +151,7 @@ def annotate(
     key_added: str = 'deepseq',  # obs/uns key prefix
     settings=None,  # `Settings` (default: settings.ini)
     kb_mode: str = 'hybrid',  # kb backend: 'hybrid' (expression, refined by marker lists), 'expression' or 'markers'
+    evidence: bool = False,  # LLM backends: add each cluster's `expression_evidence` to its prompt
     copy: bool = False,
     **backend_kw,
 ) -> ad.AnnData | None:
@@ -128,6 +161,9 @@ def annotate(
         raise KeyError(f"obs has no column {groupby!r}: run deepseq_nb.cluster.cluster() first or pass groupby=.")
     if kb_mode not in ('hybrid', 'expression', 'markers'):
         raise ValueError(f"kb_mode must be 'hybrid', 'expression' or 'markers', not {kb_mode!r}.")
+    if evidence and (backend == 'kb' or a.n_vars == 0):
+        why = "backend='kb' reads the expression itself." if backend == 'kb' else 'adata has no genes.'
+        raise ValueError(f'evidence=True is for the LLM backends and needs the expression matrix: {why}')
     S = settings or load_settings()
     if backend == 'kb' and kb_mode != 'markers' and a.n_vars > 0:
         return _annotate_expression(a, groupby, tissue, species, key_added, copy, kb_mode, n_genes, S)
@@ -138,12 +174,14 @@ def annotate(
     n_genes = n_genes or S.get('markers.n_genes')
     genes = _markers_for(a, groupby, n_genes, S)
     be = get_backend(backend, **({**backend_options(S, backend), **backend_kw} if backend != 'kb' else backend_kw))
-    answers = be.annotate(make_queries(genes, tissue=tissue, species=species))
+    ev = expression_evidence(a, groupby, tissue, species) if evidence else {}
+    answers = be.annotate(make_queries(genes, tissue=tissue, species=species, evidence=ev))
     tab = answers.to_frame()
     m = [to_cl(l, tissue=tissue) if isinstance(l, str) and l != 'Unknown' else None for l in tab['label']]
     tab['cl_id'] = [x.id if x is not None else None for x in m]
     tab['cl_name'] = [x.name if x is not None else None for x in m]
     tab['markers'] = [', '.join(genes[c]) for c in tab.index]
+    if evidence: tab['evidence'] = [ev.get(c, '') for c in tab.index]
     tab['n_cells'] = a.obs[groupby].astype(str).value_counts().reindex(tab.index).fillna(0).astype(int).values
     cl = a.obs[groupby].astype(str)
     for col, src in (('label', 'label'), ('cl_id', 'cl_id'), ('cl_name', 'cl_name')):
@@ -153,7 +191,7 @@ def annotate(
     a.uns[key_added] = dict(
         table=_h5ad_safe(tab.reset_index()),
         backend=backend,
-        params=dict(be.params, groupby=groupby, tissue=tissue, species=species, n_genes=n_genes),
+        params=dict(be.params, groupby=groupby, tissue=tissue, species=species, n_genes=n_genes, evidence=evidence),
         stats=dict(
             calls=st.calls,
             cache_hits=st.hits,

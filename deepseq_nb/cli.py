@@ -165,6 +165,9 @@ def cmd_annotate(args)->int:
     S = _settings(args); _outputs(args, 'out')
     backend = args.backend or S.get('annotate.backend')
     _check_backend(backend, S)
+    if getattr(args, 'evidence', False) and (backend == 'kb' or args.markers):
+        raise ValueError('--evidence adds measured expression to LLM prompts: it needs an LLM --backend and counts '
+                         '(not --markers); the kb backend reads the expression itself.')
     if args.markers:
         mk = _read_csv(args.input, getattr(args, 'encoding', None), 'marker table')
         if {'cluster', 'gene', 'rank'} <= set(mk.columns):
@@ -196,7 +199,7 @@ def cmd_annotate(args)->int:
     tissue = args.tissue or (S.get('data.tissue') or None if 'data.tissue' in told else None)
     species = args.species or (S.get('data.species') or None if 'data.species' in told else None)
     with step(f'annotating with {backend}', args.quiet):
-        annotate(a, backend=backend, tissue=tissue, species=species, settings=S,
+        annotate(a, backend=backend, tissue=tissue, species=species, settings=S, evidence=args.evidence,
                  **({'progress': False} if args.quiet and backend != 'kb' else {}))
     tab = a.uns['deepseq']['table']
     _print_annotation(tab)
@@ -416,6 +419,11 @@ def build_parser()->argparse.ArgumentParser:
     n.add_argument('--species', help='human or mouse (default: dataset or settings)')
     n.add_argument(
         '--markers', action='store_true', help='INPUT is a marker table (cluster, marker) to annotate directly'
+    )
+    n.add_argument(
+        '--evidence',
+        action='store_true',
+        help="LLM backends: add each cluster's measured detection of the genes the expression engine weighed",
     )
     n.add_argument('--strategy', choices=['threshold', 'knee', 'smoothed_knee'], help='QC filter (default: settings)')
     n.add_argument('--min-genes', type=int, help='threshold strategy: minimum genes per cell')

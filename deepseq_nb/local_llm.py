@@ -147,17 +147,17 @@ FEWSHOT = (   # (tissue, markers from canonical_markers(type, n=8), cell type)
     ('skin', ['COL1A1', 'COL1A2', 'PDGFRA', 'LUM', 'COL3A1', 'FN1', 'TCF21', 'GSN'], 'fibroblast'),
 )
 
-def _block(tissue:str|None, species:str, markers:list[str])->str:
+def _block(tissue:str|None, species:str, markers:list[str], evidence:str|None=None)->str:
     who = f"{tissue + ' ' if tissue else ''}cells" + ('' if species in (None, 'human') else f" of {species}")
     return (f"Identify cell types of {who} using the following markers separately for each row. Only provide the cell "
             f"type name. Do not show numbers before the name. Some can be a mixture of multiple cell types.\n"
-            f"Markers: {', '.join(markers)}\nCell type:")
+            f"Markers: {', '.join(markers)}\n{'Detected: ' + evidence + chr(10) if evidence else ''}Cell type:")
 
 def completion_prompt(q:ClusterQuery, # the cluster to annotate
                      )->str:
     "Few-shot completion text in GPTCelltype's wording: solved examples, then the query left open after 'Cell type:'."
     shots = '\n\n'.join(f"{_block(t, 'human', m)} {c}" for t, m, c in FEWSHOT)
-    return f"{shots}\n\n{_block(q.tissue, q.species, q.markers)}"
+    return f"{shots}\n\n{_block(q.tissue, q.species, q.markers, q.evidence)}"
 
 # %% ../nbs/06a_local_llm.ipynb #d05df4dc
 def free_port()->int:

@@ -10,9 +10,9 @@ import json, re
 from dataclasses import dataclass
 
 # %% auto #0
-__all__ = ['TEMPLATE_VERSION', 'MAX_ROWS', 'ANSWER_SCHEMA', 'ClusterQuery', 'make_queries', 'batch_prompt', 'cluster_prompt',
-           'json_prompt', 'batches', 'make_prompt', 'clean_label', 'parse_rows', 'missing_rows', 'parse_json',
-           'parse_answer']
+__all__ = ['TEMPLATE_VERSION', 'MAX_ROWS', 'EVIDENCE_NOTE', 'ANSWER_SCHEMA', 'ClusterQuery', 'make_queries', 'batch_prompt',
+           'cluster_prompt', 'json_prompt', 'batches', 'make_prompt', 'clean_label', 'parse_rows', 'missing_rows',
+           'parse_json', 'parse_answer']
 
 # %% ../nbs/05_prompts.ipynb #3b181213
 @dataclass
@@ -22,6 +22,7 @@ class ClusterQuery:
     markers: list[str] # ranked marker genes, best first
     tissue: str|None = None # tissue of origin, e.g. 'PBMC'
     species: str = 'human' # species, e.g. 'human' or 'mouse'
+    evidence: str|None = None # detection of deciding genes, 'CD8A 2% (21%)': in the cluster (elsewhere); None: unstated
 
     def __post_init__(self):
         self.cluster = str(self.cluster)
@@ -34,9 +35,11 @@ class ClusterQuery:
 def make_queries(markers:dict, # {cluster id: [marker genes, best first]} (or comma-separated strings)
                  tissue:str|None=None, # tissue of origin
                  species:str='human', # species
+                 evidence:dict|None=None, # {cluster id: evidence line}; clusters missing from it get none
                 )->list[ClusterQuery]:
     "One `ClusterQuery` per cluster of a `{cluster: markers}` mapping, in its order."
-    return [ClusterQuery(k, v, tissue, species) for k, v in markers.items()]
+    ev = {str(k): v for k, v in (evidence or {}).items()}
+    return [ClusterQuery(k, v, tissue, species, ev.get(str(k))) for k, v in markers.items()]
 
 # %% ../nbs/05_prompts.ipynb #e4dfaba8
 TEMPLATE_VERSION = 'deepseq-prompts-1'
@@ -47,6 +50,15 @@ def _context(q:ClusterQuery)->str:
     "The 'cells of TISSUE from SPECIES' phrase of a prompt."
     return f"{q.tissue + ' ' if q.tissue else ''}cells from {q.species or 'an unstated species'}"
 
+EVIDENCE_NOTE = ("'Detected' gives, for genes that separate candidate types, the share of the cluster's cells in "
+                 "which each is detected and, in brackets, the share in the other clusters' cells.")
+
+def _detected(q:ClusterQuery, # the cluster
+              sep:str='\n', # what goes before the line
+             )->str:
+    "The 'Detected: ...' line of a query with evidence; '' without (the published prompt)."
+    return f"{sep}Detected: {q.evidence}" if q.evidence else ''
+
 # %% ../nbs/05_prompts.ipynb #016e9575
 def batch_prompt(queries:list[ClusterQuery], # clusters to annotate; all of one tissue and species
                 )->str:
@@ -54,9 +66,10 @@ def batch_prompt(queries:list[ClusterQuery], # clusters to annotate; all of one 
     if not queries: raise ValueError("batch_prompt needs at least one cluster query.")
     if len(queries) > MAX_ROWS:
         raise ValueError(f"{len(queries)} rows exceed MAX_ROWS={MAX_ROWS}; split with `batches`.")
-    rows = '\n'.join(f"{i}. {', '.join(q.markers)}" for i, q in enumerate(queries, 1))
+    rows = '\n'.join(f"{i}. {', '.join(q.markers)}{_detected(q, chr(10) + '   ')}" for i, q in enumerate(queries, 1))
+    note = f" {EVIDENCE_NOTE}" if any(q.evidence for q in queries) else ''
     return (f"Name the cell type of each cluster of {_context(queries[0])}. Each numbered row below lists a cluster's "
-            f"marker genes, strongest first.\n\n{rows}\n\n"
+            f"marker genes, strongest first.{note}\n\n{rows}\n\n"
             f"Answer with exactly {len(queries)} numbered lines, one per row and in the same order, each giving only "
             "the cell type name (for example `3. CD14+ monocyte`). Write nothing else.")
 
@@ -65,7 +78,8 @@ def cluster_prompt(q:ClusterQuery, # the one cluster to annotate
                   )->str:
     "The per-cluster plain-text prompt."
     return (f"Name the cell type of a cluster of {_context(q)} whose marker genes, strongest first, are: "
-            f"{', '.join(q.markers)}.\nAnswer with the cell type name only.")
+            f"{', '.join(q.markers)}.{' ' + EVIDENCE_NOTE if q.evidence else ''}{_detected(q)}\n"
+            "Answer with the cell type name only.")
 
 # %% ../nbs/05_prompts.ipynb #ba439fa4
 ANSWER_SCHEMA = {

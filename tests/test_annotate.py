@@ -49,3 +49,34 @@ def test_annotate_openai_key_not_in_uns(server, tmp_path, monkeypatch):
 
 def test_annotate_needs_clusters():
     with pytest.raises(KeyError, match='run deepseq_nb.cluster.cluster'): annotate(_adata(), groupby='louvain')
+
+def _expressed():
+    "Three clusters of 20 cells with real gene names: T (CD3D, CD3E, CD8A in half), B (MS4A1, CD79A), monocytes."
+    genes = ['CD3D', 'CD3E', 'CD8A', 'CD4', 'MS4A1', 'CD79A', 'CD19', 'LYZ', 'CD14', 'FCN1', 'GAPDH']
+    on = {'0': ['CD3D', 'CD3E'], '1': ['MS4A1', 'CD79A', 'CD19'], '2': ['LYZ', 'CD14', 'FCN1']}
+    X = np.zeros((60, len(genes)), np.float32)
+    for k, (c, gs) in enumerate(on.items()):
+        for g in gs + ['GAPDH']: X[20 * k:20 * (k + 1), genes.index(g)] = 3.0
+    X[:10, genes.index('CD8A')] = 3.0  # CD8A in half of the T cluster
+    obs = pd.DataFrame({'leiden': pd.Categorical(np.repeat(['0', '1', '2'], 20))}, index=[f'c{i}' for i in range(60)])
+    a = ad.AnnData(sp.csr_matrix(X), obs=obs, var=pd.DataFrame(index=genes))
+    tab = pd.DataFrame([dict(cluster=c, rank=i+1, gene=g) for c, gs in MARKERS.items() for i, g in enumerate(gs)])
+    a.uns['markers'] = {'table': tab, 'params': {'groupby': 'leiden', 'n_genes': 2}}
+    return a
+
+def test_annotate_evidence_reaches_the_prompt(server, tmp_path):
+    kw = dict(backend='ollama:llama3.2:1b', tissue='PBMC', species='human', n_genes=2, host=server.url,
+              cache=tmp_path / 'c', progress=False)
+    a = _expressed(); annotate(a, **kw)
+    plain = [last_user_text(r['body']) for r in server.calls('/api/chat')]
+    assert len(plain) == 1 and 'Detected' not in plain[0]  # off by default: the published prompt
+    b = _expressed(); annotate(b, evidence=True, **kw)
+    sent = [last_user_text(r['body']) for r in server.calls('/api/chat')][1:]
+    assert len(sent) == 1 and b.uns['deepseq']['stats']['cache_hits'] == 0  # a new prompt, not the cached answer
+    t = b.uns['deepseq']['table'].set_index('cluster')
+    assert 'CD8A 50% (0%)' in t.loc['0', 'evidence'] and '   Detected: ' + t.loc['0', 'evidence'] in sent[0]
+    assert b.uns['deepseq']['params']['evidence'] is True and 'evidence' not in a.uns['deepseq']['table']
+    assert list(b.obs['deepseq_label']) == list(a.obs['deepseq_label'])  # the stand-in answers from the first marker
+
+def test_annotate_evidence_refused_for_kb():
+    with pytest.raises(ValueError, match='for the LLM backends'): annotate(_expressed(), backend='kb', evidence=True)

@@ -166,3 +166,7 @@ def test_annotate_tissue_from_set_or_data(tmp_path):
     assert ad.read_h5ad(tmp_path/'a.h5ad').uns['deepseq']['params']['tissue'] == 'Lung'
     o = dataset_overrides('my.h5ad', {'label_key': None})
     assert o[:3] == ['data.dataset=my.h5ad', 'data.tissue=', 'data.species=']
+
+def test_annotate_evidence_needs_an_llm_backend():
+    r = run('annotate', 'pbmc3k', '--backend', 'kb', '--evidence')
+    assert r.returncode == 2 and 'LLM --backend' in r.stderr and 'Traceback' not in r.stderr
