@@ -185,7 +185,8 @@ def annotate(
     tab['n_cells'] = a.obs[groupby].astype(str).value_counts().reindex(tab.index).fillna(0).astype(int).values
     cl = a.obs[groupby].astype(str)
     for col, src in (('label', 'label'), ('cl_id', 'cl_id'), ('cl_name', 'cl_name')):
-        a.obs[f'{key_added}_{col}'] = pd.Categorical(cl.map(tab[src].astype(object).where(tab[src].notna(), 'Unknown')))
+        lab = cl.map(tab[src].astype(object).where(tab[src].notna(), 'Unknown'))
+        a.obs[f'{key_added}_{col}'] = pd.Categorical(lab.fillna('Unknown'))  # a cluster without markers: not asked
     a.obs[f'{key_added}_confidence'] = cl.map(pd.to_numeric(tab['confidence'], errors='coerce')).astype(float).values
     st = answers.stats
     a.uns[key_added] = dict(

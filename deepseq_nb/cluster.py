@@ -6,7 +6,7 @@ Docs: https://deepseq-nb.github.io/deepseq_nb/cluster.html.md"""
 
 # %% ../nbs/02_cluster.ipynb #143c8c8a
 from __future__ import annotations
-import time
+import time, warnings
 
 import anndata as ad
 import matplotlib.pyplot as plt
@@ -145,11 +145,18 @@ def _mean_markers(adata:ad.AnnData, groupby:str, n_genes:int, mask:np.ndarray)->
 def _de_markers(
     adata: ad.AnnData, groupby: str, n_genes: int, method: str, mask: np.ndarray, only_positive: bool, seed: int
 ) -> pd.DataFrame:
-    "Markers by differential expression (`sc.tl.rank_genes_groups`), as a tidy table."
-    key = f'rank_genes_{groupby}'
+    "Markers by differential expression (`sc.tl.rank_genes_groups`), as a tidy table; one-cell groups get none."
+    key, size = f'rank_genes_{groupby}', adata.obs[groupby].astype(str).value_counts(sort=False)
+    groups = [str(g) for g in size.index[size >= 2]]  # a rank test needs two cells in the group
+    if not groups:
+        raise ValueError(f"Every group of obs[{groupby!r}] holds one cell: lower the Leiden resolution.")
+    if len(groups) < len(size):
+        warnings.warn(f"Groups {', '.join(size.index[size < 2])} of obs[{groupby!r}] hold one cell each and get no "
+                      "marker genes; a lower Leiden resolution merges them.", stacklevel=3)
     sc.tl.rank_genes_groups(
         adata,
         groupby,
+        groups=groups if len(groups) < len(size) else 'all',  # 'all' when none is left out: the same call as before
         method=method,
         use_raw=False,
         mask_var=mask,
@@ -158,7 +165,7 @@ def _de_markers(
         **({'random_state': seed} if method == 'logreg' else {}),
     )
     df = sc.get.rank_genes_groups_df(adata, group=None, key=key)
-    if 'group' not in df: df.insert(0, 'group', adata.obs[groupby].astype(str).unique()[0])
+    if 'group' not in df: df.insert(0, 'group', groups[0])  # one group ranked
     df = df.rename(
         columns={
             'group': 'cluster',

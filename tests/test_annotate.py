@@ -80,3 +80,13 @@ def test_annotate_evidence_reaches_the_prompt(server, tmp_path):
 
 def test_annotate_evidence_refused_for_kb():
     with pytest.raises(ValueError, match='for the LLM backends'): annotate(_expressed(), backend='kb', evidence=True)
+
+def test_annotate_cluster_of_one_cell_is_unknown_not_missing(server, tmp_path):
+    a = _expressed()
+    a.obs['leiden'] = a.obs['leiden'].cat.add_categories('3'); a.obs.loc['c0', 'leiden'] = '3'  # one cell alone
+    del a.uns['markers']  # rank them afresh: cluster 3 gets none (with a warning) and is not asked
+    with pytest.warns(UserWarning, match='hold one cell'):
+        annotate(a, backend='ollama:llama3.2:1b', tissue='PBMC', species='human', n_genes=2, host=server.url,
+                 cache=tmp_path / 'c', progress=False)
+    assert a.obs.loc['c0', 'deepseq_label'] == 'Unknown' and a.obs['deepseq_label'].notna().all()
+    assert set(a.uns['deepseq']['table']['cluster']) == {'0', '1', '2'}
