@@ -21,10 +21,10 @@ from .ontology import ancestors, cl_name, broad_type
 # %% auto #0
 __all__ = ['LINEAGES', 'SHRINK', 'MIN_MARKERS', 'TOP_MARKERS', 'LABEL_WEIGHT', 'ABSOLUTE', 'TOP', 'FLOOR', 'MARGIN', 'PEERS',
            'ROOT_RATIO', 'NICHE', 'INHERIT', 'DEFINING', 'TISSUE_DROP', 'ANTIGEN', 'GATE', 'MIN_DETECT', 'NEXT',
-           'GATE_MODE', 'UNREAD', 'ALTERNATIVE', 'HOMOGENEOUS', 'label_markers', 'defining_antigens',
-           'label_alternatives', 'cluster_stats', 'gene_evidence', 'MarkerNetwork', 'own_scores', 'subtree_best',
-           'pairwise', 'antigen_scores', 'descend', 'short_name', 'infer_species', 'infer_tissue', 'celltype',
-           'score_annotation', 'knobs', 'lodo']
+           'GATE_MODE', 'UNREAD', 'ALTERNATIVE', 'HOMOGENEOUS', 'COARSE', 'label_markers', 'defining_antigens',
+           'label_alternatives', 'cluster_stats', 'gene_evidence', 'reference_groups', 'with_groups', 'MarkerNetwork',
+           'own_scores', 'subtree_best', 'pairwise', 'antigen_scores', 'descend', 'short_name', 'infer_species',
+           'infer_tissue', 'celltype', 'score_annotation', 'knobs', 'lodo']
 
 # %% ../nbs/04a_celltyping.ipynb #f553ec08
 LINEAGES = [  # (CL id, short name, positive markers, negative markers)
@@ -104,6 +104,9 @@ ALTERNATIVE = True
 # where every cluster at a node reads as the same child by plain detection, the clusters the contrast left at the node
 # are decided by plain detection ('failed'), every cluster there is ('all'), or none is ('off')
 HOMOGENEOUS = 'failed'
+# Leiden resolution of the partition clusters are read against each other at (every rule was chosen at 1.0): finer
+# clusters are read as parts of its groups (`reference_groups`); 0: each cluster is its own group
+COARSE = 1.0
 
 # %% ../nbs/04a_celltyping.ipynb #40b7ff80
 def _lineages()->dict:
@@ -185,8 +188,9 @@ def cluster_stats(adata:ad.AnnData, # cells × genes, clustered
         b = b.copy(); b.data = (b.data > 0).astype(np.float32); nz += np.asarray((member @ b).todense())
     size = np.bincount(codes, minlength=n_clusters).astype(float)
     out = np.maximum(n - size, 1)[:, None]
-    st = dict(clusters=[str(c) for c in cl.cat.categories], size=size, frac_in=nz/np.maximum(size, 1)[:, None],
-              frac_out=(nz.sum(0) - nz)/out, mean_in=sm/np.maximum(size, 1)[:, None], mean_out=(sm.sum(0) - sm)/out,
+    st = dict(clusters=[str(c) for c in cl.cat.categories], size=size, detected=nz,
+              frac_in=nz/np.maximum(size, 1)[:, None], frac_out=(nz.sum(0) - nz)/out,
+              mean_in=sm/np.maximum(size, 1)[:, None], mean_out=(sm.sum(0) - sm)/out,
               genes=np.array([norm_gene(g) for g in adata.var_names]))
     st['lfc'] = np.log2((st['mean_in'] + 1e-3)/(st['mean_out'] + 1e-3))
     return st
@@ -196,6 +200,39 @@ def gene_evidence(frac_in:np.ndarray, # fraction expressing inside (clusters × 
                  )->np.ndarray:
     "Detection contrast (inside minus reference) plus `ABSOLUTE` × detection inside."
     return frac_in - frac_ref + ABSOLUTE*frac_in
+
+# %% ../nbs/04a_celltyping.ipynb #ea236226
+def reference_groups(
+    adata: ad.AnnData,  # clustered, with a neighbour graph (obsp['connectivities'])
+    groupby: str = 'leiden',  # obs column of clusters
+    resolution: float | None = None,  # Leiden resolution of the reference partition (default: `COARSE`; 0: off)
+) -> np.ndarray:
+    "Per cluster (category order): its group, the reference-partition cluster holding most of its cells."
+    res = COARSE if resolution is None else resolution
+    cl = adata.obs[groupby].astype('category'); n = len(cl.cat.categories)
+    u = adata.uns.get(groupby); done = isinstance(u, dict) and u.get('params', {}).get('resolution') == res
+    if not res or done or 'connectivities' not in adata.obsp: return np.arange(n)  # each cluster its own group
+    import scanpy as sc
+    tmp = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names))
+    sc.tl.leiden(tmp, resolution=res, flavor='igraph', n_iterations=2, directed=False, random_state=0,
+                 adjacency=adata.obsp['connectivities'], key_added='ref')
+    tab = pd.crosstab(cl.cat.codes.to_numpy(), tmp.obs['ref'].to_numpy())
+    if tab.shape[0] <= tab.shape[1]: return np.arange(n)  # not finer than the reference: each cluster its own group
+    g = n + np.arange(n)  # a category without cells: a group of its own
+    g[tab.index.to_numpy()] = tab.to_numpy().argmax(1)
+    return np.unique(g, return_inverse=True)[1]
+
+def with_groups(st:dict, # `cluster_stats`
+                groups:np.ndarray, # group of each cluster (`reference_groups`)
+               )->dict:
+    "`st` with `group`, and `frac_out` over the cells outside each cluster's group."
+    g = np.unique(groups, return_inverse=True)[1]
+    st = dict(st, group=g)
+    if g.max() + 1 == len(g): return st  # every cluster its own group: as computed
+    G = sp.csr_matrix((np.ones(len(g)), (g, np.arange(len(g)))))
+    det, size = G @ st['detected'], G @ st['size']
+    st['frac_out'] = (st['detected'].sum(0) - det[g]) / np.maximum(st['size'].sum() - size[g], 1)[:, None]
+    return st
 
 # %% ../nbs/04a_celltyping.ipynb #68633658
 class MarkerNetwork:
@@ -386,17 +423,25 @@ def _gate_ref(net, path, k)->list:
     ref = [j for j, p in enumerate(path) if lin is not None and lin in p]
     return ref if len(ref) >= 2 else list(range(len(path)))
 
+def _pooled(st:dict, ref:list, g:np.ndarray)->np.ndarray:
+    "Detection in each group of the `ref` clusters (at least two groups, else every cluster's): groups × genes."
+    by = {}
+    for j in ref if len({g[j] for j in ref}) >= 2 else range(len(g)): by.setdefault(g[j], []).append(j)
+    return np.array([st['frac_in'][js[0]] if len(js) == 1 else
+                     st['detected'][js].sum(0) / max(st['size'][js].sum(), 1) for js in by.values()])
+
 def _homogeneous(net:MarkerNetwork, # candidate network
                  level:list, # each cluster's node (None: the root)
                  active:set, # clusters still descending
                  best:np.ndarray, # `subtree_best` of the plain-detection scores (clusters × candidates)
                  arg:np.ndarray, # the candidate giving it
+                 group:np.ndarray|None=None, # each cluster's reference group (`with_groups`; None: its own)
                 )->dict:
-    "Nodes where two or more clusters sit and all read as the same child by plain detection: node -> that child."
+    "Nodes where clusters of two or more groups sit and all read as the same child by plain detection: node -> child."
     out = {}
     for n in {level[k] for k in active}:
         here, kids = [k for k in active if level[k] == n], net.children.get(n, [])
-        if len(here) < 2 or not kids: continue
+        if len({k if group is None else group[k] for k in here}) < 2 or not kids: continue
         picks = {_contenders(kids, best[k], arg[k])[0] for k in here}
         if len(picks) == 1: out[n] = picks.pop()
     return out
@@ -406,6 +451,7 @@ def descend(net:MarkerNetwork, # candidate network
            )->tuple:
     "Paths from the root and decision records for every cluster; peers at a node are each other's reference."
     n_clusters = len(st['clusters'])
+    grp = st.get('group', np.arange(n_clusters))  # reference groups (`with_groups`): peers and gate read across them
     evidence = gene_evidence(st['frac_in'], st['frac_out'])
     own_all = own_scores(net, evidence); best_all, arg0 = subtree_best(net, own_all)
     plain = own_scores(net, st['frac_in']); best_plain, arg_plain = subtree_best(net, plain)  # no contrast
@@ -419,7 +465,8 @@ def descend(net:MarkerNetwork, # candidate network
     while active:
         level, dec = list(node), {}
         for k in sorted(active):
-            peers = [j for j in range(n_clusters) if j != k and level[j] == level[k]] if level[k] is not None else []
+            at = level[k] is not None
+            peers = [j for j in range(n_clusters) if grp[j] != grp[k] and level[j] == level[k]] if at else []
             if peers:
                 s = gene_evidence(st['frac_in'][k], nz[peers].sum(0)/size[peers].sum())
                 s = PEERS*s + (1 - PEERS)*evidence[k]  # peers of one type alone would show only noise
@@ -427,9 +474,9 @@ def descend(net:MarkerNetwork, # candidate network
             else: s, p, a, g = evidence[k], own_all[k], best_all[k], arg0[k]
             # antigens are gated within the cluster's lineage, as CD4/CD8 within CD3+ cells
             ref = _gate_ref(net, path, k)
-            ag = antigen_scores(net, st['frac_in'][k], st['frac_in'][ref])
+            ag = antigen_scores(net, st['frac_in'][k], _pooled(st, ref, grp))
             dec[k] = (*_step(net, p, a, g, level[k], s, ag), ag)
-        one = _homogeneous(net, level, active, best_plain, arg_plain) if HOMOGENEOUS != 'off' else {}
+        one = _homogeneous(net, level, active, best_plain, arg_plain, grp) if HOMOGENEOUS != 'off' else {}
         for n in one:  # clusters of one type: the contrast among them is noise, plain detection decides
             for k in [k for k in dec if level[k] == n and (dec[k][0] is None or HOMOGENEOUS == 'all')]:
                 nxt, rec = _step(net, plain[k], best_plain[k], arg_plain[k], n, st['frac_in'][k], dec[k][2])
@@ -514,7 +561,7 @@ def celltype(adata:ad.AnnData, # cells × genes (counts or log-normalised), clus
             )->tuple[pd.DataFrame, pd.DataFrame]:
     "Per-cluster label (finest level reached), lineage, CL id, confidence and why it stopped; and the evidence table."
     species, tissue = infer_species(adata, species), infer_tissue(adata, tissue)
-    st = cluster_stats(adata, groupby, layer)
+    st = with_groups(cluster_stats(adata, groupby, layer), reference_groups(adata, groupby))
     net = MarkerNetwork(species, tissue, st['genes'])
     paths, steps = descend(net, st)
     evidence = gene_evidence(st['frac_in'], st['frac_out'])
