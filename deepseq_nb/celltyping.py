@@ -212,10 +212,10 @@ def reference_groups(
     cl = adata.obs[groupby].astype('category'); n = len(cl.cat.categories)
     u = adata.uns.get(groupby); done = isinstance(u, dict) and u.get('params', {}).get('resolution') == res
     if not res or done or 'connectivities' not in adata.obsp: return np.arange(n)  # each cluster its own group
-    import scanpy as sc
-    tmp = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names))
-    sc.tl.leiden(tmp, resolution=res, flavor='igraph', n_iterations=2, directed=False, random_state=0,
-                 adjacency=adata.obsp['connectivities'], key_added='ref')
+    from deepseq_nb.cluster import leiden  # the settings' seeded Leiden, on the same graph
+    tmp = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names), obsp={'connectivities': adata.obsp['connectivities']},
+                     uns={'neighbors': {'connectivities_key': 'connectivities'}})
+    leiden(tmp, resolution=res, key_added='ref')
     tab = pd.crosstab(cl.cat.codes.to_numpy(), tmp.obs['ref'].to_numpy())
     if tab.shape[0] <= tab.shape[1]: return np.arange(n)  # not finer than the reference: each cluster its own group
     g = n + np.arange(n)  # a category without cells: a group of its own

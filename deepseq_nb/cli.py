@@ -165,7 +165,7 @@ def cmd_annotate(args)->int:
     S = _settings(args); _outputs(args, 'out')
     backend = args.backend or S.get('annotate.backend')
     _check_backend(backend, S)
-    if getattr(args, 'evidence', False) and (backend == 'kb' or args.markers):
+    if args.evidence and (backend == 'kb' or args.markers):
         raise ValueError('--evidence adds measured expression to LLM prompts: it needs an LLM --backend and counts '
                          '(not --markers); the kb backend reads the expression itself.')
     if args.markers:
