@@ -16,11 +16,11 @@ import pandas as pd
 from .data import data_dir
 
 # %% auto #0
-__all__ = ['KB_VERSION', 'SOURCES', 'STRONG_HOW', 'TISSUE_GROUPS', 'UBIQUITOUS', 'KB_COLUMNS', 'NAMED_HOW', 'BM25_K1', 'BM25_B',
-           'OUT_OF_TISSUE', 'CL_NAMES', 'CAND_COLS', 'SPECIFIC_RATIO', 'MIN_EXPLAINED', 'cache_dir',
-           'cellmarker_curation', 'gene_aliases', 'norm_gene', 'map_cl', 'tissue_groups', 'map_in_tissue', 'kb_key',
-           'load_kb', 'check_species', 'KBIndex', 'kb_index', 'rank_weight', 'kb_annotate', 'kb_annotate_table',
-           'retrieve', 'canonical_markers']
+__all__ = ['KB_VERSION', 'SOURCES', 'STRONG_HOW', 'TISSUE_GROUPS', 'UBIQUITOUS', 'UBERON_FILE', 'KB_COLUMNS', 'NAMED_HOW',
+           'BM25_K1', 'BM25_B', 'OUT_OF_TISSUE', 'CL_NAMES', 'CAND_COLS', 'SPECIFIC_RATIO', 'MIN_EXPLAINED',
+           'cache_dir', 'cellmarker_curation', 'gene_aliases', 'norm_gene', 'map_cl', 'tissue_groups',
+           'query_tissue_groups', 'map_in_tissue', 'kb_key', 'load_kb', 'check_species', 'KBIndex', 'kb_index',
+           'rank_weight', 'kb_annotate', 'kb_annotate_table', 'retrieve', 'canonical_markers']
 
 # %% ../nbs/04_knowledge.ipynb #79c96213
 KB_VERSION = 4  # bump when the parsing rules change: invalidates the on-disk cache
@@ -297,6 +297,41 @@ def tissue_groups(tissue:str|None, # a tissue or organ name in any of the databa
     t = re.sub(r'\s+', ' ', t)
     return {g for g, words in TISSUE_GROUPS.items() if any(f' {w} ' in t for w in words)}
 
+# %% ../nbs/04_knowledge.ipynb #t1ssue02
+UBERON_FILE = 'UBERON-ontology-v2026-04-01.json.zst'  # shipped by cellxgene-ontology-guide with CL_FILE's release
+
+def _singular(t:str)->str:
+    "Plural words made singular, roughly: 'islets' -> 'islet', 'PBMCs' -> 'pbmc' (not 'thymus', 'pancreas', 'testis')."
+    return ' '.join(w[:-1] if len(w) > 3 and w.endswith('s') and not w.endswith(('ss', 'us', 'is', 'as')) else w
+                    for w in re.sub(r'[^a-z ]+', ' ', t.lower()).split())
+
+@functools.cache
+def _uberon_names()->dict:
+    "Lower-case UBERON label or synonym -> term id (labels first)."
+    from deepseq_nb.cell_ontology import cl_terms  # the ontology-guide file reader: any of its ontologies
+    terms, out = cl_terms(UBERON_FILE), {}
+    for key in ('label', 'synonyms'):
+        for k, v in terms.items():
+            if v.get('deprecated'): continue
+            for n in ([v.get('label')] if key == 'label' else v.get('synonyms') or []):
+                if n: out.setdefault(n.lower(), k)
+    return out
+
+def query_tissue_groups(tissue:str|None, # the sample's tissue, in a user's or a dataset's words
+                       )->set[str]:
+    "`tissue_groups`, else of the name made singular, else of the UBERON term it names or that term's direct parents."
+    g = tissue_groups(tissue)
+    if g or not isinstance(tissue, str) or not tissue.strip(): return g
+    g = tissue_groups(_singular(tissue))
+    if g: return g
+    from deepseq_nb.cell_ontology import cl_terms
+    terms = cl_terms(UBERON_FILE)
+    k = _uberon_names().get(tissue.strip().lower()) or _uberon_names().get(_singular(tissue))
+    if k is None: return set()
+    g = tissue_groups(terms[k]['label'])
+    parents = [a for a, d in terms[k].get('ancestors', {}).items() if d == 1 and a in terms]
+    return g or set().union(*(tissue_groups(terms[a]['label']) for a in parents))
+
 # %% ../nbs/04_knowledge.ipynb #e4b24a16
 KB_COLUMNS = ['cell_type', 'cl_id', 'cl_name', 'tissue', 'species', 'gene', 'source', 'sensitivity', 'specificity',
               'negative', 'n_refs', 'canonical', 'gene_raw']
@@ -430,7 +465,7 @@ def _score(genes:list[str], tissue:str|None, species:str):
     for k, neg in ix.neg.items():
         hit = neg & qw.keys()
         if hit: s[ix.keys.index(k)] -= sum(qw[g] for g in hit)
-    groups = tissue_groups(tissue)
+    groups = query_tissue_groups(tissue)
     if groups:
         prior = np.array([1.0 if (ix.tissues[k] & groups) or ix.ubiquitous[k] else OUT_OF_TISSUE for k in ix.keys])
         s = np.where(s > 0, s*prior, s)
