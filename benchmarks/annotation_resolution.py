@@ -3,12 +3,14 @@
 Every labelled bundled dataset goes through the settings' QC and clustering (as `paper_figures/tab_annotation_e2e`)
 at each `--resolutions` value (`cluster.resolution`; 1.0 is the shipped setting and reproduces the table), then
 `annotate(backend='kb')`, scored with `celltyping.score_annotation`. The engine's rules were chosen at resolution 1.0,
-except the reference groups read at finer resolutions (`celltyping.COARSE`), designed on pbmc3k at 2.0: every other
-dataset and resolution is a check nothing was fitted to (`--coarse 0` reads cluster by cluster, as before them).
+except the reference groups read at finer resolutions (`celltyping.COARSE`) and the group reading of their parts
+(`celltyping.GROUP_READING`), both designed on pbmc3k at 2.0: every other dataset and resolution is a check nothing was
+fitted to (`--coarse 0` reads cluster by cluster, as before them; `--group-reading 0` keeps every part's own reading).
 Prints one row per dataset and resolution (clusters, cell-weighted mean agreement, exact, macro-F1, lineage) and the
 mean over datasets per resolution.
 
 Usage: .venv/bin/python benchmarks/annotation_resolution.py [--resolutions 0.5,1,2,4] [--datasets ...] [--coarse 0]
+       [--group-reading 0]
 """
 import argparse, warnings
 
@@ -28,9 +30,10 @@ def main():
     p.add_argument('--resolutions', default='0.5,1,2,4')
     p.add_argument('--datasets', default=','.join(labelled))
     p.add_argument('--coarse', type=float, default=ct.COARSE, help='celltyping.COARSE (0: each cluster its own group)')
+    p.add_argument('--group-reading', type=int, default=int(ct.GROUP_READING), help='celltyping.GROUP_READING (0: off)')
     args = p.parse_args()
     warnings.filterwarnings('ignore')
-    ct.COARSE = args.coarse
+    ct.COARSE, ct.GROUP_READING = args.coarse, bool(args.group_reading)
     rows = []
     for name in args.datasets.split(','):
         for res in map(float, args.resolutions.split(',')):

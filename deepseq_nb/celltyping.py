@@ -15,16 +15,17 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .knowledge import kb_index, norm_gene, tissue_groups, OUT_OF_TISSUE, check_species
+from .knowledge import kb_index, norm_gene, query_tissue_groups, OUT_OF_TISSUE, check_species
 from .ontology import ancestors, cl_name, broad_type
 
 # %% auto #0
 __all__ = ['LINEAGES', 'SHRINK', 'MIN_MARKERS', 'TOP_MARKERS', 'LABEL_WEIGHT', 'ABSOLUTE', 'TOP', 'FLOOR', 'MARGIN', 'PEERS',
            'ROOT_RATIO', 'NICHE', 'INHERIT', 'DEFINING', 'TISSUE_DROP', 'ANTIGEN', 'GATE', 'MIN_DETECT', 'NEXT',
-           'GATE_MODE', 'UNREAD', 'ALTERNATIVE', 'HOMOGENEOUS', 'COARSE', 'label_markers', 'defining_antigens',
-           'label_alternatives', 'cluster_stats', 'gene_evidence', 'reference_groups', 'with_groups', 'MarkerNetwork',
-           'own_scores', 'subtree_best', 'pairwise', 'antigen_scores', 'descend', 'short_name', 'infer_species',
-           'infer_tissue', 'celltype', 'score_annotation', 'knobs', 'lodo']
+           'GATE_MODE', 'UNREAD', 'ALTERNATIVE', 'HOMOGENEOUS', 'COARSE', 'GROUP_READING', 'label_markers',
+           'defining_antigens', 'label_alternatives', 'cluster_stats', 'gene_evidence', 'reference_partition',
+           'majority', 'reference_groups', 'with_groups', 'MarkerNetwork', 'own_scores', 'subtree_best', 'pairwise',
+           'antigen_scores', 'descend', 'group_reading', 'short_name', 'infer_species', 'infer_tissue', 'celltype',
+           'score_annotation', 'knobs', 'lodo']
 
 # %% ../nbs/04a_celltyping.ipynb #f553ec08
 LINEAGES = [  # (CL id, short name, positive markers, negative markers)
@@ -107,6 +108,9 @@ HOMOGENEOUS = 'failed'
 # Leiden resolution of the partition clusters are read against each other at (every rule was chosen at 1.0): finer
 # clusters are read as parts of its groups (`reference_groups`); 0: each cluster is its own group
 COARSE = 1.0
+# such a cluster takes its reference cluster's reading unless its own type tells it apart from the other parts of
+# its group (`group_reading`); False: each keeps its own reading
+GROUP_READING = True
 
 # %% ../nbs/04a_celltyping.ipynb #40b7ff80
 def _lineages()->dict:
@@ -202,24 +206,43 @@ def gene_evidence(frac_in:np.ndarray, # fraction expressing inside (clusters × 
     return frac_in - frac_ref + ABSOLUTE*frac_in
 
 # %% ../nbs/04a_celltyping.ipynb #ea236226
+def reference_partition(
+    adata: ad.AnnData,  # clustered, with a neighbour graph (obsp['connectivities'])
+    groupby: str = 'leiden',  # obs column of clusters
+    resolution: float | None = None,  # Leiden resolution of the reference partition (default: `COARSE`; 0: off)
+) -> np.ndarray | None:
+    "Per cell: its cluster in the Leiden partition at `resolution` on the same graph; None unless `groupby` is finer."
+    res = COARSE if resolution is None else resolution
+    codes = adata.obs[groupby].astype('category').cat.codes.to_numpy()
+    u = adata.uns.get(groupby); done = isinstance(u, dict) and u.get('params', {}).get('resolution') == res
+    if not res or done or 'connectivities' not in adata.obsp: return None
+    from deepseq_nb.cluster import leiden  # the settings' seeded Leiden, on the same graph
+    tmp = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names), obsp={'connectivities': adata.obsp['connectivities']},
+                     uns={'neighbors': {'connectivities_key': 'connectivities'}})
+    leiden(tmp, resolution=res, key_added='ref')
+    ref = tmp.obs['ref'].astype('category').cat.codes.to_numpy()
+    return ref if len(np.unique(codes[codes >= 0])) > len(np.unique(ref)) else None  # not finer: no groups
+
+def majority(codes:np.ndarray, # per cell: its cluster (0 .. n-1; -1 for none)
+             ref:np.ndarray, # per cell: its reference cluster (`reference_partition`)
+             n:int, # number of clusters
+            )->np.ndarray:
+    "Per cluster: the reference cluster holding most of its cells (-1 for a cluster without cells)."
+    tab = np.zeros((n, ref.max() + 1), int); ok = codes >= 0
+    np.add.at(tab, (codes[ok], ref[ok]), 1)
+    return np.where(tab.sum(1) > 0, tab.argmax(1), -1)
+
 def reference_groups(
     adata: ad.AnnData,  # clustered, with a neighbour graph (obsp['connectivities'])
     groupby: str = 'leiden',  # obs column of clusters
     resolution: float | None = None,  # Leiden resolution of the reference partition (default: `COARSE`; 0: off)
 ) -> np.ndarray:
     "Per cluster (category order): its group, the reference-partition cluster holding most of its cells."
-    res = COARSE if resolution is None else resolution
     cl = adata.obs[groupby].astype('category'); n = len(cl.cat.categories)
-    u = adata.uns.get(groupby); done = isinstance(u, dict) and u.get('params', {}).get('resolution') == res
-    if not res or done or 'connectivities' not in adata.obsp: return np.arange(n)  # each cluster its own group
-    from deepseq_nb.cluster import leiden  # the settings' seeded Leiden, on the same graph
-    tmp = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names), obsp={'connectivities': adata.obsp['connectivities']},
-                     uns={'neighbors': {'connectivities_key': 'connectivities'}})
-    leiden(tmp, resolution=res, key_added='ref')
-    tab = pd.crosstab(cl.cat.codes.to_numpy(), tmp.obs['ref'].to_numpy())
-    if tab.shape[0] <= tab.shape[1]: return np.arange(n)  # not finer than the reference: each cluster its own group
-    g = n + np.arange(n)  # a category without cells: a group of its own
-    g[tab.index.to_numpy()] = tab.to_numpy().argmax(1)
+    ref = reference_partition(adata, groupby, resolution)
+    if ref is None: return np.arange(n)  # each cluster its own group
+    m = majority(cl.cat.codes.to_numpy(), ref, n)
+    g = np.where(m >= 0, m, ref.max() + 1 + np.arange(n))  # a category without cells: a group of its own
     return np.unique(g, return_inverse=True)[1]
 
 def with_groups(st:dict, # `cluster_stats`
@@ -241,7 +264,7 @@ class MarkerNetwork:
         ix = kb_index(species); gpos = {}
         for i, g in enumerate(genes): gpos.setdefault(g, i)
         self.ids, self.names, self.source, rows, nsrc, self.antigens, read = [], [], [], [], {}, [], []
-        groups, general, lin = tissue_groups(tissue), _general(), _lineages()
+        groups, general, lin = query_tissue_groups(tissue), _general(), _lineages()
         def add(cid, name, pos, neg, src, prior=1.0, ag=((), ())):
             pw = {gpos[g]: w for g, w in pos.items() if g in gpos}
             if src == 'group': pw = {}
@@ -487,6 +510,28 @@ def descend(net:MarkerNetwork, # candidate network
             else: node[k] = nxt; path[k].append(nxt)
     return path, steps
 
+# %% ../nbs/04a_celltyping.ipynb #gr0up002
+def group_reading(net:MarkerNetwork, # candidate network
+                  st:dict, # `cluster_stats` with `group` (`with_groups`)
+                  paths:list, # each cluster's own path (`descend`)
+                  steps:list, # and its decision records
+                  ref_paths:list, # each reference cluster's path (`descend` on the reference partition)
+                  ref_steps:list, # and its records
+                  major:np.ndarray, # per cluster: the reference cluster holding most of its cells (`majority`)
+                 )->tuple:
+    "(paths, steps, taken): a part of a group takes its reference cluster's reading unless its own tells it apart."
+    g, n = st['group'], len(major)
+    paths, steps, taken = list(paths), list(steps), np.full(n, -1)
+    for k, r in enumerate(major):
+        sib = [j for j in range(n) if g[j] == g[k] and j != k]
+        own, grp = (paths[k] or [None])[-1], (ref_paths[r] or [None])[-1] if r >= 0 else None
+        if not sib or grp is None or own == grp: continue  # alone, or its group reads as nothing, or they agree
+        if own is not None:
+            s = gene_evidence(st['frac_in'][k], st['detected'][sib].sum(0)/max(st['size'][sib].sum(), 1))
+            if pairwise(net, s, own, grp) >= MARGIN: continue  # its own type tells it apart from its siblings
+        paths[k], steps[k], taken[k] = list(ref_paths[r]), list(ref_steps[r]), r
+    return paths, steps, taken
+
 # %% ../nbs/04a_celltyping.ipynb #97ea7b2c
 def short_name(name:str, # a CL label
               )->str:
@@ -537,9 +582,9 @@ def infer_species(adata:ad.AnnData, # cells × genes
                   species:str|None=None, # given by the caller: returned unchanged
                   warn:bool=True, # warn when the species is read from the gene names
                  )->str:
-    "Species: the argument, else obs['species']/uns['dataset'], else the case of the gene names (warns)."
+    "Species: the argument, else obs['species'] or ['organism'], else the case of the gene names (warns)."
     if species: return check_species(species)
-    s = _one(adata, 'species')
+    s = _one(adata, 'species') or _one(adata, 'organism')  # CELLxGENE's schema: obs['organism']
     if s: return check_species(s)
     names = [g for g in adata.var_names[:5000] if re.search('[A-Za-z]', g)]
     mouse = np.mean([g[:1].isupper() and g[1:] != g[1:].upper() for g in names]) if names else 0.0
@@ -561,9 +606,19 @@ def celltype(adata:ad.AnnData, # cells × genes (counts or log-normalised), clus
             )->tuple[pd.DataFrame, pd.DataFrame]:
     "Per-cluster label (finest level reached), lineage, CL id, confidence and why it stopped; and the evidence table."
     species, tissue = infer_species(adata, species), infer_tissue(adata, tissue)
-    st = with_groups(cluster_stats(adata, groupby, layer), reference_groups(adata, groupby))
+    if tissue and not query_tissue_groups(tissue):
+        warnings.warn(f"tissue {tissue!r} names no organ the engine knows (nor an UBERON term): no tissue prior; "
+                      "pass an organ name (tissue=, CLI: --tissue) for one", stacklevel=2)
+    st = cluster_stats(adata, groupby, layer); n = len(st['clusters'])
+    ref = reference_partition(adata, groupby)  # None at the rules' resolution or coarser
+    major = None if ref is None else majority(adata.obs[groupby].astype('category').cat.codes.to_numpy(), ref, n)
+    st = with_groups(st, np.arange(n) if ref is None else np.where(major >= 0, major, ref.max() + 1 + np.arange(n)))
     net = MarkerNetwork(species, tissue, st['genes'])
-    paths, steps = descend(net, st)
+    paths, steps = descend(net, st); taken = np.full(n, -1)
+    if ref is not None and GROUP_READING:  # the reference partition read as clusters, then each part reconciled
+        X = adata.layers[layer] if layer else adata.X
+        rd = ad.AnnData(X=X, obs=pd.DataFrame({'ref': pd.Categorical(ref)}, index=adata.obs_names), var=adata.var[[]])
+        paths, steps, taken = group_reading(net, st, paths, steps, *descend(net, cluster_stats(rd, 'ref')), major)
     evidence = gene_evidence(st['frac_in'], st['frac_out'])
     rows, ev = [], []
     for k, c in enumerate(st['clusters']):
@@ -576,7 +631,7 @@ def celltype(adata:ad.AnnData, # cells × genes (counts or log-normalised), clus
         ev += _evidence(net, evidence[k], c, rec)  # every cluster's, the Unknown ones' too
         if not path:
             rows.append(dict(cluster=c, label='Unknown', name='Unknown', cl_id=None, broad='Unknown', lineage='Unknown',
-                             path='', confidence=0.0, stop=why, by_detection='')); continue
+                             path='', confidence=0.0, stop=why, by_detection='', reading='own')); continue
         n = path[-1]; cid = net.ids[n]
         ok = [r for r in rec if r['descended']]
         conf = float(
@@ -595,6 +650,7 @@ def celltype(adata:ad.AnnData, # cells × genes (counts or log-normalised), clus
                 confidence=conf,
                 stop=why,
                 by_detection=', '.join(net.names[r['best']] for r in rec if r.get('plain')),  # one-type nodes
+                reading='own' if taken[k] < 0 else f'group {taken[k]}',  # the reference cluster's, taken
                 tied=';'.join(net.ids[i] for i in (last['best'], last['rival']) if i is not None)
                 if not last['descended']
                 else '',

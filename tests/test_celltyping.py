@@ -246,3 +246,10 @@ def test_one_type_rule_leaves_a_sample_of_several_types_alone():
     on, ev_on = celltype(a, tissue='blood')
     assert on.drop(columns='by_detection').equals(off.drop(columns='by_detection')) and ev_on.equals(ev_off)
     assert (on.by_detection == '').all()
+
+def test_unknown_tissue_warns_and_uberon_names_are_read():
+    a = _toy(); a.obs['species'] = 'human'
+    with pytest.warns(UserWarning, match="tissue 'Moon' names no organ"): celltype(a, tissue='Moon')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # a plural or an UBERON structure is read, silently
+        for t in ('islets', 'renal medulla'): celltype(a, tissue=t)
