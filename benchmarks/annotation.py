@@ -1,14 +1,15 @@
 """Runtime of the expression-aware kb annotation (deepseq_nb.celltyping via annotate(backend='kb')) on a clustered
 10^5-cell dataset, as a share of run_scaled's own time. Target: annotation adds <= 10 % to run_scaled.
 
-Usage: python benchmarks/annotation.py [--sizes 100000] [--workdir /tmp/deepseq_scale] [--repeat 3]
+Usage: python benchmarks/annotation.py [--sizes 100000] [--workdir /tmp/deepseq_scale] [--repeat 3] [--ref-cells 0]
 
 Data: `synthetic_counts(n)` resampled from the bundled PBMC3k counts (seed 0; the same file benchmarks/scale.py writes,
 WORKDIR/synthetic_{n}.h5ad, reused when present). run_scaled(path, annotate=False) runs QC -> markers in memory and is
 timed as a whole; then annotate(backend='kb') on that clustered AnnData is timed `--repeat` times (the first run
 includes building the marker network; the knowledge base itself is cached on disk), and for reference the marker-list
 kb path (kb_mode='markers'). The synthetic cells keep PBMC3k's labels, so the agreement of the labels with them is
-printed too (in-sample for pbmc3k, which was used to design the engine).
+printed too (in-sample for pbmc3k, which was used to design the engine, and for `celltyping.REF_CELLS`, designed on
+these files; `--ref-cells 0` reads the reference partition on the whole graph, as before it).
 Prints one line per size: run_scaled seconds, annotation seconds (first, median of the rest), ratio, target met.
 """
 import argparse, os, sys, time, warnings
@@ -24,11 +25,14 @@ def main(argv=None):
     ap.add_argument('--sizes', type=int, nargs='+', default=[100_000])
     ap.add_argument('--workdir', default='/tmp/deepseq_scale')
     ap.add_argument('--repeat', type=int, default=3)
+    ap.add_argument('--ref-cells', type=int, default=None, help='celltyping.REF_CELLS (default: shipped; 0: off)')
     args = ap.parse_args(argv)
     import numpy as np, pandas as pd
     from deepseq_nb.scale import synthetic_counts, run_scaled
     from deepseq_nb.annotate import annotate
+    import deepseq_nb.celltyping as ct
     from deepseq_nb.celltyping import score_annotation
+    if args.ref_cells is not None: ct.REF_CELLS = args.ref_cells
     wd = Path(args.workdir); wd.mkdir(parents=True, exist_ok=True)
     rows = []
     for n in args.sizes:

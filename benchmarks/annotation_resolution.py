@@ -9,12 +9,22 @@ fitted to (`--coarse 0` reads cluster by cluster, as before them; `--group-readi
 Prints one row per dataset and resolution (clusters, cell-weighted mean agreement, exact, macro-F1, lineage) and the
 mean over datasets per resolution.
 
+`--cells N` resamples each dataset to N cells first (counts: `scale.synthetic_counts`, each cell a binomial mix of two
+cells of one label; log-normalised data: each gene's value taken from one of two cells of one label, so every gene
+keeps its distribution within each label), so that the settings' clustering at 1.0 is much finer than the types:
+the grain of a large sample. `--ref-cells` sets
+`celltyping.REF_CELLS` (0: the reference partition on the whole graph, as before it); it was designed on pbmc3k
+resampled to 20,000 and 100,000 cells (`benchmarks/annotation.py`).
+
 Usage: .venv/bin/python benchmarks/annotation_resolution.py [--resolutions 0.5,1,2,4] [--datasets ...] [--coarse 0]
-       [--group-reading 0]
+       [--group-reading 0] [--cells 8000] [--ref-cells 0]
 """
 import argparse, warnings
 
+import anndata as ad
+import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 import deepseq_nb.celltyping as ct
 from deepseq_nb.annotate import annotate
@@ -22,6 +32,22 @@ from deepseq_nb.celltyping import score_annotation
 from deepseq_nb.cluster import run_pipeline
 from deepseq_nb.config import load_settings
 from deepseq_nb.data import DATASETS, load
+from deepseq_nb.scale import synthetic_counts
+
+
+def resampled(a: ad.AnnData, n: int, seed: int = 0) -> ad.AnnData:
+    "`a` resampled to n cells: counts by `synthetic_counts`; log values gene by gene from one of two cells of a label."
+    if a.uns.get('x_is') == 'counts': return synthetic_counts(n, base=a, seed=seed)
+    rng = np.random.default_rng(seed)
+    lab = a.obs['cell_type'].astype(str).to_numpy()
+    first = rng.choice(a.n_obs, n)  # a cell, then a second cell of its label
+    second = np.array([rng.choice(np.flatnonzero(lab == lab[i])) for i in first])
+    X = sp.csr_matrix(a.X, dtype=np.float32)
+    pick = rng.random((n, a.n_vars)) < 0.5  # each gene's value from the first or the second cell
+    Y = sp.csr_matrix(np.where(pick, X[first].toarray(), X[second].toarray()))
+    obs = a.obs.iloc[first].reset_index(drop=True)
+    obs.index = [f'syn{i}' for i in range(n)]
+    return ad.AnnData(Y, obs=obs, var=a.var.copy(), uns=dict(a.uns))
 
 
 def main():
@@ -31,14 +57,18 @@ def main():
     p.add_argument('--datasets', default=','.join(labelled))
     p.add_argument('--coarse', type=float, default=ct.COARSE, help='celltyping.COARSE (0: each cluster its own group)')
     p.add_argument('--group-reading', type=int, default=int(ct.GROUP_READING), help='celltyping.GROUP_READING (0: off)')
+    p.add_argument('--cells', type=int, default=0, help='resample each dataset to this many cells (0: as bundled)')
+    p.add_argument('--ref-cells', type=int, default=ct.REF_CELLS, help='celltyping.REF_CELLS (0: off)')
     args = p.parse_args()
     warnings.filterwarnings('ignore')
-    ct.COARSE, ct.GROUP_READING = args.coarse, bool(args.group_reading)
+    ct.COARSE, ct.GROUP_READING, ct.REF_CELLS = args.coarse, bool(args.group_reading), args.ref_cells
     rows = []
     for name in args.datasets.split(','):
         for res in map(float, args.resolutions.split(',')):
             S = load_settings(overrides=[f'cluster.resolution={res}'])
-            a = run_pipeline(load(name, x_is=S.get('data.x_is')), S, umap=False)
+            a = load(name, x_is=S.get('data.x_is'))
+            if args.cells: a = resampled(a, args.cells)
+            a = run_pipeline(a, S, umap=False)
             tissue = (a.uns.get('dataset') or {}).get('tissue')
             annotate(a, backend='kb', tissue=tissue, key_added='e', settings=S)
             s = score_annotation(a.obs['cell_type'], a.obs['e_label'].astype(str), tissue)

@@ -21,11 +21,11 @@ from .ontology import ancestors, cl_name, broad_type
 # %% auto #0
 __all__ = ['LINEAGES', 'SHRINK', 'MIN_MARKERS', 'TOP_MARKERS', 'LABEL_WEIGHT', 'ABSOLUTE', 'TOP', 'FLOOR', 'MARGIN', 'PEERS',
            'ROOT_RATIO', 'NICHE', 'INHERIT', 'DEFINING', 'TISSUE_DROP', 'ANTIGEN', 'GATE', 'MIN_DETECT', 'NEXT',
-           'GATE_MODE', 'UNREAD', 'ALTERNATIVE', 'HOMOGENEOUS', 'COARSE', 'GROUP_READING', 'label_markers',
-           'defining_antigens', 'label_alternatives', 'cluster_stats', 'gene_evidence', 'reference_partition',
-           'majority', 'reference_groups', 'with_groups', 'MarkerNetwork', 'own_scores', 'subtree_best', 'pairwise',
-           'antigen_scores', 'descend', 'group_reading', 'short_name', 'infer_species', 'infer_tissue', 'celltype',
-           'score_annotation', 'knobs', 'lodo']
+           'GATE_MODE', 'UNREAD', 'ALTERNATIVE', 'HOMOGENEOUS', 'COARSE', 'GROUP_READING', 'REF_CELLS', 'label_markers',
+           'defining_antigens', 'label_alternatives', 'cluster_stats', 'gene_evidence', 'spread_labels',
+           'sampled_partition', 'reference_partition', 'majority', 'reference_groups', 'with_groups', 'MarkerNetwork',
+           'own_scores', 'subtree_best', 'pairwise', 'antigen_scores', 'descend', 'group_reading', 'short_name',
+           'infer_species', 'infer_tissue', 'celltype', 'score_annotation', 'knobs', 'lodo']
 
 # %% ../nbs/04a_celltyping.ipynb #f553ec08
 LINEAGES = [  # (CL id, short name, positive markers, negative markers)
@@ -111,6 +111,10 @@ COARSE = 1.0
 # such a cluster takes its reference cluster's reading unless its own type tells it apart from the other parts of
 # its group (`group_reading`); False: each keeps its own reading
 GROUP_READING = True
+# a sample larger than this many cells: the reference partition is Leiden at `COARSE` on a random sample of this
+# size (pbmc3k, the largest dataset the rules were chosen on, has 2,638), spread to every cell along the neighbour
+# graph (`sampled_partition`); 0: always on the whole graph, as for smaller samples
+REF_CELLS = 3000
 
 # %% ../nbs/04a_celltyping.ipynb #40b7ff80
 def _lineages()->dict:
@@ -174,7 +178,9 @@ def _row_blocks(X, chunk:int=50_000):
             yield start, (b.tocsr() if sp.issparse(b) else sp.csr_matrix(b)); start += n
         return
     X = X.tocsr() if sp.issparse(X) else sp.csr_matrix(X)
-    for s0 in range(0, X.shape[0], chunk): yield s0, X[s0:s0 + chunk]
+    for s0 in range(0, X.shape[0], chunk):  # views of X's arrays: no copy of a block
+        p = X.indptr[s0:s0 + chunk + 1]; a, b = p[0], p[-1]
+        yield s0, sp.csr_matrix((X.data[a:b], X.indices[a:b], p - a), shape=(len(p) - 1, X.shape[1]))
 
 def cluster_stats(adata:ad.AnnData, # cells × genes, clustered
                   groupby:str='leiden', # obs column of clusters
@@ -189,7 +195,8 @@ def cluster_stats(adata:ad.AnnData, # cells × genes, clustered
         m = b.shape[0]
         member = sp.csr_matrix((np.ones(m, np.float32), (codes[s0:s0 + m], np.arange(m))), shape=(n_clusters, m))
         sm += np.asarray((member @ b).todense())
-        b = b.copy(); b.data = (b.data > 0).astype(np.float32); nz += np.asarray((member @ b).todense())
+        b = sp.csr_matrix(((b.data > 0).astype(np.float32), b.indices, b.indptr), shape=b.shape)  # detected: 1
+        nz += np.asarray((member @ b).todense())
     size = np.bincount(codes, minlength=n_clusters).astype(float)
     out = np.maximum(n - size, 1)[:, None]
     st = dict(clusters=[str(c) for c in cl.cat.categories], size=size, detected=nz,
@@ -206,21 +213,58 @@ def gene_evidence(frac_in:np.ndarray, # fraction expressing inside (clusters × 
     return frac_in - frac_ref + ABSOLUTE*frac_in
 
 # %% ../nbs/04a_celltyping.ipynb #ea236226
+def spread_labels(conn, # cells × cells neighbour graph (obsp['connectivities'])
+                  seeds:np.ndarray, # indices of the labelled cells
+                  labels:np.ndarray, # their labels (0 .. k-1)
+                 )->np.ndarray:
+    "Every cell's label: wave by wave, a cell takes the weighted majority of its already-labelled neighbours."
+    n, k = conn.shape[0], int(labels.max()) + 1
+    lab = np.full(n, -1); lab[seeds] = labels
+    for _ in range(n):
+        todo = lab < 0
+        if not todo.any(): break
+        on = np.flatnonzero(~todo)
+        votes = conn[todo][:, on] @ sp.csr_matrix((np.ones(len(on)), (np.arange(len(on)), lab[on])), shape=(len(on), k))
+        votes = np.asarray(votes.todense()); reached = votes.sum(1) > 0
+        if not reached.any(): break  # the rest is cut off from every labelled cell
+        idx = np.flatnonzero(todo)[reached]; lab[idx] = votes[reached].argmax(1)
+    lab[lab < 0] = k  # unreachable cells: one reference cluster of their own
+    return lab
+
+def sampled_partition(adata:ad.AnnData, # with obsm['X_pca'] and a neighbour graph
+                      resolution:float, # Leiden resolution on the sample
+                      n_cells:int, # sample size
+                      seed:int=0, # sampling and Leiden seed
+                     )->np.ndarray:
+    "Per cell: Leiden at `resolution` on `n_cells` sampled cells (their own kNN graph in PCA), spread along the graph."
+    import scanpy as sc
+    from deepseq_nb.cluster import leiden  # the settings' seeded Leiden
+    idx = np.sort(np.random.default_rng(seed).choice(adata.n_obs, n_cells, replace=False))
+    sub = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names[idx]), obsm={'X_pca': np.asarray(adata.obsm['X_pca'][idx])})
+    k = (adata.uns.get('neighbors') or {}).get('params', {}).get('n_neighbors', 15)
+    sc.pp.neighbors(sub, n_neighbors=k, use_rep='X_pca', random_state=seed)
+    leiden(sub, resolution=resolution, key_added='ref')
+    return spread_labels(adata.obsp['connectivities'], idx, sub.obs['ref'].astype('category').cat.codes.to_numpy())
+
 def reference_partition(
     adata: ad.AnnData,  # clustered, with a neighbour graph (obsp['connectivities'])
     groupby: str = 'leiden',  # obs column of clusters
     resolution: float | None = None,  # Leiden resolution of the reference partition (default: `COARSE`; 0: off)
 ) -> np.ndarray | None:
-    "Per cell: its cluster in the Leiden partition at `resolution` on the same graph; None unless `groupby` is finer."
+    "Per cell: its cluster in the partition the rules were chosen at (see `REF_CELLS`); None unless `groupby` is finer."
     res = COARSE if resolution is None else resolution
     codes = adata.obs[groupby].astype('category').cat.codes.to_numpy()
-    u = adata.uns.get(groupby); done = isinstance(u, dict) and u.get('params', {}).get('resolution') == res
-    if not res or done or 'connectivities' not in adata.obsp: return None
-    from deepseq_nb.cluster import leiden  # the settings' seeded Leiden, on the same graph
-    tmp = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names), obsp={'connectivities': adata.obsp['connectivities']},
-                     uns={'neighbors': {'connectivities_key': 'connectivities'}})
-    leiden(tmp, resolution=res, key_added='ref')
-    ref = tmp.obs['ref'].astype('category').cat.codes.to_numpy()
+    if not res or 'connectivities' not in adata.obsp: return None
+    if REF_CELLS and adata.n_obs > REF_CELLS and 'X_pca' in adata.obsm:  # a large sample: the grain of a small one
+        ref = sampled_partition(adata, res, REF_CELLS)
+    else:
+        u = adata.uns.get(groupby)
+        if isinstance(u, dict) and u.get('params', {}).get('resolution') == res: return None  # the settings' pipeline
+        from deepseq_nb.cluster import leiden  # the settings' seeded Leiden, on the same graph
+        tmp = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names), obsp={'connectivities': adata.obsp['connectivities']},
+                         uns={'neighbors': {'connectivities_key': 'connectivities'}})
+        leiden(tmp, resolution=res, key_added='ref')
+        ref = tmp.obs['ref'].astype('category').cat.codes.to_numpy()
     return ref if len(np.unique(codes[codes >= 0])) > len(np.unique(ref)) else None  # not finer: no groups
 
 def majority(codes:np.ndarray, # per cell: its cluster (0 .. n-1; -1 for none)
