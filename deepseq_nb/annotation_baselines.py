@@ -47,7 +47,8 @@ def ora_labels(adata:ad.AnnData, # log-normalised cells × genes, clustered
     getattr(dc.mt, method)(b, net, tmin=3, verbose=False)
     acts = dc.pp.get_obsm(b, f'score_{method}')
     r = dc.tl.rankby_group(acts, groupby=groupby, reference='rest', method='t-test_overestim_var')
-    r = r[r.stat > 0].sort_values('stat', ascending=False)
+    # ties are common (types whose markers the cluster detects alike): broken by name, the same on every machine
+    r = r[r.stat > 0].sort_values(['stat', 'name'], ascending=[False, True], kind='stable')
     top = r.groupby('group').head(1).set_index('group')['name'].astype(str)
     return top.reindex(list(b.obs[groupby].cat.categories)).fillna('Unknown')
 
