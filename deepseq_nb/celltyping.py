@@ -231,18 +231,25 @@ def spread_labels(conn, # cells × cells neighbour graph (obsp['connectivities']
     lab[lab < 0] = k  # unreachable cells: one reference cluster of their own
     return lab
 
-def sampled_partition(adata:ad.AnnData, # with obsm['X_pca'] and a neighbour graph
+def _graph_rep(adata:ad.AnnData)->tuple:
+    "(obsm key, number of columns) the neighbour graph was built from, as scanpy records it (default X_pca)."
+    p = (adata.uns.get('neighbors') or {}).get('params', {})
+    return p.get('use_rep') or 'X_pca', p.get('n_pcs')
+
+def sampled_partition(adata:ad.AnnData, # with a neighbour graph and the representation it was built from
                       resolution:float, # Leiden resolution on the sample
                       n_cells:int, # sample size
                       seed:int=0, # sampling and Leiden seed
                      )->np.ndarray:
-    "Per cell: Leiden at `resolution` on `n_cells` sampled cells (their own kNN graph in PCA), spread along the graph."
+    "Per cell: Leiden at `resolution` on `n_cells` sampled cells (their own kNN graph), spread along the full graph."
     import scanpy as sc
     from deepseq_nb.cluster import leiden  # the settings' seeded Leiden
     idx = np.sort(np.random.default_rng(seed).choice(adata.n_obs, n_cells, replace=False))
-    sub = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names[idx]), obsm={'X_pca': np.asarray(adata.obsm['X_pca'][idx])})
+    rep, n_pcs = _graph_rep(adata)  # a batch-corrected space (X_pca_harmony) when the graph was built on one
+    P = np.asarray(adata.obsm[rep][idx]); P = P[:, :n_pcs] if n_pcs else P
+    sub = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names[idx]), obsm={'X_rep': P})
     k = (adata.uns.get('neighbors') or {}).get('params', {}).get('n_neighbors', 15)
-    sc.pp.neighbors(sub, n_neighbors=k, use_rep='X_pca', random_state=seed)
+    sc.pp.neighbors(sub, n_neighbors=k, use_rep='X_rep', random_state=seed)
     leiden(sub, resolution=resolution, key_added='ref')
     return spread_labels(adata.obsp['connectivities'], idx, sub.obs['ref'].astype('category').cat.codes.to_numpy())
 
@@ -255,7 +262,7 @@ def reference_partition(
     res = COARSE if resolution is None else resolution
     codes = adata.obs[groupby].astype('category').cat.codes.to_numpy()
     if not res or 'connectivities' not in adata.obsp: return None
-    if REF_CELLS and adata.n_obs > REF_CELLS and 'X_pca' in adata.obsm:  # a large sample: the grain of a small one
+    if REF_CELLS and adata.n_obs > REF_CELLS and _graph_rep(adata)[0] in adata.obsm:  # large: a small one's grain
         ref = sampled_partition(adata, res, REF_CELLS)
     else:
         u = adata.uns.get(groupby)

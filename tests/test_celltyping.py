@@ -253,3 +253,15 @@ def test_unknown_tissue_warns_and_uberon_names_are_read():
     with warnings.catch_warnings():
         warnings.simplefilter('error')  # a plural or an UBERON structure is read, silently
         for t in ('islets', 'renal medulla'): celltype(a, tissue=t)
+
+def test_large_sample_reference_partition_is_drawn_in_the_graphs_own_space(monkeypatch):
+    import scanpy as sc
+    import deepseq_nb.celltyping as ct
+    a = _toy(n=60); rng = np.random.default_rng(0)
+    a.obsm['X_alt'] = np.repeat(np.eye(3)*10, 60, axis=0) + rng.normal(size=(180, 3))  # e.g. a batch-corrected space
+    sc.pp.neighbors(a, use_rep='X_alt', n_neighbors=10, random_state=0)  # no X_pca at all
+    a.obs['leiden'] = pd.Categorical((np.arange(180) // 30).astype(str))  # each type split in two halves
+    monkeypatch.setattr(ct, 'REF_CELLS', 90)  # 180 cells: a "large" sample
+    ref = ct.reference_partition(a)
+    assert ref is not None and len(np.unique(ref)) < 6  # drawn on a sample, coarser than the halves
+    assert all(len(set(ref[t*60:(t + 1)*60]) & set(np.delete(ref, np.s_[t*60:(t + 1)*60]))) == 0 for t in range(3))
