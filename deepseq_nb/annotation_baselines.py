@@ -16,7 +16,7 @@ import scipy.sparse as sp
 from .celltyping import infer_species
 
 # %% auto #0
-__all__ = ['panglao_network', 'ora_labels', 'celltypist_labels']
+__all__ = ['panglao_network', 'first_ranked', 'ora_labels', 'celltypist_labels']
 
 # %% ../nbs/04b_annotation_baselines.ipynb #9627317d
 def panglao_network(species:str='human')->pd.DataFrame:
@@ -29,6 +29,12 @@ def panglao_network(species:str='human')->pd.DataFrame:
         .drop_duplicates()
         .reset_index(drop=True)
     )
+
+def first_ranked(r:pd.DataFrame, # `decoupler.tl.rankby_group` output: group, name, stat
+                )->pd.Series:
+    "Per group: the name with the highest positive statistic; ties (common) broken by name, alike on every machine."
+    r = r[r.stat > 0].sort_values(['stat', 'name'], ascending=[False, True], kind='stable')
+    return r.groupby('group').head(1).set_index('group')['name'].astype(str)
 
 def ora_labels(adata:ad.AnnData, # log-normalised cells × genes, clustered
                groupby:str='leiden', # obs column of clusters
@@ -47,10 +53,7 @@ def ora_labels(adata:ad.AnnData, # log-normalised cells × genes, clustered
     getattr(dc.mt, method)(b, net, tmin=3, verbose=False)
     acts = dc.pp.get_obsm(b, f'score_{method}')
     r = dc.tl.rankby_group(acts, groupby=groupby, reference='rest', method='t-test_overestim_var')
-    # ties are common (types whose markers the cluster detects alike): broken by name, the same on every machine
-    r = r[r.stat > 0].sort_values(['stat', 'name'], ascending=[False, True], kind='stable')
-    top = r.groupby('group').head(1).set_index('group')['name'].astype(str)
-    return top.reindex(list(b.obs[groupby].cat.categories)).fillna('Unknown')
+    return first_ranked(r).reindex(list(b.obs[groupby].cat.categories)).fillna('Unknown')
 
 # %% ../nbs/04b_annotation_baselines.ipynb #b0dd4084
 def _to_1e4(X)->sp.csr_matrix:

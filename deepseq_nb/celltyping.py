@@ -23,9 +23,9 @@ __all__ = ['LINEAGES', 'SHRINK', 'MIN_MARKERS', 'TOP_MARKERS', 'LABEL_WEIGHT', '
            'ROOT_RATIO', 'NICHE', 'INHERIT', 'DEFINING', 'TISSUE_DROP', 'ANTIGEN', 'GATE', 'MIN_DETECT', 'NEXT',
            'GATE_MODE', 'UNREAD', 'ALTERNATIVE', 'HOMOGENEOUS', 'COARSE', 'GROUP_READING', 'REF_CELLS', 'label_markers',
            'defining_antigens', 'label_alternatives', 'cluster_stats', 'gene_evidence', 'spread_labels',
-           'sampled_partition', 'reference_partition', 'majority', 'reference_groups', 'with_groups', 'MarkerNetwork',
-           'own_scores', 'subtree_best', 'pairwise', 'antigen_scores', 'descend', 'group_reading', 'short_name',
-           'infer_species', 'infer_tissue', 'celltype', 'score_annotation', 'knobs', 'lodo']
+           'sampled_partition', 'reference_partition', 'majority', 'groups_of', 'reference_groups', 'with_groups',
+           'MarkerNetwork', 'own_scores', 'subtree_best', 'pairwise', 'antigen_scores', 'descend', 'group_reading',
+           'short_name', 'infer_species', 'infer_tissue', 'celltype', 'score_annotation', 'knobs', 'lodo']
 
 # %% ../nbs/04a_celltyping.ipynb #f553ec08
 LINEAGES = [  # (CL id, short name, positive markers, negative markers)
@@ -283,6 +283,12 @@ def majority(codes:np.ndarray, # per cell: its cluster (0 .. n-1; -1 for none)
     np.add.at(tab, (codes[ok], ref[ok]), 1)
     return np.where(tab.sum(1) > 0, tab.argmax(1), -1)
 
+def groups_of(major:np.ndarray, # per cluster: its reference cluster (`majority`; -1 without cells)
+              n_ref:int, # number of reference clusters
+             )->np.ndarray:
+    "Per cluster: its group (0 .. k-1), its reference cluster; a cluster without cells is a group of its own."
+    return np.unique(np.where(major >= 0, major, n_ref + np.arange(len(major))), return_inverse=True)[1]
+
 def reference_groups(
     adata: ad.AnnData,  # clustered, with a neighbour graph (obsp['connectivities'])
     groupby: str = 'leiden',  # obs column of clusters
@@ -292,9 +298,7 @@ def reference_groups(
     cl = adata.obs[groupby].astype('category'); n = len(cl.cat.categories)
     ref = reference_partition(adata, groupby, resolution)
     if ref is None: return np.arange(n)  # each cluster its own group
-    m = majority(cl.cat.codes.to_numpy(), ref, n)
-    g = np.where(m >= 0, m, ref.max() + 1 + np.arange(n))  # a category without cells: a group of its own
-    return np.unique(g, return_inverse=True)[1]
+    return groups_of(majority(cl.cat.codes.to_numpy(), ref, n), ref.max() + 1)
 
 def with_groups(st:dict, # `cluster_stats`
                 groups:np.ndarray, # group of each cluster (`reference_groups`)
@@ -663,7 +667,7 @@ def celltype(adata:ad.AnnData, # cells × genes (counts or log-normalised), clus
     st = cluster_stats(adata, groupby, layer); n = len(st['clusters'])
     ref = reference_partition(adata, groupby)  # None at the rules' resolution or coarser
     major = None if ref is None else majority(adata.obs[groupby].astype('category').cat.codes.to_numpy(), ref, n)
-    st = with_groups(st, np.arange(n) if ref is None else np.where(major >= 0, major, ref.max() + 1 + np.arange(n)))
+    st = with_groups(st, np.arange(n) if ref is None else groups_of(major, ref.max() + 1))
     net = MarkerNetwork(species, tissue, st['genes'])
     paths, steps = descend(net, st); taken = np.full(n, -1)
     if ref is not None and GROUP_READING:  # the reference partition read as clusters, then each part reconciled
