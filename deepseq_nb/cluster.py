@@ -55,6 +55,7 @@ def leiden(
     n_iterations: int = 2,
     seed: int = 0,
     key_added: str = 'leiden',
+    restrict_to: tuple | None = None,  # (obs column, [clusters]): re-cluster only those clusters' cells (scanpy)
 ) -> None:
     "Leiden clustering of the neighbour graph with a fixed seed; clusters are numbered by size."
     if flavor not in ('igraph', 'leidenalg'):
@@ -67,6 +68,7 @@ def leiden(
         n_iterations=n_iterations,
         random_state=seed,
         key_added=key_added,
+        restrict_to=restrict_to,
         **kw,
     )
 
@@ -312,7 +314,12 @@ def cluster_from_settings(adata:ad.AnnData, settings, umap:bool=True, **override
     )
 
 def markers_from_settings(
-    adata: ad.AnnData, settings, groupby: str = 'leiden', n_genes: int | None = None, method: str | None = None
+    adata: ad.AnnData,
+    settings,
+    groupby: str = 'leiden',
+    n_genes: int | None = None,
+    method: str | None = None,
+    key_added: str | None = 'markers',  # uns key for the table (None: don't store)
 ) -> pd.DataFrame:
     "`top_markers` with the `[markers]` settings (arguments given win)."
     marker_settings = settings.section('markers')
@@ -324,6 +331,7 @@ def markers_from_settings(
         only_positive=marker_settings['only_positive'],
         exclude_pattern=marker_settings['exclude_pattern'] or None,
         seed=settings.get('cluster.seed'),
+        key_added=key_added,
     )
 
 # %% ../nbs/02_cluster.ipynb #99721ea8
