@@ -10,7 +10,7 @@ import anndata as ad
 import pandas as pd
 
 from .backends import get_backend, backend_options
-from .celltyping import celltype, cluster_stats, infer_species, infer_tissue
+from .celltyping import celltype, cluster_stats, infer_species, infer_tissue, read_clusters
 from .cluster import markers_from_settings, markers_by_cluster
 from .config import load_settings
 from .ontology import to_cl
@@ -20,8 +20,8 @@ from .prompts import make_queries
 __all__ = ['REFINE', 'expression_evidence', 'annotate']
 
 # %% ../nbs/07_annotate.ipynb #1de0185e
-def _markers_for(adata:ad.AnnData, groupby:str, n_genes:int, settings)->dict:
-    "`{cluster: genes}`: the stored `uns['markers']` table when it fits, else freshly ranked markers."
+def _markers_for(adata:ad.AnnData, groupby:str, n_genes:int, settings, store:bool=True)->dict:
+    "`{cluster: genes}`: the stored `uns['markers']` table when it fits, else freshly ranked (stored if `store`)."
     u = adata.uns.get('markers')
     if (
         isinstance(u, dict)
@@ -29,7 +29,8 @@ def _markers_for(adata:ad.AnnData, groupby:str, n_genes:int, settings)->dict:
         and int(u['params'].get('n_genes', 0)) >= n_genes
     ):
         mk = u['table']
-    else: mk = markers_from_settings(adata, settings, groupby=groupby, n_genes=n_genes)
+    else: mk = markers_from_settings(adata, settings, groupby=groupby, n_genes=n_genes,
+                                     key_added='markers' if store else None)
     return {c: g[:n_genes] for c, g in markers_by_cluster(mk).items()}
 
 # %% ../nbs/07_annotate.ipynb #29aded0e
@@ -80,15 +81,19 @@ def _refine(e:pd.DataFrame, m:pd.DataFrame)->pd.DataFrame:
     return out
 
 def _annotate_expression(a:ad.AnnData, groupby:str, tissue, species, key_added:str, copy:bool, kb_mode:str, n_genes, S):
-    "The kb backend on the expression: `celltyping.celltype` per cluster (refined by the marker-list kb if 'hybrid')."
+    "The kb backend on the expression: `celltyping.read_clusters` (refined by the marker-list kb if 'hybrid')."
     import time
     t0 = time.perf_counter()
     species, tissue = infer_species(a, species), infer_tissue(a, tissue)
-    tab, ev = celltype(a, groupby=groupby, species=species, tissue=tissue)
+    tab, ev, cells = read_clusters(a, groupby=groupby, species=species, tissue=tissue)
+    clusters = groupby
+    if (tab['part_of'] != '').any():  # clusters that mixed two lineages were split: label their parts
+        clusters = f'{key_added}_cluster'
+        a.obs[clusters] = pd.Categorical(cells.values)
     tab['source'] = 'expression'
     if kb_mode == 'hybrid':
         n_genes = n_genes or S.get('markers.n_genes')
-        genes = _markers_for(a, groupby, n_genes, S)
+        genes = _markers_for(a, clusters, n_genes, S, store=clusters == groupby)
         m = get_backend('kb').annotate(make_queries(genes, tissue=tissue, species=species)).to_frame()
         cm = [to_cl(l, tissue=tissue) if isinstance(l, str) and l != 'Unknown' else None for l in m['label']]
         m['cl_id'] = [x.id if x is not None else None for x in cm]
@@ -96,14 +101,15 @@ def _annotate_expression(a:ad.AnnData, groupby:str, tissue, species, key_added:s
         m.index = m.index.astype(str)
         tab = _refine(tab, m)
         tab['markers'] = [', '.join(genes.get(c, [])) for c in tab.index]
-    cl = a.obs[groupby].astype(str)
+    cl = a.obs[clusters].astype(str)
     for col in ('label', 'name', 'broad', 'cl_id'):
         a.obs[f'{key_added}_{col}'] = pd.Categorical(cl.map(tab[col].astype(object).where(tab[col].notna(), 'Unknown')))
     a.obs[f'{key_added}_cl_name'] = a.obs[f'{key_added}_label']
     a.obs[f'{key_added}_confidence'] = cl.map(tab['confidence'].astype(float)).astype(float).values
     t = tab.reset_index().assign(cl_name=lambda d: d['label'])
     a.uns[key_added] = dict(table=_h5ad_safe(t), evidence=_h5ad_safe(ev), backend='kb', engine='celltyping',
-                            params=dict(groupby=groupby, tissue=tissue or '', species=species, kb_mode=kb_mode),
+                            params=dict(groupby=groupby, clusters=clusters, tissue=tissue or '', species=species,
+                                        kb_mode=kb_mode),
                             stats=dict(calls=0, cache_hits=0, reasks=0, tokens_in=0, tokens_out=0, cost=0.0,
                                        seconds=round(time.perf_counter() - t0, 3)))
     return a if copy else None
@@ -165,6 +171,8 @@ def annotate(
         why = "backend='kb' reads the expression itself." if backend == 'kb' else 'adata has no genes.'
         raise ValueError(f'evidence=True is for the LLM backends and needs the expression matrix: {why}')
     S = settings or load_settings()
+    if groupby != f'{key_added}_cluster':  # a previous call's parts are not this one's
+        a.obs.drop(columns=f'{key_added}_cluster', errors='ignore', inplace=True)
     if backend == 'kb' and kb_mode != 'markers' and a.n_vars > 0:
         return _annotate_expression(a, groupby, tissue, species, key_added, copy, kb_mode, n_genes, S)
     tissue = infer_tissue(a, tissue)

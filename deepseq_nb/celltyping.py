@@ -21,11 +21,12 @@ from .ontology import ancestors, cl_name, broad_type
 # %% auto #0
 __all__ = ['LINEAGES', 'SHRINK', 'MIN_MARKERS', 'TOP_MARKERS', 'LABEL_WEIGHT', 'ABSOLUTE', 'TOP', 'FLOOR', 'MARGIN', 'PEERS',
            'ROOT_RATIO', 'NICHE', 'INHERIT', 'DEFINING', 'TISSUE_DROP', 'ANTIGEN', 'GATE', 'MIN_DETECT', 'NEXT',
-           'GATE_MODE', 'UNREAD', 'ALTERNATIVE', 'HOMOGENEOUS', 'COARSE', 'GROUP_READING', 'REF_CELLS', 'label_markers',
-           'defining_antigens', 'label_alternatives', 'cluster_stats', 'gene_evidence', 'spread_labels',
-           'sampled_partition', 'reference_partition', 'majority', 'groups_of', 'reference_groups', 'with_groups',
-           'MarkerNetwork', 'own_scores', 'subtree_best', 'pairwise', 'antigen_scores', 'descend', 'group_reading',
-           'short_name', 'infer_species', 'infer_tissue', 'celltype', 'score_annotation', 'knobs', 'lodo']
+           'GATE_MODE', 'UNREAD', 'ALTERNATIVE', 'HOMOGENEOUS', 'COARSE', 'GROUP_READING', 'REF_CELLS', 'SPLIT',
+           'label_markers', 'defining_antigens', 'label_alternatives', 'cluster_stats', 'gene_evidence',
+           'spread_labels', 'sampled_partition', 'reference_partition', 'majority', 'groups_of', 'reference_groups',
+           'with_groups', 'MarkerNetwork', 'own_scores', 'subtree_best', 'pairwise', 'antigen_scores', 'descend',
+           'group_reading', 'short_name', 'infer_species', 'infer_tissue', 'celltype', 'score_annotation', 'knobs',
+           'lodo', 'mixed_clusters', 'split_clusters', 'read_clusters']
 
 # %% ../nbs/04a_celltyping.ipynb #f553ec08
 LINEAGES = [  # (CL id, short name, positive markers, negative markers)
@@ -658,6 +659,7 @@ def celltype(adata:ad.AnnData, # cells × genes (counts or log-normalised), clus
              species:str|None=None, # 'human'/'mouse' (default: from the data)
              tissue:str|None=None, # tissue for the prior (default: from the data, else none)
              layer:str|None=None, # layer to read instead of X
+             reference:str|None=None, # obs column of a partition the clusters are parts of (default: Leiden at COARSE)
             )->tuple[pd.DataFrame, pd.DataFrame]:
     "Per-cluster label (finest level reached), lineage, CL id, confidence and why it stopped; and the evidence table."
     species, tissue = infer_species(adata, species), infer_tissue(adata, tissue)
@@ -665,7 +667,8 @@ def celltype(adata:ad.AnnData, # cells × genes (counts or log-normalised), clus
         warnings.warn(f"tissue {tissue!r} names no organ the engine knows (nor an UBERON term): no tissue prior; "
                       "pass an organ name (tissue=, CLI: --tissue) for one", stacklevel=2)
     st = cluster_stats(adata, groupby, layer); n = len(st['clusters'])
-    ref = reference_partition(adata, groupby)  # None at the rules' resolution or coarser
+    ref = (reference_partition(adata, groupby) if reference is None  # None at the rules' resolution or coarser
+           else adata.obs[reference].astype('category').cat.codes.to_numpy())
     major = None if ref is None else majority(adata.obs[groupby].astype('category').cat.codes.to_numpy(), ref, n)
     st = with_groups(st, np.arange(n) if ref is None else groups_of(major, ref.max() + 1))
     net = MarkerNetwork(species, tissue, st['genes'])
@@ -772,3 +775,61 @@ def lodo(scores:pd.DataFrame, # settings × datasets: one score per dataset, hig
             )
         )
     return pd.DataFrame(rows)
+
+# %% ../nbs/04a_celltyping.ipynb #sp1it002
+SPLIT = True  # a cluster whose descent stops on a tie between two lineages is split; kept if its parts read as both
+
+def mixed_clusters(tab:pd.DataFrame, # `celltype`'s table
+                  )->dict:
+    "Clusters whose descent stopped on a tie between two lineages (`LINEAGES`): cluster -> the two CL ids."
+    lin, tied = _lineages(), tab['tied'] if 'tied' in tab else pd.Series(dtype=object)
+    pairs = {str(c): tuple(t.split(';')) for c, t in tied.items() if isinstance(t, str) and t}
+    return {c: p for c, p in pairs.items() if len(p) == 2 and all(i in lin for i in p)}
+
+def split_clusters(adata:ad.AnnData, # clustered, with a neighbour graph (obsp['connectivities'])
+                   groupby:str, # obs column of clusters
+                   clusters:list, # the clusters to split
+                   resolution:float|None=None, # Leiden resolution on each one's cells (default: `COARSE`)
+                  )->pd.Series:
+    "Per cell: its cluster, or 'cluster,k' for its part k (Leiden on the cluster's cells) when the cluster is split."
+    from deepseq_nb.cluster import leiden  # the settings' seeded Leiden
+    obs = pd.DataFrame({'c': adata.obs[groupby].astype(str).astype('category')}, index=adata.obs_names)
+    tmp = ad.AnnData(obs=obs, obsp={'connectivities': adata.obsp['connectivities']},
+                     uns={'neighbors': {'connectivities_key': 'connectivities'}})
+    for c in clusters:  # one at a time: restricted to several, Leiden would re-cluster their cells together
+        leiden(tmp, resolution=COARSE if resolution is None else resolution, restrict_to=('c', [str(c)]), key_added='c')
+    return tmp.obs['c'].astype(str)
+
+
+# %% ../nbs/04a_celltyping.ipynb #sp1it004
+def _under(cid, lineage:str)->bool:
+    "CL id `cid` is `lineage` or lies below it."
+    return isinstance(cid, str) and (cid == lineage or lineage in ancestors(cid))
+
+def read_clusters(adata:ad.AnnData, # cells × genes, clustered, with a neighbour graph
+                  groupby:str='leiden', # obs column of clusters
+                  species:str|None=None, # 'human'/'mouse' (default: from the data)
+                  tissue:str|None=None, # tissue for the prior (default: from the data, else none)
+                  layer:str|None=None, # layer to read instead of X
+                 )->tuple[pd.DataFrame, pd.DataFrame, pd.Series]:
+    "`celltype`, with clusters that mix two lineages split (`SPLIT`): (table, evidence, each cell's cluster or part)."
+    species, tissue = infer_species(adata, species), infer_tissue(adata, tissue)
+    tab, ev = celltype(adata, groupby, species, tissue, layer)
+    cells = adata.obs[groupby].astype(str)
+    mixed = mixed_clusters(tab) if SPLIT and 'connectivities' in adata.obsp else {}
+    if not mixed or reference_partition(adata, groupby) is not None:
+        return tab.assign(part_of=''), ev, cells  # nothing to split, or finer than the rules: parts of their groups
+    X = adata.layers[layer] if layer else adata.X
+    def read(col):  # the clusters (and parts) in `col`, read as parts of the user's clusters
+        a = ad.AnnData(X=X, obs=pd.DataFrame({'part': col.values, 'cluster': cells.values}, index=adata.obs_names),
+                       var=adata.var[[]])
+        return celltype(a, 'part', species, tissue, reference='cluster')
+    parts = split_clusters(adata, groupby, list(mixed))
+    t2, e2 = read(parts)
+    ids = lambda c: [t2.at[p, 'cl_id'] for p in t2.index if str(p).startswith(f'{c},')]
+    keep = [c for c, (a, b) in mixed.items() if any(_under(i, a) for i in ids(c)) and any(_under(i, b) for i in ids(c))]
+    if not keep: return tab.assign(part_of=''), ev, cells
+    final = parts.where(cells.isin(keep), cells)
+    if len(keep) < len(mixed): t2, e2 = read(final)  # only the kept splits: the other clusters' peers as before
+    return t2.assign(part_of=[str(p).split(',')[0] if ',' in str(p) else '' for p in t2.index]), e2, final
+

@@ -265,3 +265,61 @@ def test_large_sample_reference_partition_is_drawn_in_the_graphs_own_space(monke
     ref = ct.reference_partition(a)
     assert ref is not None and len(np.unique(ref)) < 6  # drawn on a sample, coarser than the halves
     assert all(len(set(ref[t*60:(t + 1)*60]) & set(np.delete(ref, np.s_[t*60:(t + 1)*60]))) == 0 for t in range(3))
+
+NK_MARKERS = ['NKG7', 'GNLY', 'KLRD1', 'KLRF1', 'PRF1']
+T_MARKERS = ['CD3D', 'CD3E', 'CD3G', 'CD5', 'CD6']
+
+def _two_lineages(both:bool, n:int=40, seed:int=0):
+    "Cluster '0': a T half and an NK half (`both`: cells expressing the two); cluster '1': B cells; a kNN graph."
+    import scanpy as sc
+    import deepseq_nb.celltyping as ct
+    rng = np.random.default_rng(seed)
+    genes = T_MARKERS + NK_MARKERS + ['MS4A1', 'CD79A'] + FILLER
+    X = rng.poisson(0.05, (3*n, len(genes))).astype(np.float32)
+    on = [T_MARKERS + NK_MARKERS] * 2 if both else [T_MARKERS, NK_MARKERS]
+    for k, gs in enumerate(on + [['MS4A1', 'CD79A']]):
+        for g in gs: X[k*n:(k + 1)*n, genes.index(g)] += rng.poisson(4, n)
+    X[:, -len(FILLER):] += rng.poisson(1, (3*n, len(FILLER)))
+    obs = pd.DataFrame({'leiden': pd.Categorical(np.repeat(['0', '0', '1'], n))}, index=[f'c{i}' for i in range(3*n)])
+    a = ad.AnnData(sp.csr_matrix(X), obs=obs, var=pd.DataFrame(index=genes))
+    a.obs['species'] = 'human'; a.obs['tissue'] = 'blood'
+    a.obsm['X_pca'] = np.log1p(X[:, :12])  # the marker space: the two halves are far apart
+    sc.pp.neighbors(a, n_neighbors=10, use_rep='X_pca')
+    a.uns['leiden'] = {'params': {'resolution': ct.COARSE}}  # clustered at the rules' resolution
+    return a
+
+def _read_by_markers(adata, groupby, species=None, tissue=None, layer=None, reference=None):
+    "A stand-in for the descent: T or NK by which markers a group expresses, a T/NK tie if both, B otherwise."
+    X = sp.csr_matrix(adata.X); g = adata.obs[groupby].astype(str)
+    col = lambda ms: [list(adata.var_names).index(m) for m in ms]
+    rows = []
+    for c in sorted(g.unique()):
+        m = X[(g == c).values]
+        t, k = (np.asarray((m[:, col(ms)] > 0).mean()) for ms in (T_MARKERS, NK_MARKERS))
+        cid, tied = ('CL:0000542', 'CL:0000084;CL:0000623') if t > 0.5 and k > 0.5 else (
+            ('CL:0000084' if t > 0.5 else 'CL:0000623' if k > 0.5 else 'CL:0000236'), '')
+        rows.append(dict(cluster=c, label=cid, name=cid, cl_id=cid, broad=cid, confidence=0.5, tied=tied,
+                         n_cells=int(m.shape[0])))
+    return pd.DataFrame(rows).set_index('cluster'), pd.DataFrame(columns=['cluster'])
+
+def test_a_cluster_of_two_lineages_is_split_and_its_parts_labelled(monkeypatch):
+    import deepseq_nb.celltyping as ct
+    monkeypatch.setattr(ct, 'celltype', _read_by_markers)
+    a = _two_lineages(both=False)
+    annotate(a, backend='kb', kb_mode='expression')
+    lab = a.obs['deepseq_label'].astype(str).to_numpy()
+    assert (lab[:40] == 'CL:0000084').all() and (lab[40:80] == 'CL:0000623').all()  # T half, NK half
+    assert a.obs['deepseq_cluster'].astype(str)[:80].str.startswith('0,').all()  # parts of cluster 0
+    t = a.uns['deepseq']['table'].set_index('cluster')
+    assert set(t.loc[t.part_of == '0'].index) == set(a.obs['deepseq_cluster'][:80].astype(str))
+    assert a.uns['deepseq']['params']['clusters'] == 'deepseq_cluster'
+    with ct.knobs(ct, SPLIT=False): annotate(a, backend='kb', kb_mode='expression')
+    assert (a.obs['deepseq_label'].astype(str)[:80] == 'CL:0000542').all() and 'deepseq_cluster' not in a.obs
+
+def test_a_tie_that_is_no_mix_stays_one_cluster(monkeypatch):
+    import deepseq_nb.celltyping as ct
+    monkeypatch.setattr(ct, 'celltype', _read_by_markers)
+    a = _two_lineages(both=True)  # every cell of cluster 0 expresses both: its parts tie too
+    tab, _, cells = ct.read_clusters(a)
+    assert (cells == a.obs['leiden'].astype(str)).all() and (tab.part_of == '').all()
+    assert tab.loc['0', 'tied'] == 'CL:0000084;CL:0000623'
