@@ -786,19 +786,22 @@ def mixed_clusters(tab:pd.DataFrame, # `celltype`'s table
     pairs = {str(c): tuple(t.split(';')) for c, t in tied.items() if isinstance(t, str) and t}
     return {c: p for c, p in pairs.items() if len(p) == 2 and all(i in lin for i in p)}
 
-def split_clusters(adata:ad.AnnData, # clustered, with a neighbour graph (obsp['connectivities'])
+def split_clusters(adata:ad.AnnData, # clustered, with the representation its neighbour graph was built from
                    groupby:str, # obs column of clusters
                    clusters:list, # the clusters to split
-                   resolution:float|None=None, # Leiden resolution on each one's cells (default: `COARSE`)
+                   seed:int=0, # k-means seed
                   )->pd.Series:
-    "Per cell: its cluster, or 'cluster,k' for its part k (Leiden on the cluster's cells) when the cluster is split."
-    from deepseq_nb.cluster import leiden  # the settings' seeded Leiden
-    obs = pd.DataFrame({'c': adata.obs[groupby].astype(str).astype('category')}, index=adata.obs_names)
-    tmp = ad.AnnData(obs=obs, obsp={'connectivities': adata.obsp['connectivities']},
-                     uns={'neighbors': {'connectivities_key': 'connectivities'}})
-    for c in clusters:  # one at a time: restricted to several, Leiden would re-cluster their cells together
-        leiden(tmp, resolution=COARSE if resolution is None else resolution, restrict_to=('c', [str(c)]), key_added='c')
-    return tmp.obs['c'].astype(str)
+    "Per cell: its cluster, or 'cluster,0'/'cluster,1' for its half (k-means, k=2, in the graph's space) when split."
+    from sklearn.cluster import KMeans
+    rep, n_pcs = _graph_rep(adata)  # X_pca, or the batch-corrected space scanpy records
+    P = np.asarray(adata.obsm[rep]); P = P[:, :n_pcs] if n_pcs else P
+    out = adata.obs[groupby].astype(str).to_numpy().astype(object)
+    for c in map(str, clusters):
+        idx = np.flatnonzero(out == c)
+        if len(idx) < 2: continue
+        half = KMeans(n_clusters=2, n_init=10, random_state=seed).fit_predict(P[idx])
+        out[idx] = [f'{c},{h}' for h in half]  # scanpy's restrict_to names
+    return pd.Series(out, index=adata.obs_names).astype(str)
 
 
 # %% ../nbs/04a_celltyping.ipynb #sp1it004
@@ -806,7 +809,7 @@ def _under(cid, lineage:str)->bool:
     "CL id `cid` is `lineage` or lies below it."
     return isinstance(cid, str) and (cid == lineage or lineage in ancestors(cid))
 
-def read_clusters(adata:ad.AnnData, # cells × genes, clustered, with a neighbour graph
+def read_clusters(adata:ad.AnnData, # cells × genes, clustered, with a neighbour graph and its space (X_pca)
                   groupby:str='leiden', # obs column of clusters
                   species:str|None=None, # 'human'/'mouse' (default: from the data)
                   tissue:str|None=None, # tissue for the prior (default: from the data, else none)
@@ -816,7 +819,7 @@ def read_clusters(adata:ad.AnnData, # cells × genes, clustered, with a neighbou
     species, tissue = infer_species(adata, species), infer_tissue(adata, tissue)
     tab, ev = celltype(adata, groupby, species, tissue, layer)
     cells = adata.obs[groupby].astype(str)
-    mixed = mixed_clusters(tab) if SPLIT and 'connectivities' in adata.obsp else {}
+    mixed = mixed_clusters(tab) if SPLIT and _graph_rep(adata)[0] in adata.obsm else {}
     if not mixed or reference_partition(adata, groupby) is not None:
         return tab.assign(part_of=''), ev, cells  # nothing to split, or finer than the rules: parts of their groups
     X = adata.layers[layer] if layer else adata.X

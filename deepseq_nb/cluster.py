@@ -55,7 +55,6 @@ def leiden(
     n_iterations: int = 2,
     seed: int = 0,
     key_added: str = 'leiden',
-    restrict_to: tuple | None = None,  # (obs column, [clusters]): re-cluster only those clusters' cells (scanpy)
 ) -> None:
     "Leiden clustering of the neighbour graph with a fixed seed; clusters are numbered by size."
     if flavor not in ('igraph', 'leidenalg'):
@@ -68,7 +67,6 @@ def leiden(
         n_iterations=n_iterations,
         random_state=seed,
         key_added=key_added,
-        restrict_to=restrict_to,
         **kw,
     )
 
