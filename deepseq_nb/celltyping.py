@@ -829,10 +829,12 @@ def read_clusters(adata:ad.AnnData, # cells × genes, clustered, with a neighbou
         return celltype(a, 'part', species, tissue, reference='cluster')
     parts = split_clusters(adata, groupby, list(mixed))
     t2, e2 = read(parts)
-    ids = lambda c: [t2.at[p, 'cl_id'] for p in t2.index if str(p).startswith(f'{c},')]
-    keep = [c for c, (a, b) in mixed.items() if any(_under(i, a) for i in ids(c)) and any(_under(i, b) for i in ids(c))]
+    halves = {c: t2.loc[parts[cells == c].unique(), 'cl_id'] for c in mixed}  # each split cluster's halves' CL ids
+    both = lambda c: all(any(_under(i, lin) for i in halves[c]) for lin in mixed[c])  # one half under each lineage
+    keep = [c for c in mixed if both(c)]
     if not keep: return tab.assign(part_of=''), ev, cells
     final = parts.where(cells.isin(keep), cells)
     if len(keep) < len(mixed): t2, e2 = read(final)  # only the kept splits: the other clusters' peers as before
-    return t2.assign(part_of=[str(p).split(',')[0] if ',' in str(p) else '' for p in t2.index]), e2, final
+    of = pd.Series(cells.values, index=final.values).groupby(level=0).first()  # each part's cluster
+    return t2.assign(part_of=[of[p] if of[p] != p else '' for p in t2.index.astype(str)]), e2, final
 
