@@ -232,7 +232,7 @@ def run_cross_tissue(
     key = json.dumps(dict(P, encoder=encoder if encoder is None else str(encoder), encoder_settings=encoder_settings(S),
                           plugins=PP, memory=MK, labels=labels), sort_keys=True, default=str)
     if (hit := _cached_run(cache, key)) is not None: return hit
-    enc = encoder if encoder is not None else default_encoder()
+    enc = encoder if encoder is not None else default_encoder(S)  # the settings passed in, overrides included
     t0 = time.perf_counter()
     embed_reference(ref, enc)
     timings['embed (frozen, once for every seed)'] = time.perf_counter() - t0
