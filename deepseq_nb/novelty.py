@@ -387,6 +387,7 @@ class NoveltyConfig:
     false_novel_rate:float=0.05 # share of known cells allowed above the threshold (the nominal rate)
     seed:int=0 # seed of the splits
     seeds:list=field(default_factory=lambda: [0, 1, 2]) # seeds of the experiments: numbers are their mean and spread
+    encoder_seeds:bool=True # each seed also pretrains the small encoder with it (no effect with a checkpoint)
     resolution:float=1.0 # Leiden resolution of the query's clusters
     adapter:str='none' # adapter of the joint space: 'none', 'mnn' or 'harmony'
     kb:bool=True # read the query clusters' markers with the kb (query-side calibration, veto)

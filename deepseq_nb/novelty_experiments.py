@@ -241,13 +241,15 @@ def run_novelty(settings=None, # `Settings` (default: settings.ini)
         c = json.loads(Path(cache).read_text())
         if c.get('key') == key: return {k: pd.DataFrame(v) for k, v in c['tables'].items()} | dict(seconds=c['seconds'])
     t0 = time.perf_counter()
-    enc = encoder if encoder is not None else default_encoder()
+    per_seed = encoder is None and P['encoder_seeds']  # the small encoder is learned too: each seed pretrains its own
+    enc = encoder if encoder is not None else None if per_seed else default_encoder(S)  # S: overrides included
     common = dict(calib_frac=P['calib_frac'], k=P['k'], resolution=P['resolution'], adapter=P['adapter'], kb=P['kb'],
                   false_novel_rate=P['false_novel_rate'])
     lo, be = [], []
-    for seed in P['seeds']:   # a seed draws the subsample, the splits and the clusterings
+    for seed in P['seeds']:   # a seed draws the subsample, the splits, the clusterings (and pretrains the encoder)
+        enc_s = default_encoder(S, seed=seed, progress=progress) if per_seed else enc  # cached after the first run
         ref = cross_tissue_reference(max_cells=P['max_cells'] or None, seed=seed)
-        embed_reference(ref, enc)  # frozen embeddings do not depend on the seed: cheap to redo for each subsample
+        embed_reference(ref, enc_s)
         lo += [
             leave_one_type_out(
                 ref, d, min_cells=P['min_cells'], max_types=P['max_types'], seed=seed, progress=progress, **common
@@ -255,7 +257,7 @@ def run_novelty(settings=None, # `Settings` (default: settings.ini)
             for d in P['datasets']
         ]
         be += [
-            batch_effect(ref, r, q, min_cells=P['min_cells'], seed=seed, encoder=enc, **common)
+            batch_effect(ref, r, q, min_cells=P['min_cells'], seed=seed, encoder=enc_s, **common)
             for r, q in P['batch_pairs']
         ]
         if progress: print(f"seed {seed} done ({time.perf_counter() - t0:.0f} s)", flush=True)

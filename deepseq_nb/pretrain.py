@@ -284,10 +284,12 @@ def pretrained_encoder(
     return load_scgpt(d)
 
 def default_encoder(settings:dict|None=None, # settings (default: settings.ini)
-                    *, progress:bool=True, # progress bar when it has to pretrain
+                    *, seed:int|None=None, # pretraining seed instead of `[encoder] seed` (a checkpoint ignores it)
+                    progress:bool=True, # progress bar when it has to pretrain
                    )->Encoder:
     "The encoder settings.ini names: `[encoder] checkpoint` if set, else the cached small one trained on bundled data."
     s = encoder_settings(settings)
     if s.get('checkpoint'): return load_scgpt(s['checkpoint'])
     params = {k: s[k] for k in PRETRAIN_KEYS if k in s and s[k] != ''}
+    if seed is not None: params['seed'] = int(seed)
     return pretrained_encoder(s.get('cache_dir') or None, progress=progress, **params)
