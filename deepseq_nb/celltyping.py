@@ -826,7 +826,8 @@ def read_clusters(adata:ad.AnnData, # cells × genes, clustered, with a neighbou
     def read(col):  # the clusters (and parts) in `col`, read as parts of the user's clusters
         a = ad.AnnData(X=X, obs=pd.DataFrame({'part': col.values, 'cluster': cells.values}, index=adata.obs_names),
                        var=adata.var[[]])
-        return celltype(a, 'part', species, tissue, reference='cluster')
+        with warnings.catch_warnings():  # the same data and settings as the first reading: its warnings were given
+            warnings.simplefilter('ignore'); return celltype(a, 'part', species, tissue, reference='cluster')
     parts = split_clusters(adata, groupby, list(mixed))
     t2, e2 = read(parts)
     halves = {c: t2.loc[parts[cells == c].unique(), 'cl_id'] for c in mixed}  # each split cluster's halves' CL ids

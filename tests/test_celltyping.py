@@ -323,3 +323,14 @@ def test_a_tie_that_is_no_mix_stays_one_cluster(monkeypatch):
     tab, _, cells = ct.read_clusters(a)
     assert (cells == a.obs['leiden'].astype(str)).all() and (tab.part_of == '').all()
     assert tab.loc['0', 'tied'] == 'CL:0000084;CL:0000623'
+
+def test_a_split_cluster_warns_once(monkeypatch):
+    import deepseq_nb.celltyping as ct
+    def warn_and_read(*args, **kw):  # as celltype does for a tissue it cannot place, on every call
+        warnings.warn("tissue 'Moon' names no organ", UserWarning); return _read_by_markers(*args, **kw)
+    monkeypatch.setattr(ct, 'celltype', warn_and_read)
+    a = _two_lineages(both=False)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always'); _, _, cells = ct.read_clusters(a)
+    assert cells.str.contains(',').sum() == 80  # cluster 0 was split: celltype ran two more times
+    assert sum('Moon' in str(x.message) for x in w) == 1
