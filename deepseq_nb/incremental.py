@@ -65,6 +65,8 @@ class IncrementalConfig:
     scratch:str='every'
     # seeds of the protocols in the paper figure (each its own split, draws, plugins)
     seeds: list = field(default_factory=lambda: [0])
+    plugin_epochs:int=20 # protocols: epochs of the first plugin (overriding [plugins] epochs)
+    plugin_val_fraction:float=0.0 # protocols: its validation share (overrides [plugins] val_fraction; 0: no early stop)
 
 
 ADD_KEYS = (
