@@ -210,6 +210,7 @@ def pretrain_encoder(
         seconds=round(time.perf_counter() - t0, 1),
         cpu_seconds=round(time.process_time() - c0, 1),
         torch=torch.__version__,
+        cpu_kernels=dict(aten=torch.backends.cpu.get_cpu_capability(), mkl_cbwr=os.environ.get('MKL_CBWR', '')),
         **log,
     )
     if out_dir is not None:
