@@ -241,13 +241,12 @@ def run_novelty(settings=None, # `Settings` (default: settings.ini)
         c = json.loads(Path(cache).read_text())
         if c.get('key') == key: return {k: pd.DataFrame(v) for k, v in c['tables'].items()} | dict(seconds=c['seconds'])
     t0 = time.perf_counter()
-    per_seed = encoder is None and P['encoder_seeds']  # the small encoder is learned too: each seed pretrains its own
-    enc = encoder if encoder is not None else None if per_seed else default_encoder(S)  # S: overrides included
     common = dict(calib_frac=P['calib_frac'], k=P['k'], resolution=P['resolution'], adapter=P['adapter'], kb=P['kb'],
                   false_novel_rate=P['false_novel_rate'])
     lo, be = [], []
     for seed in P['seeds']:   # a seed draws the subsample, the splits, the clusterings (and pretrains the encoder)
-        enc_s = default_encoder(S, seed=seed, progress=progress) if per_seed else enc  # cached after the first run
+        enc_s = encoder if encoder is not None else default_encoder(  # S: its overrides; cached after the first run
+            S, seed=seed if P['encoder_seeds'] else None, progress=progress)  # the encoder is learned too: its seed
         ref = cross_tissue_reference(max_cells=P['max_cells'] or None, seed=seed)
         embed_reference(ref, enc_s)
         lo += [
