@@ -46,9 +46,11 @@ class CrossTissueConfig:
     max_cells:int=0 # at most this many cells per study (a stratified draw); 0 keeps every cell
     k:int=15 # neighbours that vote in the memory kNN
     n_hvg:int=2000 # highly variable genes of the logistic-regression baseline and the chosen heads
+    # share of each tissue's training cells per type held out as validation cells (the heads are chosen on them)
+    val_fraction: float = 0.15
     plugin_max_cells:int=600 # training cells per tissue of the plugin methods (a stratified draw; 0: all)
     plugin_epochs:int=20  # epochs of the cross-tissue LoRA plugins (overriding [plugins] epochs)
-    # validation share of the plugins' own early stopping (overriding [plugins] val_fraction)
+    # validation share of the plugins' own early stopping (overriding [plugins] val_fraction; 0: none)
     plugin_val_fraction: float = 0.0
     head_cs:list=field(default_factory=lambda: [0.1, 1.0])  # strengths of the logistic heads chosen on validation
     methods: str = 'knn,knn_tuned,plugin,router,plugin_sel,router_sel,logreg,celltypist'  # run (`METHOD_NAMES`)
@@ -168,7 +170,7 @@ def _one_seed(ref, enc, P, PP, MK, seed, timings):
     tick = lambda name, t0: timings.__setitem__(name, timings.get(name, 0) + time.perf_counter() - t0)
     if any(m in PLUGIN_METHODS for m in P['methods']):
         t0 = time.perf_counter()
-        val = validation_mask(ref, PP['val_fraction'], seed)
+        val = validation_mask(ref, P['val_fraction'], seed)
         view = _plugin_view(ref, val, P['plugin_max_cells'], seed)
         plug, ps = plugin_methods(view, enc, params=PPs)
         ref.obsm['X_scgpt_tuned'] = view.obsm['X_scgpt_tuned']; ref.obs['router_tissue'] = view.obs.router_tissue.values

@@ -43,8 +43,8 @@ class PluginConfig:
     epochs:int=40 # most passes over the training cells
     lr:float=5e-3 # AdamW learning rate
     batch_size:int=32 # cells per step
-    patience:int=8 # epochs without a better validation loss before stopping
-    val_fraction:float=0.15 # stratified share of the training cells kept for validation (0: no early stopping)
+    patience:int=8 # epochs without a better validation loss before stopping (only with val_fraction > 0)
+    val_fraction:float=0.0 # stratified share of the training cells held out for early stopping (0: none, every epoch runs)
     weight_decay:float=0.01 # AdamW weight decay
     balance:bool=True # inverse-frequency class weights
     router_top_k:int=2 # plugins the router mixes per cell
@@ -495,7 +495,7 @@ def train_plugin(
     lr: float = 5e-3,
     batch_size: int = 32,
     patience: int = 8,
-    val_fraction: float = 0.15,  # training
+    val_fraction: float = 0.0,  # training (0: every epoch runs, no early stopping)
     weight_decay: float = 0.01,
     balance: bool = True,  # AdamW weight decay; inverse-frequency loss weights
     stop_on: str = 'val_loss',  # early stopping on the lowest 'val_loss' or the highest 'val_macro_f1'

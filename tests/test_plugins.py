@@ -302,7 +302,10 @@ def test_settings_and_split():
 def test_stop_on_macro_f1_keeps_the_best_f1_epoch(cells, enc):
     "stop_on='val_macro_f1' keeps the epoch of best validation macro-F1 (not lowest loss); a bad criterion is refused."
     ps = train_plugin(
-        cells['pancreas'], enc, tissue='pancreas', **dict(FAST, epochs=6, patience=6, stop_on='val_macro_f1')
+        cells['pancreas'],
+        enc,
+        tissue='pancreas',
+        **dict(FAST, epochs=6, patience=6, val_fraction=0.15, stop_on='val_macro_f1'),
     )
     info = ps.info['pancreas']
     log = info['log']
@@ -312,3 +315,12 @@ def test_stop_on_macro_f1_keeps_the_best_f1_epoch(cells, enc):
     )
     with pytest.raises(InputError, match="stop_on must be"):
         train_plugin(cells['pancreas'], enc, tissue='pancreas', **dict(FAST, stop_on='accuracy'))
+
+
+def test_default_training_runs_every_epoch_on_every_cell(cells, enc):
+    "The default (`[plugins] val_fraction = 0`) holds nothing out: every epoch runs and the last one is kept."
+    ps = train_plugin(cells['pancreas'], enc, tissue='pancreas', **dict(FAST, epochs=3))
+    info = ps.info['pancreas']
+    assert info['n_val'] == 0 and info['n_train'] == cells['pancreas'].n_obs
+    assert [r['epoch'] for r in info['log']] == [1, 2, 3] and info['best']['epoch'] == 3
+    assert 'val_loss' not in info['log'][-1]
