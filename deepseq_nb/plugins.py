@@ -44,7 +44,7 @@ class PluginConfig:
     lr:float=5e-3 # AdamW learning rate
     batch_size:int=32 # cells per step
     patience:int=8 # epochs without a better validation loss before stopping (only with val_fraction > 0)
-    val_fraction:float=0.0 # stratified share of the training cells held out for early stopping (0: none, every epoch runs)
+    val_fraction:float=0.0 # share of the training cells held out for early stopping (0: none, every epoch runs)
     weight_decay:float=0.01 # AdamW weight decay
     balance:bool=True # inverse-frequency class weights
     router_top_k:int=2 # plugins the router mixes per cell
