@@ -86,6 +86,7 @@ def _annotate_expression(a:ad.AnnData, groupby:str, tissue, species, key_added:s
     t0 = time.perf_counter()
     species, tissue = infer_species(a, species), infer_tissue(a, tissue)
     tab, ev, cells = read_clusters(a, groupby=groupby, species=species, tissue=tissue)
+    tissue, tissue_from = tab.attrs.get('tissue', tissue), tab.attrs.get('tissue_from')  # read from the clusters?
     clusters = groupby
     if (tab['part_of'] != '').any():  # clusters that mixed two lineages were split: label their parts
         clusters = f'{key_added}_cluster'
@@ -109,7 +110,7 @@ def _annotate_expression(a:ad.AnnData, groupby:str, tissue, species, key_added:s
     t = tab.reset_index().assign(cl_name=lambda d: d['label'])
     a.uns[key_added] = dict(table=_h5ad_safe(t), evidence=_h5ad_safe(ev), backend='kb', engine='celltyping',
                             params=dict(groupby=groupby, clusters=clusters, tissue=tissue or '', species=species,
-                                        kb_mode=kb_mode),
+                                        kb_mode=kb_mode, tissue_from=tissue_from or ''),
                             stats=dict(calls=0, cache_hits=0, reasks=0, tokens_in=0, tokens_out=0, cost=0.0,
                                        seconds=round(time.perf_counter() - t0, 3)))
     return a if copy else None

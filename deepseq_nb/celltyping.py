@@ -22,11 +22,13 @@ from .ontology import ancestors, cl_name, broad_type
 __all__ = ['LINEAGES', 'SHRINK', 'MIN_MARKERS', 'TOP_MARKERS', 'LABEL_WEIGHT', 'ABSOLUTE', 'TOP', 'FLOOR', 'MARGIN', 'PEERS',
            'ROOT_RATIO', 'NICHE', 'INHERIT', 'DEFINING', 'TISSUE_DROP', 'ANTIGEN', 'GATE', 'MIN_DETECT', 'NEXT',
            'GATE_MODE', 'UNREAD', 'ALTERNATIVE', 'HOMOGENEOUS', 'COARSE', 'GROUP_READING', 'REF_CELLS', 'SPLIT',
-           'label_markers', 'defining_antigens', 'label_alternatives', 'cluster_stats', 'gene_evidence',
-           'spread_labels', 'sampled_partition', 'reference_partition', 'majority', 'groups_of', 'reference_groups',
-           'with_groups', 'MarkerNetwork', 'own_scores', 'subtree_best', 'pairwise', 'antigen_scores', 'descend',
-           'group_reading', 'short_name', 'infer_species', 'infer_tissue', 'celltype', 'score_annotation', 'knobs',
-           'lodo', 'mixed_clusters', 'split_clusters', 'read_clusters']
+           'HEMATOPOIETIC_TISSUE', 'HEMATOPOIETIC_CELL', 'PLACED_SHARE', 'HEME_SHARE', 'TISSUE_FROM_EXPRESSION',
+           'READ_TISSUE_DROP', 'label_markers', 'defining_antigens', 'label_alternatives', 'cluster_stats',
+           'gene_evidence', 'spread_labels', 'sampled_partition', 'reference_partition', 'majority', 'groups_of',
+           'reference_groups', 'with_groups', 'MarkerNetwork', 'own_scores', 'subtree_best', 'pairwise',
+           'antigen_scores', 'descend', 'group_reading', 'short_name', 'infer_species', 'infer_tissue', 'celltype',
+           'score_annotation', 'knobs', 'lodo', 'mixed_clusters', 'split_clusters', 'read_clusters',
+           'tissue_from_expression']
 
 # %% ../nbs/04a_celltyping.ipynb #f553ec08
 LINEAGES = [  # (CL id, short name, positive markers, negative markers)
@@ -316,7 +318,7 @@ def with_groups(st:dict, # `cluster_stats`
 # %% ../nbs/04a_celltyping.ipynb #68633658
 class MarkerNetwork:
     "Candidate types (lineages + database types under the CL), weighted +/- markers over the data's genes."
-    def __init__(self, species:str, tissue:str|None, genes:np.ndarray):
+    def __init__(self, species:str, tissue:str|None, genes:np.ndarray, drop:bool|None=None):
         ix = kb_index(species); gpos = {}
         for i, g in enumerate(genes): gpos.setdefault(g, i)
         self.ids, self.names, self.source, rows, nsrc, self.antigens, read = [], [], [], [], {}, [], []
@@ -345,7 +347,7 @@ class MarkerNetwork:
             if DEFINING and (_ISOFORM.search(ix.cl_name[k] or '') or (lp and not any(g in gpos for g in lp))): continue
             for g in ln: pos.pop(g, None)
             out = bool(groups) and not ((ix.tissues[k] & groups) or ix.ubiquitous[k])
-            if out and TISSUE_DROP: continue
+            if out and (TISSUE_DROP if drop is None else drop): continue  # drop=False: weighed by OUT_OF_TISSUE
             prior = OUT_OF_TISSUE if out else 1.0
             add(k, ix.cl_name[k], pos, set(ix.neg.get(k, ())) | set(ln), 'kb', prior, defining_antigens(k))
             if len(self.ids) and self.ids[-1] == k: nsrc[len(self.ids) - 1] = len(set().union(*ix.sources[k].values()))
@@ -660,6 +662,7 @@ def celltype(adata:ad.AnnData, # cells × genes (counts or log-normalised), clus
              tissue:str|None=None, # tissue for the prior (default: from the data, else none)
              layer:str|None=None, # layer to read instead of X
              reference:str|None=None, # obs column of a partition the clusters are parts of (default: Leiden at COARSE)
+             tissue_drop:bool|None=None, # out-of-tissue types dropped (default `TISSUE_DROP`) or, False, weighed down
             )->tuple[pd.DataFrame, pd.DataFrame]:
     "Per-cluster label (finest level reached), lineage, CL id, confidence and why it stopped; and the evidence table."
     species, tissue = infer_species(adata, species), infer_tissue(adata, tissue)
@@ -671,7 +674,7 @@ def celltype(adata:ad.AnnData, # cells × genes (counts or log-normalised), clus
            else adata.obs[reference].astype('category').cat.codes.to_numpy())
     major = None if ref is None else majority(adata.obs[groupby].astype('category').cat.codes.to_numpy(), ref, n)
     st = with_groups(st, np.arange(n) if ref is None else groups_of(major, ref.max() + 1))
-    net = MarkerNetwork(species, tissue, st['genes'])
+    net = MarkerNetwork(species, tissue, st['genes'], drop=tissue_drop)
     paths, steps = descend(net, st); taken = np.full(n, -1)
     if ref is not None and GROUP_READING:  # the reference partition read as clusters, then each part reconciled
         X = adata.layers[layer] if layer else adata.X
@@ -815,27 +818,63 @@ def read_clusters(adata:ad.AnnData, # cells × genes, clustered, with a neighbou
                   tissue:str|None=None, # tissue for the prior (default: from the data, else none)
                   layer:str|None=None, # layer to read instead of X
                  )->tuple[pd.DataFrame, pd.DataFrame, pd.Series]:
-    "`celltype`, with clusters that mix two lineages split (`SPLIT`): (table, evidence, each cell's cluster or part)."
+    "`celltype` with the tissue read from the clusters if none is known, and clusters mixing two lineages split."
     species, tissue = infer_species(adata, species), infer_tissue(adata, tissue)
-    tab, ev = celltype(adata, groupby, species, tissue, layer)
+    given, drop = tissue, None
+    if tissue is None and TISSUE_FROM_EXPRESSION:  # nothing given or recorded: read it from the clusters
+        tissue = tissue_from_expression(adata, groupby, species, layer)
+        drop = READ_TISSUE_DROP if tissue else None  # a tissue read, not given: other organs' types out or weighed down
+    def done(t, part_of=''):  # the table, with the tissue prior it was read under (and whence) in its attrs
+        t = t.assign(part_of=part_of)
+        t.attrs = dict(tissue=tissue, tissue_from=None if tissue is None else 'given' if given else 'expression')
+        return t
+    tab, ev = celltype(adata, groupby, species, tissue, layer, tissue_drop=drop)
     cells = adata.obs[groupby].astype(str)
     mixed = mixed_clusters(tab) if SPLIT and _graph_rep(adata)[0] in adata.obsm else {}
     if not mixed or reference_partition(adata, groupby) is not None:
-        return tab.assign(part_of=''), ev, cells  # nothing to split, or finer than the rules: parts of their groups
+        return done(tab), ev, cells  # nothing to split, or finer than the rules: parts of their groups
     X = adata.layers[layer] if layer else adata.X
     def read(col):  # the clusters (and parts) in `col`, read as parts of the user's clusters
         a = ad.AnnData(X=X, obs=pd.DataFrame({'part': col.values, 'cluster': cells.values}, index=adata.obs_names),
                        var=adata.var[[]])
         with warnings.catch_warnings():  # the same data and settings as the first reading: its warnings were given
-            warnings.simplefilter('ignore'); return celltype(a, 'part', species, tissue, reference='cluster')
+            warnings.simplefilter('ignore')
+            return celltype(a, 'part', species, tissue, reference='cluster', tissue_drop=drop)
     parts = split_clusters(adata, groupby, list(mixed))
     t2, e2 = read(parts)
     halves = {c: t2.loc[parts[cells == c].unique(), 'cl_id'] for c in mixed}  # each split cluster's halves' CL ids
     both = lambda c: all(any(_under(i, lin) for i in halves[c]) for lin in mixed[c])  # one half under each lineage
     keep = [c for c in mixed if both(c)]
-    if not keep: return tab.assign(part_of=''), ev, cells
+    if not keep: return done(tab), ev, cells
     final = parts.where(cells.isin(keep), cells)
     if len(keep) < len(mixed): t2, e2 = read(final)  # only the kept splits: the other clusters' peers as before
     of = pd.Series(cells.values, index=final.values).groupby(level=0).first()  # each part's cluster
-    return t2.assign(part_of=[of[p] if of[p] != p else '' for p in t2.index.astype(str)]), e2, final
+    return done(t2, [of[p] if of[p] != p else '' for p in t2.index.astype(str)]), e2, final
 
+
+# %% ../nbs/04a_celltyping.ipynb #t1ss0e02
+HEMATOPOIETIC_TISSUE = 'blood, lymph node, bone marrow'  # the prior of a sample of blood or immune cells
+HEMATOPOIETIC_CELL = 'CL:0000988'  # hematopoietic cell: leukocytes, platelets, erythrocytes and their precursors
+PLACED_SHARE = 0.5  # the clusters read to a lineage (without a prior) hold at least this share of the cells ...
+HEME_SHARE = 0.8  # ... and at least this share of those cells read as hematopoietic: the sample's tissue is read
+TISSUE_FROM_EXPRESSION = True  # False: no tissue given or recorded means no tissue prior
+READ_TISSUE_DROP = True  # a tissue read from the clusters drops other organs' types (True) or weighs them down
+
+def tissue_from_expression(adata:ad.AnnData, # cells × genes, clustered
+                           groupby:str='leiden', # obs column of clusters
+                           species:str|None=None, # 'human'/'mouse' (default: from the data)
+                           layer:str|None=None, # layer to read instead of X
+                           warn:bool=True, # warn when a tissue is read
+                          )->str|None:
+    "`HEMATOPOIETIC_TISSUE` when the clusters, read without a tissue, are blood or immune cells; else None."
+    with warnings.catch_warnings():  # a reading only to decide the prior: its warnings come with the real one
+        warnings.simplefilter('ignore'); tab, _ = celltype(adata, groupby, species, None, layer)
+    n = tab['n_cells'].to_numpy(float)
+    placed = np.array([isinstance(c, str) for c in tab['cl_id']])
+    heme = np.array([_under(c, HEMATOPOIETIC_CELL) for c in tab['cl_id']])
+    share = n[heme].sum() / max(n[placed].sum(), 1.0)
+    if n[placed].sum() < PLACED_SHARE * n.sum() or share < HEME_SHARE: return None
+    if warn: warnings.warn(
+        f"tissue not given: {share:.0%} of the cells the engine places read as blood or immune cells, so the tissue "
+        f"prior is {HEMATOPOIETIC_TISSUE!r}; pass tissue= (CLI: --tissue) to set it", stacklevel=2)
+    return HEMATOPOIETIC_TISSUE

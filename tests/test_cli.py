@@ -170,3 +170,22 @@ def test_annotate_tissue_from_set_or_data(tmp_path):
 def test_annotate_evidence_needs_an_llm_backend():
     r = run('annotate', 'pbmc3k', '--backend', 'kb', '--evidence')
     assert r.returncode == 2 and 'LLM --backend' in r.stderr and 'Traceback' not in r.stderr
+
+
+def test_annotate_reads_a_tissue_from_blood_clusters(tmp_path):
+    "An h5ad that records no tissue: its blood clusters give the hematopoietic prior (with a warning); islets none."
+    import anndata as ad
+    from deepseq_nb.data import load
+    from deepseq_nb.celltyping import HEMATOPOIETIC_TISSUE
+    for name in ('pbmc3k', 'pancreas_xin'):
+        a = load(name)
+        a.uns['dataset'] = {k: v for k, v in a.uns['dataset'].items() if k != 'tissue'}
+        a.obs = a.obs.drop(columns=['tissue'], errors='ignore')
+        a.write_h5ad(tmp_path/f'{name}.h5ad')
+        r = run('annotate', tmp_path/f'{name}.h5ad', '--backend', 'kb', '--out', tmp_path/f'{name}_out.h5ad')
+        assert r.returncode == 0, r.stderr
+        p = ad.read_h5ad(tmp_path/f'{name}_out.h5ad').uns['deepseq']['params']
+        if name == 'pbmc3k':
+            assert p['tissue'] == HEMATOPOIETIC_TISSUE and p['tissue_from'] == 'expression'
+            assert 'tissue not given' in r.stderr and '--tissue' in r.stderr  # the user is told, and how to set it
+        else: assert p['tissue'] == '' and p['tissue_from'] == '' and 'tissue not given' not in r.stderr
