@@ -10,7 +10,7 @@ import anndata as ad
 import pandas as pd
 
 from .backends import get_backend, backend_options
-from .celltyping import celltype, cluster_stats, infer_species, infer_tissue, read_clusters
+from .celltyping import celltype, cluster_stats, infer_species, infer_tissue, read_clusters, resolve_tissue
 from .cluster import markers_from_settings, markers_by_cluster
 from .config import load_settings
 from .ontology import to_cl
@@ -129,8 +129,9 @@ def expression_evidence(
     per_candidate: int = 3,  # genes for, and genes against, each candidate weighed
 ) -> dict[str, str]:
     "`{cluster: 'GENE in% (out%), ...'}` for the genes the expression engine weighed, deepest decision first."
-    species, tissue = infer_species(adata, species), infer_tissue(adata, tissue)
-    _, ev = celltype(adata, groupby=groupby, species=species, tissue=tissue)
+    species = infer_species(adata, species)
+    tissue, drop, _ = resolve_tissue(adata, groupby, species, tissue, warn=False)  # the engine's prior, as `annotate`'s
+    _, ev = celltype(adata, groupby=groupby, species=species, tissue=tissue, tissue_drop=drop)
     st = cluster_stats(adata, groupby)
     col = {g: j for j, g in reversed(list(enumerate(st['genes'])))}  # harmonised name -> first column
     row = {c: k for k, c in enumerate(st['clusters'])}

@@ -28,7 +28,7 @@ __all__ = ['LINEAGES', 'SHRINK', 'MIN_MARKERS', 'TOP_MARKERS', 'LABEL_WEIGHT', '
            'reference_groups', 'with_groups', 'MarkerNetwork', 'own_scores', 'subtree_best', 'pairwise',
            'antigen_scores', 'descend', 'group_reading', 'short_name', 'infer_species', 'infer_tissue', 'celltype',
            'score_annotation', 'knobs', 'lodo', 'mixed_clusters', 'split_clusters', 'read_clusters',
-           'tissue_from_expression']
+           'tissue_from_expression', 'resolve_tissue']
 
 # %% ../nbs/04a_celltyping.ipynb #f553ec08
 LINEAGES = [  # (CL id, short name, positive markers, negative markers)
@@ -819,14 +819,11 @@ def read_clusters(adata:ad.AnnData, # cells × genes, clustered, with a neighbou
                   layer:str|None=None, # layer to read instead of X
                  )->tuple[pd.DataFrame, pd.DataFrame, pd.Series]:
     "`celltype` with the tissue read from the clusters if none is known, and clusters mixing two lineages split."
-    species, tissue = infer_species(adata, species), infer_tissue(adata, tissue)
-    given, drop = tissue, None
-    if tissue is None and TISSUE_FROM_EXPRESSION:  # nothing given or recorded: read it from the clusters
-        tissue = tissue_from_expression(adata, groupby, species, layer)
-        drop = READ_TISSUE_DROP if tissue else None  # a tissue read, not given: other organs' types out or weighed down
+    species = infer_species(adata, species)
+    tissue, drop, whence = resolve_tissue(adata, groupby, species, tissue, layer)  # none known: read from the clusters
     def done(t, part_of=''):  # the table, with the tissue prior it was read under (and whence) in its attrs
         t = t.assign(part_of=part_of)
-        t.attrs = dict(tissue=tissue, tissue_from=None if tissue is None else 'given' if given else 'expression')
+        t.attrs = dict(tissue=tissue, tissue_from=whence)
         return t
     tab, ev = celltype(adata, groupby, species, tissue, layer, tissue_drop=drop)
     cells = adata.obs[groupby].astype(str)
@@ -878,3 +875,16 @@ def tissue_from_expression(adata:ad.AnnData, # cells × genes, clustered
         f"tissue not given: {share:.0%} of the cells the engine places read as blood or immune cells, so the tissue "
         f"prior is {HEMATOPOIETIC_TISSUE!r}; pass tissue= (CLI: --tissue) to set it", stacklevel=2)
     return HEMATOPOIETIC_TISSUE
+
+def resolve_tissue(adata:ad.AnnData, # cells × genes, clustered
+                   groupby:str='leiden', # obs column of clusters
+                   species:str|None=None, # 'human'/'mouse' (default: from the data)
+                   tissue:str|None=None, # given by the caller
+                   layer:str|None=None, # layer to read instead of X
+                   warn:bool=True, # warn when a tissue is read from the clusters
+                  )->tuple:
+    "(tissue, tissue_drop, whence): given or recorded ('given'), else read from the clusters ('expression'), else none."
+    t = infer_tissue(adata, tissue)
+    if t: return t, None, 'given'
+    if TISSUE_FROM_EXPRESSION: t = tissue_from_expression(adata, groupby, infer_species(adata, species), layer, warn)
+    return (t, READ_TISSUE_DROP, 'expression') if t else (None, None, None)

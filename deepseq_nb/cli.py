@@ -203,6 +203,9 @@ def cmd_annotate(args)->int:
                  **({'progress': False} if args.quiet and backend != 'kb' else {}))
     tab = a.uns['deepseq']['table']
     _print_annotation(tab)
+    p = a.uns['deepseq']['params']
+    if p.get('tissue_from') == 'expression':  # told even with -q, which hides the warning
+        print(f"tissue prior read from the clusters: {p['tissue']!r} (set the tissue with --tissue)")
     st = a.uns['deepseq']['stats']
     n_missing = int((tab['missing'].astype(str) == 'True').sum()) if 'missing' in tab else 0
     print(f"backend {backend}: {st['calls']} requests, {st['cache_hits']} cache hits, cost "

@@ -188,4 +188,5 @@ def test_annotate_reads_a_tissue_from_blood_clusters(tmp_path):
         if name == 'pbmc3k':
             assert p['tissue'] == HEMATOPOIETIC_TISSUE and p['tissue_from'] == 'expression'
             assert 'tissue not given' in r.stderr and '--tissue' in r.stderr  # the user is told, and how to set it
-        else: assert p['tissue'] == '' and p['tissue_from'] == '' and 'tissue not given' not in r.stderr
+            assert f'tissue prior read from the clusters: {HEMATOPOIETIC_TISSUE!r}' in r.stdout  # printed with -q too
+        else: assert p['tissue'] == '' and p['tissue_from'] == '' and 'tissue prior' not in r.stdout + r.stderr
