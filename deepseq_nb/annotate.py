@@ -10,7 +10,7 @@ import anndata as ad
 import pandas as pd
 
 from .backends import get_backend, backend_options
-from .celltyping import celltype, cluster_stats, infer_species, infer_tissue, read_clusters, resolve_tissue
+from .celltyping import cluster_stats, infer_species, infer_tissue, read_clusters, celltype_in_tissue
 from .cluster import markers_from_settings, markers_by_cluster
 from .config import load_settings
 from .ontology import to_cl
@@ -130,8 +130,7 @@ def expression_evidence(
 ) -> dict[str, str]:
     "`{cluster: 'GENE in% (out%), ...'}` for the genes the expression engine weighed, deepest decision first."
     species = infer_species(adata, species)
-    tissue, drop, _ = resolve_tissue(adata, groupby, species, tissue, warn=False)  # the engine's prior, as `annotate`'s
-    _, ev = celltype(adata, groupby=groupby, species=species, tissue=tissue, tissue_drop=drop)
+    _, ev, *_ = celltype_in_tissue(adata, groupby, species, tissue, warn=False)  # under the prior `annotate` reads in
     st = cluster_stats(adata, groupby)
     col = {g: j for j, g in reversed(list(enumerate(st['genes'])))}  # harmonised name -> first column
     row = {c: k for k, c in enumerate(st['clusters'])}

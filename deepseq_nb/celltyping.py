@@ -23,12 +23,12 @@ __all__ = ['LINEAGES', 'SHRINK', 'MIN_MARKERS', 'TOP_MARKERS', 'LABEL_WEIGHT', '
            'ROOT_RATIO', 'NICHE', 'INHERIT', 'DEFINING', 'TISSUE_DROP', 'ANTIGEN', 'GATE', 'MIN_DETECT', 'NEXT',
            'GATE_MODE', 'UNREAD', 'ALTERNATIVE', 'HOMOGENEOUS', 'COARSE', 'GROUP_READING', 'REF_CELLS', 'SPLIT',
            'HEMATOPOIETIC_TISSUE', 'HEMATOPOIETIC_CELL', 'PLACED_SHARE', 'HEME_SHARE', 'TISSUE_FROM_EXPRESSION',
-           'READ_TISSUE_DROP', 'label_markers', 'defining_antigens', 'label_alternatives', 'cluster_stats',
-           'gene_evidence', 'spread_labels', 'sampled_partition', 'reference_partition', 'majority', 'groups_of',
-           'reference_groups', 'with_groups', 'MarkerNetwork', 'own_scores', 'subtree_best', 'pairwise',
-           'antigen_scores', 'descend', 'group_reading', 'short_name', 'infer_species', 'infer_tissue', 'celltype',
-           'score_annotation', 'knobs', 'lodo', 'mixed_clusters', 'split_clusters', 'read_clusters',
-           'tissue_from_expression', 'resolve_tissue']
+           'label_markers', 'defining_antigens', 'label_alternatives', 'cluster_stats', 'gene_evidence',
+           'spread_labels', 'sampled_partition', 'reference_partition', 'majority', 'groups_of', 'reference_groups',
+           'with_groups', 'MarkerNetwork', 'own_scores', 'subtree_best', 'pairwise', 'antigen_scores', 'descend',
+           'group_reading', 'short_name', 'infer_species', 'infer_tissue', 'celltype', 'score_annotation', 'knobs',
+           'lodo', 'mixed_clusters', 'split_clusters', 'read_clusters', 'tissue_from_reading', 'tissue_from_expression',
+           'celltype_in_tissue']
 
 # %% ../nbs/04a_celltyping.ipynb #f553ec08
 LINEAGES = [  # (CL id, short name, positive markers, negative markers)
@@ -318,7 +318,7 @@ def with_groups(st:dict, # `cluster_stats`
 # %% ../nbs/04a_celltyping.ipynb #68633658
 class MarkerNetwork:
     "Candidate types (lineages + database types under the CL), weighted +/- markers over the data's genes."
-    def __init__(self, species:str, tissue:str|None, genes:np.ndarray, drop:bool|None=None):
+    def __init__(self, species:str, tissue:str|None, genes:np.ndarray):
         ix = kb_index(species); gpos = {}
         for i, g in enumerate(genes): gpos.setdefault(g, i)
         self.ids, self.names, self.source, rows, nsrc, self.antigens, read = [], [], [], [], {}, [], []
@@ -347,7 +347,7 @@ class MarkerNetwork:
             if DEFINING and (_ISOFORM.search(ix.cl_name[k] or '') or (lp and not any(g in gpos for g in lp))): continue
             for g in ln: pos.pop(g, None)
             out = bool(groups) and not ((ix.tissues[k] & groups) or ix.ubiquitous[k])
-            if out and (TISSUE_DROP if drop is None else drop): continue  # drop=False: weighed by OUT_OF_TISSUE
+            if out and TISSUE_DROP: continue
             prior = OUT_OF_TISSUE if out else 1.0
             add(k, ix.cl_name[k], pos, set(ix.neg.get(k, ())) | set(ln), 'kb', prior, defining_antigens(k))
             if len(self.ids) and self.ids[-1] == k: nsrc[len(self.ids) - 1] = len(set().union(*ix.sources[k].values()))
@@ -662,7 +662,6 @@ def celltype(adata:ad.AnnData, # cells × genes (counts or log-normalised), clus
              tissue:str|None=None, # tissue for the prior (default: from the data, else none)
              layer:str|None=None, # layer to read instead of X
              reference:str|None=None, # obs column of a partition the clusters are parts of (default: Leiden at COARSE)
-             tissue_drop:bool|None=None, # out-of-tissue types dropped (default `TISSUE_DROP`) or, False, weighed down
             )->tuple[pd.DataFrame, pd.DataFrame]:
     "Per-cluster label (finest level reached), lineage, CL id, confidence and why it stopped; and the evidence table."
     species, tissue = infer_species(adata, species), infer_tissue(adata, tissue)
@@ -674,7 +673,7 @@ def celltype(adata:ad.AnnData, # cells × genes (counts or log-normalised), clus
            else adata.obs[reference].astype('category').cat.codes.to_numpy())
     major = None if ref is None else majority(adata.obs[groupby].astype('category').cat.codes.to_numpy(), ref, n)
     st = with_groups(st, np.arange(n) if ref is None else groups_of(major, ref.max() + 1))
-    net = MarkerNetwork(species, tissue, st['genes'], drop=tissue_drop)
+    net = MarkerNetwork(species, tissue, st['genes'])
     paths, steps = descend(net, st); taken = np.full(n, -1)
     if ref is not None and GROUP_READING:  # the reference partition read as clusters, then each part reconciled
         X = adata.layers[layer] if layer else adata.X
@@ -820,12 +819,11 @@ def read_clusters(adata:ad.AnnData, # cells × genes, clustered, with a neighbou
                  )->tuple[pd.DataFrame, pd.DataFrame, pd.Series]:
     "`celltype` with the tissue read from the clusters if none is known, and clusters mixing two lineages split."
     species = infer_species(adata, species)
-    tissue, drop, whence = resolve_tissue(adata, groupby, species, tissue, layer)  # none known: read from the clusters
+    tab, ev, tissue, whence = celltype_in_tissue(adata, groupby, species, tissue, layer)  # none known: read one
     def done(t, part_of=''):  # the table, with the tissue prior it was read under (and whence) in its attrs
         t = t.assign(part_of=part_of)
         t.attrs = dict(tissue=tissue, tissue_from=whence)
         return t
-    tab, ev = celltype(adata, groupby, species, tissue, layer, tissue_drop=drop)
     cells = adata.obs[groupby].astype(str)
     mixed = mixed_clusters(tab) if SPLIT and _graph_rep(adata)[0] in adata.obsm else {}
     if not mixed or reference_partition(adata, groupby) is not None:
@@ -836,7 +834,7 @@ def read_clusters(adata:ad.AnnData, # cells × genes, clustered, with a neighbou
                        var=adata.var[[]])
         with warnings.catch_warnings():  # the same data and settings as the first reading: its warnings were given
             warnings.simplefilter('ignore')
-            return celltype(a, 'part', species, tissue, reference='cluster', tissue_drop=drop)
+            return celltype(a, 'part', species, tissue, reference='cluster')
     parts = split_clusters(adata, groupby, list(mixed))
     t2, e2 = read(parts)
     halves = {c: t2.loc[parts[cells == c].unique(), 'cl_id'] for c in mixed}  # each split cluster's halves' CL ids
@@ -855,17 +853,11 @@ HEMATOPOIETIC_CELL = 'CL:0000988'  # hematopoietic cell: leukocytes, platelets, 
 PLACED_SHARE = 0.5  # the clusters read to a lineage (without a prior) hold at least this share of the cells ...
 HEME_SHARE = 0.8  # ... and at least this share of those cells read as hematopoietic: the sample's tissue is read
 TISSUE_FROM_EXPRESSION = True  # False: no tissue given or recorded means no tissue prior
-READ_TISSUE_DROP = True  # a tissue read from the clusters drops other organs' types (True) or weighs them down
 
-def tissue_from_expression(adata:ad.AnnData, # cells × genes, clustered
-                           groupby:str='leiden', # obs column of clusters
-                           species:str|None=None, # 'human'/'mouse' (default: from the data)
-                           layer:str|None=None, # layer to read instead of X
-                           warn:bool=True, # warn when a tissue is read
-                          )->str|None:
-    "`HEMATOPOIETIC_TISSUE` when the clusters, read without a tissue, are blood or immune cells; else None."
-    with warnings.catch_warnings():  # a reading only to decide the prior: its warnings come with the real one
-        warnings.simplefilter('ignore'); tab, _ = celltype(adata, groupby, species, None, layer)
+def tissue_from_reading(tab:pd.DataFrame, # `celltype`'s table of a reading without a tissue
+                        warn:bool=True, # warn when a tissue is read
+                       )->str|None:
+    "`HEMATOPOIETIC_TISSUE` when the reading places blood or immune cells (`PLACED_SHARE`, `HEME_SHARE`); else None."
     n = tab['n_cells'].to_numpy(float)
     placed = np.array([isinstance(c, str) for c in tab['cl_id']])
     heme = np.array([_under(c, HEMATOPOIETIC_CELL) for c in tab['cl_id']])
@@ -873,18 +865,30 @@ def tissue_from_expression(adata:ad.AnnData, # cells × genes, clustered
     if n[placed].sum() < PLACED_SHARE * n.sum() or share < HEME_SHARE: return None
     if warn: warnings.warn(
         f"tissue not given: {share:.0%} of the cells the engine places read as blood or immune cells, so the tissue "
-        f"prior is {HEMATOPOIETIC_TISSUE!r}; pass tissue= (CLI: --tissue) to set it", stacklevel=2)
+        f"prior is {HEMATOPOIETIC_TISSUE!r}; pass tissue= (CLI: --tissue) to set it", stacklevel=3)
     return HEMATOPOIETIC_TISSUE
 
-def resolve_tissue(adata:ad.AnnData, # cells × genes, clustered
-                   groupby:str='leiden', # obs column of clusters
-                   species:str|None=None, # 'human'/'mouse' (default: from the data)
-                   tissue:str|None=None, # given by the caller
-                   layer:str|None=None, # layer to read instead of X
-                   warn:bool=True, # warn when a tissue is read from the clusters
-                  )->tuple:
-    "(tissue, tissue_drop, whence): given or recorded ('given'), else read from the clusters ('expression'), else none."
+def tissue_from_expression(adata:ad.AnnData, # cells × genes, clustered, with no tissue given or recorded
+                           groupby:str='leiden', # obs column of clusters
+                           species:str|None=None, # 'human'/'mouse' (default: from the data)
+                           layer:str|None=None, # layer to read instead of X
+                           warn:bool=True, # warn when a tissue is read
+                          )->str|None:
+    "`HEMATOPOIETIC_TISSUE` when the clusters, read without a tissue, are blood or immune cells; else None."
+    return tissue_from_reading(celltype(adata, groupby, species, None, layer)[0], warn)
+
+def celltype_in_tissue(adata:ad.AnnData, # cells × genes, clustered
+                       groupby:str='leiden', # obs column of clusters
+                       species:str|None=None, # 'human'/'mouse' (default: from the data)
+                       tissue:str|None=None, # given by the caller
+                       layer:str|None=None, # layer to read instead of X
+                       warn:bool=True, # warn when a tissue is read from the clusters
+                      )->tuple:
+    "(table, evidence, tissue, whence): `celltype` under the given or recorded tissue, else under one it reads."
     t = infer_tissue(adata, tissue)
-    if t: return t, None, 'given'
-    if TISSUE_FROM_EXPRESSION: t = tissue_from_expression(adata, groupby, infer_species(adata, species), layer, warn)
-    return (t, READ_TISSUE_DROP, 'expression') if t else (None, None, None)
+    tab, ev = celltype(adata, groupby, species, t, layer)
+    if t: return tab, ev, t, 'given'
+    t = tissue_from_reading(tab, warn) if TISSUE_FROM_EXPRESSION else None
+    if t is None: return tab, ev, None, None  # the reading without a prior is the answer
+    return *celltype(adata, groupby, species, t, layer), t, 'expression'
+

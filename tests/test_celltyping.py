@@ -288,7 +288,7 @@ def _two_lineages(both:bool, n:int=40, seed:int=0):
     a.uns['leiden'] = {'params': {'resolution': ct.COARSE}}  # clustered at the rules' resolution
     return a
 
-def _read_by_markers(adata, groupby, species=None, tissue=None, layer=None, reference=None, tissue_drop=None):
+def _read_by_markers(adata, groupby, species=None, tissue=None, layer=None, reference=None):
     "A stand-in for the descent: T or NK by which markers a group expresses, a T/NK tie if both, B otherwise."
     X = sp.csr_matrix(adata.X); g = adata.obs[groupby].astype(str)
     col = lambda ms: [list(adata.var_names).index(m) for m in ms]
