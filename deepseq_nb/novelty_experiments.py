@@ -232,7 +232,7 @@ def run_novelty(settings=None, # `Settings` (default: settings.ini)
     S = settings if settings is not None else load_settings()
     P = novelty_settings(S)
     key = json.dumps(
-        dict(P, encoder=encoder_settings(S), custom_encoder=None if encoder is None else str(encoder), v=4,
+        dict(P, encoder=encoder_settings(S), custom_encoder=None if encoder is None else str(encoder), v=5,
              kb=kb_key() if P['kb'] else None),  # the kb's readings veto clusters: its markers are part of the result
         sort_keys=True,
         default=str,

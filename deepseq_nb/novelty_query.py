@@ -18,7 +18,7 @@ from .data import InputError
 from .novelty import as_dense, known_match
 
 # %% auto #0
-__all__ = ['ADAPTERS', 'DENSE_MAX', 'measured_genes', 'mnn_adapt', 'harmony_adapt', 'adapt_query', 'joint_space',
+__all__ = ['ADAPTERS', 'DENSE_MAX', 'measured_genes', 'mnn_adapt', 'harmony_adapt', 'adapt_query', 'joint_space', 'cluster_k',
            'reference_share', 'query_clusters', 'relative_scores', 'nearest_types', 'kb_reading', 'upper_quantile',
            'relative_novelty', 'assess_relative_novelty']
 
@@ -127,17 +127,28 @@ def joint_space(
     return adapt_query(YR, YQ, adapter, seed)
 
 # %% ../nbs/13b_novelty_query.ipynb #5087561f
+def cluster_k(clusters:np.ndarray, # cluster per query cell
+              k:int=15, # the most neighbours a cell counts
+              k_min:int=3, # the fewest
+             )->np.ndarray:
+    "Neighbours each query cell counts: half its cluster's size, between `k_min` and `k`."
+    c = pd.Series(np.asarray(clusters))
+    return np.clip(c.map(c.value_counts()).to_numpy() // 2, k_min, k)
+
 def reference_share(
     YR: np.ndarray,
     YQ: np.ndarray,  # reference and query coordinates in one space
     k: int = 15,  # neighbours of each query cell among reference and query cells together
+    clusters: np.ndarray | None = None,  # cluster per query cell: each counts its `cluster_k` nearest (None: all k)
 ) -> np.ndarray:
-    "Per query cell, the share of reference cells among its `k` nearest neighbours in the joint set (itself excluded)."
+    "Per query cell, the share of reference cells among its nearest neighbours in the joint set (itself excluded)."
     from sklearn.neighbors import NearestNeighbors
     Y = np.vstack([YR, YQ]).astype(np.float32)
     isref = np.r_[np.ones(len(YR), bool), np.zeros(len(YQ), bool)]
     idx = NearestNeighbors(n_neighbors=min(k + 1, len(Y))).fit(Y).kneighbors(YQ, return_distance=False)[:, 1:]
-    return isref[idx].mean(1)
+    if clusters is None: return isref[idx].mean(1)
+    kc = np.minimum(cluster_k(clusters, k), idx.shape[1])
+    return (isref[idx] & (np.arange(idx.shape[1])[None] < kc[:, None])).sum(1) / kc
 
 def query_clusters(YQ:np.ndarray, # query coordinates
                    resolution:float=1.0, # Leiden resolution
@@ -245,7 +256,7 @@ def relative_novelty(
     types = sorted(set(reference.obs[label_key].astype(str)))
     YR, YQ = _coords(reference, query, space, use_rep, adapter, seed)
     cl = query_clusters(YQ, resolution, k, seed)
-    share = reference_share(YR, YQ, k)
+    share = reference_share(YR, YQ, k, cl)
     if share.max() == 0:
         warnings.warn(
             f"No query cell has a reference cell among its {k} neighbours in the {space!r} space: the studies do not "
@@ -254,9 +265,8 @@ def relative_novelty(
     cell, clus = relative_scores(share, cl)
     near = nearest_types(YR, reference.obs[label_key].to_numpy(), YQ, k)
     YR2, YC = _coords(reference, calibration, space, use_rep, adapter, seed)
-    thr_ref = upper_quantile(
-        relative_scores(reference_share(YR2, YC, k), query_clusters(YC, resolution, k, seed))[1], false_novel_rate
-    )
+    clc = query_clusters(YC, resolution, k, seed)
+    thr_ref = upper_quantile(relative_scores(reference_share(YR2, YC, k, clc), clc)[1], false_novel_rate)
     K = kb_reading(query, cl, types, tissue=tissue, species=species) if kb else None
     known = np.isin(cl, K.index[K.kb_known_type != '']) if kb else np.zeros(len(cl), bool)
     thr_query = upper_quantile(clus[known], false_novel_rate)
