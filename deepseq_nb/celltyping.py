@@ -21,14 +21,14 @@ from .ontology import ancestors, cl_name, broad_type
 # %% auto #0
 __all__ = ['LINEAGES', 'SHRINK', 'MIN_MARKERS', 'TOP_MARKERS', 'LABEL_WEIGHT', 'ABSOLUTE', 'TOP', 'FLOOR', 'MARGIN', 'PEERS',
            'ROOT_RATIO', 'NICHE', 'INHERIT', 'DEFINING', 'TISSUE_DROP', 'ANTIGEN', 'GATE', 'MIN_DETECT', 'NEXT',
-           'GATE_MODE', 'UNREAD', 'ALTERNATIVE', 'HOMOGENEOUS', 'COARSE', 'GROUP_READING', 'REF_CELLS', 'SPLIT',
-           'HEMATOPOIETIC_TISSUE', 'HEMATOPOIETIC_CELL', 'PLACED_SHARE', 'HEME_SHARE', 'TISSUE_FROM_EXPRESSION',
-           'label_markers', 'defining_antigens', 'label_alternatives', 'cluster_stats', 'gene_evidence',
-           'spread_labels', 'sampled_partition', 'reference_partition', 'majority', 'groups_of', 'reference_groups',
-           'with_groups', 'MarkerNetwork', 'own_scores', 'subtree_best', 'pairwise', 'antigen_scores', 'descend',
-           'group_reading', 'short_name', 'infer_species', 'infer_tissue', 'celltype', 'score_annotation', 'knobs',
-           'lodo', 'mixed_clusters', 'split_clusters', 'read_clusters', 'tissue_from_reading', 'tissue_from_expression',
-           'celltype_in_tissue']
+           'GATE_MODE', 'UNREAD', 'ALTERNATIVE', 'HOMOGENEOUS', 'SHARED_LINEAGE', 'COARSE', 'GROUP_READING',
+           'REF_CELLS', 'SPLIT', 'HEMATOPOIETIC_TISSUE', 'HEMATOPOIETIC_CELL', 'PLACED_SHARE', 'HEME_SHARE',
+           'TISSUE_FROM_EXPRESSION', 'label_markers', 'defining_antigens', 'label_alternatives', 'cluster_stats',
+           'gene_evidence', 'spread_labels', 'sampled_partition', 'reference_partition', 'majority', 'groups_of',
+           'reference_groups', 'with_groups', 'MarkerNetwork', 'shared_lineage', 'own_scores', 'subtree_best',
+           'pairwise', 'antigen_scores', 'descend', 'group_reading', 'short_name', 'infer_species', 'infer_tissue',
+           'celltype', 'score_annotation', 'knobs', 'lodo', 'mixed_clusters', 'split_clusters', 'read_clusters',
+           'tissue_from_reading', 'tissue_from_expression', 'celltype_in_tissue']
 
 # %% ../nbs/04a_celltyping.ipynb #f553ec08
 LINEAGES = [  # (CL id, short name, positive markers, negative markers)
@@ -108,6 +108,9 @@ ALTERNATIVE = True
 # where every cluster at a node reads as the same child by plain detection, the clusters the contrast left at the node
 # are decided by plain detection ('failed'), every cluster there is ('all'), or none is ('off')
 HOMOGENEOUS = 'failed'
+# at a node, a type whose nearest lineage is the node or above it inherits no lineage evidence there when another
+# type under the node has a lineage below it (`shared_lineage`); False: every type always inherits
+SHARED_LINEAGE = True
 # Leiden resolution of the partition clusters are read against each other at (every rule was chosen at 1.0): finer
 # clusters are read as parts of its groups (`reference_groups`); 0: each cluster is its own group
 COARSE = 1.0
@@ -388,8 +391,21 @@ class MarkerNetwork:
             for p in direct: self.children.setdefault(p, []).append(i)
 
 # %% ../nbs/04a_celltyping.ipynb #90a16c9f
+def shared_lineage(net:MarkerNetwork, # candidate network
+                   node:int|None, # the node being decided (None: the root)
+                  )->np.ndarray:
+    "Per candidate: it inherits only from a lineage at or above `node`, while another type under `node` has one below."
+    L, out = np.array(net.lineage), np.zeros(len(net.ids), bool)
+    if node is None or not SHARED_LINEAGE: return out
+    under = np.zeros(len(L), bool); under[list(net.sub[node])] = True
+    lineage = np.array([x == 'lineage' for x in net.source])
+    low = ((L >= 0) & under[np.maximum(L, 0)]) | (lineage & under)  # a curated lineage under the node is its own
+    up = (L >= 0) & ~low
+    return up if (up & under).any() and (low & under).any() else out
+
 def own_scores(net:MarkerNetwork, # candidate network
                evidence:np.ndarray, # gene evidence, clusters × genes
+               node:int|None=None, # the node being decided (None: the root); see `shared_lineage`
               )->np.ndarray:
     "Clusters × candidates: weighted mean marker evidence (shrunk, tissue prior) minus evidence of negative markers."
     pos = np.asarray(net.W @ evidence.T).T/(np.asarray(net.W.sum(1)).ravel() + SHRINK)
@@ -400,7 +416,8 @@ def own_scores(net:MarkerNetwork, # candidate network
     r = net.readable[lineage[has]]  # share of the lineage's markers the data measures
     # unmeasured markers are no evidence of absence
     w = INHERIT * {'share': r, 'any': (r > 0).astype(float), 'off': np.ones_like(r)}[UNREAD]
-    own[:, has] = w*own[:, lineage[has]] + (1 - w)*own[:, has]  # a type is only as good as its lineage's evidence
+    inherited = np.where(shared_lineage(net, node)[has], 0.0, own[:, lineage[has]])  # shared by all: no evidence
+    own[:, has] = w*inherited + (1 - w)*own[:, has]  # a type is only as good as its lineage's evidence
     own[:, net.group] = -1.0  # grouping nodes are never an answer by themselves
     return own
 
@@ -464,7 +481,8 @@ def _step(net, own, best, arg, node, s, ag=None)->tuple:
     top = _contenders(kids, best, arg)
     b, r, d = top[0], None, float(best[top[0]])
     if len(top) > 1:
-        lineage_score = lambda i: own[net.lineage[arg[i]]] if net.lineage[arg[i]] >= 0 else 0.0
+        shared = shared_lineage(net, node)
+        lineage_score = lambda i: own[net.lineage[arg[i]]] if net.lineage[arg[i]] >= 0 and not shared[arg[i]] else 0.0
         gate_score = lambda i: (
             ANTIGEN * (min(ag[arg[i]], 0.0) if GATE_MODE == 'penalty' else ag[arg[i]]) if ag is not None else 0.0
         )
@@ -535,7 +553,7 @@ def descend(net:MarkerNetwork, # candidate network
     grp = st.get('group', np.arange(n_clusters))  # reference groups (`with_groups`): peers and gate read across them
     evidence = gene_evidence(st['frac_in'], st['frac_out'])
     own_all = own_scores(net, evidence); best_all, arg0 = subtree_best(net, own_all)
-    plain = own_scores(net, st['frac_in']); best_plain, arg_plain = subtree_best(net, plain)  # no contrast
+    plain = own_scores(net, st['frac_in'])  # plain detection: no contrast
     nz, size = st['frac_in']*st['size'][:, None], st['size']
     node, path, steps, active = (
         [None] * n_clusters,
@@ -551,16 +569,21 @@ def descend(net:MarkerNetwork, # candidate network
             if peers:
                 s = gene_evidence(st['frac_in'][k], nz[peers].sum(0)/size[peers].sum())
                 s = PEERS*s + (1 - PEERS)*evidence[k]  # peers of one type alone would show only noise
-                p = own_scores(net, s[None]); a, g = subtree_best(net, p); p, a, g = p[0], a[0], g[0]
-            else: s, p, a, g = evidence[k], own_all[k], best_all[k], arg0[k]
+            else: s = evidence[k]
+            if peers or shared_lineage(net, level[k]).any():  # scored at the node (`shared_lineage`)
+                p = own_scores(net, s[None], level[k]); a, g = subtree_best(net, p); p, a, g = p[0], a[0], g[0]
+            else: p, a, g = own_all[k], best_all[k], arg0[k]
             # antigens are gated within the cluster's lineage, as CD4/CD8 within CD3+ cells
             ref = _gate_ref(net, path, k)
             ag = antigen_scores(net, st['frac_in'][k], _pooled(st, ref, grp))
             dec[k] = (*_step(net, p, a, g, level[k], s, ag), ag)
-        one = _homogeneous(net, level, active, best_plain, arg_plain, grp) if HOMOGENEOUS != 'off' else {}
+        at = np.array([own_scores(net, st['frac_in'][k][None], level[k])[0]  # plain detection at each node, too
+                       if k in active and shared_lineage(net, level[k]).any() else plain[k] for k in range(n_clusters)])
+        b_at, a_at = subtree_best(net, at)
+        one = _homogeneous(net, level, active, b_at, a_at, grp) if HOMOGENEOUS != 'off' else {}
         for n in one:  # clusters of one type: the contrast among them is noise, plain detection decides
             for k in [k for k in dec if level[k] == n and (dec[k][0] is None or HOMOGENEOUS == 'all')]:
-                nxt, rec = _step(net, plain[k], best_plain[k], arg_plain[k], n, st['frac_in'][k], dec[k][2])
+                nxt, rec = _step(net, at[k], b_at[k], a_at[k], n, st['frac_in'][k], dec[k][2])
                 if nxt is not None: dec[k] = (nxt, dict(rec, plain=True), dec[k][2])
         for k, (nxt, rec, _) in dec.items():
             if rec: steps[k].append(rec)
