@@ -17,8 +17,8 @@ from .data import data_dir
 
 # %% auto #0
 __all__ = ['KB_VERSION', 'SOURCES', 'STRONG_HOW', 'TISSUE_GROUPS', 'UBIQUITOUS', 'UBERON_FILE', 'KB_COLUMNS', 'NAMED_HOW',
-           'BM25_K1', 'BM25_B', 'OUT_OF_TISSUE', 'CL_NAMES', 'CAND_COLS', 'SPECIFIC_RATIO', 'MIN_EXPLAINED',
-           'cache_dir', 'cellmarker_curation', 'gene_aliases', 'norm_gene', 'map_cl', 'tissue_groups',
+           'BM25_K1', 'BM25_B', 'OUT_OF_TISSUE', 'CL_NAMES', 'UNDEFINED_NEUTRAL', 'CAND_COLS', 'SPECIFIC_RATIO',
+           'MIN_EXPLAINED', 'cache_dir', 'cellmarker_curation', 'gene_aliases', 'norm_gene', 'map_cl', 'tissue_groups',
            'query_tissue_groups', 'map_in_tissue', 'kb_key', 'load_kb', 'check_species', 'KBIndex', 'kb_index',
            'rank_weight', 'kb_annotate', 'kb_annotate_table', 'retrieve', 'canonical_markers']
 
@@ -394,6 +394,22 @@ BM25_K1, BM25_B = 1.2, 0.75   # the usual BM25 defaults (Robertson & Zaragoza 20
 OUT_OF_TISSUE = 0.5          # prior weight of a type never recorded in the query's tissue group
 # name a type pooled under a CL term by the CL label: one name per term, the name the ontology (and a user) knows it by
 CL_NAMES = True
+# a record of tissue 'Undefined' does not say where a type lives: it makes the type found anywhere only when the type
+# has no record of a known tissue, or is hematopoietic (immune cells pass through every organ); False: any such record
+UNDEFINED_NEUTRAL = True
+
+def _hematopoietic(cl_id)->bool:
+    "A CL term at or below 'hematopoietic cell' (CL:0000988)."
+    from deepseq_nb.cell_ontology import ancestors
+    return isinstance(cl_id, str) and (cl_id == 'CL:0000988' or 'CL:0000988' in ancestors(cl_id))
+
+def _anywhere(tissues:list, # the tissues of a type's records
+              groups:dict, # tissue -> its groups (`tissue_groups`)
+              hematopoietic:bool, # the type is a hematopoietic cell
+             )->bool:
+    "A type's records place it in every organ: a `UBIQUITOUS` group or source (see `UNDEFINED_NEUTRAL`)."
+    known = [t for t in tissues if hematopoietic or not UNDEFINED_NEUTRAL or str(t).lower() != 'undefined']
+    return not known or any((groups[t] & UBIQUITOUS) or str(t).lower() in _UBIQUITOUS_SOURCES for t in known)
 
 def _display(name:str)->str:
     "A database name without its bracketed abbreviation: 'Regulatory T(Treg) cell' -> 'Regulatory T cell'."
@@ -426,8 +442,7 @@ class KBIndex:
                      for k, v in g.cell_type.agg(lambda s: s.value_counts().index[0]).items()}
         tg = {t: tissue_groups(t) for t in kb.tissue.unique()}
         self.tissues = g.tissue.agg(lambda s: set().union(*(tg[t] for t in s))).to_dict()
-        self.ubiquitous = g.tissue.agg(lambda s: any((tg[t] & UBIQUITOUS) or str(t).lower() in _UBIQUITOUS_SOURCES
-                                                     for t in s)).to_dict()
+        self.ubiquitous = {k: _anywhere(list(s), tg, _hematopoietic(self.cl_id[k])) for k, s in g.tissue}
         self.sources = defaultdict(lambda: defaultdict(set))
         for k, g_, s in zip(pos.key, pos.gene, pos.source): self.sources[k][g_].add(s)
 
