@@ -13,7 +13,7 @@ from importlib import resources
 import zstandard
 
 # %% auto #0
-__all__ = ['CL_FILE', 'BROAD_TYPES', 'cl_terms', 'resolve_id', 'cl_name', 'ancestors', 'descendants', 'broad_type']
+__all__ = ['CL_FILE', 'BROAD_TYPES', 'cl_terms', 'resolve_id', 'cl_name', 'ancestors', 'is_under', 'descendants', 'broad_type']
 
 # %% ../nbs/03a_cell_ontology.ipynb #0bb276bf
 CL_FILE = 'CL-ontology-v2026-03-26.json.zst'
@@ -48,6 +48,12 @@ def ancestors(cl_id:str)->dict:
     "Ancestors of `cl_id` as {id: distance in is_a steps} (the term itself excluded)."
     t = cl_terms().get(cl_id)
     return dict(t.get('ancestors', {})) if t else {}
+
+def is_under(cl_id, # a CL id (anything else: False)
+             ancestor:str, # the CL id it may lie below
+            )->bool:
+    "`cl_id` is `ancestor` or lies below it."
+    return isinstance(cl_id, str) and (cl_id == ancestor or ancestor in ancestors(cl_id))
 
 @lru_cache(maxsize=1)
 def _children()->dict:

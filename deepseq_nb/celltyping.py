@@ -17,6 +17,7 @@ import scipy.sparse as sp
 
 from .knowledge import kb_index, norm_gene, query_tissue_groups, OUT_OF_TISSUE, check_species
 from .ontology import ancestors, cl_name, broad_type
+from .cell_ontology import is_under
 
 # %% auto #0
 __all__ = ['LINEAGES', 'SHRINK', 'MIN_MARKERS', 'TOP_MARKERS', 'LABEL_WEIGHT', 'ABSOLUTE', 'TOP', 'FLOOR', 'MARGIN', 'PEERS',
@@ -383,6 +384,8 @@ class MarkerNetwork:
             for i, above in enumerate(self.anc)
         ]
         self.group = np.array([s == 'group' for s in self.source])
+        self.curated = np.array([s == 'lineage' for s in self.source])
+        self._shared = {}  # `shared_lineage` per (node, SHARED_LINEAGE)
         r = [n for n in range(len(self.ids)) for _ in range(len(self.sub[n]) + 1)]
         c = [m for n in range(len(self.ids)) for m in [n] + sorted(self.sub[n])]
         self.D = sp.csr_matrix((np.ones(len(r)), (r, c)), shape=(len(self.ids),)*2)  # subtree membership, self included
@@ -395,13 +398,16 @@ def shared_lineage(net:MarkerNetwork, # candidate network
                    node:int|None, # the node being decided (None: the root)
                   )->np.ndarray:
     "Per candidate: it inherits only from a lineage at or above `node`, while another type under `node` has one below."
+    key = (node, SHARED_LINEAGE)
+    if key in net._shared: return net._shared[key]  # asked for every cluster at every step: computed once per node
     L, out = np.array(net.lineage), np.zeros(len(net.ids), bool)
-    if node is None or not SHARED_LINEAGE: return out
-    under = np.zeros(len(L), bool); under[list(net.sub[node])] = True
-    lineage = np.array([x == 'lineage' for x in net.source])
-    low = ((L >= 0) & under[np.maximum(L, 0)]) | (lineage & under)  # a curated lineage under the node is its own
-    up = (L >= 0) & ~low
-    return up if (up & under).any() and (low & under).any() else out
+    if node is not None and SHARED_LINEAGE:
+        under = np.zeros(len(L), bool); under[list(net.sub[node])] = True
+        low = ((L >= 0) & under[np.maximum(L, 0)]) | (net.curated & under)  # a curated lineage under the node: its own
+        up = (L >= 0) & ~low
+        if (up & under).any() and (low & under).any(): out = up
+    net._shared[key] = out
+    return out
 
 def own_scores(net:MarkerNetwork, # candidate network
                evidence:np.ndarray, # gene evidence, clusters × genes
@@ -830,10 +836,6 @@ def split_clusters(adata:ad.AnnData, # clustered, with the representation its ne
 
 
 # %% ../nbs/04a_celltyping.ipynb #sp1it004
-def _under(cid, lineage:str)->bool:
-    "CL id `cid` is `lineage` or lies below it."
-    return isinstance(cid, str) and (cid == lineage or lineage in ancestors(cid))
-
 def read_clusters(adata:ad.AnnData, # cells × genes, clustered, with a neighbour graph and its space (X_pca)
                   groupby:str='leiden', # obs column of clusters
                   species:str|None=None, # 'human'/'mouse' (default: from the data)
@@ -861,7 +863,7 @@ def read_clusters(adata:ad.AnnData, # cells × genes, clustered, with a neighbou
     parts = split_clusters(adata, groupby, list(mixed))
     t2, e2 = read(parts)
     halves = {c: t2.loc[parts[cells == c].unique(), 'cl_id'] for c in mixed}  # each split cluster's halves' CL ids
-    both = lambda c: all(any(_under(i, lin) for i in halves[c]) for lin in mixed[c])  # one half under each lineage
+    both = lambda c: all(any(is_under(i, lin) for i in halves[c]) for lin in mixed[c])  # one half under each lineage
     keep = [c for c in mixed if both(c)]
     if not keep: return done(tab), ev, cells
     final = parts.where(cells.isin(keep), cells)
@@ -883,7 +885,7 @@ def tissue_from_reading(tab:pd.DataFrame, # `celltype`'s table of a reading with
     "`HEMATOPOIETIC_TISSUE` when the reading places blood or immune cells (`PLACED_SHARE`, `HEME_SHARE`); else None."
     n = tab['n_cells'].to_numpy(float)
     placed = np.array([isinstance(c, str) for c in tab['cl_id']])
-    heme = np.array([_under(c, HEMATOPOIETIC_CELL) for c in tab['cl_id']])
+    heme = np.array([is_under(c, HEMATOPOIETIC_CELL) for c in tab['cl_id']])
     share = n[heme].sum() / max(n[placed].sum(), 1.0)
     if n[placed].sum() < PLACED_SHARE * n.sum() or share < HEME_SHARE: return None
     if warn: warnings.warn(

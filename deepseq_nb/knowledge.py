@@ -398,11 +398,6 @@ CL_NAMES = True
 # has no record of a known tissue, or is hematopoietic (immune cells pass through every organ); False: any such record
 UNDEFINED_NEUTRAL = True
 
-def _hematopoietic(cl_id)->bool:
-    "A CL term at or below 'hematopoietic cell' (CL:0000988)."
-    from deepseq_nb.cell_ontology import ancestors
-    return isinstance(cl_id, str) and (cl_id == 'CL:0000988' or 'CL:0000988' in ancestors(cl_id))
-
 def _anywhere(tissues:list, # the tissues of a type's records
               groups:dict, # tissue -> its groups (`tissue_groups`)
               hematopoietic:bool, # the type is a hematopoietic cell
@@ -442,7 +437,9 @@ class KBIndex:
                      for k, v in g.cell_type.agg(lambda s: s.value_counts().index[0]).items()}
         tg = {t: tissue_groups(t) for t in kb.tissue.unique()}
         self.tissues = g.tissue.agg(lambda s: set().union(*(tg[t] for t in s))).to_dict()
-        self.ubiquitous = {k: _anywhere(list(s), tg, _hematopoietic(self.cl_id[k])) for k, s in g.tissue}
+        from deepseq_nb.cell_ontology import is_under
+        heme = lambda k: is_under(self.cl_id[k], 'CL:0000988')  # hematopoietic cell and below
+        self.ubiquitous = {k: _anywhere(list(s), tg, heme(k)) for k, s in g.tissue}
         self.sources = defaultdict(lambda: defaultdict(set))
         for k, g_, s in zip(pos.key, pos.gene, pos.source): self.sources[k][g_].add(s)
 
