@@ -22,10 +22,11 @@ the populations the engine compares each cluster with change, so this asks wheth
 were not chosen on. The table then gives the mean and the spread (sd) over the draws. `--split 0` reads a cluster
 whose descent stops between two lineages as one (`celltyping.SPLIT`, designed on pbmc3k halved: `--fraction 0.5`).
 `--shared-lineage 0` lets every type inherit its lineage's evidence at every node (before `celltyping.SHARED_LINEAGE`).
+`--homogeneous off|failed|all` sets `celltyping.HOMOGENEOUS` (which clusters of a node of one type plain detection decides).
 
 Usage: .venv/bin/python benchmarks/annotation_resolution.py [--resolutions 0.5,1,2,4] [--datasets ...] [--coarse 0]
        [--group-reading 0] [--cells 8000] [--ref-cells 0] [--fraction 0.5 --seeds 3] [--split 0]
-       [--shared-lineage 0]
+       [--shared-lineage 0] [--homogeneous all]
 """
 import argparse, warnings
 
@@ -76,12 +77,14 @@ def main():
     p.add_argument('--split', type=int, default=int(ct.SPLIT), help='celltyping.SPLIT (0: off)')
     p.add_argument('--shared-lineage', type=int, default=int(ct.SHARED_LINEAGE),
                    help='celltyping.SHARED_LINEAGE (0: every type inherits its lineage at every node)')
+    p.add_argument('--homogeneous', default=ct.HOMOGENEOUS, choices=['off', 'failed', 'all'],
+                   help='celltyping.HOMOGENEOUS (which clusters of a one-type node plain detection decides)')
     p.add_argument('--fraction', type=float, default=1.0, help="keep this share of each dataset's cells (1: all)")
     p.add_argument('--seeds', type=int, default=1, help='draws per dataset and resolution with --fraction or --cells')
     args = p.parse_args()
     warnings.filterwarnings('ignore')
     ct.COARSE, ct.GROUP_READING, ct.REF_CELLS = args.coarse, bool(args.group_reading), args.ref_cells
-    ct.SPLIT, ct.SHARED_LINEAGE = bool(args.split), bool(args.shared_lineage)
+    ct.SPLIT, ct.SHARED_LINEAGE, ct.HOMOGENEOUS = bool(args.split), bool(args.shared_lineage), args.homogeneous
     rows = []
     for name in args.datasets.split(','):
         for res in map(float, args.resolutions.split(',')):
