@@ -22,7 +22,8 @@ the populations the engine compares each cluster with change, so this asks wheth
 were not chosen on. The table then gives the mean and the spread (sd) over the draws. `--split 0` reads a cluster
 whose descent stops between two lineages as one (`celltyping.SPLIT`, designed on pbmc3k halved: `--fraction 0.5`).
 `--shared-lineage 0` lets every type inherit its lineage's evidence at every node (before `celltyping.SHARED_LINEAGE`).
-`--homogeneous off|failed|all` sets `celltyping.HOMOGENEOUS` (which clusters of a node of one type plain detection decides).
+`--homogeneous off|failed|all` sets `celltyping.HOMOGENEOUS` (which clusters at a node of one type plain detection
+decides).
 
 Usage: .venv/bin/python benchmarks/annotation_resolution.py [--resolutions 0.5,1,2,4] [--datasets ...] [--coarse 0]
        [--group-reading 0] [--cells 8000] [--ref-cells 0] [--fraction 0.5 --seeds 3] [--split 0]
