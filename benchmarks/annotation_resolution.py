@@ -22,12 +22,14 @@ the populations the engine compares each cluster with change, so this asks wheth
 were not chosen on. The table then gives the mean and the spread (sd) over the draws. `--split 0` reads a cluster
 whose descent stops between two lineages as one (`celltyping.SPLIT`, designed on pbmc3k halved: `--fraction 0.5`).
 `--shared-lineage 0` lets every type inherit its lineage's evidence at every node (before `celltyping.SHARED_LINEAGE`).
+`--no-tissue` annotates every dataset with no tissue given or recorded (the score still uses the true one): the
+engine then reads the tissue from the clusters (`celltyping.tissue_from_reading`), as for most h5ad files.
 `--homogeneous off|failed|all` sets `celltyping.HOMOGENEOUS` (which clusters at a node of one type plain detection
 decides).
 
 Usage: .venv/bin/python benchmarks/annotation_resolution.py [--resolutions 0.5,1,2,4] [--datasets ...] [--coarse 0]
        [--group-reading 0] [--cells 8000] [--ref-cells 0] [--fraction 0.5 --seeds 3] [--split 0]
-       [--shared-lineage 0] [--homogeneous all]
+       [--shared-lineage 0] [--homogeneous all] [--no-tissue]
 """
 import argparse, warnings
 
@@ -66,6 +68,13 @@ def subsampled(a: ad.AnnData, fraction: float, seed: int = 0) -> ad.AnnData:
     return a[np.sort(idx)].copy()
 
 
+def bare(a: ad.AnnData) -> ad.AnnData:
+    "`a` with no tissue recorded (obs and `uns['dataset']`), as a user's h5ad often comes."
+    a.uns['dataset'] = {k: v for k, v in (a.uns.get('dataset') or {}).items() if k != 'tissue'}
+    a.obs = a.obs.drop(columns=['tissue'], errors='ignore')
+    return a
+
+
 def main():
     labelled = [n for n, d in DATASETS.items() if d.get('label_key') == 'cell_type']
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -80,6 +89,8 @@ def main():
                    help='celltyping.SHARED_LINEAGE (0: every type inherits its lineage at every node)')
     p.add_argument('--homogeneous', default=ct.HOMOGENEOUS, choices=['off', 'failed', 'all'],
                    help='celltyping.HOMOGENEOUS (which clusters of a one-type node plain detection decides)')
+    p.add_argument('--no-tissue', action='store_true',
+                   help='annotate with no tissue given or recorded (scored under the true one)')
     p.add_argument('--fraction', type=float, default=1.0, help="keep this share of each dataset's cells (1: all)")
     p.add_argument('--seeds', type=int, default=1, help='draws per dataset and resolution with --fraction or --cells')
     args = p.parse_args()
@@ -96,7 +107,8 @@ def main():
                 if args.fraction < 1: a = subsampled(a, args.fraction, seed)
                 a = run_pipeline(a, S, umap=False)
                 tissue = (a.uns.get('dataset') or {}).get('tissue')
-                annotate(a, backend='kb', tissue=tissue, key_added='e', settings=S)
+                if args.no_tissue: a = bare(a)
+                annotate(a, backend='kb', tissue=None if args.no_tissue else tissue, key_added='e', settings=S)
                 s = score_annotation(a.obs['cell_type'], a.obs['e_label'].astype(str), tissue)
                 rows.append(dict(dataset=name, resolution=res, seed=seed, clusters=a.obs['leiden'].nunique(), **s))
                 print(pd.DataFrame(rows[-1:]).round(3).to_string(index=False, header=len(rows) == 1), flush=True)

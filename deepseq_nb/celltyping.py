@@ -7,6 +7,7 @@ Docs: https://deepseq-nb.github.io/deepseq_nb/celltyping.html.md"""
 # %% ../nbs/04a_celltyping.ipynb #e5eeac6c
 from __future__ import annotations
 import re, warnings
+from collections import defaultdict
 from contextlib import contextmanager
 from functools import cache
 
@@ -24,12 +25,12 @@ __all__ = ['LINEAGES', 'SHRINK', 'MIN_MARKERS', 'TOP_MARKERS', 'LABEL_WEIGHT', '
            'ROOT_RATIO', 'NICHE', 'INHERIT', 'DEFINING', 'TISSUE_DROP', 'ANTIGEN', 'GATE', 'MIN_DETECT', 'NEXT',
            'GATE_MODE', 'UNREAD', 'ALTERNATIVE', 'HOMOGENEOUS', 'SHARED_LINEAGE', 'COARSE', 'GROUP_READING',
            'REF_CELLS', 'SPLIT', 'HEMATOPOIETIC_TISSUE', 'HEMATOPOIETIC_CELL', 'PLACED_SHARE', 'HEME_SHARE',
-           'TISSUE_FROM_EXPRESSION', 'label_markers', 'defining_antigens', 'label_alternatives', 'cluster_stats',
-           'gene_evidence', 'spread_labels', 'sampled_partition', 'reference_partition', 'majority', 'groups_of',
-           'reference_groups', 'with_groups', 'MarkerNetwork', 'shared_lineage', 'own_scores', 'subtree_best',
-           'pairwise', 'antigen_scores', 'descend', 'group_reading', 'short_name', 'infer_species', 'infer_tissue',
-           'celltype', 'score_annotation', 'knobs', 'lodo', 'mixed_clusters', 'split_clusters', 'read_clusters',
-           'tissue_from_reading', 'tissue_from_expression', 'celltype_in_tissue']
+           'TISSUE_FROM_EXPRESSION', 'ORGAN_FROM_READING', 'label_markers', 'defining_antigens', 'label_alternatives',
+           'cluster_stats', 'gene_evidence', 'spread_labels', 'sampled_partition', 'reference_partition', 'majority',
+           'groups_of', 'reference_groups', 'with_groups', 'MarkerNetwork', 'shared_lineage', 'own_scores',
+           'subtree_best', 'pairwise', 'antigen_scores', 'descend', 'group_reading', 'short_name', 'infer_species',
+           'infer_tissue', 'celltype', 'score_annotation', 'knobs', 'lodo', 'mixed_clusters', 'split_clusters',
+           'read_clusters', 'organ_from_reading', 'tissue_from_reading', 'tissue_from_expression', 'celltype_in_tissue']
 
 # %% ../nbs/04a_celltyping.ipynb #f553ec08
 LINEAGES = [  # (CL id, short name, positive markers, negative markers)
@@ -878,20 +879,45 @@ HEMATOPOIETIC_CELL = 'CL:0000988'  # hematopoietic cell: leukocytes, platelets, 
 PLACED_SHARE = 0.5  # the clusters read to a lineage (without a prior) hold at least this share of the cells ...
 HEME_SHARE = 0.8  # ... and at least this share of those cells read as hematopoietic: the sample's tissue is read
 TISSUE_FROM_EXPRESSION = True  # False: no tissue given or recorded means no tissue prior
+ORGAN_FROM_READING = True  # not blood: organs holding HEME_SHARE of the cells read as organ-bound types are the prior
+
+def organ_from_reading(tab:pd.DataFrame, # `celltype`'s table of a reading without a tissue
+                       species:str='human', # the kb whose records place the types
+                      )->tuple:
+    "(organs, share, cells): groups holding `HEME_SHARE` of the organ-bound types' cells, the top share, those cells."
+    ix, n = kb_index(species), tab['n_cells'].to_numpy(float)
+    bound = np.array([isinstance(c, str) and c in ix.tissues and not ix.ubiquitous[c] for c in tab['cl_id']])
+    votes = defaultdict(float)
+    for c, m in zip(tab['cl_id'][bound], n[bound]):
+        for g in ix.tissues[c]: votes[g] += m  # a type recorded in two organs backs both
+    total = n[bound].sum()
+    if not votes: return [], 0.0, 0.0
+    organs = sorted((g for g, v in votes.items() if v >= HEME_SHARE * total), key=lambda g: (-votes[g], g))
+    return organs, max(votes.values()) / total, total
 
 def tissue_from_reading(tab:pd.DataFrame, # `celltype`'s table of a reading without a tissue
+                        species:str='human', # the kb whose records place the types (`organ_from_reading`)
                         warn:bool=True, # warn when a tissue is read
                        )->str|None:
-    "`HEMATOPOIETIC_TISSUE` when the reading places blood or immune cells (`PLACED_SHARE`, `HEME_SHARE`); else None."
+    "The tissue a reading places its cells in: blood/immune (`HEMATOPOIETIC_TISSUE`), else one organ; else None."
     n = tab['n_cells'].to_numpy(float)
     placed = np.array([isinstance(c, str) for c in tab['cl_id']])
     heme = np.array([is_under(c, HEMATOPOIETIC_CELL) for c in tab['cl_id']])
     share = n[heme].sum() / max(n[placed].sum(), 1.0)
-    if n[placed].sum() < PLACED_SHARE * n.sum() or share < HEME_SHARE: return None
+    if n[placed].sum() < PLACED_SHARE * n.sum(): return None
+    if share >= HEME_SHARE:
+        tissue, what = HEMATOPOIETIC_TISSUE, f'{share:.0%} of the cells the engine places read as blood or immune cells'
+    else:
+        from deepseq_nb.knowledge import TISSUE_GROUPS
+        organs, share, bound = organ_from_reading(tab, species) if ORGAN_FROM_READING else ([], 0.0, 0.0)
+        if not organs or bound < PLACED_SHARE * n[placed].sum(): return None
+        tissue = ', '.join(TISSUE_GROUPS[g][0] for g in organs)  # types that several organs share: all of them
+        what = (f"{share:.0%} of the cells the engine reads as types bound to organs read as "
+                f"{' or '.join(organs)} types")
     if warn: warnings.warn(
-        f"tissue not given: {share:.0%} of the cells the engine places read as blood or immune cells, so the tissue "
-        f"prior is {HEMATOPOIETIC_TISSUE!r}; pass tissue= (CLI: --tissue) to set it", stacklevel=3)
-    return HEMATOPOIETIC_TISSUE
+        f"tissue not given: {what}, so the tissue prior is {tissue!r}; pass tissue= (CLI: --tissue) to set it",
+        stacklevel=3)
+    return tissue
 
 def tissue_from_expression(adata:ad.AnnData, # cells × genes, clustered, with no tissue given or recorded
                            groupby:str='leiden', # obs column of clusters
@@ -899,8 +925,9 @@ def tissue_from_expression(adata:ad.AnnData, # cells × genes, clustered, with n
                            layer:str|None=None, # layer to read instead of X
                            warn:bool=True, # warn when a tissue is read
                           )->str|None:
-    "`HEMATOPOIETIC_TISSUE` when the clusters, read without a tissue, are blood or immune cells; else None."
-    return tissue_from_reading(celltype(adata, groupby, species, None, layer)[0], warn)
+    "The tissue `tissue_from_reading` reads from the clusters read without one (blood or one organ); else None."
+    tab = celltype(adata, groupby, species, None, layer)[0]
+    return tissue_from_reading(tab, infer_species(adata, species, warn=False), warn)
 
 def celltype_in_tissue(adata:ad.AnnData, # cells × genes, clustered
                        groupby:str='leiden', # obs column of clusters
@@ -913,7 +940,7 @@ def celltype_in_tissue(adata:ad.AnnData, # cells × genes, clustered
     t = infer_tissue(adata, tissue)
     tab, ev = celltype(adata, groupby, species, t, layer)
     if t: return tab, ev, t, 'given'
-    t = tissue_from_reading(tab, warn) if TISSUE_FROM_EXPRESSION else None
+    t = tissue_from_reading(tab, infer_species(adata, species, warn=False), warn) if TISSUE_FROM_EXPRESSION else None
     if t is None: return tab, ev, None, None  # the reading without a prior is the answer
     return *celltype(adata, groupby, species, t, layer), t, 'expression'
 
