@@ -68,13 +68,6 @@ def subsampled(a: ad.AnnData, fraction: float, seed: int = 0) -> ad.AnnData:
     return a[np.sort(idx)].copy()
 
 
-def bare(a: ad.AnnData) -> ad.AnnData:
-    "`a` with no tissue recorded (obs and `uns['dataset']`), as a user's h5ad often comes."
-    a.uns['dataset'] = {k: v for k, v in (a.uns.get('dataset') or {}).items() if k != 'tissue'}
-    a.obs = a.obs.drop(columns=['tissue'], errors='ignore')
-    return a
-
-
 def main():
     labelled = [n for n, d in DATASETS.items() if d.get('label_key') == 'cell_type']
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -107,7 +100,7 @@ def main():
                 if args.fraction < 1: a = subsampled(a, args.fraction, seed)
                 a = run_pipeline(a, S, umap=False)
                 tissue = (a.uns.get('dataset') or {}).get('tissue')
-                if args.no_tissue: a = bare(a)
+                if args.no_tissue: a = ct.without_tissue(a)
                 annotate(a, backend='kb', tissue=None if args.no_tissue else tissue, key_added='e', settings=S)
                 s = score_annotation(a.obs['cell_type'], a.obs['e_label'].astype(str), tissue)
                 rows.append(dict(dataset=name, resolution=res, seed=seed, clusters=a.obs['leiden'].nunique(), **s))

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .knowledge import kb_index, norm_gene, query_tissue_groups, OUT_OF_TISSUE, check_species
+from .knowledge import kb_index, norm_gene, query_tissue_groups, OUT_OF_TISSUE, TISSUE_GROUPS, check_species
 from .ontology import ancestors, cl_name, broad_type
 from .cell_ontology import is_under
 
@@ -29,8 +29,9 @@ __all__ = ['LINEAGES', 'SHRINK', 'MIN_MARKERS', 'TOP_MARKERS', 'LABEL_WEIGHT', '
            'cluster_stats', 'gene_evidence', 'spread_labels', 'sampled_partition', 'reference_partition', 'majority',
            'groups_of', 'reference_groups', 'with_groups', 'MarkerNetwork', 'shared_lineage', 'own_scores',
            'subtree_best', 'pairwise', 'antigen_scores', 'descend', 'group_reading', 'short_name', 'infer_species',
-           'infer_tissue', 'celltype', 'score_annotation', 'knobs', 'lodo', 'mixed_clusters', 'split_clusters',
-           'read_clusters', 'organ_from_reading', 'tissue_from_reading', 'tissue_from_expression', 'celltype_in_tissue']
+           'infer_tissue', 'without_tissue', 'celltype', 'score_annotation', 'knobs', 'lodo', 'mixed_clusters',
+           'split_clusters', 'read_clusters', 'organ_from_reading', 'tissue_from_reading', 'tissue_from_expression',
+           'celltype_in_tissue']
 
 # %% ../nbs/04a_celltyping.ipynb #f553ec08
 LINEAGES = [  # (CL id, short name, positive markers, negative markers)
@@ -685,6 +686,13 @@ def infer_tissue(adata:ad.AnnData, tissue:str|None=None)->str|None:
     "Tissue: the argument, else the single value of obs['tissue'] or uns['dataset']['tissue'], else None (no prior)."
     return tissue or _one(adata, 'tissue')
 
+def without_tissue(adata:ad.AnnData)->ad.AnnData:
+    "A copy of `adata` with no tissue recorded (obs['tissue'], uns['dataset']['tissue']), as many h5ad files come."
+    b = adata.copy()
+    b.uns['dataset'] = {k: v for k, v in (b.uns.get('dataset') or {}).items() if k != 'tissue'}
+    b.obs = b.obs.drop(columns=['tissue'], errors='ignore')
+    return b
+
 # %% ../nbs/04a_celltyping.ipynb #4e865611
 def celltype(adata:ad.AnnData, # cells × genes (counts or log-normalised), clustered
              groupby:str='leiden', # obs column of clusters
@@ -908,7 +916,6 @@ def tissue_from_reading(tab:pd.DataFrame, # `celltype`'s table of a reading with
     if share >= HEME_SHARE:
         tissue, what = HEMATOPOIETIC_TISSUE, f'{share:.0%} of the cells the engine places read as blood or immune cells'
     else:
-        from deepseq_nb.knowledge import TISSUE_GROUPS
         organs, share, bound = organ_from_reading(tab, species) if ORGAN_FROM_READING else ([], 0.0, 0.0)
         if not organs or bound < PLACED_SHARE * n[placed].sum(): return None
         tissue = ', '.join(TISSUE_GROUPS[g][0] for g in organs)  # types that several organs share: all of them
