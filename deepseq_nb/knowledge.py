@@ -17,10 +17,11 @@ from .data import data_dir
 
 # %% auto #0
 __all__ = ['KB_VERSION', 'SOURCES', 'STRONG_HOW', 'TISSUE_GROUPS', 'UBIQUITOUS', 'UBERON_FILE', 'KB_COLUMNS', 'NAMED_HOW',
-           'BM25_K1', 'BM25_B', 'OUT_OF_TISSUE', 'CL_NAMES', 'UNDEFINED_NEUTRAL', 'CAND_COLS', 'SPECIFIC_RATIO',
-           'MIN_EXPLAINED', 'cache_dir', 'cellmarker_curation', 'gene_aliases', 'norm_gene', 'map_cl', 'tissue_groups',
-           'query_tissue_groups', 'map_in_tissue', 'kb_key', 'load_kb', 'check_species', 'KBIndex', 'kb_index',
-           'rank_weight', 'kb_annotate', 'kb_annotate_table', 'retrieve', 'canonical_markers']
+           'BM25_K1', 'BM25_B', 'OUT_OF_TISSUE', 'CL_NAMES', 'UNDEFINED_NEUTRAL', 'BORROW_SPECIES', 'CAND_COLS',
+           'SPECIFIC_RATIO', 'MIN_EXPLAINED', 'cache_dir', 'cellmarker_curation', 'gene_aliases', 'norm_gene', 'map_cl',
+           'tissue_groups', 'query_tissue_groups', 'map_in_tissue', 'kb_key', 'load_kb', 'check_species', 'KBIndex',
+           'kb_index', 'with_borrowed', 'rank_weight', 'kb_annotate', 'kb_annotate_table', 'retrieve',
+           'canonical_markers']
 
 # %% ../nbs/04_knowledge.ipynb #79c96213
 KB_VERSION = 4  # bump when the parsing rules change: invalidates the on-disk cache
@@ -397,6 +398,9 @@ CL_NAMES = True
 # a record of tissue 'Undefined' does not say where a type lives: it makes the type found anywhere only when the type
 # has no record of a known tissue, or is hematopoietic (immune cells pass through every organ); False: any such record
 UNDEFINED_NEUTRAL = True
+# a cell type the species' own records do not name borrows the other species' records of it (`with_borrowed`); off by
+# default: measured below, it helps mouse readings of blood cells and costs real mouse marker lists a little
+BORROW_SPECIES = False
 
 def _anywhere(tissues:list, # the tissues of a type's records
               groups:dict, # tissue -> its groups (`tissue_groups`)
@@ -443,11 +447,25 @@ class KBIndex:
         self.sources = defaultdict(lambda: defaultdict(set))
         for k, g_, s in zip(pos.key, pos.gene, pos.source): self.sources[k][g_].add(s)
 
-@functools.cache
 def kb_index(species:str='human', # 'human' or 'mouse'
             )->KBIndex:
-    "The cached BM25 index over `load_kb(species)`."
-    return KBIndex(load_kb(species))
+    "The cached BM25 index over `load_kb(species)`, with the types it lacks borrowed when `BORROW_SPECIES` is set."
+    return _kb_index(check_species(species), bool(BORROW_SPECIES))
+
+@functools.cache
+def _kb_index(species:str, borrow:bool)->KBIndex:
+    "One index per species and switch, built once."
+    return KBIndex(with_borrowed(species) if borrow else load_kb(species))
+
+kb_index.cache_clear = _kb_index.cache_clear  # a knob changed: rebuild the indices
+
+# %% ../nbs/04_knowledge.ipynb #b0rrow02
+def with_borrowed(species:str, # 'human' or 'mouse': the species read
+                 )->pd.DataFrame:
+    "`load_kb(species)` plus the other species' records of every CL type it has no record of."
+    own, kb = load_kb(species), load_kb()
+    other = kb[(kb.species != check_species(species)) & kb.cl_id.notna()]
+    return pd.concat([own, other[~other.cl_id.isin(set(own.cl_id.dropna()))]], ignore_index=True)
 
 # %% ../nbs/04_knowledge.ipynb #c8d8d387
 def _clean_markers(markers)->list[str]:
