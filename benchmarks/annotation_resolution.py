@@ -26,10 +26,12 @@ whose descent stops between two lineages as one (`celltyping.SPLIT`, designed on
 engine then reads the tissue from the clusters (`celltyping.tissue_from_reading`), as for most h5ad files.
 `--homogeneous off|failed|all` sets `celltyping.HOMOGENEOUS` (which clusters at a node of one type plain detection
 decides).
+`--ribosomal 0` leaves database records that name a ribosomal-protein or mitochondrial gene out of the kb index
+(`knowledge.RIBOSOMAL_MARKERS`).
 
 Usage: .venv/bin/python benchmarks/annotation_resolution.py [--resolutions 0.5,1,2,4] [--datasets ...] [--coarse 0]
        [--group-reading 0] [--cells 8000] [--ref-cells 0] [--fraction 0.5 --seeds 3] [--split 0]
-       [--shared-lineage 0] [--homogeneous all] [--no-tissue]
+       [--shared-lineage 0] [--homogeneous all] [--no-tissue] [--ribosomal 0]
 """
 import argparse, warnings
 
@@ -39,6 +41,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 import deepseq_nb.celltyping as ct
+import deepseq_nb.knowledge as kn
 from deepseq_nb.annotate import annotate
 from deepseq_nb.celltyping import score_annotation
 from deepseq_nb.cluster import run_pipeline
@@ -82,6 +85,8 @@ def main():
                    help='celltyping.SHARED_LINEAGE (0: every type inherits its lineage at every node)')
     p.add_argument('--homogeneous', default=ct.HOMOGENEOUS, choices=['off', 'failed', 'all'],
                    help='celltyping.HOMOGENEOUS (which clusters of a one-type node plain detection decides)')
+    p.add_argument('--ribosomal', type=int, default=int(kn.RIBOSOMAL_MARKERS),
+                   help='knowledge.RIBOSOMAL_MARKERS (0: records naming ribosomal/mitochondrial genes not indexed)')
     p.add_argument('--no-tissue', action='store_true',
                    help='annotate with no tissue given or recorded (scored under the true one)')
     p.add_argument('--fraction', type=float, default=1.0, help="keep this share of each dataset's cells (1: all)")
@@ -90,6 +95,7 @@ def main():
     warnings.filterwarnings('ignore')
     ct.COARSE, ct.GROUP_READING, ct.REF_CELLS = args.coarse, bool(args.group_reading), args.ref_cells
     ct.SPLIT, ct.SHARED_LINEAGE, ct.HOMOGENEOUS = bool(args.split), bool(args.shared_lineage), args.homogeneous
+    kn.RIBOSOMAL_MARKERS = bool(args.ribosomal)
     rows = []
     for name in args.datasets.split(','):
         for res in map(float, args.resolutions.split(',')):

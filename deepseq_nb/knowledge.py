@@ -17,11 +17,11 @@ from .data import data_dir
 
 # %% auto #0
 __all__ = ['KB_VERSION', 'SOURCES', 'STRONG_HOW', 'TISSUE_GROUPS', 'UBIQUITOUS', 'UBERON_FILE', 'KB_COLUMNS', 'NAMED_HOW',
-           'BM25_K1', 'BM25_B', 'OUT_OF_TISSUE', 'CL_NAMES', 'UNDEFINED_NEUTRAL', 'BORROW_SPECIES', 'CAND_COLS',
-           'SPECIFIC_RATIO', 'MIN_EXPLAINED', 'cache_dir', 'cellmarker_curation', 'gene_aliases', 'norm_gene', 'map_cl',
-           'tissue_groups', 'query_tissue_groups', 'map_in_tissue', 'kb_key', 'load_kb', 'check_species', 'KBIndex',
-           'kb_index', 'with_borrowed', 'rank_weight', 'kb_annotate', 'kb_annotate_table', 'retrieve',
-           'canonical_markers']
+           'BM25_K1', 'BM25_B', 'OUT_OF_TISSUE', 'CL_NAMES', 'UNDEFINED_NEUTRAL', 'BORROW_SPECIES', 'RIBOSOMAL_MARKERS',
+           'CAND_COLS', 'SPECIFIC_RATIO', 'MIN_EXPLAINED', 'cache_dir', 'cellmarker_curation', 'gene_aliases',
+           'norm_gene', 'map_cl', 'tissue_groups', 'query_tissue_groups', 'map_in_tissue', 'kb_key', 'load_kb',
+           'check_species', 'KBIndex', 'kb_index', 'with_borrowed', 'rank_weight', 'kb_annotate', 'kb_annotate_table',
+           'retrieve', 'canonical_markers']
 
 # %% ../nbs/04_knowledge.ipynb #79c96213
 KB_VERSION = 4  # bump when the parsing rules change: invalidates the on-disk cache
@@ -401,6 +401,9 @@ UNDEFINED_NEUTRAL = True
 # a cell type the species' own records do not name borrows the other species' records of it (`with_borrowed`); off by
 # default: measured below, it helps mouse readings of blood cells and costs real mouse marker lists a little
 BORROW_SPECIES = False
+# records naming a ribosomal-protein or mitochondrial gene (`cluster.NON_MARKERS`, never a marker of a cluster) are
+# indexed like any other; False drops them: measured in `04a_celltyping` (round 17), it loses naive T-cell evidence
+RIBOSOMAL_MARKERS = True
 
 def _anywhere(tissues:list, # the tissues of a type's records
               groups:dict, # tissue -> its groups (`tissue_groups`)
@@ -420,6 +423,9 @@ class KBIndex:
     "Cell types as BM25 'documents' of marker genes: a genes x types weight matrix, IDF and per-type tissue groups."
     def __init__(self, kb:pd.DataFrame):
         import scipy.sparse as sp
+        if not RIBOSOMAL_MARKERS:
+            from deepseq_nb.cluster import NON_MARKERS  # here: cluster imports scanpy, which most kb users never need
+            kb = kb[kb.negative | ~kb.gene.astype(str).str.match(NON_MARKERS)]
         kb = kb.assign(key=[_type_key(c, n) for c, n in zip(kb.cl_id, kb.cell_type)])
         pos, neg = kb[~kb.negative], kb[kb.negative]
         self.keys = sorted(kb.key.unique()); ki = {k: i for i, k in enumerate(self.keys)}
@@ -450,11 +456,11 @@ class KBIndex:
 def kb_index(species:str='human', # 'human' or 'mouse'
             )->KBIndex:
     "The cached BM25 index over `load_kb(species)`, with the types it lacks borrowed when `BORROW_SPECIES` is set."
-    return _kb_index(check_species(species), bool(BORROW_SPECIES))
+    return _kb_index(check_species(species), bool(BORROW_SPECIES), bool(RIBOSOMAL_MARKERS))
 
 @functools.cache
-def _kb_index(species:str, borrow:bool)->KBIndex:
-    "One index per species and switch, built once."
+def _kb_index(species:str, borrow:bool, ribosomal:bool)->KBIndex:
+    "One index per species and setting of the switches, built once."
     return KBIndex(with_borrowed(species) if borrow else load_kb(species))
 
 kb_index.cache_clear = _kb_index.cache_clear  # a knob changed: rebuild the indices
