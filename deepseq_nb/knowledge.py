@@ -399,7 +399,7 @@ CL_NAMES = True
 # has no record of a known tissue, or is hematopoietic (immune cells pass through every organ); False: any such record
 UNDEFINED_NEUTRAL = True
 # a cell type the species' own records do not name borrows the other species' records of it (`with_borrowed`); off by
-# default: measured below, it helps mouse readings of blood cells and costs real mouse marker lists a little
+# default: measured in this notebook, it helps mouse readings of blood cells and loses on every check that moves
 BORROW_SPECIES = False
 # records naming a ribosomal-protein or mitochondrial gene (`cluster.NON_MARKERS`, never a marker of a cluster) are
 # indexed like any other; False drops them: measured in `04a_celltyping` (round 17), it loses naive T-cell evidence
@@ -423,9 +423,6 @@ class KBIndex:
     "Cell types as BM25 'documents' of marker genes: a genes x types weight matrix, IDF and per-type tissue groups."
     def __init__(self, kb:pd.DataFrame):
         import scipy.sparse as sp
-        if not RIBOSOMAL_MARKERS:
-            from deepseq_nb.cluster import NON_MARKERS  # here: cluster imports scanpy, which most kb users never need
-            kb = kb[kb.negative | ~kb.gene.astype(str).str.match(NON_MARKERS)]
         kb = kb.assign(key=[_type_key(c, n) for c, n in zip(kb.cl_id, kb.cell_type)])
         pos, neg = kb[~kb.negative], kb[kb.negative]
         self.keys = sorted(kb.key.unique()); ki = {k: i for i, k in enumerate(self.keys)}
@@ -461,7 +458,11 @@ def kb_index(species:str='human', # 'human' or 'mouse'
 @functools.cache
 def _kb_index(species:str, borrow:bool, ribosomal:bool)->KBIndex:
     "One index per species and setting of the switches, built once."
-    return KBIndex(with_borrowed(species) if borrow else load_kb(species))
+    kb = with_borrowed(species) if borrow else load_kb(species)
+    if not ribosomal:
+        from deepseq_nb.cluster import NON_MARKERS  # here: cluster imports scanpy, which most kb users never need
+        kb = kb[kb.negative | ~kb.gene.astype(str).str.match(NON_MARKERS)]
+    return KBIndex(kb)
 
 kb_index.cache_clear = _kb_index.cache_clear  # a knob changed: rebuild the indices
 
