@@ -47,7 +47,8 @@ def main():
     P = novelty_settings(load_settings())
     enc = default_encoder(progress=False)
     common = dict(calib_frac=P['calib_frac'], k=P['k'], resolution=P['resolution'], adapter=P['adapter'], kb=False,
-                  false_novel_rate=P['false_novel_rate'], min_cells=P['min_cells'], max_types=P['max_types'])
+                  drop_top=P['drop_top'], false_novel_rate=P['false_novel_rate'], min_cells=P['min_cells'],
+                  max_types=P['max_types'])
     rows, t0 = [], time.perf_counter()
     for seed in map(int, args.seeds.split(',')):
         ref = cross_tissue_reference(max_cells=P['max_cells'] or None, seed=seed)

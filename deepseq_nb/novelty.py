@@ -390,6 +390,7 @@ class NoveltyConfig:
     encoder_seeds:bool=True # each seed also pretrains the small encoder with it (no effect with a checkpoint)
     resolution:float=1.0 # Leiden resolution of the query's clusters
     adapter:str='none' # adapter of the joint space: 'none', 'mnn' or 'harmony'
+    drop_top:int=1 # top principal directions removed from an embedding space (`novelty_query.all_but_the_top`)
     kb:bool=True # read the query clusters' markers with the kb (query-side calibration, veto)
 
 def novelty_settings(settings=None, # a `Settings`, a dict of sections, or None (`load_settings()`)

@@ -54,14 +54,14 @@ def _ref_distance(R:np.ndarray, C:np.ndarray, Q:np.ndarray, k:int, rate:float)->
 
 RELATIVE_SPACES = {'pca': None, 'frozen': 'X_scgpt'}  # query-relative scores: joint PCA, frozen encoder embedding
 
-def _fold(R:ad.AnnData, C:ad.AnnData, Q:ad.AnnData, *, tissue:str, k:int, resolution:float, adapter:str,
+def _fold(R:ad.AnnData, C:ad.AnnData, Q:ad.AnnData, *, tissue:str, k:int, resolution:float, adapter:str, drop_top:int,
           false_novel_rate:float, kb:bool, seed:int)->tuple[pd.DataFrame, dict, dict, dict]:
     "Scores, flags, query clusters, closest reference types of a fold: query-relative per space, and the baselines."
     S, F, CL, NT = {}, {}, {}, {}
     for s, rep in RELATIVE_SPACES.items():
         if rep is not None and rep not in Q.obsm: continue
-        o = relative_novelty(R, Q, C, space=s, use_rep=rep or 'X_scgpt', adapter=adapter, k=k, resolution=resolution,
-                             false_novel_rate=false_novel_rate, kb=kb, tissue=tissue, seed=seed)
+        o = relative_novelty(R, Q, C, space=s, use_rep=rep or 'X_scgpt', adapter=adapter, drop_top=drop_top, k=k,
+                             resolution=resolution, false_novel_rate=false_novel_rate, kb=kb, tissue=tissue, seed=seed)
         S[s], F[s], CL[s] = o['cells'].score.to_numpy(), o['cells'].is_novel.to_numpy(), o['cells'].cluster.to_numpy()
         NT[s] = o['cells'].nearest_type.to_numpy()
     P = PCASpace.fit(R, seed=seed)
@@ -107,6 +107,7 @@ def leave_one_type_out(
     k: int = 15,
     resolution: float = 1.0,
     adapter: str = 'none',
+    drop_top: int = 1,  # top directions removed from the frozen space (`novelty_query.all_but_the_top`)
     kb: bool = True,
     false_novel_rate: float = 0.05,
     seed: int = 0,
@@ -132,6 +133,7 @@ def leave_one_type_out(
             k=k,
             resolution=resolution,
             adapter=adapter,
+            drop_top=drop_top,
             false_novel_rate=false_novel_rate,
             kb=kb,
             seed=seed,
@@ -167,6 +169,7 @@ def batch_effect(
     k: int = 15,
     resolution: float = 1.0,
     adapter: str = 'none',
+    drop_top: int = 1,  # top directions removed from the frozen space (`novelty_query.all_but_the_top`)
     kb: bool = True,
     false_novel_rate: float = 0.05,
     seed: int = 0,
@@ -192,6 +195,7 @@ def batch_effect(
             k=k,
             resolution=resolution,
             adapter=adapter,
+            drop_top=drop_top,
             false_novel_rate=false_novel_rate,
             kb=kb,
             seed=seed,
@@ -242,7 +246,7 @@ def run_novelty(settings=None, # `Settings` (default: settings.ini)
         if c.get('key') == key: return {k: pd.DataFrame(v) for k, v in c['tables'].items()} | dict(seconds=c['seconds'])
     t0 = time.perf_counter()
     common = dict(calib_frac=P['calib_frac'], k=P['k'], resolution=P['resolution'], adapter=P['adapter'], kb=P['kb'],
-                  false_novel_rate=P['false_novel_rate'])
+                  drop_top=P['drop_top'], false_novel_rate=P['false_novel_rate'])
     lo, be = [], []
     for seed in P['seeds']:   # a seed draws the subsample, the splits, the clusterings (and pretrains the encoder)
         enc_s = encoder if encoder is not None else default_encoder(  # S: its overrides; cached after the first run

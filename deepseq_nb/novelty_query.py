@@ -19,8 +19,8 @@ from .novelty import as_dense, known_match
 
 # %% auto #0
 __all__ = ['ADAPTERS', 'DENSE_MAX', 'measured_genes', 'mnn_adapt', 'harmony_adapt', 'adapt_query', 'joint_space', 'cluster_k',
-           'reference_share', 'query_clusters', 'relative_scores', 'nearest_types', 'kb_reading', 'upper_quantile',
-           'relative_novelty', 'assess_relative_novelty']
+           'reference_share', 'query_clusters', 'relative_scores', 'nearest_types', 'all_but_the_top', 'kb_reading',
+           'upper_quantile', 'relative_novelty', 'assess_relative_novelty']
 
 # %% ../nbs/13b_novelty_query.ipynb #268ddbc4
 def measured_genes(cells:ad.AnnData)->pd.Index:
@@ -186,6 +186,20 @@ def nearest_types(YR:np.ndarray, # reference coordinates
         dict(nearest_type=np.asarray(names)[votes.argmax(1)], nearest_share=votes.max(1) / idx.shape[1])
     )
 
+# %% ../nbs/13b_novelty_query.ipynb #abt70p02
+def all_but_the_top(YR:np.ndarray, # reference coordinates (an embedding)
+                    YQ:np.ndarray, # query coordinates, same embedding
+                    n:int=1, # top principal directions removed (0: both returned unchanged)
+                   )->tuple[np.ndarray, np.ndarray]:
+    "Both sets centred on their joint mean, less their `n` top joint principal directions (Mu & Viswanath 2018)."
+    YR, YQ = np.asarray(YR, np.float32), np.asarray(YQ, np.float32)
+    if n <= 0: return YR, YQ
+    Y = np.vstack([YR, YQ]).astype(np.float64)
+    Y -= Y.mean(0)
+    U = np.linalg.svd(Y, full_matrices=False)[2][:n]
+    Y -= (Y @ U.T) @ U
+    return Y[:len(YR)].astype(np.float32), Y[len(YR):].astype(np.float32)
+
 # %% ../nbs/13b_novelty_query.ipynb #c28ffca2
 def kb_reading(query:ad.AnnData, # log-normalised query cells
                clusters:np.ndarray, # cluster per query cell
@@ -224,12 +238,13 @@ def upper_quantile(x:np.ndarray, rate:float)->float:
     "The value that a share `rate` of `x` exceeds (-inf for no values)."
     return float(np.quantile(x, 1 - rate, method='higher')) if len(x) else -np.inf
 
-def _coords(reference, query, space, use_rep, adapter, seed):
-    "Reference and query coordinates: the joint PCA, or an obsm embedding with the adapter."
+def _coords(reference, query, space, use_rep, adapter, seed, drop_top=0):
+    "Reference and query coordinates: the joint PCA, or an obsm embedding less its top directions, with the adapter."
     if space == 'pca': return joint_space(reference, query, adapter=adapter, seed=seed)
     if use_rep not in reference.obsm or use_rep not in query.obsm:
         raise InputError(f"No obsm[{use_rep!r}] in the reference or the query; embed them first.")
-    return adapt_query(reference.obsm[use_rep], np.asarray(query.obsm[use_rep], np.float32), adapter, seed)
+    YR, YQ = all_but_the_top(reference.obsm[use_rep], query.obsm[use_rep], drop_top)
+    return adapt_query(YR, YQ, adapter, seed)
 
 def relative_novelty(
     reference: ad.AnnData,  # labelled reference cells (obs `label`)
@@ -241,6 +256,7 @@ def relative_novelty(
     adapter: str = 'none',
     k: int = 15,
     resolution: float = 1.0,  # `adapt_query`; neighbours; Leiden resolution
+    drop_top: int = 1,  # embedding spaces: top principal directions of both sets removed (`all_but_the_top`)
     false_novel_rate: float = 0.05,  # share of known cells allowed above the threshold (both calibrations)
     kb: bool = True,  # read the query clusters' markers (query-side calibration and veto)
     tissue: str | None = None,
@@ -254,7 +270,7 @@ def relative_novelty(
     if label_key not in reference.obs:
         raise InputError(f"The reference has no obs column {label_key!r} of labels; pass label_key=.")
     types = sorted(set(reference.obs[label_key].astype(str)))
-    YR, YQ = _coords(reference, query, space, use_rep, adapter, seed)
+    YR, YQ = _coords(reference, query, space, use_rep, adapter, seed, drop_top)
     cl = query_clusters(YQ, resolution, k, seed)
     share = reference_share(YR, YQ, k, cl)
     if share.max() == 0:
@@ -264,7 +280,7 @@ def relative_novelty(
         )
     cell, clus = relative_scores(share, cl)
     near = nearest_types(YR, reference.obs[label_key].to_numpy(), YQ, k)
-    YR2, YC = _coords(reference, calibration, space, use_rep, adapter, seed)
+    YR2, YC = _coords(reference, calibration, space, use_rep, adapter, seed, drop_top)
     clc = query_clusters(YC, resolution, k, seed)
     thr_ref = upper_quantile(relative_scores(reference_share(YR2, YC, k, clc), clc)[1], false_novel_rate)
     K = kb_reading(query, cl, types, tissue=tissue, species=species) if kb else None

@@ -213,10 +213,13 @@ def test_relative_novelty_warns_when_the_studies_do_not_overlap():
     for i, (a, off) in enumerate(((ref, 0), (cal, 0), (q, 100))):
         # the query far from both
         a.obsm['X_scgpt'] = np.random.default_rng(i).normal(size=(a.n_obs, 8)).astype(np.float32) + off
-    with pytest.warns(UserWarning, match='do not overlap'):
-        o = relative_novelty(ref, q, cal, space='frozen', kb=False)
+    with pytest.warns(UserWarning, match='do not overlap'):   # the embedding as it is
+        o = relative_novelty(ref, q, cal, space='frozen', kb=False, drop_top=0)
     # every score tied at 1: it cannot rank the clusters
     assert (o['mixing']['share'] == 0 and (o['cells'].score == 1).all())
+    # an offset along one direction is the embedding's top direction: all_but_the_top (the default) removes it
+    o = relative_novelty(ref, q, cal, space='frozen', kb=False)
+    assert o['mixing']['share'] > 0.3
 
 
 def test_cluster_level_rates():

@@ -370,7 +370,8 @@ def _relative(st, a, groupby, cluster_share, tissue, species):
     q = _lognorm(a)
     assess_relative_novelty(q, R[~cal], R[cal], label_key=st.label_key, groupby=groupby, cluster_share=cluster_share,
                             k=N['k'], resolution=N['resolution'], adapter=N['adapter'], kb=N['kb'], tissue=tissue,
-                            species=species, false_novel_rate=st.cfg['false_novel_rate'], seed=st.cfg['seed'])
+                            drop_top=N['drop_top'], species=species, false_novel_rate=st.cfg['false_novel_rate'],
+                            seed=st.cfg['seed'])
     if q is not a:
         for c in ('novelty_score', 'is_novel', 'nearest_type'): a.obs[f'scagent_{c}'] = q.obs[f'scagent_{c}'].to_numpy()
         a.uns['scagent_novelty'] = q.uns['scagent_novelty']
