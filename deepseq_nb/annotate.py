@@ -13,11 +13,12 @@ from .backends import get_backend, backend_options
 from .celltyping import cluster_stats, infer_species, infer_tissue, read_clusters, celltype_in_tissue
 from .cluster import markers_from_settings, markers_by_cluster
 from .config import load_settings
+from .data import InputError, _bad_values
 from .ontology import to_cl
 from .prompts import make_queries
 
 # %% auto #0
-__all__ = ['REFINE', 'expression_evidence', 'annotate']
+__all__ = ['REFINE', 'expression_view', 'expression_evidence', 'annotate']
 
 # %% ../nbs/07_annotate.ipynb #1de0185e
 def _markers_for(adata:ad.AnnData, groupby:str, n_genes:int, settings, store:bool=True)->dict:
@@ -80,21 +81,23 @@ def _refine(e:pd.DataFrame, m:pd.DataFrame)->pd.DataFrame:
             )
     return out
 
-def _annotate_expression(a:ad.AnnData, groupby:str, tissue, species, key_added:str, copy:bool, kb_mode:str, n_genes, S):
-    "The kb backend on the expression: `celltyping.read_clusters` (refined by the marker-list kb if 'hybrid')."
+def _annotate_expression(a:ad.AnnData, v:ad.AnnData, groupby:str, tissue, species, key_added:str, copy:bool,
+                         kb_mode:str, n_genes, S):
+    "The kb backend on the expression `v` of `a` (`expression_view`): `celltyping.read_clusters`, refined if 'hybrid'."
     import time
     t0 = time.perf_counter()
-    species, tissue = infer_species(a, species), infer_tissue(a, tissue)
-    tab, ev, cells = read_clusters(a, groupby=groupby, species=species, tissue=tissue)
+    species, tissue = infer_species(v, species), infer_tissue(a, tissue)
+    tab, ev, cells = read_clusters(v, groupby=groupby, species=species, tissue=tissue)
     tissue, tissue_from = tab.attrs.get('tissue', tissue), tab.attrs.get('tissue_from')  # read from the clusters?
     clusters = groupby
     if (tab['part_of'] != '').any():  # clusters that mixed two lineages were split: label their parts
         clusters = f'{key_added}_cluster'
         a.obs[clusters] = pd.Categorical(cells.values)
+        if v is not a: v.obs[clusters] = a.obs[clusters]
     tab['source'] = 'expression'
     if kb_mode == 'hybrid':
         n_genes = n_genes or S.get('markers.n_genes')
-        genes = _markers_for(a, clusters, n_genes, S, store=clusters == groupby)
+        genes = _markers_for(v, clusters, n_genes, S, store=clusters == groupby and v is a)  # raw's genes: not stored
         m = get_backend('kb').annotate(make_queries(genes, tissue=tissue, species=species)).to_frame()
         cm = [to_cl(l, tissue=tissue) if isinstance(l, str) and l != 'Unknown' else None for l in m['label']]
         m['cl_id'] = [x.id if x is not None else None for x in cm]
@@ -110,10 +113,29 @@ def _annotate_expression(a:ad.AnnData, groupby:str, tissue, species, key_added:s
     t = tab.reset_index().assign(cl_name=lambda d: d['label'])
     a.uns[key_added] = dict(table=_h5ad_safe(t), evidence=_h5ad_safe(ev), backend='kb', engine='celltyping',
                             params=dict(groupby=groupby, clusters=clusters, tissue=tissue or '', species=species,
-                                        kb_mode=kb_mode, tissue_from=tissue_from or ''),
+                                        kb_mode=kb_mode, tissue_from=tissue_from or '', use_raw=v is not a),
                             stats=dict(calls=0, cache_hits=0, reasks=0, tokens_in=0, tokens_out=0, cost=0.0,
                                        seconds=round(time.perf_counter() - t0, 3)))
     return a if copy else None
+
+# %% ../nbs/07_annotate.ipynb #eb55454e
+def expression_view(
+    adata: ad.AnnData,  # clustered cells × genes
+    use_raw: bool | None = None,  # read `adata.raw`; None: when it holds genes X lacks (scanpy's convention)
+) -> tuple[ad.AnnData, bool]:
+    "(the cells with the genes the annotator reads, whether that is `adata.raw`): obs, graphs and spaces are adata's."
+    if use_raw and adata.raw is None:
+        raise InputError('use_raw=True, but adata.raw is empty: keep the full matrix before cutting genes '
+                         '(`adata.raw = adata`), or pass use_raw=False to read X.')
+    if use_raw is None: use_raw = adata.raw is not None and bool(len(adata.raw.var_names.difference(adata.var_names)))
+    v = adata if not use_raw else ad.AnnData(
+        adata.raw.X, obs=adata.obs, var=adata.raw.var, uns=adata.uns, obsm=dict(adata.obsm), obsp=dict(adata.obsp))
+    bad = _bad_values(v.X)
+    if bad:
+        where = 'adata.raw' if use_raw else 'X'
+        raise InputError(f'{where} holds {bad}. The annotator reads which cells detect a gene: give it counts or '
+                         'log-normalised values (scanpy keeps them in adata.raw, read with use_raw=True).')
+    return v, use_raw
 
 # %% ../nbs/07_annotate.ipynb #a8e67c13
 def _genes(s)->list[str]:
@@ -159,6 +181,7 @@ def annotate(
     settings=None,  # `Settings` (default: settings.ini)
     kb_mode: str = 'hybrid',  # kb backend: 'hybrid' (expression, refined by marker lists), 'expression' or 'markers'
     evidence: bool = False,  # LLM backends: add each cluster's `expression_evidence` to its prompt
+    use_raw: bool | None = None,  # read the expression from `adata.raw`; None: when it holds genes X lacks
     copy: bool = False,
     **backend_kw,
 ) -> ad.AnnData | None:
@@ -174,8 +197,10 @@ def annotate(
     S = settings or load_settings()
     if groupby != f'{key_added}_cluster':  # a previous call's parts are not this one's
         a.obs.drop(columns=f'{key_added}_cluster', errors='ignore', inplace=True)
+    reads = backend == 'kb' and kb_mode != 'markers' or evidence  # the expression itself, not only marker names
+    v = expression_view(a, use_raw)[0] if reads and a.n_vars > 0 else a  # checked before any work
     if backend == 'kb' and kb_mode != 'markers' and a.n_vars > 0:
-        return _annotate_expression(a, groupby, tissue, species, key_added, copy, kb_mode, n_genes, S)
+        return _annotate_expression(a, v, groupby, tissue, species, key_added, copy, kb_mode, n_genes, S)
     tissue = infer_tissue(a, tissue)
     species = (
         infer_species(a, species) if a.n_vars else (species or (a.uns.get('dataset') or {}).get('species') or 'human')
@@ -183,7 +208,7 @@ def annotate(
     n_genes = n_genes or S.get('markers.n_genes')
     genes = _markers_for(a, groupby, n_genes, S)
     be = get_backend(backend, **({**backend_options(S, backend), **backend_kw} if backend != 'kb' else backend_kw))
-    ev = expression_evidence(a, groupby, tissue, species) if evidence else {}
+    ev = expression_evidence(v, groupby, tissue, species) if evidence else {}
     answers = be.annotate(make_queries(genes, tissue=tissue, species=species, evidence=ev))
     tab = answers.to_frame()
     m = [to_cl(l, tissue=tissue) if isinstance(l, str) and l != 'Unknown' else None for l in tab['label']]
