@@ -18,8 +18,8 @@ import scipy.sparse as sp
 
 # %% auto #0
 __all__ = ['DATASETS', 'data_dir', 'list_datasets', 'read_10x_mtx', 'looks_like_counts', 'InputError', 'check_values',
-           'check_counts', 'check_nonempty', 'fix_gene_names', 'read_table', 'resolve_x_is', 'read', 'load_dataset',
-           'load']
+           'check_counts', 'check_nonempty', 'fix_gene_names', 'read_table', 'resolve_x_is', 'prefer_raw', 'read',
+           'load_dataset', 'load']
 
 # %% ../nbs/00_data.ipynb #85212e30
 def data_dir()->Path:
@@ -286,6 +286,22 @@ def resolve_x_is(adata:ad.AnnData, x_is:str)->str:
     if x_is == 'counts': check_counts(adata, what="x_is='counts'")
     return x_is
 
+# %% ../nbs/00_data.ipynb #0b69df58
+def prefer_raw(
+    adata: ad.AnnData,  # as read from an .h5ad
+    name: str = 'the file',  # what to call it in the warning
+) -> ad.AnnData:
+    "`adata.raw` as the matrix (obs kept) when X is scaled or lacks genes `.raw` holds; else `adata` itself."
+    if adata.raw is None or _bad_values(adata.raw.X): return adata
+    bad, more = _bad_values(adata.X), len(adata.raw.var_names.difference(adata.var_names))
+    if not bad and not more: return adata
+    why = f"X holds {bad.split(':')[0]}" if bad else f"X lacks {more:,} of the genes in .raw"
+    warnings.warn(f"{name}: {why}; reading its .raw ({adata.raw.n_vars:,} genes) as the matrix, where scanpy keeps "
+                  "the unscaled data of every gene.", stacklevel=2)
+    r = adata.raw.to_adata()
+    r.obs, r.uns = adata.obs.copy(), dict(adata.uns)
+    return r
+
 # %% ../nbs/00_data.ipynb #4573c28b
 def read(path:str|Path, # 10x mtx directory, 10x .h5, .h5ad, or .csv/.tsv
          x_is:str='auto', # what X holds: 'counts', 'lognorm', or 'auto' to detect
@@ -307,7 +323,7 @@ def read(path:str|Path, # 10x mtx directory, 10x .h5, .h5ad, or .csv/.tsv
             import scanpy as sc
             a = sc.read_10x_h5(p, gex_only=True); a.var['gene_symbols'] = a.var_names
             if var_names == 'gene_ids': a.var_names = a.var['gene_ids'].astype(str).values
-        elif fmt == 'h5ad': a = ad.read_h5ad(p)
+        elif fmt == 'h5ad': a = prefer_raw(ad.read_h5ad(p), p.name)
         else: a = read_table(p, orientation=orientation, encoding=encoding)
     except (InputError, FileNotFoundError): raise
     except Exception as e:
