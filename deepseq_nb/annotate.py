@@ -10,15 +10,20 @@ import anndata as ad
 import pandas as pd
 
 from .backends import get_backend, backend_options
-from .celltyping import cluster_stats, infer_species, infer_tissue, read_clusters, celltype_in_tissue
+import warnings
+
+from deepseq_nb.celltyping import (
+    LINEAGES, cluster_stats, infer_species, infer_tissue, read_clusters, celltype_in_tissue
+)
 from .cluster import markers_from_settings, markers_by_cluster
 from .config import load_settings
+from .knowledge import norm_gene
 from .data import InputError, _bad_values
 from .ontology import to_cl
 from .prompts import make_queries
 
 # %% auto #0
-__all__ = ['REFINE', 'expression_view', 'expression_evidence', 'annotate']
+__all__ = ['REFINE', 'PANEL', 'expression_view', 'expression_evidence', 'annotate']
 
 # %% ../nbs/07_annotate.ipynb #1de0185e
 def _markers_for(adata:ad.AnnData, groupby:str, n_genes:int, settings, store:bool=True)->dict:
@@ -119,6 +124,13 @@ def _annotate_expression(a:ad.AnnData, v:ad.AnnData, groupby:str, tissue, specie
     return a if copy else None
 
 # %% ../nbs/07_annotate.ipynb #eb55454e
+PANEL = 5000  # X with fewer genes than this and no .raw: a gene panel or HVG subset, warned about (lineage markers)
+
+def _missing_lineage_markers(genes)->list[str]:
+    "The lineage markers of `celltyping.LINEAGES` (positive ones) that `genes` does not measure."
+    have = {norm_gene(g) for g in genes}
+    return [g for _, _, pos, _ in LINEAGES for g in pos if norm_gene(g) not in have]
+
 def expression_view(
     adata: ad.AnnData,  # clustered cells × genes
     use_raw: bool | None = None,  # read `adata.raw`; None: when it holds genes X lacks (scanpy's convention)
@@ -135,6 +147,12 @@ def expression_view(
         where = 'adata.raw' if use_raw else 'X'
         raise InputError(f'{where} holds {bad}. The annotator reads which cells detect a gene: give it counts or '
                          'log-normalised values (scanpy keeps them in adata.raw, read with use_raw=True).')
+    if v.n_vars < PANEL and (miss := _missing_lineage_markers(v.var_names)):
+        n_all = sum(len(pos) for _, _, pos, _ in LINEAGES)
+        warnings.warn(f"{'adata.raw' if use_raw else 'X'} holds {v.n_vars:,} genes, and {len(miss)} of the {n_all} "
+                      f"lineage markers the kb engine reads are not among them ({', '.join(miss[:6])}, ...): labels "
+                      "below the lineage rest on fewer genes. Annotate the whole matrix if you have it (adata.raw).",
+                      stacklevel=3)
     return v, use_raw
 
 # %% ../nbs/07_annotate.ipynb #a8e67c13
