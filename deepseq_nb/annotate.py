@@ -139,7 +139,9 @@ def expression_view(
     if use_raw and adata.raw is None:
         raise InputError('use_raw=True, but adata.raw is empty: keep the full matrix before cutting genes '
                          '(`adata.raw = adata`), or pass use_raw=False to read X.')
-    if use_raw is None: use_raw = adata.raw is not None and bool(len(adata.raw.var_names.difference(adata.var_names)))
+    if use_raw is None and adata.raw is not None:  # raw holds genes X lacks, or X is scaled and raw is not
+        more = len(adata.raw.var_names.difference(adata.var_names))
+        use_raw = bool(more) or bool(_bad_values(adata.X) and not _bad_values(adata.raw.X))
     v = adata if not use_raw else ad.AnnData(
         adata.raw.X, obs=adata.obs, var=adata.raw.var, uns=adata.uns, obsm=dict(adata.obsm), obsp=dict(adata.obsp))
     bad = _bad_values(v.X)

@@ -189,3 +189,19 @@ def test_annotate_reads_a_tissue_from_the_clusters(tmp_path):
             assert 'tissue not given' in r.stderr and '--tissue' in r.stderr  # the user is told, and how to set it
             assert f'tissue prior read from the clusters: {read[name]!r}' in r.stdout  # printed with -q too
         else: assert p['tissue'] == '' and p['tissue_from'] == '' and 'tissue prior' not in r.stdout + r.stderr
+
+
+def test_annotate_reads_raw_of_a_scanpy_h5ad(tmp_path):
+    "An h5ad as a scanpy analysis saves it (X: 2,000 HVGs, scaled; .raw: every gene) is annotated from its .raw."
+    import anndata as ad, scanpy as sc
+    from deepseq_nb.data import load
+    a = load('pbmc3k'); sc.pp.normalize_total(a); sc.pp.log1p(a); sc.pp.highly_variable_genes(a, n_top_genes=2000)
+    a.raw = a
+    a = a[:, a.var['highly_variable']].copy(); a.X = a.X.toarray(); sc.pp.scale(a, max_value=10)
+    a.write_h5ad(tmp_path/'scanpy.h5ad')
+    r = run('annotate', tmp_path/'scanpy.h5ad', '--x-is', 'lognorm', '--tissue', 'PBMC', '--out', tmp_path/'o.h5ad')
+    assert r.returncode == 0, r.stderr  # before: exit 2 on the scaled X
+    assert 'negative values' in r.stderr and 'reading its .raw (13,714 genes)' in r.stderr
+    o = ad.read_h5ad(tmp_path/'o.h5ad')
+    assert o.n_vars == 13714 and o.obs['deepseq_broad'].astype(str).eq('T/NK cell').mean() > 0.4
+    assert {'B cell', 'natural killer cell', 'CD14-positive monocyte'} <= set(o.obs['deepseq_label'].astype(str))
