@@ -300,6 +300,7 @@ def prefer_raw(
                   "the unscaled data of every gene.", stacklevel=2)
     r = adata.raw.to_adata()
     r.obs, r.uns = adata.obs.copy(), dict(adata.uns)
+    r.uns.pop('x_is', None)  # it said what X held: .raw is checked afresh
     return r
 
 # %% ../nbs/00_data.ipynb #4573c28b
