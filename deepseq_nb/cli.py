@@ -13,7 +13,7 @@ from pathlib import Path
 from .config import load_settings, atomic_write, check_out_path, missing_extra
 
 # %% auto #0
-__all__ = ['step', 'cmd_qc', 'cmd_cluster', 'cmd_markers', 'cmd_figures', 'cmd_annotate', 'annotate_marker_table',
+__all__ = ['MAX_CLUSTERS', 'step', 'cmd_qc', 'cmd_cluster', 'cmd_markers', 'cmd_figures', 'cmd_annotate', 'annotate_marker_table',
            'cmd_benchmark', 'cmd_evaluate', 'build_parser', 'main']
 
 # %% ../nbs/91_cli.ipynb #dba16719
@@ -160,8 +160,25 @@ def _check_backend(spec:str, S):
 def _missing_note(n:int)->str:
     return f"; {n} clusters without an answer (label Unknown; a rerun asks for them again)" if n else ''
 
+MAX_CLUSTERS = 500  # more distinct values than this in --groupby's column: not clusters (a per-cell number?)
+
+def _own_clusters(args, S):
+    "INPUT with the clusters in its obs column `--groupby`, log-normalised if it holds counts; checked before any work."
+    from deepseq_nb.cluster import normalize
+    from deepseq_nb.data import InputError
+    a = _load(args, S)
+    if args.groupby not in a.obs:
+        cols = ', '.join(map(str, a.obs.columns[:20])) or 'none'
+        raise KeyError(f"{args.input} has no obs column {args.groupby!r} (its columns: {cols}); name one, or drop "
+                       "--groupby to cluster the cells here.")
+    n = a.obs[args.groupby].nunique()
+    if n > MAX_CLUSTERS: raise InputError(f"obs column {args.groupby!r} has {n:,} distinct values, more than "
+                                          f"{MAX_CLUSTERS} clusters: name the column that holds the clusters.")
+    normalize(a)  # counts: log-normalised, kept in layers['counts']; log-normalised values stay as they are
+    return a
+
 def cmd_annotate(args)->int:
-    "QC → clusters → markers → annotation (or annotate a marker CSV with --markers)."
+    "QC → clusters → markers → annotation (the user's clusters with --groupby; a marker CSV with --markers)."
     S = _settings(args); _outputs(args, 'out')
     backend = args.backend or S.get('annotate.backend')
     _check_backend(backend, S)
@@ -193,14 +210,15 @@ def cmd_annotate(args)->int:
         if args.out: _write_csv(mk.assign(label=pred['prediction'].values), args.out)
         return 0
     from deepseq_nb.annotate import annotate
-    tmp_args = argparse.Namespace(**{**vars(args), 'resolution': None, 'out': None})
-    a = _cluster_for(tmp_args, S)
+    groupby = getattr(args, 'groupby', None)
+    if groupby: a = _own_clusters(args, S)  # the user's clusters: no QC, no clustering
+    else: a = _cluster_for(argparse.Namespace(**{**vars(args), 'resolution': None, 'out': None}), S)
     told = {o.split('=', 1)[0].strip() for o in (args.set or [])}   # settings the user named on this command line
     tissue = args.tissue or (S.get('data.tissue') or None if 'data.tissue' in told else None)
     species = args.species or (S.get('data.species') or None if 'data.species' in told else None)
     with step(f'annotating with {backend}', args.quiet):
-        annotate(a, backend=backend, tissue=tissue, species=species, settings=S, evidence=args.evidence,
-                 **({'progress': False} if args.quiet and backend != 'kb' else {}))
+        annotate(a, groupby=groupby or 'leiden', backend=backend, tissue=tissue, species=species, settings=S,
+                 evidence=args.evidence, **({'progress': False} if args.quiet and backend != 'kb' else {}))
     tab = a.uns['deepseq']['table']
     _print_annotation(tab)
     p = a.uns['deepseq']['params']
@@ -318,6 +336,7 @@ _EPILOG = """examples:
   deepseq figures --only fig_qc_knee
   deepseq annotate pbmc3k --backend kb
   deepseq annotate pbmc3k --backend ollama:llama3.2:1b --tissue PBMC
+  deepseq annotate my.h5ad --groupby louvain --tissue Lung   # your own clusters, not clustered again
   deepseq benchmark markers.csv --backend kb --out pred.csv
   deepseq figures --dataset my.h5ad --set data.tissue=Lung
   deepseq agent "annotate pbmc3k and tell me which clusters look novel" --dry-run
@@ -431,6 +450,8 @@ def build_parser()->argparse.ArgumentParser:
     n.add_argument('--strategy', choices=['threshold', 'knee', 'smoothed_knee'], help='QC filter (default: settings)')
     n.add_argument('--min-genes', type=int, help='threshold strategy: minimum genes per cell')
     n.add_argument('--x-is', choices=['auto', 'counts', 'lognorm'], help='what the matrix holds (default: detect)')
+    n.add_argument('--groupby', metavar='COL',
+                   help="obs column of INPUT's own clusters (.h5ad): label those, with no QC and no clustering here")
     _table_opts(n)
     n.add_argument('--out', metavar='PATH', help='write the annotated .h5ad (or CSV with --markers)')
     n.set_defaults(func=cmd_annotate)

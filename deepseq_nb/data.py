@@ -291,7 +291,7 @@ def prefer_raw(
     adata: ad.AnnData,  # as read from an .h5ad
     name: str = 'the file',  # what to call it in the warning
 ) -> ad.AnnData:
-    "`adata.raw` as the matrix (obs kept) when X is scaled or lacks genes `.raw` holds; else `adata` itself."
+    "`adata.raw` as the matrix (obs, obsm, obsp kept) when X is scaled or lacks genes `.raw` holds; else `adata`."
     if adata.raw is None or _bad_values(adata.raw.X): return adata
     bad, more = _bad_values(adata.X), len(adata.raw.var_names.difference(adata.var_names))
     if not bad and not more: return adata
@@ -300,6 +300,7 @@ def prefer_raw(
                   "the unscaled data of every gene.", stacklevel=2)
     r = adata.raw.to_adata()
     r.obs, r.uns = adata.obs.copy(), dict(adata.uns)
+    r.obsm, r.obsp = dict(adata.obsm), dict(adata.obsp)  # the same cells: their spaces and graphs hold
     r.uns.pop('x_is', None)  # it said what X held: .raw is checked afresh
     return r
 

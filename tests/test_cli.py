@@ -206,3 +206,20 @@ def test_annotate_reads_raw_of_a_scanpy_h5ad(tmp_path):
     o = ad.read_h5ad(tmp_path/'o.h5ad')
     assert o.n_vars == 13714 and o.obs['deepseq_broad'].astype(str).eq('T/NK cell').mean() > 0.4
     assert {'B cell', 'natural killer cell', 'CD14-positive monocyte'} <= set(o.obs['deepseq_label'].astype(str))
+
+
+def test_annotate_own_clusters(tmp_path):
+    "--groupby labels the clusters INPUT already has (pbmc3k's Seurat clusters): no QC, no clustering; bad columns: 2."
+    import anndata as ad
+    r = run('annotate', 'pbmc3k', '--groupby', 'seurat_cluster', '--tissue', 'PBMC', '--out', tmp_path/'o.h5ad', '-q')
+    assert r.returncode == 0, r.stderr
+    o = ad.read_h5ad(tmp_path/'o.h5ad')
+    assert o.n_obs == 2638 and 'leiden' not in o.obs  # every cell kept, none clustered again
+    per = o.obs.groupby('seurat_cluster', observed=True)['deepseq_label'].nunique()
+    assert len(per) == 9 and (per == 1).all()  # one label per Seurat cluster
+    lab = o.obs.groupby('cell_type', observed=True)['deepseq_label'].agg(lambda s: s.value_counts().index[0])
+    assert lab['B'] == 'B cell' and lab['NK'] == 'natural killer cell' and lab['CD14+ Mono'] == 'CD14-positive monocyte'
+    r = run('annotate', 'pbmc3k', '--groupby', 'louvain')
+    assert r.returncode == 2 and "no obs column 'louvain'" in r.stderr and 'seurat_cluster' in r.stderr
+    r = run('annotate', 'pbmc3k', '--groupby', 'n_counts')
+    assert r.returncode == 2 and 'distinct values' in r.stderr and 'Traceback' not in r.stderr
