@@ -19,8 +19,8 @@ from scipy.signal import savgol_filter
 from .data import check_counts, load_dataset
 
 # %% auto #0
-__all__ = ['STRATEGIES', 'qc_metrics', 'barcode_ranks', 'find_knee', 'filter_cells', 'recovery', 'compare_filters', 'plot_knee',
-           'plot_qc_metrics']
+__all__ = ['STRATEGIES', 'qc_metrics', 'barcode_ranks', 'find_knee', 'metrics_current', 'filter_cells', 'recovery',
+           'compare_filters', 'plot_knee', 'plot_qc_metrics']
 
 # %% ../nbs/01_qc.ipynb #1588f9cb
 def qc_metrics(
@@ -109,6 +109,19 @@ def find_knee(totals:np.ndarray, # total counts per barcode
         'reason': 'knee below the cliff',
     }
 
+# %% ../nbs/01_qc.ipynb #180b1451
+def metrics_current(
+    adata: ad.AnnData,
+    n: int = 500,  # cells checked (the first n)
+) -> bool:
+    "True when obs holds `total_counts` and `n_genes_by_counts` that match X's first `n` cells (counts, genes)."
+    if not {'total_counts', 'n_genes_by_counts'} <= set(adata.obs): return False
+    X = adata.X[:n]
+    if hasattr(X, 'compute'): X = X.compute()  # a Dask block
+    tot, ng = np.asarray(X.sum(1)).ravel(), np.asarray((X > 0).sum(1)).ravel()
+    obs = adata.obs.iloc[:n]
+    return bool(np.allclose(tot, obs['total_counts'], rtol=1e-4) and (ng == obs['n_genes_by_counts'].to_numpy()).all())
+
 # %% ../nbs/01_qc.ipynb #3c12e080
 STRATEGIES = ('threshold', 'knee', 'smoothed_knee')
 
@@ -126,7 +139,7 @@ def filter_cells(
         raise ValueError(f"Unknown QC strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}.")
     a = adata.copy() if copy else adata
     key = key_added or f'qc_{strategy}'
-    if 'total_counts' not in a.obs: qc_metrics(a)
+    if not metrics_current(a): qc_metrics(a)
     if strategy == 'threshold':
         ng = a.obs['n_genes_by_counts'].to_numpy()
         keep = ng >= min_genes
