@@ -15,7 +15,7 @@ import warnings
 from deepseq_nb.celltyping import (
     LINEAGES, cluster_stats, infer_species, infer_tissue, read_clusters, celltype_in_tissue
 )
-from .cluster import markers_from_settings, markers_by_cluster
+from .cluster import PANEL, markers_from_settings, markers_by_cluster
 from .config import load_settings
 from .knowledge import norm_gene
 from .data import InputError, _bad_values
@@ -23,7 +23,7 @@ from .ontology import to_cl
 from .prompts import make_queries
 
 # %% auto #0
-__all__ = ['REFINE', 'PANEL', 'expression_view', 'expression_evidence', 'annotate']
+__all__ = ['REFINE', 'expression_view', 'expression_evidence', 'annotate']
 
 # %% ../nbs/07_annotate.ipynb #1de0185e
 def _markers_for(adata:ad.AnnData, groupby:str, n_genes:int, settings, store:bool=True)->dict:
@@ -124,8 +124,6 @@ def _annotate_expression(a:ad.AnnData, v:ad.AnnData, groupby:str, tissue, specie
     return a if copy else None
 
 # %% ../nbs/07_annotate.ipynb #eb55454e
-PANEL = 5000  # X with fewer genes than this and no .raw: a gene panel or HVG subset, warned about (lineage markers)
-
 def _missing_lineage_markers(genes)->list[str]:
     "The lineage markers of `celltyping.LINEAGES` (positive ones) that `genes` does not measure."
     have = {norm_gene(g) for g in genes}
