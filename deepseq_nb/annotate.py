@@ -6,21 +6,22 @@ Docs: https://deepseq-nb.github.io/deepseq_nb/annotate.html.md"""
 
 # %% ../nbs/07_annotate.ipynb #53d702d5
 from __future__ import annotations
+import warnings
+
 import anndata as ad
 import pandas as pd
 
 from .backends import get_backend, backend_options
-import warnings
-
 from deepseq_nb.celltyping import (
     LINEAGES, cluster_stats, infer_species, infer_tissue, read_clusters, celltype_in_tissue
 )
-from .cluster import PANEL, markers_from_settings, markers_by_cluster
+from .cluster import markers_from_settings, markers_by_cluster
 from .config import load_settings
+from .data import InputError, _bad_values, raw_reason
 from .knowledge import norm_gene
-from .data import InputError, _bad_values
 from .ontology import to_cl
 from .prompts import make_queries
+from .qc import PANEL
 
 # %% auto #0
 __all__ = ['REFINE', 'expression_view', 'expression_evidence', 'annotate']
@@ -137,9 +138,7 @@ def expression_view(
     if use_raw and adata.raw is None:
         raise InputError('use_raw=True, but adata.raw is empty: keep the full matrix before cutting genes '
                          '(`adata.raw = adata`), or pass use_raw=False to read X.')
-    if use_raw is None and adata.raw is not None:  # raw holds genes X lacks, or X is scaled and raw is not
-        more = len(adata.raw.var_names.difference(adata.var_names))
-        use_raw = bool(more) or bool(_bad_values(adata.X) and not _bad_values(adata.raw.X))
+    if use_raw is None: use_raw = raw_reason(adata) is not None  # as `read` takes an .h5ad (`data.prefer_raw`)
     v = adata if not use_raw else ad.AnnData(
         adata.raw.X, obs=adata.obs, var=adata.raw.var, uns=adata.uns, obsm=dict(adata.obsm), obsp=dict(adata.obsp))
     bad = _bad_values(v.X)

@@ -18,7 +18,7 @@ import scipy.sparse as sp
 from .data import InputError, resolve_x_is, check_nonempty, load_dataset
 
 # %% auto #0
-__all__ = ['MARKER_COLUMNS', 'NON_MARKERS', 'PANEL', 'normalize', 'leiden', 'cluster', 'top_markers', 'markers_by_cluster',
+__all__ = ['MARKER_COLUMNS', 'NON_MARKERS', 'normalize', 'leiden', 'cluster', 'top_markers', 'markers_by_cluster',
            'plot_clusters', 'plot_marker_dotplot', 'qc_from_settings', 'cluster_from_settings', 'markers_from_settings',
            'run_pipeline']
 
@@ -265,19 +265,6 @@ def plot_marker_dotplot(adata:ad.AnnData, markers:pd.DataFrame, n_per_cluster:in
     return dp['mainplot_ax']
 
 # %% ../nbs/02_cluster.ipynb #976fc02f
-PANEL = 5000  # a matrix of fewer genes is a gene panel or an HVG subset, not a whole transcriptome
-
-def _check_kept(adata:ad.AnnData, min_genes:int)->None:
-    "Warn when the gene threshold drops most cells of a matrix of few genes; raise when it drops them all."
-    kept, n = int(adata.obs['qc_pass'].sum()), adata.n_obs
-    if kept >= n/2 or adata.n_vars >= PANEL: return
-    med = float(np.median(np.asarray((adata.X > 0).sum(1)).ravel()))
-    msg = (f"QC kept {kept:,} of {n:,} cells: its threshold (at least {min_genes} genes per cell) is set for whole "
-           f"transcriptomes, and this matrix measures {adata.n_vars:,} genes ({med:.0f} detected per cell, median). "
-           "Lower it (--min-genes, or --set qc.min_genes=...) or give the whole matrix.")
-    if not kept: raise InputError(msg)
-    warnings.warn(msg, stacklevel=3)
-
 def qc_from_settings(
     adata: ad.AnnData,
     settings,
@@ -296,8 +283,10 @@ def qc_from_settings(
         sensitivity=qc_settings['knee_sensitivity'],
         key_added='qc_pass',
     )
-    if (strategy or qc_settings['strategy']) == 'threshold': _check_kept(adata, min_genes or qc_settings['min_genes'])
     if not qc_settings['drop']: return adata
+    if not adata.obs['qc_pass'].any():  # `filter_cells` said why; clustering no cell would fail less clearly
+        raise InputError(f"QC kept none of the {adata.n_obs:,} cells: loosen the filter (--min-genes, --strategy, "
+                         "or --set qc.min_genes=...), or give the whole matrix.")
     a = adata[adata.obs['qc_pass'].to_numpy()].copy()
     if qc_settings['min_cells']: sc.pp.filter_genes(a, min_cells=qc_settings['min_cells'])
     return a

@@ -18,8 +18,8 @@ import scipy.sparse as sp
 
 # %% auto #0
 __all__ = ['DATASETS', 'data_dir', 'list_datasets', 'read_10x_mtx', 'looks_like_counts', 'InputError', 'check_values',
-           'check_counts', 'check_nonempty', 'fix_gene_names', 'read_table', 'resolve_x_is', 'prefer_raw', 'read',
-           'load_dataset', 'load']
+           'check_counts', 'check_nonempty', 'fix_gene_names', 'read_table', 'resolve_x_is', 'raw_reason', 'prefer_raw',
+           'read', 'load_dataset', 'load']
 
 # %% ../nbs/00_data.ipynb #85212e30
 def data_dir()->Path:
@@ -287,20 +287,23 @@ def resolve_x_is(adata:ad.AnnData, x_is:str)->str:
     return x_is
 
 # %% ../nbs/00_data.ipynb #0b69df58
+def raw_reason(adata:ad.AnnData)->str|None:
+    "Why `adata.raw` holds the data to read rather than X (X scaled, or lacking genes `.raw` has); else None."
+    if adata.raw is None or _bad_values(adata.raw.X): return None
+    bad, more = _bad_values(adata.X), len(adata.raw.var_names.difference(adata.var_names))
+    if bad: return f"X holds {bad.split(':')[0]}"
+    return f"X lacks {more:,} of the genes in .raw" if more else None
+
 def prefer_raw(
     adata: ad.AnnData,  # as read from an .h5ad
     name: str = 'the file',  # what to call it in the warning
 ) -> ad.AnnData:
-    "`adata.raw` as the matrix (obs, obsm, obsp kept) when X is scaled or lacks genes `.raw` holds; else `adata`."
-    if adata.raw is None or _bad_values(adata.raw.X): return adata
-    bad, more = _bad_values(adata.X), len(adata.raw.var_names.difference(adata.var_names))
-    if not bad and not more: return adata
-    why = f"X holds {bad.split(':')[0]}" if bad else f"X lacks {more:,} of the genes in .raw"
+    "`adata.raw` as the matrix (`raw_reason` says why), with the cells' obs, obsm, obsp and uns; else `adata`."
+    why = raw_reason(adata)
+    if why is None: return adata
     warnings.warn(f"{name}: {why}; reading its .raw ({adata.raw.n_vars:,} genes) as the matrix, where scanpy keeps "
                   "the unscaled data of every gene.", stacklevel=2)
-    r = adata.raw.to_adata()
-    r.obs, r.uns = adata.obs.copy(), dict(adata.uns)
-    r.obsm, r.obsp = dict(adata.obsm), dict(adata.obsp)  # the same cells: their spaces and graphs hold
+    r = adata.raw.to_adata()  # obs, obsm, obsp and uns come along
     r.uns.pop('x_is', None)  # it said what X held: .raw is checked afresh
     return r
 

@@ -19,7 +19,7 @@ from scipy.signal import savgol_filter
 from .data import check_counts, load_dataset
 
 # %% auto #0
-__all__ = ['STRATEGIES', 'qc_metrics', 'barcode_ranks', 'find_knee', 'metrics_current', 'filter_cells', 'recovery',
+__all__ = ['STRATEGIES', 'PANEL', 'qc_metrics', 'barcode_ranks', 'find_knee', 'metrics_current', 'filter_cells', 'recovery',
            'compare_filters', 'plot_knee', 'plot_qc_metrics']
 
 # %% ../nbs/01_qc.ipynb #1588f9cb
@@ -124,6 +124,7 @@ def metrics_current(
 
 # %% ../nbs/01_qc.ipynb #3c12e080
 STRATEGIES = ('threshold', 'knee', 'smoothed_knee')
+PANEL = 5000  # a matrix of fewer genes is a gene panel or an HVG subset, not a whole transcriptome
 
 def filter_cells(
     adata: ad.AnnData,
@@ -144,13 +145,12 @@ def filter_cells(
         ng = a.obs['n_genes_by_counts'].to_numpy()
         keep = ng >= min_genes
         info = dict(threshold=float(min_genes), metric='n_genes_by_counts')
-        if keep.mean() < 0.01:
+        if keep.mean() < 0.01 or (keep.mean() < 0.5 and a.n_vars < PANEL):  # few cells, or most of a panel's
             warnings.warn(
-                f"min_genes={min_genes} keeps {keep.sum()} of {a.n_obs} barcodes: this matrix measures {a.n_vars} "
-                "genes "
-                f"(at most {ng.max()} per barcode), so a whole-transcriptome cutoff does not apply. Use "
-                "strategy='knee' "
-                "or 'smoothed_knee', or a smaller min_genes.",
+                f"min_genes={min_genes} keeps {keep.sum():,} of {a.n_obs:,} barcodes: this matrix measures "
+                f"{a.n_vars:,} genes ({np.median(ng):.0f} per barcode, median; at most {ng.max()}), so a "
+                "whole-transcriptome cutoff does not apply. Use strategy='knee' or 'smoothed_knee', or a smaller "
+                "min_genes (CLI: --min-genes).",
                 stacklevel=2,
             )
             info['warning'] = 'cutoff above the genes measured'
