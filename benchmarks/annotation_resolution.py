@@ -6,8 +6,8 @@ at each `--resolutions` value (`cluster.resolution`; 1.0 is the shipped setting 
 except the reference groups read at finer resolutions (`celltyping.COARSE`) and the group reading of their parts
 (`celltyping.GROUP_READING`), both designed on pbmc3k at 2.0: every other dataset and resolution is a check nothing was
 fitted to (`--coarse 0` reads cluster by cluster, as before them; `--group-reading 0` keeps every part's own reading).
-Prints one row per dataset and resolution (clusters, cell-weighted mean agreement, exact, macro-F1, lineage) and the
-mean over datasets per resolution.
+Prints one row per dataset and resolution (median genes detected per cell, clusters, cell-weighted mean agreement,
+exact, macro-F1, lineage) and the mean over datasets per resolution.
 
 `--cells N` resamples each dataset to N cells first (counts: `scale.synthetic_counts`, each cell a binomial mix of two
 cells of one label; log-normalised data: each gene's value taken from one of two cells of one label, so every gene
@@ -26,25 +26,32 @@ whose descent stops between two lineages as one (`celltyping.SPLIT`, designed on
 engine then reads the tissue from the clusters (`celltyping.tissue_from_reading`), as for most h5ad files.
 `--homogeneous off|failed|all` sets `celltyping.HOMOGENEOUS` (which clusters at a node of one type plain detection
 decides).
+`--depth F` keeps a share F of each cell's counts (`scanpy.pp.downsample_counts`, without replacement): the same cells
+sequenced shallower, the commonest difference between a user's run and the bundled ones. pbmc3k holds counts; the other
+datasets hold log-normalised values whose counts are read back cell by cell (`counts_of`: each cell's smallest detected
+value is one count, in the log base whose ratios are whole numbers; refused where neither is), thinned, and scaled back
+to each cell's former total in the same log. `--same-clusters` reads the thinned expression on the full-depth clusters
+(cluster once, at full depth): what the reading alone loses, apart from the coarser clustering of shallower cells.
 `--ribosomal 0` leaves database records that name a ribosomal-protein or mitochondrial gene out of the kb index
 (`knowledge.RIBOSOMAL_MARKERS`).
 
 Usage: .venv/bin/python benchmarks/annotation_resolution.py [--resolutions 0.5,1,2,4] [--datasets ...] [--coarse 0]
        [--group-reading 0] [--cells 8000] [--ref-cells 0] [--fraction 0.5 --seeds 3] [--split 0]
-       [--shared-lineage 0] [--homogeneous all] [--no-tissue] [--ribosomal 0]
+       [--shared-lineage 0] [--homogeneous all] [--no-tissue] [--ribosomal 0] [--depth 0.5 [--same-clusters]]
 """
 import argparse, warnings
 
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scanpy as sc
 import scipy.sparse as sp
 
 import deepseq_nb.celltyping as ct
 import deepseq_nb.knowledge as kn
 from deepseq_nb.annotate import annotate
 from deepseq_nb.celltyping import score_annotation
-from deepseq_nb.cluster import run_pipeline
+from deepseq_nb.cluster import normalize, run_pipeline
 from deepseq_nb.config import load_settings
 from deepseq_nb.data import DATASETS, load
 from deepseq_nb.scale import synthetic_counts
@@ -71,6 +78,47 @@ def subsampled(a: ad.AnnData, fraction: float, seed: int = 0) -> ad.AnnData:
     return a[np.sort(idx)].copy()
 
 
+LOGS = {'ln': (np.expm1, np.log1p), 'log2': (lambda v: np.exp2(v) - 1, lambda v: np.log2(v + 1))}
+
+
+def counts_of(a: ad.AnnData, probe: int = 200) -> tuple:
+    "(counts, log): a log-normalised matrix's counts, each cell's smallest detected value one count; None if not so."
+    X = sp.csr_matrix(a.X, dtype=np.float64)
+    def whole(f, rows):  # mean distance of the cells' count ratios from whole numbers
+        r = [f(X.data[X.indptr[i]:X.indptr[i + 1]]) for i in rows if X.indptr[i + 1] > X.indptr[i]]
+        return float(np.mean([np.abs(v / v.min() - np.round(v / v.min())).mean() for v in r]))
+    rows = range(min(probe, a.n_obs))
+    log = min(LOGS, key=lambda k: whole(LOGS[k][0], rows))
+    if whole(LOGS[log][0], rows) > 0.05: return None, None  # no base gives whole-number ratios: not counts, scaled
+    C = X.copy()
+    for i in range(C.shape[0]):
+        v = LOGS[log][0](C.data[C.indptr[i]:C.indptr[i + 1]])
+        C.data[C.indptr[i]:C.indptr[i + 1]] = np.round(v / v.min()) if len(v) else v
+    return C, log
+
+
+def thinned(a: ad.AnnData, depth: float, seed: int = 0) -> ad.AnnData:
+    "`a` with a share `depth` of each cell's counts kept (log-normalised: counts thinned, then rescaled and logged)."
+    b = a.copy()
+    if a.uns.get('x_is') == 'counts':
+        C, log = sp.csr_matrix(b.X), None
+    else:
+        C, log = counts_of(b)
+        if C is None: raise SystemExit(f"{a.uns.get('dataset', {}).get('name')}: its values are no log of counts")
+    tot = np.asarray(C.sum(1)).ravel()
+    c = ad.AnnData(sp.csr_matrix(C, dtype=np.float32))
+    sc.pp.downsample_counts(c, counts_per_cell=np.floor(depth * tot).astype(int), random_state=seed)
+    if log is None: b.X = c.X; return b
+    X = sp.csr_matrix(a.X, dtype=np.float64)
+    X.data = LOGS[log][0](X.data)
+    before = np.asarray(X.sum(1)).ravel()  # each cell's former total
+    after = np.maximum(np.asarray(c.X.sum(1)).ravel(), 1)
+    Y = sp.csr_matrix(sp.diags(before / after) @ sp.csr_matrix(c.X, dtype=np.float64))
+    Y.data = LOGS[log][1](Y.data)
+    b.X = Y.astype(np.float32)
+    return b
+
+
 def main():
     labelled = [n for n, d in DATASETS.items() if d.get('label_key') == 'cell_type']
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -90,7 +138,10 @@ def main():
     p.add_argument('--no-tissue', action='store_true',
                    help='annotate with no tissue given or recorded (scored under the true one)')
     p.add_argument('--fraction', type=float, default=1.0, help="keep this share of each dataset's cells (1: all)")
-    p.add_argument('--seeds', type=int, default=1, help='draws per dataset and resolution with --fraction or --cells')
+    p.add_argument('--depth', type=float, default=1.0, help="keep this share of each cell's counts (1: all)")
+    p.add_argument('--same-clusters', action='store_true', help='with --depth: read on the full-depth clusters')
+    p.add_argument('--seeds', type=int, default=1,
+                   help='draws per dataset and resolution with --fraction, --cells or --depth')
     args = p.parse_args()
     warnings.filterwarnings('ignore')
     ct.COARSE, ct.GROUP_READING, ct.REF_CELLS = args.coarse, bool(args.group_reading), args.ref_cells
@@ -104,12 +155,23 @@ def main():
                 a = load(name, x_is=S.get('data.x_is'))
                 if args.cells: a = resampled(a, args.cells, seed)
                 if args.fraction < 1: a = subsampled(a, args.fraction, seed)
-                a = run_pipeline(a, S, umap=False)
+                if args.depth < 1 and args.same_clusters:
+                    full = run_pipeline(a, S, umap=False)
+                    a = thinned(a[full.obs_names], args.depth, seed)
+                    genes = float(np.median(np.diff(sp.csr_matrix(a.X > 0).indptr)))
+                    normalize(a)
+                    a.obs['leiden'], a.obsm['X_pca'], a.obsp = full.obs['leiden'], full.obsm['X_pca'], dict(full.obsp)
+                    a.uns['neighbors'] = full.uns['neighbors']
+                else:
+                    if args.depth < 1: a = thinned(a, args.depth, seed)
+                    genes = float(np.median(np.diff(sp.csr_matrix(a.X > 0).indptr)))
+                    a = run_pipeline(a, S, umap=False)
                 tissue = (a.uns.get('dataset') or {}).get('tissue')
                 if args.no_tissue: a = ct.without_tissue(a)
                 annotate(a, backend='kb', tissue=None if args.no_tissue else tissue, key_added='e', settings=S)
                 s = score_annotation(a.obs['cell_type'], a.obs['e_label'].astype(str), tissue)
-                rows.append(dict(dataset=name, resolution=res, seed=seed, clusters=a.obs['leiden'].nunique(), **s))
+                rows.append(dict(dataset=name, resolution=res, seed=seed, genes=genes,
+                                 clusters=a.obs['leiden'].nunique(), **s))
                 print(pd.DataFrame(rows[-1:]).round(3).to_string(index=False, header=len(rows) == 1), flush=True)
     tab = pd.DataFrame(rows)
     cols = ['mean_agreement', 'exact', 'macro_f1', 'lineage']
