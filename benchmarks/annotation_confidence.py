@@ -28,13 +28,13 @@ from sklearn.metrics import roc_auc_score
 
 from deepseq_nb.annotate import annotate
 from deepseq_nb.cell_ontology import is_under
-from deepseq_nb.cluster import normalize, run_pipeline
+from deepseq_nb.cluster import run_pipeline
 from deepseq_nb.config import load_settings
 from deepseq_nb.data import DATASETS, load
 from deepseq_nb.ontology import to_cl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from annotation_resolution import thinned  # noqa: E402
+from annotation_resolution import on_clusters, thinned  # noqa: E402
 
 SCORES = ['confidence', 'min_lead', 'stable_depth', 'stable_cells']
 
@@ -51,15 +51,6 @@ def min_lead(ev: pd.DataFrame, cluster) -> float:
     chosen, rival = e[e.role == 'chosen'].set_index('at').score, e[e.role == 'rival'].set_index('at').score
     lead = chosen - rival.reindex(chosen.index).fillna(0)
     return float(lead.min()) if len(lead) else 0.0
-
-
-def same_clusters(raw, a, seed):
-    "`raw`'s cells of `a` with half their counts, on `a`'s clusters and graph."
-    b = thinned(raw[a.obs_names], 0.5, seed)
-    normalize(b)
-    b.obs['leiden'], b.obsm['X_pca'], b.obsp = a.obs['leiden'].values, a.obsm['X_pca'], dict(a.obsp)
-    b.uns['neighbors'] = a.uns['neighbors']
-    return b
 
 
 def half_cells(a, seed):
@@ -79,7 +70,7 @@ def clusters_of(name, res, depth, draws) -> list:
     tissue = (a.uns.get('dataset') or {}).get('tissue')
     L = read(a, S, tissue)
     ev, conf = pd.DataFrame(a.uns['e']['evidence']), a.obs.groupby('leiden', observed=True)['e_confidence'].first()
-    thin = [read(same_clusters(raw, a, 10 + s), S, tissue) for s in range(draws)]
+    thin = [read(on_clusters(raw, a, 0.5, 10 + s), S, tissue) for s in range(draws)]
     half = [read(half_cells(a, s), S, tissue).reindex(L.index) for s in range(draws)]
     truth = {t: getattr(to_cl(t, tissue=tissue), 'id', None) for t in a.obs['cell_type'].astype(str).unique()}
     rows = []

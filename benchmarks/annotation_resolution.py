@@ -119,6 +119,15 @@ def thinned(a: ad.AnnData, depth: float, seed: int = 0) -> ad.AnnData:
     return b
 
 
+def on_clusters(raw: ad.AnnData, full: ad.AnnData, depth: float, seed: int = 0) -> ad.AnnData:
+    "`raw`'s cells of `full` with a share `depth` of their counts, log-normalised, on `full`'s clusters and graph."
+    a = thinned(raw[full.obs_names], depth, seed)
+    normalize(a)
+    a.obs['leiden'], a.obsm['X_pca'], a.obsp = full.obs['leiden'].values, full.obsm['X_pca'], dict(full.obsp)
+    a.uns['neighbors'] = full.uns['neighbors']
+    return a
+
+
 def main():
     labelled = [n for n, d in DATASETS.items() if d.get('label_key') == 'cell_type']
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -155,17 +164,11 @@ def main():
                 a = load(name, x_is=S.get('data.x_is'))
                 if args.cells: a = resampled(a, args.cells, seed)
                 if args.fraction < 1: a = subsampled(a, args.fraction, seed)
-                if args.depth < 1 and args.same_clusters:
-                    full = run_pipeline(a, S, umap=False)
-                    a = thinned(a[full.obs_names], args.depth, seed)
-                    genes = float(np.median(np.diff(sp.csr_matrix(a.X > 0).indptr)))
-                    normalize(a)
-                    a.obs['leiden'], a.obsm['X_pca'], a.obsp = full.obs['leiden'], full.obsm['X_pca'], dict(full.obsp)
-                    a.uns['neighbors'] = full.uns['neighbors']
-                else:
-                    if args.depth < 1: a = thinned(a, args.depth, seed)
-                    genes = float(np.median(np.diff(sp.csr_matrix(a.X > 0).indptr)))
-                    a = run_pipeline(a, S, umap=False)
+                same = args.depth < 1 and args.same_clusters
+                if same: a = on_clusters(a, run_pipeline(a, S, umap=False), args.depth, seed)
+                elif args.depth < 1: a = thinned(a, args.depth, seed)
+                genes = float(np.median(np.diff(sp.csr_matrix(a.X > 0).indptr)))  # normalising keeps what is detected
+                if not same: a = run_pipeline(a, S, umap=False)
                 tissue = (a.uns.get('dataset') or {}).get('tissue')
                 if args.no_tissue: a = ct.without_tissue(a)
                 annotate(a, backend='kb', tissue=None if args.no_tissue else tissue, key_added='e', settings=S)
